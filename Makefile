@@ -1,0 +1,31 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all bench install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# The CPU build of torch first: an unpinned torch would pull several GB of CUDA packages.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+test-all: $(STAMP)
+	$(BIN)/pytest -m "not gpu"
+
+demo: $(STAMP)
+	$(BIN)/dirl demo
+
+bench: $(STAMP)
+	$(BIN)/dirl bench all
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

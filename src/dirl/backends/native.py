@@ -1,0 +1,58 @@
+"""In-process rollouts on the trainer's own weights, and the checkpoint-reload baseline."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from dirl.engine.engine import Engine, Rollout, SamplingParams
+from dirl.model.checkpoint import load_pretrained, save_pretrained
+
+
+class NativeBackend:
+    """The engine reads the trainer's parameter tensors directly: syncing is free."""
+
+    def __init__(self, model, tokenizer=None, use_cache: bool = True, max_batch_rows: int = 256, **_):
+        self.engine = Engine(model, use_cache=use_cache, max_batch_rows=max_batch_rows)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 seeds: list[int] | None = None) -> list[Rollout]:
+        return self.engine.generate(prompts, params, seeds)
+
+    def sync_weights(self) -> None:
+        """Nothing to do: the engine and the trainer share the same tensors."""
+
+    def close(self) -> None:
+        pass
+
+
+class CheckpointBackend:
+    """The peers' reload loop: save the policy to disk, build a fresh engine from it.
+
+    Kept honest for measurement: a real save (safetensors) and a real load into a
+    new model, nothing slowed down artificially.
+    """
+
+    def __init__(self, model, tokenizer=None, use_cache: bool = True, max_batch_rows: int = 256,
+                 workdir: str | None = None, **_):
+        self.model, self.tokenizer = model, tokenizer
+        self.options = dict(use_cache=use_cache, max_batch_rows=max_batch_rows)
+        self._tmp = Path(workdir or tempfile.mkdtemp(prefix="dirl-reload-"))
+        self.engine: Engine | None = None
+        self.sync_weights()
+
+    def sync_weights(self) -> None:
+        path = save_pretrained(self.model, self.tokenizer, self._tmp / "policy")
+        device = next(self.model.parameters()).device
+        fresh, _ = load_pretrained(path, dtype=next(self.model.parameters()).dtype, device=device,
+                                   with_tokenizer=False)
+        fresh.attn_impl = self.model.attn_impl
+        self.engine = Engine(fresh.eval(), **self.options)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 seeds: list[int] | None = None) -> list[Rollout]:
+        return self.engine.generate(prompts, params, seeds)
+
+    def close(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)

@@ -1,0 +1,66 @@
+"""The ``dirl`` command line: ``dirl <command> [--config X.yaml] [key=value ...]``.
+
+Each command lives in its own module and is imported only when called, so
+``dirl --help`` is instant. Works unchanged under ``torchrun -m dirl.cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, help). A module provides ``add_arguments(parser)`` and ``run(args) -> int``.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "init": ("dirl.commands.init", "write a randomly initialised checkpoint directory"),
+    "show-config": ("dirl.commands.show_config", "print a resolved config (defaults <- YAML <- overrides)"),
+    "generate": ("dirl.commands.generate", "decode a prompt with the rollout engine"),
+    "sft": ("dirl.commands.sft", "supervised fine-tuning with the blockwise NELBO"),
+    "rl": ("dirl.commands.rl", "DiPO reinforcement learning (and the other estimators)"),
+    "eval": ("dirl.commands.eval", "evaluate a checkpoint on a benchmark file"),
+    "serve": ("dirl.commands.serve", "OpenAI-compatible server with live weight updates"),
+    "bench": ("dirl.commands.bench", "run a benchmark (engine, sft, rl, serve)"),
+    "demo": ("dirl.commands.demo", "the embedded demo: SFT then DiPO on CPU"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dirl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        if "--help" in sys.argv or "-h" in sys.argv or name in sys.argv[1:2]:
+            # Only import the command's module when its arguments are needed.
+            try:
+                importlib.import_module(module).add_arguments(p)
+            except ModuleNotFoundError as err:
+                if err.name != module:
+                    raise
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:])
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    from dirl.config import ConfigError
+
+    try:
+        return importlib.import_module(args._module).run(args) or 0
+    except ModuleNotFoundError as err:
+        if err.name == args._module:
+            print(f"dirl {args.command}: not available in this version", file=sys.stderr)
+            return 2
+        raise
+    except ConfigError as err:
+        print(f"dirl {args.command}: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Configs: nested dataclasses, YAML recipes and dotted ``key=value`` overrides.
+
+The dataclasses are the single source of truth (defaults live there); a YAML
+recipe sets only what differs; overrides on the command line are parsed and
+type-checked against the field types. An unknown key or a badly typed value is
+a :class:`ConfigError` that names the key (and suggests the closest one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or gives a bad value."""
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown(key: str, choices) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(choices), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}; valid keys here: {', '.join(sorted(choices))}")
+
+
+def coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check / convert ``value`` to ``typ``; strings from the command line are parsed as YAML."""
+    origin = typing.get_origin(typ)
+    if typ is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(typ)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} does not fit {typ}")
+    if origin is typing.Literal:
+        choices = typing.get_args(typ)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(typ)[:1] or (Any,)
+        return [coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for section {typ.__name__}, got {value!r}")
+        return from_dict(typ, value, prefix=f"{key}.")
+    return _coerce_scalar(value, typ, key)
+
+
+def _coerce_scalar(value: Any, typ: type, key: str) -> Any:
+    if isinstance(value, str) and typ is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key}: cannot parse {value!r}: {err}") from err
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value
+    raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a (partial) nested dict; defaults fill the rest."""
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in types_:
+            raise _unknown(prefix + key, types_)
+        kwargs[key] = coerce(value, types_[key], prefix + key)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {err}") from err
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass as plain nested dicts (YAML / JSON ready)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def apply_override(data: dict[str, Any], cls: type, key: str, raw: str) -> None:
+    """Set dotted ``key`` to the string ``raw`` in nested ``data``, checking it exists in ``cls``."""
+    parts = key.split(".")
+    node, node_cls = data, cls
+    for i, part in enumerate(parts):
+        types_ = _field_types(node_cls)
+        if part not in types_:
+            raise _unknown(".".join(parts[: i + 1]), types_)
+        typ = types_[part]
+        if i == len(parts) - 1:
+            node[part] = coerce(raw, typ, key)
+            if dataclasses.is_dataclass(node[part]):
+                node[part] = to_dict(node[part])
+            return
+        if typing.get_origin(typ) is dict:  # free-form mapping: the rest of the key is a sub-key
+            sub = node.setdefault(part, {})
+            sub[".".join(parts[i + 1:])] = yaml.safe_load(raw)
+            return
+        if not dataclasses.is_dataclass(typ):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])} is a value, not a section: cannot set {key!r}")
+        node = node.setdefault(part, {})
+        node_cls = typ
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Resolve a config: dataclass defaults <- YAML file <- ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = to_dict(from_dict(cls, data))  # validates the file, naming the bad key
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        apply_override(data, cls, key.strip(), raw)
+    return from_dict(cls, data)
+
+
+def dump(obj: Any) -> str:
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)

@@ -1,0 +1,297 @@
+"""The rollout engine: batched blockwise decoding, token ids in, :class:`Rollout` out.
+
+Blocks are absolute (``position // B``). A prompt's full blocks are prefilled
+into the KV cache (block-causal); its tail shares the first generated block and
+is never masked. Each denoising step runs the current block of every active row
+against the cache: sample every masked position, confidence = probability of the
+sampled token, commit by the unmasking rule. When a block is full its clean K/V
+is written to the cache -- fused into the next step's forward (the finished block
+rides along as clean tokens in front of the next, all-masked block), so
+committing costs no extra forward. Sequences stop after the block that holds a
+stop token, or when ``max_new_tokens`` are generated; finished rows leave the batch.
+
+``use_cache=False`` is the no-cache reference decoder: every step recomputes the
+whole sequence. Both share this loop and draw the same random numbers, so they
+must produce identical tokens and step ids (the correctness oracle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dirl.engine.kv_cache import KVCache
+from dirl.engine.unmask import UNMASKING, policy_logprobs, sample_from_logprobs, select_commits
+from dirl.model.masks import TokenMeta
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0          # 0 = greedy
+    top_k: int = 0                    # 0 = off
+    top_p: float = 1.0
+    unmasking: str = "dynamic"        # dynamic | static | sequential
+    threshold: float = 0.9            # dynamic: commit every position with confidence >= threshold
+    steps_per_block: int = 4          # static: forwards per block
+    stop_ids: list[int] = field(default_factory=list)
+    n: int = 1                        # samples per prompt (they share the prompt's prefill)
+    seed: int = 0
+
+    def validate(self, block_size: int) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.unmasking in UNMASKING, f"unmasking must be one of {UNMASKING}, got {self.unmasking!r}"),
+            (0 <= self.threshold <= 1, f"threshold must be in [0, 1], got {self.threshold}"),
+            (1 <= self.steps_per_block <= block_size,
+             f"steps_per_block must be in [1, {block_size}], got {self.steps_per_block}"),
+            (self.n >= 1, f"n must be >= 1, got {self.n}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass
+class Rollout:
+    """One sampled response and its denoising trace.
+
+    ``token_ids`` holds every generated position up to the end of the last block
+    (the exact trace DiPO scores); ``num_tokens`` is the completion length (up to
+    and including the stop token, at most ``max_new_tokens``). ``steps[i]`` is the
+    per-sequence forward counter at which token i was committed (tokens committed
+    together share it); ``logps[i]`` its log-prob under the policy distribution.
+    """
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    steps: list[int]
+    logps: list[float]
+    num_tokens: int
+    finish_reason: str                 # "stop" | "length"
+    num_forwards: int
+    prompt_index: int = 0
+    sample_index: int = 0
+
+    @property
+    def completion_ids(self) -> list[int]:
+        return self.token_ids[: self.num_tokens]
+
+
+def row_seed(seed: int, sample_index: int) -> int:
+    """Seed of one sequence's generator: independent of its batch neighbours."""
+    return (seed * 1_000_003 + sample_index * 7919 + 12345) % (2**63 - 1)
+
+
+class _Batch:
+    """Decoding state of the active rows (tensors are (R, B))."""
+
+    def __init__(self, prompts, seeds, params, block_size, mask_id, device):
+        self.rows = list(range(len(prompts)))              # index into the output list
+        self.prompts = prompts
+        self.seqs = [list(p) for p in prompts]             # prompt + finished blocks (reference mode)
+        self.gens = [torch.Generator().manual_seed(s) for s in seeds]
+        self.prompt_len = torch.tensor([len(p) for p in prompts], device=device)
+        self.block_idx = self.prompt_len // block_size
+        offset = torch.arange(block_size, device=device)
+        pos = self.block_idx[:, None] * block_size + offset  # (R, B)
+        self.masked = pos >= self.prompt_len[:, None]
+        tail = [p[(len(p) // block_size) * block_size:] for p in prompts]
+        self.tokens = torch.tensor([t + [mask_id] * (block_size - len(t)) for t in tail], device=device)
+        self.step_ids = torch.zeros_like(self.tokens)
+        self.logps = torch.zeros(self.tokens.shape, device=device)
+        self.pending = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # clean block not cached yet
+        self.prev_tokens = torch.zeros_like(self.tokens)
+        self.num_forwards = [0] * len(prompts)
+
+    def keep(self, keep: torch.Tensor) -> None:
+        idx = keep.nonzero().squeeze(-1)
+        for name in ("prompt_len", "block_idx", "masked", "tokens", "step_ids", "logps", "pending", "prev_tokens"):
+            setattr(self, name, getattr(self, name).index_select(0, idx))
+        pick = idx.tolist()
+        for name in ("rows", "prompts", "seqs", "gens", "num_forwards"):
+            values = getattr(self, name)
+            setattr(self, name, [values[i] for i in pick])
+
+
+class Engine:
+    """Batched blockwise decoder over a model's own parameters (no copies)."""
+
+    def __init__(self, model, use_cache: bool = True, max_batch_rows: int = 256):
+        self.model = model
+        self.use_cache = use_cache
+        self.max_batch_rows = max_batch_rows
+        self.block_size = model.config.block_size
+        self.mask_id = model.config.mask_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 seeds: list[int] | None = None) -> list[Rollout]:
+        """Decode ``params.n`` samples per prompt; rollouts come grouped by prompt.
+
+        ``seeds[i]`` seeds prompt i's samples (default ``params.seed + i``); a
+        request decodes the same whatever else shares its batch.
+        """
+        params.validate(self.block_size)
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        seeds = [params.seed + i for i in range(len(prompts))] if seeds is None else list(seeds)
+        per_chunk = max(1, self.max_batch_rows // params.n)
+        out: list[Rollout] = []
+        for start in range(0, len(prompts), per_chunk):
+            chunk = range(start, min(start + per_chunk, len(prompts)))
+            out += self._generate_chunk([prompts[i] for i in chunk], [seeds[i] for i in chunk], params, start)
+        return out
+
+    def _generate_chunk(self, prompts, seeds, params, first_index) -> list[Rollout]:
+        n, size = params.n, self.block_size
+        expanded = [p for p in prompts for _ in range(n)]
+        row_seeds = [row_seed(s, j) for s in seeds for j in range(n)]
+        batch = _Batch(expanded, row_seeds, params, size, self.mask_id, self.device)
+        cache = self._prefill(prompts, params) if self.use_cache else None
+        if cache is not None:
+            cache.repeat_interleave(n)
+        results: list[Rollout | None] = [None] * len(expanded)
+        while batch.rows:
+            logits = self._forward(batch, cache)  # (R, B, V)
+            self._denoise_step(batch, logits, params)
+            finished = self._finish_blocks(batch, params, results, first_index, n)
+            if finished.any():
+                keep = ~finished
+                if cache is not None:
+                    cache.select(keep.nonzero().squeeze(-1))
+                batch.keep(keep)
+        return results  # type: ignore[return-value]
+
+    # -- forwards ---------------------------------------------------------------------------------------
+
+    def _prefill(self, prompts, params) -> KVCache:
+        """Write every prompt's full blocks into a fresh cache (block-causal, clean)."""
+        size = self.block_size
+        lengths = [(len(p) // size) * size for p in prompts]
+        capacity = max(len(p) for p in prompts) + params.max_new_tokens + 2 * size
+        cache = KVCache.for_model(self.model, len(prompts), capacity)
+        width = max(lengths)
+        if width == 0:
+            return cache
+        ids = torch.tensor([p[:w] + [self.mask_id] * (width - w) for p, w in zip(prompts, lengths)],
+                           device=self.device)
+        pos = torch.arange(width, device=self.device).expand(len(prompts), width)
+        valid = pos < torch.tensor(lengths, device=self.device)[:, None]
+        out = self.model(ids, pos, TokenMeta.clean(pos, size, valid),
+                         logits_index=torch.empty(0, dtype=torch.long, device=self.device))
+        rows = torch.arange(len(prompts), device=self.device)
+        cache.write(out.new_kv, rows, slice(0, width), torch.zeros_like(rows))
+        cache.length = torch.tensor(lengths, device=self.device)
+        return cache
+
+    def _forward(self, batch: _Batch, cache: KVCache | None) -> torch.Tensor:
+        return self._forward_cached(batch, cache) if cache is not None else self._forward_reference(batch)
+
+    def _current_block(self, batch: _Batch):
+        size = self.block_size
+        pos = batch.block_idx[:, None] * size + torch.arange(size, device=self.device)  # (R, B)
+        meta = TokenMeta.noisy_copy(pos, size, torch.zeros_like(pos))
+        return batch.tokens, pos, meta
+
+    def _forward_cached(self, batch: _Batch, cache: KVCache) -> torch.Tensor:
+        ids, pos, meta = self._current_block(batch)
+        num_rows, size = ids.shape
+        has_pending = bool(batch.pending.any())
+        if has_pending:  # fuse the commit of the previous block into this forward
+            prev_pos = pos - size
+            valid = batch.pending[:, None].expand(num_rows, size)
+            ids = torch.cat([batch.prev_tokens, ids], dim=1)
+            pos = torch.cat([prev_pos, pos], dim=1)
+            meta = TokenMeta.clean(prev_pos, size, valid).cat(meta)
+        width = ids.shape[1]
+        index = (torch.arange(num_rows, device=self.device)[:, None] * width
+                 + torch.arange(width - size, width, device=self.device)).reshape(-1)
+        out = self.model(ids, pos, meta, past_kv=cache.past(), past_meta=cache.meta(), logits_index=index)
+        if has_pending:
+            rows = batch.pending.nonzero().squeeze(-1)
+            cache.write(out.new_kv, rows, slice(0, size), (batch.block_idx[rows] - 1) * size)
+            batch.pending.zero_()
+        return out.logits.view(num_rows, size, -1)
+
+    def _forward_reference(self, batch: _Batch) -> torch.Tensor:
+        """Recompute everything: clean prefix of finished blocks + the current block."""
+        size = self.block_size
+        block_ids, block_pos, block_meta = self._current_block(batch)
+        prefix = [seq[: int(b) * size] for seq, b in zip(batch.seqs, batch.block_idx)]
+        width = max(len(p) for p in prefix)
+        ids = torch.tensor([p + [self.mask_id] * (width - len(p)) for p in prefix], device=self.device,
+                           dtype=torch.long).view(len(prefix), width)
+        pos = torch.arange(width, device=self.device).expand(len(prefix), width)
+        valid = pos < torch.tensor([len(p) for p in prefix], device=self.device)[:, None]
+        meta = TokenMeta.clean(pos, size, valid).cat(block_meta)
+        total = width + size
+        index = (torch.arange(len(prefix), device=self.device)[:, None] * total
+                 + torch.arange(width, total, device=self.device)).reshape(-1)
+        out = self.model(torch.cat([ids, block_ids], 1), torch.cat([pos, block_pos], 1), meta, logits_index=index)
+        return out.logits.view(len(prefix), size, -1)
+
+    # -- sampling and bookkeeping ---------------------------------------------------------------------
+
+    def _denoise_step(self, batch: _Batch, logits: torch.Tensor, params: SamplingParams) -> None:
+        num_rows, size, vocab = logits.shape
+        logp = policy_logprobs(logits, params.temperature, params.top_k, params.top_p)  # (R, B, V)
+        uniforms = torch.stack([torch.rand(size, generator=g) for g in batch.gens]).to(self.device)  # (R, B)
+        sampled = sample_from_logprobs(logp.view(-1, vocab), uniforms.view(-1), params.temperature == 0)
+        sampled = sampled.view(num_rows, size)
+        token_logp = logp.gather(-1, sampled[..., None]).squeeze(-1)  # (R, B)
+        commit = select_commits(token_logp.exp(), batch.masked, params.unmasking, params.threshold,
+                                params.steps_per_block, size)
+        step = torch.tensor(batch.num_forwards, device=self.device)[:, None].expand(num_rows, size)
+        batch.tokens = torch.where(commit, sampled, batch.tokens)
+        batch.logps = torch.where(commit, token_logp, batch.logps)
+        batch.step_ids = torch.where(commit, step, batch.step_ids)
+        batch.masked &= ~commit
+        batch.num_forwards = [f + 1 for f in batch.num_forwards]
+
+    def _finish_blocks(self, batch: _Batch, params, results, first_index, n) -> torch.Tensor:
+        """Move full blocks to the outputs; return which rows finished (R,) bool."""
+        size = self.block_size
+        done = ~batch.masked.any(-1)
+        finished = torch.zeros_like(done)
+        stop_ids = set(params.stop_ids)
+        for r in done.nonzero().squeeze(-1).tolist():
+            row = batch.rows[r]
+            block_start = int(batch.block_idx[r]) * size
+            first_gen = max(0, int(batch.prompt_len[r]) - block_start)
+            tokens = batch.tokens[r].tolist()
+            rollout = results[row]
+            if rollout is None:
+                rollout = results[row] = Rollout(list(batch.prompts[r]), [], [], [], 0, "length", 0,
+                                                 first_index + row // n, row % n)
+            before = len(rollout.token_ids)
+            rollout.token_ids += tokens[first_gen:]
+            rollout.steps += batch.step_ids[r, first_gen:].tolist()
+            rollout.logps += batch.logps[r, first_gen:].tolist()
+            rollout.num_forwards = batch.num_forwards[r]
+            batch.seqs[r] += tokens[first_gen:]
+            stop_at = next((i for i, t in enumerate(tokens[first_gen:]) if t in stop_ids), None)
+            if stop_at is not None and before + stop_at < params.max_new_tokens:
+                rollout.num_tokens, rollout.finish_reason = before + stop_at + 1, "stop"
+                finished[r] = True
+            elif len(rollout.token_ids) >= params.max_new_tokens:
+                rollout.num_tokens, rollout.finish_reason = params.max_new_tokens, "length"
+                finished[r] = True
+            else:
+                rollout.num_tokens = len(rollout.token_ids)
+        advance = done & ~finished
+        if advance.any():
+            batch.prev_tokens = torch.where(advance[:, None], batch.tokens, batch.prev_tokens)
+            batch.pending |= advance
+            batch.block_idx = batch.block_idx + advance.long()
+            batch.tokens = torch.where(advance[:, None], torch.full_like(batch.tokens, self.mask_id), batch.tokens)
+            batch.masked = batch.masked | advance[:, None]
+        return finished

@@ -1,0 +1,163 @@
+"""Hugging Face checkpoint directories: ``config.json`` + safetensors + tokenizer.
+
+Safetensors only (no pickle). Above ``max_shard_bytes`` the weights are split
+into ``model-0000i-of-0000n.safetensors`` with a ``model.safetensors.index.json``
+(the layout of the real SDAR-8B-Chat directory). Directories are written under a
+temporary name and renamed, so a crash never leaves a half-written checkpoint
+where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dirl.model.config import ModelConfig
+from dirl.model.tokenizer import Tokenizer, load_tokenizer
+from dirl.model.transformer import SDARForCausalLM
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing a file or a tensor, or a tensor is mis-shaped."""
+
+
+def atomic_directory(final: Path, write) -> Path:
+    """Run ``write(tmp_dir)`` then rename tmp_dir to ``final`` (replacing it)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write(tmp)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        final.rename(old)  # keep the old one until the new one is in place
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards, current, size = [], {}, 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensor
+        size += nbytes
+    return shards + [current]
+
+
+def save_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = 2 << 30) -> None:
+    """Write a state dict as safetensors (sharded with an index above the limit)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    shards = _shards(state, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / SINGLE_FILE), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
+                                                    "weight_map": weight_map}, indent=2))
+
+
+def save_pretrained(model: SDARForCausalLM, tokenizer: Tokenizer | None, directory: str | Path,
+                    max_shard_bytes: int = 2 << 30) -> Path:
+    """Atomically write a self-contained checkpoint directory."""
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+
+    def write(tmp: Path) -> None:
+        cfg = model.config.to_hf_dict()
+        cfg["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        save_weights(state, tmp, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+
+    return atomic_directory(Path(directory), write)
+
+
+def load_config(directory: str | Path) -> ModelConfig:
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{path}: not found (is {directory} a checkpoint directory?)")
+    try:
+        return ModelConfig.from_hf_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: {err}") from err
+
+
+def weight_files(directory: Path) -> dict[str, str]:
+    """tensor name -> file name, from the index or the single file."""
+    if (directory / INDEX_FILE).exists():
+        return json.loads((directory / INDEX_FILE).read_text())["weight_map"]
+    single = directory / SINGLE_FILE
+    if not single.exists():
+        raise CheckpointError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+    with safe_open(str(single), framework="pt") as f:
+        return {name: SINGLE_FILE for name in f.keys()}
+
+
+def load_state_into(model: torch.nn.Module, directory: Path) -> None:
+    """Copy every tensor of the directory into ``model``, validating names and shapes first."""
+    expected = model.state_dict()
+    if getattr(model, "config", None) is not None and model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    files = weight_files(directory)
+    missing = sorted(set(expected) - set(files))
+    unexpected = sorted(set(files) - set(expected))
+    if missing:
+        raise CheckpointError(f"{directory}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        raise CheckpointError(f"{directory}: unexpected tensor(s) {unexpected[:5]}"
+                              f"{' ...' if len(unexpected) > 5 else ''}")
+    for fname in sorted(set(files.values())):
+        path = directory / fname
+        if not path.exists():
+            raise CheckpointError(f"{path}: shard listed in the index is missing")
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != tuple(expected[name].shape):
+                    raise CheckpointError(f"{path}: tensor {name!r} has shape {shape}, "
+                                          f"the model expects {tuple(expected[name].shape)}")
+                with torch.no_grad():
+                    expected[name].copy_(f.get_tensor(name))
+
+
+def load_pretrained(directory: str | Path, dtype: str | torch.dtype | None = None,
+                    device: str | torch.device = "cpu", with_tokenizer: bool = True):
+    """Load ``(model, tokenizer)`` from a checkpoint directory (tokenizer None if absent)."""
+    directory = Path(directory)
+    cfg = load_config(directory)
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    with torch.device("meta"):
+        model = SDARForCausalLM(cfg)
+    model = model.to_empty(device=device)
+    if dtype is not None:
+        model = model.to(dtype)
+    load_state_into(model, directory)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    tokenizer = None
+    if with_tokenizer and any((directory / f).exists() for f in ("tokenizer.json", "vocab.json")):
+        tokenizer = load_tokenizer(directory)
+    return model, tokenizer

@@ -1,0 +1,104 @@
+"""Model configuration with SDAR's field names, and the built-in size presets.
+
+The field names are exactly those of SDAR's ``config.json`` (a Qwen3 decoder plus
+``block_size`` and ``mask_token_id``), so a real SDAR / TraDo / DiRL checkpoint
+directory loads with no renaming. Fields we do not use (``auto_map``,
+``fuse_cross_entropy``, ...) are kept in ``extra`` and written back on save.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 151936
+    hidden_size: int = 4096
+    intermediate_size: int = 12288
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    block_size: int = 4
+    mask_token_id: int = 151669
+    eos_token_id: int = 151643
+    pad_token_id: int = 151643
+    bos_token_id: int | None = 151643
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    torch_dtype: str = "float32"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(f"mask_token_id {self.mask_token_id} is outside the vocabulary "
+                             f"(vocab_size {self.vocab_size})")
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The ``config.json`` content (SDAR's schema)."""
+        out = dict(self.extra)
+        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
+        out["model_type"] = "sdar"
+        out.setdefault("architectures", ["SDARForCausalLM"])
+        out.setdefault("hidden_act", "silu")
+        return out
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Build from a ``config.json`` dict; unknown fields are preserved in ``extra``."""
+        if data.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json: hidden_act {data['hidden_act']!r} is not supported (SDAR uses silu)")
+        if data.get("rope_scaling"):
+            raise ValueError("config.json: rope_scaling is not supported yet")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        if isinstance(known.get("eos_token_id"), list):  # some HF configs list several EOS ids
+            known["eos_token_id"] = known["eos_token_id"][0]
+        if known.get("pad_token_id") is None:
+            known["pad_token_id"] = known.get("eos_token_id", cls.pad_token_id)
+        if "head_dim" not in known and "hidden_size" in known and "num_attention_heads" in known:
+            known["head_dim"] = known["hidden_size"] // known["num_attention_heads"]
+        extra = {k: v for k, v in data.items() if k not in names and k != "model_type"}
+        return cls(**known, extra=extra)
+
+    def num_parameters(self) -> int:
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h + 2 * self.head_dim
+        head = 0 if self.tie_word_embeddings else v * h
+        return v * h + self.num_hidden_layers * per_layer + h + head
+
+
+# Architecture presets. Vocabulary and special ids come from the tokenizer at init time.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Tests: two layers, d 64 -- a forward takes milliseconds on CPU.
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 rope_theta=10_000.0, max_position_embeddings=512),
+    # Benchmarks and the demo: ~10M parameters with the char tokenizer.
+    "small": dict(hidden_size=320, intermediate_size=1088, num_hidden_layers=8,
+                  num_attention_heads=5, num_key_value_heads=1, head_dim=64,
+                  rope_theta=10_000.0, max_position_embeddings=1024),
+    # The real thing (weights are not shipped): SDAR-8B-Chat's shape.
+    "sdar-8b": dict(),
+}
+
+
+def preset_config(name: str, **overrides: Any) -> ModelConfig:
+    """A ModelConfig from a preset name plus field overrides (vocab and special ids)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,110 @@
+"""DiPO trace packing: every denoising state of a response in one forward.
+
+A row holds the clean sequence (prompt + response, block-causal) followed by one
+copy of block b per scored denoising state of that block: the block as it was
+right before step ``lo`` (tokens committed at steps >= lo are ``[MASK]``; prompt
+tokens are never masked). The copy scores the tokens committed at steps in
+``[lo, hi)``. A copy sees the clean blocks < b and itself; nothing sees a copy;
+its position ids are block b's. So one forward yields, for every generated
+token, the logits of the exact state the sampler committed it in (DESIGN §4).
+
+``hi = lo + 1`` for every step is exact DiPO; merging s consecutive steps into
+one copy is TraceRL's shrink; a random subset of copies is AGRPO's Monte Carlo.
+Cost grows with the number of copies, not with B x sequence length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dirl.model.masks import TokenMeta
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One noisy copy: block ``block`` in the state before step ``lo``; scores steps in [lo, hi)."""
+
+    block: int
+    lo: int
+    hi: int
+
+
+def trace_copies(prompt_len: int, steps: list[int], block_size: int, merge: int = 1) -> list[Copy]:
+    """The copies of a response: one per denoising step of each block (``merge`` steps per copy)."""
+    by_block: dict[int, list[int]] = {}
+    for i, step in enumerate(steps):
+        block = (prompt_len + i) // block_size
+        by_block.setdefault(block, [])
+        if step not in by_block[block]:
+            by_block[block].append(step)
+    copies = []
+    for block, block_steps in by_block.items():
+        block_steps.sort()
+        for j in range(0, len(block_steps), merge):
+            group = block_steps[j: j + merge]
+            copies.append(Copy(block, group[0], group[-1] + 1))
+    return copies
+
+
+@dataclass
+class TracePack:
+    input_ids: torch.Tensor      # (R, T)
+    position_ids: torch.Tensor   # (R, T)
+    meta: TokenMeta              # (R, T)
+    score_index: torch.Tensor    # (N,) flat index into R*T: where each scored token's logits are
+    target_ids: torch.Tensor     # (N,) the committed token
+    seq_index: torch.Tensor      # (N,) which sequence (row of the input list)
+    token_index: torch.Tensor    # (N,) which generated token of that sequence
+    copy_index: torch.Tensor     # (N,) which copy (position in that sequence's copy list)
+
+
+def _pack_one(prompt, tokens, steps, copies, block_size, mask_id):
+    """Token ids, positions, meta vectors and scores of one sequence (Python lists)."""
+    prompt_len = len(prompt)
+    clean = list(prompt) + list(tokens)
+    ids, pos = list(clean), list(range(len(clean)))
+    noisy, copy_id = [False] * len(clean), [-1] * len(clean)
+    scores = []  # (position in row, target, token index, copy number)
+    for c, cp in enumerate(copies):
+        start = cp.block * block_size
+        for offset in range(block_size):
+            p = start + offset
+            i = p - prompt_len  # index into the generated tokens (< 0: prompt)
+            if p >= len(clean):
+                raise ValueError(f"copy {cp} reaches past the sequence end ({len(clean)} tokens)")
+            masked = i >= 0 and steps[i] >= cp.lo
+            if i >= 0 and cp.lo <= steps[i] < cp.hi:
+                scores.append((len(ids), clean[p], i, c))
+            ids.append(mask_id if masked else clean[p])
+            pos.append(p)
+            noisy.append(True)
+            copy_id.append(c)
+    return ids, pos, noisy, copy_id, scores
+
+
+def pack_traces(prompts: list[list[int]], token_ids: list[list[int]], steps: list[list[int]],
+                copies: list[list[Copy]], block_size: int, mask_id: int, pad_id: int,
+                device: torch.device | str = "cpu") -> TracePack:
+    """Pack each sequence (one per row) with its copies; rows are right-padded."""
+    packed = [_pack_one(p, t, s, c, block_size, mask_id) for p, t, s, c in zip(prompts, token_ids, steps, copies)]
+    width = max(len(p[0]) for p in packed)
+    rows = len(packed)
+    ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    pos = torch.zeros((rows, width), dtype=torch.long)
+    doc = torch.full((rows, width), -1, dtype=torch.long)
+    noisy = torch.zeros((rows, width), dtype=torch.bool)
+    copy = torch.full((rows, width), -1, dtype=torch.long)
+    score_rows = []
+    for r, (row_ids, row_pos, row_noisy, row_copy, scores) in enumerate(packed):
+        n = len(row_ids)
+        ids[r, :n] = torch.tensor(row_ids)
+        pos[r, :n] = torch.tensor(row_pos)
+        doc[r, :n] = 0
+        noisy[r, :n] = torch.tensor(row_noisy)
+        copy[r, :n] = torch.tensor(row_copy)
+        score_rows += [(r * width + at, target, r, i, c) for at, target, i, c in scores]
+    cols = torch.tensor(score_rows, dtype=torch.long).view(-1, 5).T
+    meta = TokenMeta(doc, pos // block_size, noisy, copy).to(device)
+    return TracePack(ids.to(device), pos.to(device), meta, *(c.to(device) for c in cols))
