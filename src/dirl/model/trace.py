@@ -24,11 +24,18 @@ from dirl.model.masks import TokenMeta
 
 @dataclass(frozen=True)
 class Copy:
-    """One noisy copy: block ``block`` in the state before step ``lo``; scores steps in [lo, hi)."""
+    """One noisy copy of block ``block``.
+
+    By default it is the state before step ``lo`` and scores the tokens committed
+    at steps in [lo, hi). ELBO-style estimators instead give explicit per-offset
+    flags ``masked`` / ``scored`` (length block_size; prompt offsets are ignored).
+    """
 
     block: int
-    lo: int
-    hi: int
+    lo: int = 0
+    hi: int = 0
+    masked: tuple[bool, ...] | None = None
+    scored: tuple[bool, ...] | None = None
 
 
 def trace_copies(prompt_len: int, steps: list[int], block_size: int, merge: int = 1) -> list[Copy]:
@@ -74,8 +81,11 @@ def _pack_one(prompt, tokens, steps, copies, block_size, mask_id):
             i = p - prompt_len  # index into the generated tokens (< 0: prompt)
             if p >= len(clean):
                 raise ValueError(f"copy {cp} reaches past the sequence end ({len(clean)} tokens)")
-            masked = i >= 0 and steps[i] >= cp.lo
-            if i >= 0 and cp.lo <= steps[i] < cp.hi:
+            if cp.masked is not None:
+                masked, scored = i >= 0 and cp.masked[offset], i >= 0 and cp.scored[offset]
+            else:
+                masked, scored = i >= 0 and steps[i] >= cp.lo, i >= 0 and cp.lo <= steps[i] < cp.hi
+            if scored:
                 scores.append((len(ids), clean[p], i, c))
             ids.append(mask_id if masked else clean[p])
             pos.append(p)

@@ -6,7 +6,7 @@ Every reward has the TRL-style signature ``fn(completions, **columns) -> list[fl
 * ``math``      -- last ``\\boxed{}`` vs ``answer`` via math-verify (``dirl.rewards.math``)
 * ``gsm8k``     -- boxed or ``#### N`` number vs ``answer``, exact numeric match
 * ``countdown`` -- expression over ``numbers`` reaching ``target`` (``dirl.rewards.countdown``)
-* ``sudoku``    -- cell accuracy vs ``solution`` on ``puzzle``'s empty cells (``dirl.rewards.sudoku``)
+* ``sudoku``    -- cell accuracy vs ``solution`` on ``puzzle``'s blanks (``dirl.rewards.sudoku``)
 
 Use ``compute_rewards(specs, completions, columns)`` for weighted, fault-isolated scoring.
 """

@@ -110,7 +110,7 @@ def _evaluate_node(node: ast.AST, literals: list[int]) -> Fraction:
 
 
 def is_valid_countdown_solution(expression: str | None, numbers: list[int], target: Any) -> bool:
-    """Whether ``expression`` uses each of ``numbers`` exactly once and equals ``target`` exactly."""
+    """Whether ``expression`` uses each of ``numbers`` exactly once and equals ``target``."""
     if expression is None:
         return False
     evaluated = evaluate_expression(expression)

@@ -98,9 +98,9 @@ def _brace_group(text: str, start: int) -> str | None:
 # ----------------------------------------------------------------------------- normalisation
 
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree")
-_THOUSANDS_SEPARATOR = re.compile(r"(?<=\d)(?:\{,\}|,\\!|\\,|\\ )(?=\d{3})")
+_THOUSANDS_SEPARATOR = re.compile(r"(?<=\d)(?:\{,\}|,\s*\\!|\\,|\\ )\s*(?=\d{3}(?!\d))")
 # LaTeX spacing commands; applied after the thousands separators so "1\\,000" stays one number.
-_LATEX_SPACING = re.compile(r"\\[ ,;:!]|~|\\q?quad\b")
+_LATEX_SPACING = re.compile(r"(?<!\\)\\[ ,;:!]|~|\\q?quad\b")  # not the 2nd half of "\\\\"
 _TRAILING_PUNCTUATION = re.compile(r"(?<![.\\])[.,;]\s*$")
 _GROUPED_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _TRAILING_TEXT_UNIT = re.compile(

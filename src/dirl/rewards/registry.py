@@ -89,7 +89,7 @@ def register(name: str, *, replace: bool = False) -> Callable[[RewardFn], Reward
 
 
 def get_reward(name: str) -> RewardFn:
-    """Return the reward function registered as ``name`` (``ValueError`` listing names if unknown)."""
+    """The reward function registered as ``name`` (``ValueError`` listing names if unknown)."""
     try:
         return _REGISTRY[name]
     except KeyError:

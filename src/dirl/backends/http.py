@@ -1,0 +1,145 @@
+"""Rollouts through a ``dirl serve`` process: token ids over HTTP, weights pushed after each step.
+
+``generate`` sends one ``/v1/completions`` request per prompt, all at once from
+a thread pool, so the server's batcher packs them into shared engine calls;
+each request carries its prompt's seed, so the result equals the native
+engine's on the same weights (the server seeds every row as the engine does,
+and the stop ids are exactly ``params.stop_ids`` via ``ignore_eos``). The
+response's RL fields (``token_ids`` of whole blocks, ``num_tokens``, ``steps``,
+``logps``, ``num_forwards``) rebuild :class:`~dirl.engine.engine.Rollout`
+objects field for field.
+
+``sync_weights`` serialises the trainer's full state dict with
+``safetensors.torch.save`` and posts it to the authenticated ``/update_weights``;
+the server swaps it in between two engine calls, so every later request runs on
+the new weights. The weight version each response was decoded with is kept in
+``last_weight_versions``.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import torch
+from safetensors.torch import save as save_safetensors
+
+from dirl.engine.engine import Rollout, SamplingParams
+
+RL_FIELDS = ("token_ids", "num_tokens", "steps", "logps", "num_forwards", "finish_reason")
+
+
+class HttpBackendError(RuntimeError):
+    """The server answered an error (its JSON message is included) or an unexpected body."""
+
+
+class HttpBackend:
+    """A :class:`~dirl.backends.base.RolloutBackend` that is a client of ``dirl serve``.
+
+    Options: ``url`` (the server's root), ``api_key`` (default: the environment
+    variable ``api_key_env``), ``timeout`` seconds per request, ``max_concurrency``
+    requests in flight, ``weights_dtype`` (cast pushed tensors, e.g. ``"bfloat16"``
+    when the server runs in bf16 and the trainer in fp32), ``sync_on_init``
+    (push the trainer's weights once at construction, so the first rollouts use them).
+    """
+
+    def __init__(self, model, tokenizer=None, url: str = "http://127.0.0.1:8000", api_key: str | None = None,
+                 api_key_env: str = "DIRL_API_KEY", timeout: float = 600.0, max_concurrency: int = 64,
+                 weights_dtype: str | None = None, sync_on_init: bool = True, **_):
+        self.model, self.tokenizer = model, tokenizer
+        self.url = url.rstrip("/")
+        self.api_key = api_key if api_key is not None else os.environ.get(api_key_env)
+        self.weights_dtype = getattr(torch, weights_dtype) if weights_dtype else None
+        self.block_size = model.config.block_size
+        self.client = httpx.Client(base_url=self.url, timeout=timeout,
+                                   limits=httpx.Limits(max_connections=max_concurrency))
+        self.pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="dirl-http")
+        self.weight_version: int | None = None  # returned by our last sync_weights
+        self.last_weight_versions: list[int] = []
+        if sync_on_init:
+            self.sync_weights()
+
+    # -- weights ----------------------------------------------------------------------------------------
+
+    def state_payload(self) -> bytes:
+        """The model's full state dict as safetensors bytes (tied lm_head omitted: it is the embedding)."""
+        state = self.model.state_dict()
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        tensors = {}
+        for name, tensor in state.items():
+            tensor = tensor.detach()
+            if self.weights_dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(self.weights_dtype)
+            tensors[name] = tensor.cpu().contiguous()
+        return save_safetensors(tensors)
+
+    def sync_weights(self) -> None:
+        """Push the trainer's current weights; returns once the server serves them."""
+        headers = {"Content-Type": "application/octet-stream"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        response = self.client.post("/update_weights", content=self.state_payload(), headers=headers)
+        self.weight_version = int(self._json(response)["weight_version"])
+
+    # -- rollouts ---------------------------------------------------------------------------------------
+
+    def request_body(self, prompt: list[int], params: SamplingParams, seed: int) -> dict:
+        """The /v1/completions body for one prompt: token ids in, RL fields out."""
+        return {
+            "prompt": list(prompt), "n": params.n, "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+            "unmasking": params.unmasking, "threshold": params.threshold,
+            "steps_per_block": params.steps_per_block, "stop_token_ids": list(params.stop_ids),
+            "ignore_eos": True, "seed": seed, "return_token_ids": True,
+        }
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 seeds: list[int] | None = None) -> list[Rollout]:
+        """``params.n`` rollouts per prompt, grouped by prompt (as the native engine returns them)."""
+        params.validate(self.block_size)
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        seeds = [params.seed + i for i in range(len(prompts))] if seeds is None else list(seeds)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+        bodies = [self.request_body(p, params, s) for p, s in zip(prompts, seeds)]
+        responses = list(self.pool.map(self._complete, bodies))
+        self.last_weight_versions = [int(r["weight_version"]) for r in responses]
+        rollouts = []
+        for index, (prompt, response) in enumerate(zip(prompts, responses)):
+            choices = sorted(response["choices"], key=lambda c: c["index"])
+            if len(choices) != params.n:
+                raise HttpBackendError(f"expected {params.n} choices, the server returned {len(choices)}")
+            rollouts += [self._rollout(prompt, c, index, j) for j, c in enumerate(choices)]
+        return rollouts
+
+    def _complete(self, body: dict) -> dict:
+        return self._json(self.client.post("/v1/completions", json=body))
+
+    @staticmethod
+    def _rollout(prompt: list[int], choice: dict, prompt_index: int, sample_index: int) -> Rollout:
+        missing = [k for k in RL_FIELDS if k not in choice]
+        if missing:
+            raise HttpBackendError(f"the server's response lacks {missing}: is it a `dirl serve`?")
+        return Rollout(prompt_ids=list(prompt), token_ids=choice["token_ids"], steps=choice["steps"],
+                       logps=choice["logps"], num_tokens=choice["num_tokens"],
+                       finish_reason=choice["finish_reason"], num_forwards=choice["num_forwards"],
+                       prompt_index=prompt_index, sample_index=sample_index)
+
+    @staticmethod
+    def _json(response: httpx.Response) -> dict:
+        try:
+            body = response.json()
+        except ValueError as err:
+            raise HttpBackendError(f"{response.request.url}: HTTP {response.status_code}, "
+                                   f"not JSON: {response.text[:200]!r}") from err
+        if response.status_code >= 400 or "error" in body:
+            message = (body.get("error") or {}).get("message", body)
+            raise HttpBackendError(f"{response.request.url}: HTTP {response.status_code}: {message}")
+        return body
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.client.close()

@@ -1,0 +1,104 @@
+"""``dirl eval --model DIR --data FILE|task:<name>:test [--reward R] [--out D] [key=value ...]``.
+
+Loads the checkpoint and the rows, runs :func:`dirl.eval.evaluate.evaluate`, writes
+``samples.jsonl``, ``summary.json`` and the resolved ``config.yaml`` into the run directory, and
+prints the summary as ONE line of JSON, the last line of stdout (progress goes to stderr), so
+scripts can read it with ``tail -n 1``. Precedence: dataclass defaults <- ``--config`` YAML <-
+flags <- ``key=value`` overrides. Bad data, a missing checkpoint or a bad config exit with 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from dirl import config as config_lib
+from dirl.commands import add_config_arguments
+
+# flag -> config key; flags are applied as overrides before the positional ones.
+FLAG_KEYS = {"model": "model", "data": "data", "reward": "reward", "out": "out"}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", help="checkpoint directory")
+    parser.add_argument("--data", help="benchmark file (.jsonl/.json/.parquet) or task:<name>:test")
+    parser.add_argument("--reward", help="reward name or comma list (default: task's reward, else math)")
+    parser.add_argument("--out", help="run directory (default runs/eval-<timestamp>)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_arguments(parser)
+
+
+def _resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _load_model(cfg, device):
+    """``(model, tokenizer)`` from ``cfg.model``; dtype auto = bf16 on CUDA, fp32 on CPU."""
+    from dirl.model.checkpoint import load_pretrained
+
+    if not cfg.model:
+        raise FileNotFoundError("no checkpoint: pass --model DIR (or model=DIR)")
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    model, tokenizer = load_pretrained(cfg.model, dtype=dtype, device=device)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{cfg.model}: the checkpoint has no tokenizer files")
+    return model.eval(), tokenizer
+
+
+def write_run(out: Path, cfg, summary: dict, samples: list[dict]) -> None:
+    """samples.jsonl (one record per completion), summary.json and the resolved config."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "samples.jsonl").open("w", encoding="utf-8") as fh:
+        for sample in samples:
+            fh.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "config.yaml").write_text(config_lib.dump(cfg))
+
+
+def run(args) -> int:
+    from dirl.data import DataError
+    from dirl.eval.evaluate import (EvalConfig, build_prompts, default_out_dir, evaluate, load_eval_rows,
+                                    resolve_defaults, sampling_params)
+    from dirl.model.checkpoint import CheckpointError
+
+    flags = [f"{key}={getattr(args, flag)}" for flag, key in FLAG_KEYS.items()
+             if getattr(args, flag) is not None]
+    cfg = config_lib.load(EvalConfig, args.config, [*flags, *args.overrides])
+    try:
+        cfg = resolve_defaults(cfg)
+        rows = load_eval_rows(cfg)
+    except DataError as err:
+        print(f"dirl eval: data error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # unknown reward name
+        raise config_lib.ConfigError(str(err)) from None
+    device = _resolve_device(cfg.device)
+    try:
+        model, tokenizer = _load_model(cfg, device)
+    except (FileNotFoundError, CheckpointError) as err:
+        print(f"dirl eval: cannot load the model: {err}", file=sys.stderr)
+        return 2
+    try:  # sampling values the engine would reject (e.g. steps_per_block > block size)
+        sampling_params(cfg, []).validate(model.config.block_size)
+        build_prompts(tokenizer, rows[:1], cfg.prompt_template, cfg.chat)
+    except DataError as err:
+        print(f"dirl eval: data error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        raise config_lib.ConfigError(str(err)) from None
+    out = Path(cfg.out or default_out_dir())
+    try:
+        summary, samples = evaluate(model, tokenizer, rows, cfg, progress=not args.no_progress)
+    except DataError as err:  # e.g. a template field that only some rows lack
+        print(f"dirl eval: data error: {err}", file=sys.stderr)
+        return 2
+    write_run(out, dataclasses.replace(cfg, out=str(out)), summary, samples)
+    print(f"dirl eval: wrote {out}/samples.jsonl and summary.json", file=sys.stderr)
+    print(json.dumps({**summary, "out": str(out)}), flush=True)
+    return 0

@@ -1,0 +1,81 @@
+"""``dirl serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key-env DIRL_API_KEY] [--no-updates]``.
+
+Every :class:`~dirl.serve.app.ServeConfig` field can also be set from a YAML
+recipe (``--config``) or a ``key=value`` override (``max_n=32``); the flags win.
+The server refuses to start without an update key unless ``--no-updates``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import sys
+
+from dirl import config as config_lib
+from dirl.commands import add_config_arguments
+
+# flag attribute -> ServeConfig field (flags left unset keep the config's value)
+FLAGS = {"model": "model", "host": "host", "port": "port", "api_key_env": "api_key_env",
+         "max_batch": "max_batch", "served_model_name": "served_model_name"}
+
+
+def add_arguments(parser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--model", help="checkpoint directory to serve")
+    parser.add_argument("--host", help="bind address (default 127.0.0.1: loopback only)")
+    parser.add_argument("--port", type=int, help="port (default 8000)")
+    parser.add_argument("--api-key-env", dest="api_key_env",
+                        help="environment variable holding the /update_weights key (default DIRL_API_KEY)")
+    parser.add_argument("--no-updates", dest="no_updates", action="store_true",
+                        help="disable /update_weights (403); no key needed")
+    parser.add_argument("--max-batch", dest="max_batch", type=int, help="rows (prompts x n) per engine call")
+    parser.add_argument("--served-model-name", dest="served_model_name", help="model id in the API")
+
+
+def resolve_config(args):
+    from dirl.serve.app import ServeConfig
+
+    cfg = config_lib.load(ServeConfig, args.config, args.overrides)
+    flags = {field: getattr(args, attr) for attr, field in FLAGS.items() if getattr(args, attr, None) is not None}
+    if getattr(args, "no_updates", False):
+        flags["allow_updates"] = False
+    return dataclasses.replace(cfg, **flags)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args) -> int:
+    cfg = resolve_config(args)
+    if not cfg.model:
+        print("dirl serve: --model DIR is required", file=sys.stderr)
+        return 2
+    api_key = cfg.api_key or os.environ.get(cfg.api_key_env, "")
+    if cfg.allow_updates and not api_key:
+        print(f"dirl serve: refusing to start: weight updates need a key; set ${cfg.api_key_env} "
+              f"(or pass --no-updates to serve without /update_weights)", file=sys.stderr)
+        return 2
+    if not is_loopback(cfg.host):
+        print(f"dirl serve: warning: binding {cfg.host} exposes the server beyond this machine "
+              f"(completions are {'authenticated' if cfg.auth_completions else 'NOT authenticated'})",
+              file=sys.stderr)
+
+    import uvicorn
+
+    from dirl.model.checkpoint import load_pretrained
+    from dirl.serve.app import create_app
+
+    model, tokenizer = load_pretrained(cfg.model, dtype=cfg.dtype or None, device=cfg.device)
+    app = create_app(model.eval(), tokenizer, cfg, api_key or None)
+    state = app.state.dirl
+    print(f"dirl serve: {state.name} on http://{cfg.host}:{cfg.port} "
+          f"(weight updates {'on' if cfg.allow_updates else 'off'})", flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    return 0

@@ -1,0 +1,354 @@
+"""The FastAPI app of ``dirl serve``: OpenAI-compatible completions + live weight updates.
+
+Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``,
+``POST /v1/chat/completions`` (request fields: :mod:`dirl.serve.schemas`) and
+``POST /update_weights`` (body: raw ``safetensors.torch.save`` bytes of a full or
+partial state dict; header ``Authorization: Bearer <key>``; answers
+``{"weight_version", "updated_tensors"}``).
+
+Text is handled here only (tokenize, chat template, decode, stop strings); the
+engine behind the :class:`~dirl.serve.batcher.Batcher` sees token ids. Every
+error is JSON ``{"error": {"message", "type", ...}}`` with a 4xx/5xx status.
+Streaming (``stream: true``) is server-sent events in the OpenAI chunk format;
+the whole completion is decoded first and then sent as one content chunk per
+choice, a final chunk with ``finish_reason`` (and ``usage`` when
+``stream_options.include_usage``), then ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dirl.engine.engine import Rollout, SamplingParams
+from dirl.serve.batcher import Batcher, QueueFullError
+from dirl.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, error_body, usage
+from dirl.serve.weights import WeightUpdateError, live_tensors, prepare_update, state_dict_nbytes
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class ServeConfig:
+    model: str = ""                    # checkpoint directory
+    host: str = "127.0.0.1"            # loopback by default: nothing else can reach the server
+    port: int = 8000
+    served_model_name: str = ""        # default: the directory's name
+    dtype: str = ""                    # "" = the checkpoint's; float32 | bfloat16 | float16
+    device: str = "cpu"
+    api_key: str = ""                  # prefer api_key_env: keys in YAML files end up in git
+    api_key_env: str = "DIRL_API_KEY"  # environment variable holding the /update_weights key
+    allow_updates: bool = True         # False (--no-updates): /update_weights answers 403, no key needed
+    auth_completions: bool = False     # also require the key on /v1/* (not just on updates)
+    max_batch: int = 256               # rows (prompts x n) per engine call
+    max_n: int = 64
+    max_prompts: int = 64              # prompts per /v1/completions request
+    max_tokens_limit: int = 4096
+    default_max_tokens: int = 64
+    max_update_mb: float = 0.0         # 0 = twice the model's state-dict size + 1 MiB
+    batch_wait_ms: float = 2.0         # collection window before an engine call
+    max_queue: int = 4096
+    use_cache: bool = True
+    log_level: str = "warning"
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {...}}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+
+
+def _error(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param), status_code=status)
+
+
+class ServerState:
+    """Model, tokenizer, batcher and limits; turns requests into engine jobs and back."""
+
+    def __init__(self, model, tokenizer, cfg: ServeConfig, api_key: str | None):
+        self.model, self.tokenizer, self.cfg, self.api_key = model, tokenizer, cfg, api_key
+        self.name = cfg.served_model_name or (cfg.model.rstrip("/").rsplit("/", 1)[-1] if cfg.model else "dirl")
+        self.live = live_tensors(model)
+        self.max_update_bytes = int(cfg.max_update_mb * 2**20) or 2 * state_dict_nbytes(self.live) + 2**20
+        self.batcher = Batcher(model, self.live, max_batch_rows=cfg.max_batch, use_cache=cfg.use_cache,
+                               batch_wait_s=cfg.batch_wait_ms / 1000, max_queue=cfg.max_queue)
+        mc = model.config
+        self.block_size, self.vocab_size, self.context = mc.block_size, mc.vocab_size, mc.max_position_embeddings
+        self.default_stops = set(tokenizer.stop_ids()) if tokenizer is not None else {mc.eos_token_id}
+
+    # -- checks -----------------------------------------------------------------------------------------
+
+    def check_key(self, request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", "authentication_error")
+        if not self.api_key or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "invalid API key", "authentication_error")
+
+    def check_model(self, name: str | None) -> None:
+        if name and name not in (self.name, self.cfg.model):
+            raise ApiError(404, f"model {name!r} does not exist; this server serves {self.name!r}",
+                           "not_found_error", "model")
+
+    def check_prompt(self, ids: list[int], max_tokens: int) -> list[int]:
+        if not ids:
+            raise ApiError(400, "prompt is empty", param="prompt")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", param="prompt")
+        if len(ids) + max_tokens > self.context:
+            raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                                f"model's context of {self.context} tokens", param="max_tokens")
+        return ids
+
+    # -- request -> engine job --------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ApiError(400, "this checkpoint has no tokenizer: send prompts as token ids", param="prompt")
+        return self.tokenizer.encode(text)
+
+    def completion_prompts(self, req: CompletionRequest, max_tokens: int) -> list[list[int]]:
+        prompt = req.prompt
+        if isinstance(prompt, str):
+            prompts = [self.encode(prompt)]
+        elif prompt and isinstance(prompt[0], int):
+            prompts = [list(prompt)]
+        else:
+            prompts = [self.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+        if not prompts:
+            raise ApiError(400, "prompt is empty", param="prompt")
+        if len(prompts) > self.cfg.max_prompts:
+            raise ApiError(400, f"at most {self.cfg.max_prompts} prompts per request, got {len(prompts)}",
+                           param="prompt")
+        return [self.check_prompt(p, max_tokens) for p in prompts]
+
+    def chat_prompt(self, req: ChatCompletionRequest, max_tokens: int) -> list[int]:
+        if self.tokenizer is None:
+            raise ApiError(400, "this checkpoint has no tokenizer: chat needs one; use /v1/completions")
+        if not req.messages:
+            raise ApiError(400, "messages is empty", param="messages")
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ValueError as err:
+            raise ApiError(400, str(err), param="messages") from err
+        return self.check_prompt(self.encode(text), max_tokens)
+
+    def sampling_params(self, req: SamplingFields, max_tokens: int | None) -> SamplingParams:
+        cfg = self.cfg
+        if not 1 <= req.n <= cfg.max_n:
+            raise ApiError(400, f"n must be in [1, {cfg.max_n}], got {req.n}", param="n")
+        if max_tokens is None:
+            max_tokens = cfg.default_max_tokens
+        if not 1 <= max_tokens <= cfg.max_tokens_limit:
+            raise ApiError(400, f"max_tokens must be in [1, {cfg.max_tokens_limit}], got {max_tokens}",
+                           param="max_tokens")
+        seed = secrets.randbelow(2**31) if req.seed is None else req.seed
+        if not 0 <= seed <= MAX_SEED:
+            raise ApiError(400, f"seed must be in [0, 2**63 - 1], got {seed}", param="seed")
+        if any(not 0 <= t < self.vocab_size for t in req.stop_token_ids):
+            raise ApiError(400, "stop_token_ids must be ids inside the vocabulary", param="stop_token_ids")
+        stops = set(req.stop_token_ids) | (set() if req.ignore_eos else self.default_stops)
+        params = SamplingParams(
+            max_new_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+            top_k=req.top_k, top_p=1.0 if req.top_p is None else req.top_p, unmasking=req.unmasking,
+            threshold=req.threshold, steps_per_block=req.steps_per_block or self.block_size,
+            stop_ids=sorted(stops), n=req.n, seed=seed)
+        try:
+            params.validate(self.block_size)
+        except ValueError as err:
+            raise ApiError(400, str(err)) from err
+        return params
+
+    async def run(self, prompts: list[list[int]], params: SamplingParams):
+        """Queue the prompts (prompt i gets seed ``params.seed + i``, as in the engine) and await them."""
+        seeds = [(params.seed + i) % (MAX_SEED + 1) for i in range(len(prompts))]
+        try:
+            future = self.batcher.submit_generate(prompts, seeds, params)
+        except QueueFullError as err:
+            raise ApiError(503, str(err), "server_overloaded") from err
+        return await asyncio.wrap_future(future)
+
+    # -- engine result -> response ----------------------------------------------------------------------
+
+    def choice(self, rollout: Rollout, req: SamplingFields, params: SamplingParams) -> dict:
+        """Text, finish reason and (on request) the RL fields of one rollout."""
+        ids, finish = rollout.completion_ids, rollout.finish_reason
+        if finish == "stop" and ids and ids[-1] in params.stop_ids:
+            ids = ids[:-1]  # the stop token is not part of the text
+        text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+        cuts = [i for i in (text.find(s) for s in req.stop_strings() if s) if i >= 0]
+        if cuts:
+            text, finish = text[: min(cuts)], "stop"
+        out = {"text": text, "finish_reason": finish}
+        if req.return_token_ids:
+            out.update(prompt_token_ids=rollout.prompt_ids, token_ids=rollout.token_ids,
+                       num_tokens=rollout.num_tokens, steps=rollout.steps, logps=rollout.logps,
+                       num_forwards=rollout.num_forwards, seed=params.seed + rollout.prompt_index)
+        return out
+
+    async def complete(self, req: SamplingFields, prompts: list[list[int]], params: SamplingParams, chat: bool):
+        result = await self.run(prompts, params)
+        choices = []
+        for k, rollout in enumerate(result.rollouts):
+            fields = self.choice(rollout, req, params)
+            text = fields.pop("text")
+            body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+            choices.append({"index": k, **body, "logprobs": None, **fields})
+        return {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": self.name, "choices": choices,
+            "usage": usage(sum(len(p) for p in prompts), sum(r.num_tokens for r in result.rollouts)),
+            "weight_version": result.weight_version,
+        }
+
+
+def sse_chunks(body: dict, chat: bool, include_usage: bool):
+    """A finished response as OpenAI stream chunks (one content chunk + one finish chunk per choice)."""
+    head = {k: body[k] for k in ("id", "created", "model", "weight_version")}
+    head["object"] = "chat.completion.chunk" if chat else "text_completion"
+
+    def event(choices, **extra) -> str:
+        return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
+
+    for choice in body["choices"]:
+        index, finish = choice["index"], choice["finish_reason"]
+        rl = {k: v for k, v in choice.items() if k not in ("index", "message", "text", "finish_reason", "logprobs")}
+        if chat:
+            content = {"delta": {"role": "assistant", "content": choice["message"]["content"]}}
+            last = {"delta": {}}
+        else:
+            content, last = {"text": choice["text"]}, {"text": ""}
+        yield event([{"index": index, **content, "logprobs": None, "finish_reason": None}])
+        yield event([{"index": index, **last, "logprobs": None, "finish_reason": finish, **rl}])
+    if include_usage:
+        yield event([], usage=body["usage"])
+    yield "data: [DONE]\n\n"
+
+
+async def read_capped(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) anything over ``limit`` bytes without buffering it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"body of {int(declared)} bytes exceeds the limit of {limit} bytes",
+                       "request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"body exceeds the limit of {limit} bytes", "request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_, err: ApiError):
+        return _error(err.status, err.message, err.type, err.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_, err: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: "
+                             f"{e.get('msg')}" for e in err.errors()[:5])
+        return _error(400, f"invalid request: {problems}", "invalid_request_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, err: StarletteHTTPException):
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return _error(err.status_code, str(err.detail), kind)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_, err: Exception):
+        return _error(500, f"internal error: {type(err).__name__}: {err}", "internal_error")
+
+
+def create_app(model, tokenizer, cfg: ServeConfig, api_key: str | None = None) -> FastAPI:
+    """The app; its lifespan starts and stops the batcher thread."""
+    state = ServerState(model, tokenizer, cfg, api_key)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        state.batcher.start()
+        yield
+        state.batcher.close()
+
+    app = FastAPI(title="dirl serve", lifespan=lifespan)
+    app.state.dirl = state
+    _install_error_handlers(app)
+
+    def guard(request: Request) -> None:
+        if cfg.auth_completions:
+            state.check_key(request)
+
+    @app.get("/health")
+    async def health():
+        alive = state.batcher.alive
+        body = {"status": "ok" if alive else "error", "model": state.name,
+                "weight_version": state.batcher.weight_version, "queue": state.batcher.queue_size,
+                "updates_enabled": cfg.allow_updates, **state.batcher.stats}
+        return JSONResponse(body, status_code=200 if alive else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        guard(request)
+        card = {"id": state.name, "object": "model", "created": 0, "owned_by": "dirl",
+                "max_model_len": state.context, "block_size": state.block_size}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def respond(req: SamplingFields, prompts, params, chat: bool):
+        body = await state.complete(req, prompts, params, chat)
+        if req.stream:
+            return StreamingResponse(sse_chunks(body, chat, req.include_usage_in_stream()),
+                                     media_type="text/event-stream")
+        return JSONResponse(body)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        guard(request)
+        state.check_model(req.model)
+        params = state.sampling_params(req, req.max_tokens)
+        return await respond(req, state.completion_prompts(req, params.max_new_tokens), params, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        guard(request)
+        state.check_model(req.model)
+        params = state.sampling_params(req, req.token_limit())
+        return await respond(req, [state.chat_prompt(req, params.max_new_tokens)], params, chat=True)
+
+    @app.post("/update_weights")
+    async def update_weights(request: Request):
+        if not cfg.allow_updates:
+            raise ApiError(403, "weight updates are disabled on this server (--no-updates)", "permission_error")
+        state.check_key(request)
+        body = await read_capped(request, state.max_update_bytes)
+        start = time.perf_counter()
+        try:
+            tensors = await run_in_threadpool(prepare_update, state.live, body)
+        except WeightUpdateError as err:
+            raise ApiError(400, str(err), "invalid_weights", err.tensor) from err
+        try:
+            version = await asyncio.wrap_future(state.batcher.submit_update(tensors))
+        except QueueFullError as err:
+            raise ApiError(503, str(err), "server_overloaded") from err
+        return JSONResponse({"weight_version": version, "updated_tensors": len(tensors),
+                             "elapsed_ms": round(1000 * (time.perf_counter() - start), 3)})
+
+    return app

@@ -1,0 +1,220 @@
+"""Training plumbing shared by SFT and RL: optimizer, schedule, stepping, RNG, logging.
+
+Nothing here knows about a loss. ``clip_and_step`` is the single place where an
+optimizer step happens, so the NaN/inf guard (skip the step, keep the weights,
+DESIGN §10 robustness) applies to every trainer alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + learning-rate schedule + clipping + accumulation."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # "cosine" | "constant"
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # <= 0 disables clipping (the norm is still measured)
+    grad_accum: int = 1  # micro-batches per optimizer step
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if len(self.betas) != 2:
+            raise ValueError(f"betas must have two values, got {self.betas!r}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+
+
+def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Norm gains and biases (all 1-D tensors) are not decayed -- standard practice."""
+    return param.ndim < 2 or name.endswith(".bias") or "norm" in name
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if _no_decay(name, param) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based): linear warmup, then
+    cosine down to ``min_lr_ratio`` over the remaining steps, or constant."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
+
+
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+                  cfg: OptimConfig) -> tuple[float, bool]:
+    """Clip gradients, then step -- unless the gradient norm is NaN/inf.
+
+    Returns ``(grad_norm, skipped)``. A non-finite norm zeroes the gradients and
+    leaves weights, optimizer moments and the schedule untouched (skipped=True):
+    one bad batch must not poison a long run.
+    """
+    params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+    if not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return norm, True
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, False
+
+
+# ---------------------------------------------------------------- RNG
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def get_rng_state() -> dict:
+    """Every RNG the trainers touch, as tensors / primitives (``weights_only`` loadable)."""
+    py_version, py_internal, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": {"version": py_version, "state": list(py_internal), "gauss": py_gauss},
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- devices
+
+
+def autocast_context(device: str | torch.device, dtype: str | torch.dtype | None = "bfloat16"):
+    """bf16 (or the given low-precision dtype) autocast on CUDA; a no-op on CPU, where
+    training stays fp32 so resume is bitwise reproducible."""
+    device = torch.device(device)
+    if device.type != "cuda" or dtype in (None, "float32", torch.float32):
+        return contextlib.nullcontext()
+    if isinstance(dtype, str):
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ---------------------------------------------------------------- logging
+
+
+def format_metrics(metrics: dict) -> str:
+    """``key=value`` pairs for the one-line console log (floats to 4 significant digits)."""
+    parts = []
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            parts.append(f"{key}={value:.4g}")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+class MetricsLogger:
+    """Append-only ``metrics.jsonl`` (one JSON object per logged step) + optional TensorBoard.
+
+    On resume the file is appended to; entries at or beyond the resume step from a
+    run killed after its last checkpoint are dropped first, so the file reads as one
+    uninterrupted run.
+    """
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: int | None = None):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            self._truncate_after(resume_step)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        except Exception:  # tensorboard is optional  # noqa: BLE001
+            self._tb = None
+
+    def _truncate_after(self, step: int) -> None:
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value

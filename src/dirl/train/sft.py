@@ -1,0 +1,280 @@
+"""``dirl sft``: supervised fine-tuning with the blockwise NELBO (DESIGN §6, §10).
+
+The loop (``train_sft``), in numbered sections:
+
+1. setup -- resolve the device, load or initialise the model, tokenise and
+   validate *every* row (a bad row stops the run before any training);
+2. optimizer, schedule, loader, noise generator -- then restore all of them
+   (and the RNGs) from a checkpoint when resuming;
+3. steps -- ``grad_accum`` micro-batches of :func:`dirl.algo.nelbo.sft_nelbo`,
+   one :func:`clip_and_step` (NaN/inf guard: a non-finite gradient skips the
+   step and keeps the weights; ``skipped_steps`` counts them);
+4. logging / held-out eval / checkpoints every ``log_every`` / ``eval_every`` /
+   ``save_every`` steps;
+5. the end -- a last checkpoint and the HF model directory ``run_dir/final``.
+
+Exact resume: the data order is a per-epoch permutation (cursor = epoch,
+position), the masks come from a dedicated generator whose state is saved, and
+optimizer, scheduler and global RNGs are restored, so N straight steps and
+N/2 + resume + N/2 give identical losses and bitwise-identical weights on CPU
+(fp32). ``stop_at_step`` ends an invocation early (as a preemption would) without
+changing the schedule, which always spans ``max_steps``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dirl import config as config_lib
+from dirl.algo.nelbo import NOISE_EPS, draw_noise, sft_nelbo
+from dirl.data import get_task, load_sft_rows, to_prompt_messages
+from dirl.model.checkpoint import DTYPES, load_pretrained, save_pretrained
+from dirl.train import state as state_lib
+from dirl.train.batching import SFTBatch, SFTLoader, tokenize_rows
+from dirl.train.common import (MetricsLogger, OptimConfig, autocast_context, build_optimizer, build_scheduler,
+                               clip_and_step, format_metrics, resolve_device, set_seed)
+
+INIT_PREFIX = "init:"
+
+
+@dataclass
+class SFTDataConfig:
+    source: str = "task:arithmetic"   # jsonl / json / parquet / saved dataset dir / task:<name>[:split]
+    split: str | None = None
+    prompt_template: str = "plain"    # a dirl.data.PROMPT_TEMPLATES name or a literal "{question}" string
+    limit: int | None = None          # use the first N rows (tasks: generate N)
+    max_length: int = 256             # tokens per example (and per packed row); longer rows are an error
+
+
+@dataclass
+class SFTConfig:
+    model: str = "init:tiny"          # checkpoint dir, or init:<preset> (random weights, char tokenizer)
+    out: str = "runs/sft"
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    max_steps: int = 300
+    stop_at_step: int = 0             # > 0: end this invocation after that step (resume later)
+    batch_size: int = 16              # examples per micro-batch (packed: rows of max_length tokens)
+    log_every: int = 10
+    save_every: int = 100             # 0 = only at the end
+    keep_last: int = 3
+    eval_every: int = 0               # 0 = off; held-out accuracy on the task's test split
+    eval_num: int = 32
+    eval_max_new_tokens: int = 64
+    seed: int = 0
+    complementary_masks: bool = False
+    pack: bool = False
+    noise_eps: float = NOISE_EPS
+    attn_impl: str = "auto"           # auto (flex on CUDA, sdpa on CPU) | sdpa | flex
+    device: str = "auto"
+    dtype: str = "bfloat16"           # autocast dtype on CUDA; CPU always runs fp32
+    param_dtype: str = "float32"      # weights and optimizer state
+    progress: bool = True
+
+
+# ---------------------------------------------------------------- 1. setup
+
+
+def load_model(spec: str, device: torch.device, param_dtype: str, seed: int):
+    """``init:<preset>`` -> a fresh random model with the char tokenizer; else a checkpoint dir."""
+    if spec.startswith(INIT_PREFIX):
+        from dirl.model.factory import InitConfig, init_model
+        from dirl.model.tokenizer import char_tokenizer
+
+        tokenizer = char_tokenizer()
+        model = init_model(InitConfig(preset=spec[len(INIT_PREFIX):], seed=seed), tokenizer)
+        return model.to(device=device, dtype=DTYPES[param_dtype]), tokenizer
+    model, tokenizer = load_pretrained(spec, dtype=param_dtype, device=device)
+    if tokenizer is None:
+        raise config_lib.ConfigError(f"model={spec}: the checkpoint has no tokenizer files")
+    return model, tokenizer
+
+
+def load_examples(cfg: SFTConfig, tokenizer, block_size: int):
+    rows = load_sft_rows(cfg.data.source, split=cfg.data.split, limit=cfg.data.limit, seed=cfg.seed)
+    return tokenize_rows(rows, tokenizer, cfg.data.prompt_template, block_size, cfg.data.max_length,
+                         source=cfg.data.source)
+
+
+def resolve_attn_impl(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    return name
+
+
+# ---------------------------------------------------------------- 3. one step
+
+
+def compute_loss(model, batch: SFTBatch, noise, mask_token_id: int, attn_impl: str, device: torch.device,
+                 dtype: str) -> tuple[torch.Tensor, dict]:
+    """The NELBO of one micro-batch (a seam the NaN-guard test patches)."""
+    with autocast_context(device, dtype):
+        return sft_nelbo(model, batch.input_ids, batch.position_ids, batch.doc_ids, batch.response_mask,
+                         batch.sample_ids, noise, mask_token_id, attn_impl=attn_impl)
+
+
+def train_step(ctx: "_Run") -> dict:
+    """``grad_accum`` micro-batches, then one guarded optimizer step."""
+    cfg = ctx.cfg
+    lr = ctx.scheduler.get_last_lr()[0]
+    total_loss, num_tokens = 0.0, 0
+    for _ in range(cfg.optim.grad_accum):
+        batch = ctx.loader.next_batch()
+        noise = draw_noise(batch.response_mask, batch.sample_ids, ctx.noise_gen, cfg.noise_eps,
+                           cfg.complementary_masks)
+        loss, _ = compute_loss(ctx.model, batch.to(ctx.device), noise, ctx.tokenizer.mask_token_id,
+                               ctx.attn_impl, ctx.device, cfg.dtype)
+        (loss / cfg.optim.grad_accum).backward()
+        total_loss += float(loss.detach()) / cfg.optim.grad_accum
+        num_tokens += batch.num_tokens
+    grad_norm, skipped = clip_and_step(ctx.model, ctx.optimizer, ctx.scheduler, cfg.optim)
+    return {"loss": total_loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "num_tokens": num_tokens}
+
+
+# ---------------------------------------------------------------- 4. eval
+
+
+@torch.no_grad()
+def held_out_accuracy(model, tokenizer, cfg: SFTConfig) -> dict:
+    """Greedy accuracy on ``eval_num`` problems of the task's test split (task sources only)."""
+    from dirl.engine.engine import Engine, SamplingParams
+    from dirl.rewards import compute_rewards
+
+    task = get_task(cfg.data.source.split(":")[1])
+    rows = task.generate("test", cfg.eval_num, seed=cfg.seed)
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template(to_prompt_messages(r, cfg.data.prompt_template)))
+               for r in rows]
+    params = SamplingParams(max_new_tokens=cfg.eval_max_new_tokens, temperature=0.0,
+                            stop_ids=tokenizer.stop_ids())
+    rollouts = Engine(model).generate(prompts, params)
+    completions = [tokenizer.decode(r.completion_ids) for r in rollouts]
+    result = compute_rewards([task.reward], completions, {"answer": [r["answer"] for r in rows]})
+    return {"eval_accuracy": sum(result.total) / len(result.total)}
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class _Run:
+    """Everything the loop mutates, in one place."""
+
+    cfg: SFTConfig
+    run_dir: Path
+    device: torch.device
+    attn_impl: str
+    model: torch.nn.Module
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loader: SFTLoader
+    noise_gen: torch.Generator
+    step: int = 0
+    skipped_steps: int = 0
+
+    def extra(self) -> dict:
+        return {"loader": self.loader.state_dict(), "noise_rng": self.noise_gen.get_state(),
+                "skipped_steps": self.skipped_steps}
+
+    def save(self) -> Path:
+        return state_lib.save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.optimizer,
+                                         self.scheduler, self.extra(), self.cfg, keep_last=self.cfg.keep_last)
+
+
+def build_run(cfg: SFTConfig, resume: str | Path | None = None) -> _Run:
+    """Sections 1-2: model, data, optimizer, schedule; restored from ``resume`` if given."""
+    set_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    model, tokenizer = load_model(cfg.model, device, cfg.param_dtype, cfg.seed)
+    examples = load_examples(cfg, tokenizer, model.config.block_size)  # validates every row first
+    attn_impl = resolve_attn_impl(cfg.attn_impl, device)
+    # Flex compiles per shape: give unpacked batches a fixed length too.
+    row_length = cfg.data.max_length if (cfg.pack or attn_impl == "flex") else None
+    loader = SFTLoader(examples, cfg.batch_size, tokenizer.pad_token_id, cfg.seed, cfg.pack, row_length)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps)
+    noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    run = _Run(cfg, Path(cfg.out), device, attn_impl, model, tokenizer, optimizer, scheduler, loader, noise_gen)
+    if resume is not None:
+        checkpoint = state_lib.resolve_resume(resume)
+        state = state_lib.load_checkpoint(checkpoint, model, optimizer, scheduler)  # last: restores RNGs
+        run.run_dir = checkpoint.parent.parent
+        run.step = int(state["step"])
+        run.skipped_steps = int(state["extra"]["skipped_steps"])
+        loader.load_state_dict(state["extra"]["loader"])
+        noise_gen.set_state(state["extra"]["noise_rng"])
+    return run
+
+
+def train_sft(cfg: SFTConfig, resume: str | Path | None = None) -> Path:
+    """Run (or continue) SFT; returns the run directory."""
+    run = build_run(cfg, resume)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / "config.yaml").write_text(config_lib.dump(cfg))
+    logger = MetricsLogger(run.run_dir, resume_step=run.step if resume is not None else None)
+    last_step = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else cfg.max_steps
+    bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not cfg.progress, desc="sft", dynamic_ncols=True)
+    window = _Window()
+    saved_at = run.step if resume is not None else -1
+    run.model.train()
+    try:
+        while run.step < last_step:
+            # 3. one optimizer step
+            metrics = train_step(run)
+            run.step += 1
+            run.skipped_steps += int(metrics["skipped"])
+            window.add(metrics)
+            bar.update(1)
+            # 4. log, eval, save
+            if run.step % cfg.log_every == 0 or run.step == last_step:
+                _log(run, logger, bar, window.flush(run.skipped_steps))
+            if cfg.eval_every > 0 and run.step % cfg.eval_every == 0 and cfg.data.source.startswith("task:"):
+                _log(run, logger, bar, held_out_accuracy(run.model, run.tokenizer, cfg))
+                run.model.train()
+            if cfg.save_every > 0 and run.step % cfg.save_every == 0:
+                run.save()
+                saved_at = run.step
+        # 5. the end
+        if saved_at != run.step:
+            run.save()
+        if run.step >= cfg.max_steps:
+            save_pretrained(run.model, run.tokenizer, run.run_dir / "final")
+    finally:
+        bar.close()
+        logger.close()
+    return run.run_dir
+
+
+class _Window:
+    """Averages over the steps since the last log line."""
+
+    def __init__(self):
+        self.losses, self.norms, self.tokens, self.lr, self.start = [], [], 0, 0.0, time.perf_counter()
+
+    def add(self, metrics: dict) -> None:
+        self.losses.append(metrics["loss"])
+        self.norms.append(metrics["grad_norm"])
+        self.tokens += metrics["num_tokens"]
+        self.lr = metrics["lr"]
+
+    def flush(self, skipped_steps: int) -> dict:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = {"loss": sum(self.losses) / len(self.losses), "lr": self.lr,
+               "grad_norm": sum(self.norms) / len(self.norms), "tokens_per_s": self.tokens / elapsed,
+               "skipped_steps": skipped_steps}
+        self.__init__()
+        return out
+
+
+def _log(run: _Run, logger: MetricsLogger, bar, metrics: dict) -> None:
+    logger.log(run.step, metrics)
+    line = f"step {run.step}/{run.cfg.max_steps} " + format_metrics(metrics)
+    if run.cfg.progress:
+        bar.write(line)
+    else:
+        print(line, flush=True)

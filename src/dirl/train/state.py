@@ -1,0 +1,165 @@
+"""Training checkpoints and resume (DESIGN §10).
+
+Layout of a run directory::
+
+    run_dir/checkpoints/step-000100/   an HF model directory (config.json,
+                                        model.safetensors, tokenizer files) that
+                                        ``load_pretrained`` reads as is, plus
+        trainer_state.pt                optimizer, scheduler, step, RNG states,
+                                        ``extra`` (data cursor, counters ...)
+        config.yaml                     the resolved run config
+    run_dir/checkpoints/latest          text file naming the newest checkpoint
+
+A checkpoint directory is written under a temporary name and renamed
+(:func:`dirl.model.checkpoint.atomic_directory`); ``latest`` is replaced with
+``os.replace`` only after the directory is in place. A kill at any moment thus
+leaves the previous good checkpoint and a ``latest`` that names a complete one.
+``trainer_state.pt`` holds tensors, primitives and containers only and is read
+with ``torch.load(weights_only=True)``: no pickled code is ever executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from dirl import config as config_lib
+from dirl.model.checkpoint import CheckpointError, atomic_directory, load_state_into, save_pretrained
+from dirl.train.common import get_rng_state, set_rng_state
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+TRAINER_STATE = "trainer_state.pt"
+CONFIG_FILE = "config.yaml"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first (temporary ``.step-*`` dirs are ignored)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / TRAINER_STATE).exists():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def _config_text(config_obj) -> str:
+    if config_obj is None:
+        return ""
+    if dataclasses.is_dataclass(config_obj):
+        return config_lib.dump(config_obj)
+    return yaml.safe_dump(config_obj, sort_keys=False)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer, scheduler,
+                    extra: dict | None, config_obj, keep_last: int | None = 3) -> Path:
+    """Atomically write checkpoint ``step``, point ``latest`` at it, prune old ones.
+
+    ``extra`` must hold only tensors / primitives / containers (it is loaded with
+    ``weights_only=True``). ``keep_last=None`` keeps every checkpoint.
+    """
+    trainer_state = {
+        "step": int(step),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": get_rng_state(),
+        "extra": dict(extra or {}),
+    }
+    config_text = _config_text(config_obj)
+
+    def write(tmp: Path) -> None:
+        save_pretrained(model, tokenizer, tmp)
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+        if config_text:
+            (tmp / CONFIG_FILE).write_text(config_text)
+
+    final = atomic_directory(checkpoint_dir(run_dir, step), write)
+    _write_latest(final)
+    if keep_last is not None:
+        prune_checkpoints(run_dir, keep_last, protect=final)
+    return final
+
+
+def _write_latest(final: Path) -> None:
+    latest = final.parent / LATEST
+    tmp = latest.with_name(f".{LATEST}.tmp-{os.getpid()}")
+    tmp.write_text(final.name + "\n")
+    os.replace(tmp, latest)
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int, protect: Path | None = None) -> list[Path]:
+    """Delete all but the ``keep_last`` newest checkpoints (never ``protect``)."""
+    checkpoints = list_checkpoints(run_dir)
+    doomed = [path for _, path in checkpoints[: max(0, len(checkpoints) - max(1, keep_last))]]
+    doomed = [p for p in doomed if protect is None or p.resolve() != Path(protect).resolve()]
+    # Half-written directories of earlier crashed saves (one writer per run: rank 0).
+    root = Path(run_dir) / CHECKPOINTS
+    stale = [p for p in root.glob(".step-*.tmp-*") if p.is_dir()] if root.is_dir() else []
+    for path in doomed + stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def resolve_resume(path: str | Path) -> Path:
+    """A checkpoint dir -> itself; a run dir (or its ``checkpoints/``) -> its newest checkpoint.
+
+    ``latest`` is trusted when it names a complete checkpoint; otherwise (a crash
+    between the rename and the ``latest`` update, or a hand-deleted dir) the newest
+    complete ``step-*`` directory is used.
+    """
+    path = Path(path)
+    if (path / TRAINER_STATE).exists():
+        return path
+    run_dir = path.parent if path.name == CHECKPOINTS else path
+    if not path.exists():
+        raise CheckpointError(f"cannot resume: {path} does not exist")
+    latest = run_dir / CHECKPOINTS / LATEST
+    if latest.exists():
+        named = latest.parent / latest.read_text().strip()
+        if (named / TRAINER_STATE).exists():
+            return named
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise CheckpointError(f"cannot resume: {path} is neither a checkpoint (no {TRAINER_STATE}) "
+                              f"nor a run directory with complete checkpoints under {CHECKPOINTS}/")
+    return checkpoints[-1][1]
+
+
+def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None,
+                    restore_rng: bool = True) -> dict:
+    """Restore weights (in place), optimizer, scheduler and RNG states from a checkpoint.
+
+    Returns the trainer state dict (``step``, ``extra``, ...). Call it after the
+    model, optimizer and scheduler are built, so nothing consumes RNG afterwards.
+    """
+    path = resolve_resume(path)
+    state_file = path / TRAINER_STATE
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        raise CheckpointError(f"{state_file}: cannot read trainer state: {err}") from err
+    load_state_into(model, path)
+    if optimizer is not None:
+        if state.get("optimizer") is None:
+            raise CheckpointError(f"{state_file}: holds no optimizer state")
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng:
+        set_rng_state(state["rng"])
+    state["path"] = str(path)
+    return state

@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny fp32 model on the char tokenizer, and checkpoint dirs.
+
+Kept generic so every test module can reuse them:
+
+* ``tokenizer``      -- the built-in char tokenizer (session-scoped, ~100 ids).
+* ``tiny_model``     -- a fresh ``tiny`` preset model (2 layers, d 64), fp32, eval
+  mode, seed 0; function-scoped, so a test may modify it freely.
+* ``make_tiny_model``-- factory ``make_tiny_model(seed=0, block_size=4, **model_fields)``.
+* ``tiny_checkpoint``-- a saved checkpoint directory of ``tiny_model`` (weights +
+  tokenizer), in a per-test tmp dir.
+* ``ckpt_dir``       -- an empty-path (not yet created) checkpoint directory in tmp.
+* ``SHARED`` / ``SDAR_DIR`` -- the shared data folder and the real SDAR-8B-Chat
+  config/tokenizer folder (tests needing it skip when absent).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dirl.model.checkpoint import save_pretrained
+from dirl.model.factory import InitConfig, init_model
+from dirl.model.tokenizer import char_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SDAR_DIR = SHARED / "sdar-8b-chat"
+
+# One intra-op thread: tests use tiny tensors, and on a loaded 2-core machine OpenMP's
+# barrier makes a 64-wide matmul take milliseconds with 2 threads vs microseconds with 1.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The built-in character tokenizer."""
+    return char_tokenizer()
+
+
+@pytest.fixture
+def make_tiny_model(tokenizer):
+    """Factory for tiny fp32 models: ``make_tiny_model(seed=0, block_size=4, **model_fields)``."""
+
+    def make(seed: int = 0, block_size: int = 4, **model_fields):
+        cfg = InitConfig(preset="tiny", seed=seed, block_size=block_size, dtype="float32", model=model_fields)
+        return init_model(cfg, tokenizer).eval()
+
+    return make
+
+
+@pytest.fixture
+def tiny_model(make_tiny_model):
+    """A tiny (2 layers, d 64) fp32 model in eval mode, block size 4, seed 0."""
+    return make_tiny_model()
+
+
+@pytest.fixture
+def ckpt_dir(tmp_path) -> Path:
+    """A checkpoint directory path inside the test's tmp dir (not created yet)."""
+    return tmp_path / "ckpt"
+
+
+@pytest.fixture
+def tiny_checkpoint(tiny_model, tokenizer, ckpt_dir) -> Path:
+    """``tiny_model`` saved with its tokenizer; returns the directory."""
+    return save_pretrained(tiny_model, tokenizer, ckpt_dir)
+
+
+@pytest.fixture
+def sdar_dir() -> Path:
+    """The real SDAR-8B-Chat config/tokenizer folder (skips the test when absent)."""
+    if not (SDAR_DIR / "config.json").exists():
+        pytest.skip(f"{SDAR_DIR} not available")
+    return SDAR_DIR

@@ -1,0 +1,273 @@
+"""Attention masks (DESIGN §4) against loop-built references, and the two attention paths.
+
+Every reference below is written from the English rules of DESIGN §4, token by
+token in plain Python loops -- never by calling ``dirl.model.masks.visible`` --
+and compared with ``dense_mask`` over the metadata the code builds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dirl.model.masks import TokenMeta, dense_mask, sft_meta
+from dirl.model.trace import Copy, pack_traces, trace_copies
+
+B = 4
+
+
+def _expected_dense(ref: torch.Tensor) -> torch.Tensor:
+    """``dense_mask`` lets a query that sees nothing (padding) see everything (SDPA NaN guard)."""
+    return (ref | ~ref.any(-1, keepdim=True))[:, None]
+
+
+# -- training [x_t ; x_0] -----------------------------------------------------------------------------
+
+
+def _sft_reference(pos: list[int], doc: list[int], block_size: int) -> torch.Tensor:
+    """(2L, 2L) mask for one row [x_t ; x_0] from the rules, by loops.
+
+    Noisy query: its own noisy block + clean blocks strictly before it.
+    Clean query: clean blocks up to and including its own; never noisy.
+    Only inside one document; padding (doc -1) sees / is seen by nothing.
+    """
+    length = len(pos)
+    tokens = [("noisy", pos[i], doc[i]) for i in range(length)] + [("clean", pos[i], doc[i]) for i in range(length)]
+    ref = torch.zeros(2 * length, 2 * length, dtype=torch.bool)
+    for qi, (q_kind, q_pos, q_doc) in enumerate(tokens):
+        for ki, (k_kind, k_pos, k_doc) in enumerate(tokens):
+            if q_doc < 0 or k_doc != q_doc:
+                continue
+            qb, kb = q_pos // block_size, k_pos // block_size
+            if q_kind == "noisy":
+                ok = (k_kind == "noisy" and kb == qb) or (k_kind == "clean" and kb < qb)
+            else:
+                ok = k_kind == "clean" and kb <= qb
+            ref[qi, ki] = ok
+    return ref
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 4])
+def test_sft_mask_single_document(block_size):
+    pos = list(range(10))
+    meta = sft_meta(torch.tensor([pos]), block_size)
+    ref = _sft_reference(pos, [0] * 10, block_size)
+    assert torch.equal(dense_mask(meta, meta)[0, 0], ref)
+
+
+def test_sft_mask_packed_documents_and_padding():
+    # Row 0: docs of length 6, 5 and 3 tokens of padding; row 1: one doc of 9 and 5 padding.
+    pos0 = list(range(6)) + list(range(5)) + [0, 0, 0]
+    doc0 = [0] * 6 + [1] * 5 + [-1] * 3
+    pos1 = list(range(9)) + [0] * 5
+    doc1 = [0] * 9 + [-1] * 5
+    meta = sft_meta(torch.tensor([pos0, pos1]), B, torch.tensor([doc0, doc1]))
+    got = dense_mask(meta, meta)
+    for r, (pos, doc) in enumerate([(pos0, doc0), (pos1, doc1)]):
+        ref = _sft_reference(pos, doc, B)
+        assert torch.equal(got[r, 0], _expected_dense(ref[None])[0, 0]), f"row {r}"
+        # Real tokens always see at least themselves; padding sees nothing (then all, by the guard).
+        assert all(ref[i].any() == (doc[i % len(doc)] >= 0) for i in range(2 * len(doc)))
+
+
+def test_sft_mask_same_block_index_in_two_documents_is_separate():
+    # Two packed docs whose blocks have the same index must not see each other's noisy copy.
+    pos = [0, 1, 2, 3, 0, 1, 2, 3]
+    doc = [0, 0, 0, 0, 1, 1, 1, 1]
+    meta = sft_meta(torch.tensor([pos]), B, torch.tensor([doc]))
+    mask = dense_mask(meta, meta)[0, 0]
+    assert not mask[:4, 4:8].any() and not mask[4:8, :4].any()
+    assert torch.equal(mask, _sft_reference(pos, doc, B))
+
+
+# -- decoding: KV cache + the current block ------------------------------------------------------------
+
+
+def _decode_reference(cache_len: int, cache_valid: int, prev_valid: bool | None, block: int,
+                      block_size: int) -> torch.Tensor:
+    """Queries = [prev clean block (optional)] + current block; keys = cache slots + queries.
+
+    The cached prefix is clean and block-causal; the current block sees every valid
+    cached slot, the just-finished previous block (when it rides along) and itself
+    bidirectionally. The previous block (clean) sees the cache and itself, not the
+    noisy block. Invalid cache slots (beyond this row's length) are seen by nobody.
+    """
+    queries = []
+    if prev_valid is not None:
+        queries += [("clean", (block - 1) * block_size + j, prev_valid) for j in range(block_size)]
+    queries += [("noisy", block * block_size + j, True) for j in range(block_size)]
+    keys = [("clean", s, s < cache_valid) for s in range(cache_len)] + queries
+    ref = torch.zeros(len(queries), len(keys), dtype=torch.bool)
+    for qi, (q_kind, q_pos, q_ok) in enumerate(queries):
+        for ki, (k_kind, k_pos, k_ok) in enumerate(keys):
+            if not (q_ok and k_ok):
+                continue
+            qb, kb = q_pos // block_size, k_pos // block_size
+            if q_kind == "noisy":
+                ref[qi, ki] = (k_kind == "noisy" and kb == qb) or (k_kind == "clean" and kb < qb)
+            else:
+                ref[qi, ki] = k_kind == "clean" and kb <= qb
+    return ref
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_decode_mask_matches_reference(fused):
+    # Two rows sharing a cache of 12 slots: row 0 uses all 12 (block 3 next), row 1 only 4.
+    # With ``fused`` the just-finished block rides along as clean tokens in front (row 1 has none).
+    cache_len, lengths, blocks = 12, [12, 4], [3, 1]
+    if fused:
+        lengths, blocks = [8, 4], [3, 1]
+    cache_pos = torch.arange(cache_len).expand(2, cache_len)
+    cache_meta = TokenMeta.clean(cache_pos, B, valid=cache_pos < torch.tensor(lengths)[:, None])
+    block_pos = torch.tensor(blocks)[:, None] * B + torch.arange(B)
+    q_meta = TokenMeta.noisy_copy(block_pos, B, torch.zeros_like(block_pos))
+    prev_valid = [True, False]
+    if fused:
+        prev_pos = block_pos - B
+        valid = torch.tensor(prev_valid)[:, None].expand(2, B)
+        q_meta = TokenMeta.clean(prev_pos, B, valid).cat(q_meta)
+    got = dense_mask(q_meta, cache_meta.cat(q_meta))
+    for r in range(2):
+        ref = _decode_reference(cache_len, lengths[r], prev_valid[r] if fused else None, blocks[r], B)
+        assert torch.equal(got[r, 0], _expected_dense(ref[None])[0, 0]), f"row {r}"
+        assert ref[-B:, -B:].all()  # the current block is bidirectional
+
+
+# -- DiPO trace packing -------------------------------------------------------------------------------
+
+
+def _trace_reference(num_clean: int, copy_blocks: list[int], width: int, block_size: int) -> torch.Tensor:
+    """(W, W) mask of one packed row: clean tokens 0..n-1, then B tokens per copy, then padding.
+
+    Clean tokens are block-causal; a copy of block b sees the clean blocks < b and
+    itself (bidirectionally); nothing sees a copy but itself; padding sees nothing.
+    """
+    tokens = [("clean", p // block_size, -1) for p in range(num_clean)]
+    for c, b in enumerate(copy_blocks):
+        tokens += [("copy", b, c)] * block_size
+    tokens += [("pad", -1, -1)] * (width - len(tokens))
+    ref = torch.zeros(width, width, dtype=torch.bool)
+    for qi, (q_kind, qb, qc) in enumerate(tokens):
+        for ki, (k_kind, kb, kc) in enumerate(tokens):
+            if q_kind == "clean":
+                ref[qi, ki] = k_kind == "clean" and kb <= qb
+            elif q_kind == "copy":
+                ref[qi, ki] = (k_kind == "clean" and kb < qb) or (k_kind == "copy" and kc == qc)
+    return ref
+
+
+def _example_traces():
+    """Two sequences: prompt 6 (not a multiple of B) and prompt 8 (a multiple)."""
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16, 17, 18]]
+    tokens = [[20, 21, 22, 23, 24, 25, 26, 27, 28, 29], [30, 31, 32, 33]]
+    steps = [[0, 1, 1, 3, 2, 4, 4, 4, 6, 5], [1, 0, 2, 1]]
+    return prompts, tokens, steps
+
+
+def test_trace_copies_one_per_step_and_block():
+    prompts, tokens, steps = _example_traces()
+    copies = trace_copies(len(prompts[0]), steps[0], B)
+    # Blocks: 1 holds gen 0-1 (steps 0, 1); 2 holds gen 2-5 (steps 1, 3, 2, 4); 3 holds gen 6-9 (4, 4, 6, 5).
+    assert copies == [Copy(1, 0, 1), Copy(1, 1, 2), Copy(2, 1, 2), Copy(2, 2, 3), Copy(2, 3, 4),
+                      Copy(2, 4, 5), Copy(3, 4, 5), Copy(3, 5, 6), Copy(3, 6, 7)]
+    merged = trace_copies(len(prompts[0]), steps[0], B, merge=2)
+    assert merged == [Copy(1, 0, 2), Copy(2, 1, 3), Copy(2, 3, 5), Copy(3, 4, 6), Copy(3, 6, 7)]
+
+
+def test_trace_pack_mask_and_contents_match_reference(tokenizer):
+    prompts, tokens, steps = _example_traces()
+    copies = [trace_copies(len(p), s, B) for p, s in zip(prompts, steps)]
+    mask_id, pad_id = tokenizer.mask_token_id, tokenizer.pad_token_id
+    pack = pack_traces(prompts, tokens, steps, copies, B, mask_id, pad_id)
+    width = pack.input_ids.shape[1]
+    got = dense_mask(pack.meta, pack.meta)
+    scored = set()
+    for r in range(2):
+        n = len(prompts[r]) + len(tokens[r])
+        ref = _trace_reference(n, [c.block for c in copies[r]], width, B)
+        assert torch.equal(got[r, 0], _expected_dense(ref[None])[0, 0]), f"row {r}"
+        clean = prompts[r] + tokens[r]
+        assert pack.input_ids[r, :n].tolist() == clean
+        for c, cp in enumerate(copies[r]):
+            at = n + c * B
+            for j in range(B):
+                p, i = cp.block * B + j, cp.block * B + j - len(prompts[r])
+                want = mask_id if (i >= 0 and steps[r][i] >= cp.lo) else clean[p]
+                assert pack.input_ids[r, at + j] == want
+                assert pack.position_ids[r, at + j] == p  # copies reuse block b's positions
+                if i >= 0 and cp.lo <= steps[r][i] < cp.hi:
+                    scored.add((r, i, r * width + at + j, clean[p]))
+        assert (pack.input_ids[r, n + len(copies[r]) * B:] == pad_id).all()
+    # Every generated token is scored exactly once, at its copy, with its own id as the target.
+    got_scores = set(zip(pack.seq_index.tolist(), pack.token_index.tolist(), pack.score_index.tolist(),
+                         pack.target_ids.tolist()))
+    assert got_scores == scored
+    assert len(scored) == sum(len(t) for t in tokens) == len(pack.target_ids)
+
+
+# -- trace logits = direct forward of the block state ------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt_len", [7, 8])
+def test_trace_logits_equal_direct_block_forward(tiny_model, tokenizer, prompt_len):
+    """Each copy's logits in the packed forward = a forward of [clean prefix ; that block state]."""
+    gen = torch.Generator().manual_seed(prompt_len)
+    num_gen = -(-(prompt_len + 12) // B) * B - prompt_len  # rollouts hold whole blocks
+    prompt = torch.randint(4, 90, (prompt_len,), generator=gen).tolist()
+    tokens = torch.randint(4, 90, (num_gen,), generator=gen).tolist()
+    steps = _random_steps(prompt_len, num_gen, gen)
+    copies = trace_copies(prompt_len, steps, B)
+    mask_id = tokenizer.mask_token_id
+    # A second, longer sequence in the same pack gives the first row padding at its end.
+    other_steps = _random_steps(3, 21, gen)
+    other_tokens = torch.randint(4, 90, (21,), generator=gen).tolist()
+    pack = pack_traces([prompt, prompt[:3]], [tokens, other_tokens], [steps, other_steps],
+                       [copies, trace_copies(3, other_steps, B)], B, mask_id, tokenizer.pad_token_id)
+    assert (pack.meta.doc[0] < 0).any()
+    with torch.no_grad():
+        packed_logits = tiny_model(pack.input_ids, pack.position_ids, pack.meta).logits[0]  # (T, V)
+        n = prompt_len + num_gen
+        clean = prompt + tokens
+        for c, cp in enumerate(copies):
+            start = cp.block * B
+            state = pack.input_ids[0, n + c * B: n + (c + 1) * B]
+            ids = torch.tensor(clean[:start] + state.tolist())[None]
+            pos = torch.arange(start + B)[None]
+            meta = TokenMeta.clean(pos[:, :start], B).cat(
+                TokenMeta.noisy_copy(pos[:, start:], B, torch.zeros_like(pos[:, start:])))
+            direct = tiny_model(ids, pos, meta).logits[0, start:]
+            torch.testing.assert_close(packed_logits[n + c * B: n + (c + 1) * B], direct, atol=1e-5, rtol=0)
+
+
+def _random_steps(prompt_len: int, num_gen: int, gen: torch.Generator) -> list[int]:
+    """A plausible step trace: per block, a random order, sometimes two tokens per step."""
+    steps, counter, i = [], 0, 0
+    while i < num_gen:
+        block_end = ((prompt_len + i) // B + 1) * B - prompt_len
+        width = min(block_end, num_gen) - i
+        order = torch.randperm(width, generator=gen).tolist()
+        block_steps = [0] * width
+        for rank, j in enumerate(order):
+            block_steps[j] = counter
+            if rank % 2 == 1 or rank == width - 1:  # commit pairs together now and then
+                counter += 1
+        steps += block_steps
+        i += width
+    return steps
+
+
+# -- SDPA and FlexAttention agree ---------------------------------------------------------------------
+
+
+def test_sdpa_and_flex_agree_on_trace_pack_with_padding(tiny_model, tokenizer):
+    """The two attention paths give the same logits (forward only: flex backward is GPU-only)."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    prompts, tokens, steps = _example_traces()
+    copies = [trace_copies(len(p), s, B) for p, s in zip(prompts, steps)]
+    pack = pack_traces(prompts, tokens, steps, copies, B, tokenizer.mask_token_id, tokenizer.pad_token_id)
+    real = pack.meta.doc >= 0  # (R, T): padding rows differ by convention (flex: zeros, sdpa: see-all)
+    assert (~real).any(), "the example must contain padding"
+    with torch.no_grad():
+        sdpa = tiny_model(pack.input_ids, pack.position_ids, pack.meta, attn_impl="sdpa").logits
+        flex = tiny_model(pack.input_ids, pack.position_ids, pack.meta, attn_impl="flex").logits
+    torch.testing.assert_close(flex[real], sdpa[real], atol=1e-5, rtol=0)
