@@ -86,11 +86,15 @@ def test_atomic_checkpoint_survives_crash_mid_write(tmp_path, trainer, tokenizer
     monkeypatch.undo()
 
     assert not state_lib.checkpoint_dir(tmp_path, 2).exists()
+    leftovers = [p for p in (tmp_path / "checkpoints").iterdir() if ".tmp-" in p.name]
+    assert leftovers  # the crashed writes left only temporary directories behind
     assert state_lib.resolve_resume(tmp_path) == good
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-000001"
     model = init_model(InitConfig(preset="tiny", seed=9), tokenizer)
     state_lib.load_checkpoint(tmp_path, model)
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    _save(tmp_path, 3, trainer, tokenizer)  # the next good save clears the leftovers
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if ".tmp-" in p.name]
 
 
 def test_resolve_resume_picks_newest(tmp_path, trainer, tokenizer):

@@ -34,7 +34,7 @@ def add_arguments(parser) -> None:
 
 
 def resolve_config(args):
-    from dirl.serve.app import ServeConfig
+    from dirl.serve import ServeConfig
 
     cfg = config_lib.load(ServeConfig, args.config, args.overrides)
     flags = {field: getattr(args, attr) for attr, field in FLAGS.items() if getattr(args, attr, None) is not None}
@@ -69,10 +69,14 @@ def run(args) -> int:
 
     import uvicorn
 
-    from dirl.model.checkpoint import load_pretrained
+    from dirl.model.checkpoint import CheckpointError, load_pretrained
     from dirl.serve.app import create_app
 
-    model, tokenizer = load_pretrained(cfg.model, dtype=cfg.dtype or None, device=cfg.device)
+    try:
+        model, tokenizer = load_pretrained(cfg.model, dtype=cfg.dtype or None, device=cfg.device)
+    except (CheckpointError, OSError) as err:
+        print(f"dirl serve: cannot load {cfg.model}: {err}", file=sys.stderr)
+        return 2
     app = create_app(model.eval(), tokenizer, cfg, api_key or None)
     state = app.state.dirl
     print(f"dirl serve: {state.name} on http://{cfg.host}:{cfg.port} "

@@ -32,7 +32,7 @@ def config_class(kind: str):
 def guess_kind(path: str | None) -> str:
     stem = Path(path).stem if path else ""
     for kind in CONFIG_KINDS:
-        if stem.endswith(f"-{kind}") or stem == kind:
+        if stem.endswith(f"-{kind}") or stem.startswith(f"{kind}-") or stem == kind:
             return kind
     return "init"
 

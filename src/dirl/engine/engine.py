@@ -205,22 +205,37 @@ class Engine:
     def _forward_cached(self, batch: _Batch, cache: KVCache) -> torch.Tensor:
         ids, pos, meta = self._current_block(batch)
         num_rows, size = ids.shape
-        has_pending = bool(batch.pending.any())
-        if has_pending:  # fuse the commit of the previous block into this forward
+        pending = batch.pending.nonzero().squeeze(-1)
+        # Fuse the commit of the previous block into this forward only when every row has one:
+        # fusing doubles the width of *all* rows, so with rows out of step (prompts of different
+        # lengths) a separate commit forward over just the pending rows does far less work.
+        fuse = len(pending) == num_rows
+        if len(pending) and not fuse:
+            self._commit_pending(batch, cache, pending)
+        if fuse:
             prev_pos = pos - size
-            valid = batch.pending[:, None].expand(num_rows, size)
             ids = torch.cat([batch.prev_tokens, ids], dim=1)
             pos = torch.cat([prev_pos, pos], dim=1)
-            meta = TokenMeta.clean(prev_pos, size, valid).cat(meta)
+            meta = TokenMeta.clean(prev_pos, size).cat(meta)
         width = ids.shape[1]
         index = (torch.arange(num_rows, device=self.device)[:, None] * width
                  + torch.arange(width - size, width, device=self.device)).reshape(-1)
         out = self.model(ids, pos, meta, past_kv=cache.past(), past_meta=cache.meta(), logits_index=index)
-        if has_pending:
-            rows = batch.pending.nonzero().squeeze(-1)
-            cache.write(out.new_kv, rows, slice(0, size), (batch.block_idx[rows] - 1) * size)
+        if fuse:
+            cache.write(out.new_kv, pending, slice(0, size), (batch.block_idx - 1) * size)
             batch.pending.zero_()
         return out.logits.view(num_rows, size, -1)
+
+    def _commit_pending(self, batch: _Batch, cache: KVCache, rows: torch.Tensor) -> None:
+        """Write the clean K/V of the just-finished blocks of ``rows`` (a forward over those rows only)."""
+        size = self.block_size
+        start = (batch.block_idx.index_select(0, rows) - 1) * size  # (N,)
+        pos = start[:, None] + torch.arange(size, device=self.device)  # (N, B)
+        out = self.model(batch.prev_tokens.index_select(0, rows), pos, TokenMeta.clean(pos, size),
+                         past_kv=cache.past(rows), past_meta=cache.meta(rows),
+                         logits_index=torch.empty(0, dtype=torch.long, device=self.device))
+        cache.write(out.new_kv, rows, slice(0, size), start, src_rows=torch.arange(len(rows), device=self.device))
+        batch.pending.index_fill_(0, rows, False)
 
     def _forward_reference(self, batch: _Batch) -> torch.Tensor:
         """Recompute everything: clean prefix of finished blocks + the current block."""

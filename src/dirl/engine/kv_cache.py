@@ -32,30 +32,37 @@ class KVCache:
     def used(self) -> int:
         return int(self.length.max()) if self.length.numel() else 0
 
-    def past(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (R, Hkv, S, D) views over the slots in use."""
+    def past(self, rows: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (R, Hkv, S, D) views over the slots in use (copies of ``rows`` only, if given)."""
         used = self.used()
-        return [(k[:, :, :used], v[:, :, :used]) for k, v in zip(self.keys, self.values)]
+        if rows is None:
+            return [(k[:, :, :used], v[:, :, :used]) for k, v in zip(self.keys, self.values)]
+        return [(k[:, :, :used].index_select(0, rows), v[:, :, :used].index_select(0, rows))
+                for k, v in zip(self.keys, self.values)]
 
-    def meta(self) -> TokenMeta:
+    def meta(self, rows: torch.Tensor | None = None) -> TokenMeta:
         """Mask metadata of the cached slots (clean, block-causal; unused slots are padding)."""
         used = self.used()
-        pos = torch.arange(used, device=self.length.device).expand(len(self.length), used)  # (R, S)
-        return TokenMeta.clean(pos, self.block_size, valid=pos < self.length[:, None])
+        length = self.length if rows is None else self.length.index_select(0, rows)
+        pos = torch.arange(used, device=length.device).expand(len(length), used)  # (R, S)
+        return TokenMeta.clean(pos, self.block_size, valid=pos < length[:, None])
 
     def write(self, new_kv: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor,
-              token_slice: slice, start: torch.Tensor) -> None:
+              token_slice: slice, start: torch.Tensor, src_rows: torch.Tensor | None = None) -> None:
         """Store K/V of ``token_slice`` of the forward's tokens for ``rows`` at slots ``start[i] + j``.
 
-        new_kv: per layer (R, Hkv, T, D); rows, start: (N,) long. Lengths grow to the written end.
+        new_kv: per layer (R', Hkv, T, D); rows, start: (N,) long; ``src_rows`` (N,) are
+        the matching rows of ``new_kv`` (default: ``rows``, when the forward covered the
+        whole cache). Lengths grow to the written end.
         """
         if rows.numel() == 0:
             return
+        src_rows = rows if src_rows is None else src_rows
         width = token_slice.stop - token_slice.start
         slots = start[:, None] + torch.arange(width, device=start.device)  # (N, W)
         for (k_new, v_new), k_cache, v_cache in zip(new_kv, self.keys, self.values):
-            k_rows = k_new[rows, :, token_slice].transpose(1, 2)  # (N, W, Hkv, D)
-            v_rows = v_new[rows, :, token_slice].transpose(1, 2)
+            k_rows = k_new[src_rows, :, token_slice].transpose(1, 2)  # (N, W, Hkv, D)
+            v_rows = v_new[src_rows, :, token_slice].transpose(1, 2)
             # Advanced indexing on dims 0 and 2 puts them first: target shape (N, W, Hkv, D).
             k_cache[rows[:, None], :, slots] = k_rows
             v_cache[rows[:, None], :, slots] = v_rows

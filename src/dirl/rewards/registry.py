@@ -22,6 +22,8 @@ Time limits (``call_with_time_limit``) work from any thread:
 
 from __future__ import annotations
 
+import importlib
+
 import ctypes
 import logging
 import math
@@ -89,7 +91,17 @@ def register(name: str, *, replace: bool = False) -> Callable[[RewardFn], Reward
 
 
 def get_reward(name: str) -> RewardFn:
-    """The reward function registered as ``name`` (``ValueError`` listing names if unknown)."""
+    """The reward function registered as ``name`` (``ValueError`` listing names if unknown).
+
+    ``"package.module:function"`` imports a user's own reward function (same
+    signature), so custom rewards need no change to dirl.
+    """
+    if ":" in name and name not in _REGISTRY:
+        module, _, attr = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"cannot import reward {name!r}: {err}") from err
     try:
         return _REGISTRY[name]
     except KeyError:

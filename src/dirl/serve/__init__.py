@@ -1,22 +1,44 @@
 """``dirl serve``: an OpenAI-compatible HTTP server with authenticated live weight updates.
 
-* :mod:`dirl.serve.app` -- the FastAPI app (routes, errors, streaming) and :class:`ServeConfig`;
+* :mod:`dirl.serve.app` -- the FastAPI app (routes, errors, streaming);
 * :mod:`dirl.serve.schemas` -- request fields (OpenAI + dLLM + RL extensions);
 * :mod:`dirl.serve.batcher` -- one worker thread owns the engine and batches requests;
 * :mod:`dirl.serve.weights` -- validating and swapping in pushed state dicts.
 
+:class:`ServeConfig` lives here, free of heavy imports, so ``dirl serve`` can
+check its arguments (and refuse to start without a key) before loading torch.
 The trainer side of the protocol is :class:`dirl.backends.http.HttpBackend`.
 """
 
 from __future__ import annotations
 
-__all__ = ["ServeConfig", "create_app"]
+from dataclasses import dataclass
 
 
-def __getattr__(name: str):
-    # Lazy: importing the package must not pull in FastAPI for users of the schemas only.
-    if name in __all__:
-        from dirl.serve import app
+@dataclass
+class ServeConfig:
+    """Everything ``dirl serve`` reads (YAML / ``key=value`` overrides; the CLI flags set some)."""
 
-        return getattr(app, name)
-    raise AttributeError(name)
+    model: str = ""                    # checkpoint directory
+    host: str = "127.0.0.1"            # loopback by default: nothing else can reach the server
+    port: int = 8000
+    served_model_name: str = ""        # default: the directory's name
+    dtype: str = ""                    # "" = the checkpoint's; float32 | bfloat16 | float16
+    device: str = "cpu"
+    api_key: str = ""                  # prefer api_key_env: keys in YAML files end up in git
+    api_key_env: str = "DIRL_API_KEY"  # environment variable holding the /update_weights key
+    allow_updates: bool = True         # False (--no-updates): /update_weights answers 403, no key needed
+    auth_completions: bool = False     # also require the key on /v1/* (not just on updates)
+    max_batch: int = 256               # rows (prompts x n) per engine call
+    max_n: int = 64
+    max_prompts: int = 64              # prompts per /v1/completions request
+    max_tokens_limit: int = 4096
+    default_max_tokens: int = 64
+    max_update_mb: float = 0.0         # 0 = twice the model's state-dict size + 1 MiB
+    batch_wait_ms: float = 2.0         # collection window before an engine call
+    max_queue: int = 4096
+    use_cache: bool = True
+    log_level: str = "warning"
+
+
+__all__ = ["ServeConfig"]

@@ -24,7 +24,6 @@ import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,35 +32,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dirl.engine.engine import Rollout, SamplingParams
+from dirl.serve import ServeConfig  # noqa: F401  (re-exported: the app's config)
 from dirl.serve.batcher import Batcher, QueueFullError
 from dirl.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, error_body, usage
 from dirl.serve.weights import WeightUpdateError, live_tensors, prepare_update, state_dict_nbytes
 
 MAX_SEED = 2**63 - 1
-
-
-@dataclass
-class ServeConfig:
-    model: str = ""                    # checkpoint directory
-    host: str = "127.0.0.1"            # loopback by default: nothing else can reach the server
-    port: int = 8000
-    served_model_name: str = ""        # default: the directory's name
-    dtype: str = ""                    # "" = the checkpoint's; float32 | bfloat16 | float16
-    device: str = "cpu"
-    api_key: str = ""                  # prefer api_key_env: keys in YAML files end up in git
-    api_key_env: str = "DIRL_API_KEY"  # environment variable holding the /update_weights key
-    allow_updates: bool = True         # False (--no-updates): /update_weights answers 403, no key needed
-    auth_completions: bool = False     # also require the key on /v1/* (not just on updates)
-    max_batch: int = 256               # rows (prompts x n) per engine call
-    max_n: int = 64
-    max_prompts: int = 64              # prompts per /v1/completions request
-    max_tokens_limit: int = 4096
-    default_max_tokens: int = 64
-    max_update_mb: float = 0.0         # 0 = twice the model's state-dict size + 1 MiB
-    batch_wait_ms: float = 2.0         # collection window before an engine call
-    max_queue: int = 4096
-    use_cache: bool = True
-    log_level: str = "warning"
 
 
 class ApiError(Exception):

@@ -122,7 +122,8 @@ def train_step(ctx: "_Run") -> dict:
     """``grad_accum`` micro-batches, then one guarded optimizer step."""
     cfg = ctx.cfg
     lr = ctx.scheduler.get_last_lr()[0]
-    total_loss, num_tokens = 0.0, 0
+    total_loss, num_tokens, num_positions = 0.0, 0, 0
+    num_streams = 3 if cfg.complementary_masks else 2  # [x_t^1 ; (x_t^2 ;) x_0]
     for _ in range(cfg.optim.grad_accum):
         batch = ctx.loader.next_batch()
         noise = draw_noise(batch.response_mask, batch.sample_ids, ctx.noise_gen, cfg.noise_eps,
@@ -132,8 +133,10 @@ def train_step(ctx: "_Run") -> dict:
         (loss / cfg.optim.grad_accum).backward()
         total_loss += float(loss.detach()) / cfg.optim.grad_accum
         num_tokens += batch.num_tokens
+        num_positions += batch.input_ids.numel() * num_streams
     grad_norm, skipped = clip_and_step(ctx.model, ctx.optimizer, ctx.scheduler, cfg.optim)
-    return {"loss": total_loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "num_tokens": num_tokens}
+    return {"loss": total_loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "num_tokens": num_tokens,
+            "num_positions": num_positions}
 
 
 # ---------------------------------------------------------------- 4. eval

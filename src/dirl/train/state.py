@@ -108,7 +108,8 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int, protect: Path | None 
     doomed = [p for p in doomed if protect is None or p.resolve() != Path(protect).resolve()]
     # Half-written directories of earlier crashed saves (one writer per run: rank 0).
     root = Path(run_dir) / CHECKPOINTS
-    stale = [p for p in root.glob(".step-*.tmp-*") if p.is_dir()] if root.is_dir() else []
+    stale = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(".") and ".tmp-" in p.name] \
+        if root.is_dir() else []
     for path in doomed + stale:
         shutil.rmtree(path, ignore_errors=True)
     return doomed

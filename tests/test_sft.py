@@ -1,0 +1,151 @@
+"""``dirl sft`` end to end on the tiny model: learning, exact resume, CLI, bad data, NaN guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dirl import config as config_lib
+from dirl.cli import main as cli_main
+from dirl.data import DataError
+from dirl.model.checkpoint import load_pretrained
+from dirl.model.factory import InitConfig, init_model
+from dirl.model.tokenizer import char_tokenizer
+from dirl.train import sft as sft_lib
+from dirl.train.sft import SFTConfig, build_run, train_sft
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = ["model=init:tiny", "data.source=task:arithmetic", "data.max_length=64", "batch_size=8",
+        "optim.lr=1e-3", "optim.warmup_steps=2", "progress=false", "save_every=0", "log_every=1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two cores shared with other tests: one intra-op thread is faster and steadier."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cfg(out: Path, *overrides: str) -> SFTConfig:
+    return config_lib.load(SFTConfig, None, [*BASE, f"out={out}", *overrides])
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_pretrained(directory, with_tokenizer=False)[0].state_dict()
+
+
+def test_loss_falls_on_arithmetic(tmp_path):
+    run_dir = train_sft(_cfg(tmp_path, "max_steps=120", "batch_size=16", "data.limit=1000",
+                             "complementary_masks=true", "optim.warmup_steps=10"))
+    losses = _losses(run_dir)
+    assert len(losses) == 120
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.6 * first, (first, last)
+    assert (run_dir / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_longer_training_learns_the_answer_format(tmp_path):
+    run_dir = train_sft(_cfg(tmp_path, "max_steps=1500", "batch_size=32", "data.limit=4000",
+                             "complementary_masks=true", "optim.warmup_steps=50", "log_every=50",
+                             "eval_every=1500", "eval_num=64", "model=init:small"))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-2]["loss"] < 0.8
+    assert rows[-1]["eval_accuracy"] > 0.05
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_resume_is_exact(tmp_path, pack):
+    common = ["max_steps=8", "data.limit=64", "complementary_masks=true", f"pack={str(pack).lower()}"]
+    straight = train_sft(_cfg(tmp_path / "straight", *common))
+    halves = _cfg(tmp_path / "halves", *common)
+    halves.stop_at_step = 4
+    train_sft(halves)
+    assert not (tmp_path / "halves" / "final").exists()
+    halves.stop_at_step = 0
+    resumed = train_sft(halves, resume=tmp_path / "halves")
+    assert _losses(straight) == _losses(resumed)
+    assert len(_losses(resumed)) == 8
+    a, b = _weights(straight / "final"), _weights(resumed / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_smoke_every_parameter_changes(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "dirl.cli", "sft", "--config", str(REPO / "configs" / "tiny-sft.yaml"),
+         f"out={out}", "max_steps=3", "log_every=1", "data.limit=64", "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("step ") == 3
+    initial = init_model(InitConfig(preset="tiny", seed=0), char_tokenizer()).state_dict()
+    trained = _weights(out / "final")
+    unchanged = [name for name, value in trained.items() if torch.equal(value, initial[name])]
+    assert not unchanged
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000003"
+
+
+def test_malformed_jsonl_exits_2_naming_file_line_and_field(tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"question": "1+1=", "answer": "2"}) + "\n"
+                    + json.dumps({"question": "2+2="}) + "\n")
+    code = cli_main(["sft", *BASE, f"data.source={data}", f"out={tmp_path / 'run'}", "max_steps=2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{data}:2" in err and "'answer'" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before any training
+
+
+def test_too_long_example_is_named(tmp_path):
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"id": "ok", "question": "1+1=", "answer": "2"}) + "\n"
+                    + json.dumps({"id": "huge", "question": "1+1=", "answer": "9" * 200}) + "\n")
+    with pytest.raises(DataError, match=r"row 1 \(id huge\).*max_length=64"):
+        build_run(_cfg(tmp_path, f"data.source={data}"))
+
+
+def test_nan_guard_skips_step_and_keeps_weights(tmp_path, monkeypatch):
+    reference = _cfg(tmp_path / "ref", "max_steps=3", "data.limit=32", "stop_at_step=1")
+    train_sft(reference)
+    real_loss = sft_lib.compute_loss
+    calls = []
+
+    def nan_on_second_step(*args, **kwargs):
+        loss, stats = real_loss(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan"), stats) if len(calls) == 2 else (loss, stats)
+
+    monkeypatch.setattr(sft_lib, "compute_loss", nan_on_second_step)
+    guarded = _cfg(tmp_path / "nan", "max_steps=3", "data.limit=32", "stop_at_step=2")
+    run_dir = train_sft(guarded)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in rows] == [0, 1]
+    # weights after the NaN step are exactly those after step 1
+    after_nan = _weights(run_dir / "checkpoints" / "step-000002")
+    after_one = _weights(tmp_path / "ref" / "checkpoints" / "step-000001")
+    assert all(torch.equal(after_nan[k], after_one[k]) for k in after_one)
+    state = torch.load(run_dir / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=True)
+    assert state["extra"]["skipped_steps"] == 1
+
+
+def test_packed_batches_hold_several_examples(tmp_path):
+    run = build_run(_cfg(tmp_path, "pack=true", "batch_size=2", "data.limit=64", "data.max_length=160"))
+    batch = run.loader.next_batch()
+    assert batch.input_ids.shape == (2, 160)
+    assert batch.num_examples > 2 and int(batch.doc_ids.max()) >= 1
+    assert torch.equal(batch.position_ids[batch.doc_ids == 1][:1], torch.tensor([0]))
