@@ -64,10 +64,10 @@ def run_engine_benchmark(args) -> dict[str, float | bool | int | str]:
     """Measure everything; returns the numbers printed by :func:`main`."""
     model = load_model(args)
     cfg = model.config
-    low = 4 if cfg.vocab_size > 4 else 0  # skip the char tokenizer's special ids in random prompts
-    prompts = make_prompts(args.batch, args.min_prompt, args.max_prompt, (low, cfg.vocab_size), args.seed)
+    first = 4 if cfg.vocab_size > 4 else 0  # skip the char tokenizer's special ids in random prompts
+    prompts = make_prompts(args.batch, args.min_prompt, args.max_prompt, (first, cfg.vocab_size), args.seed)
     speed = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, unmasking="static",
-                           steps_per_block=args.steps_per_block or cfg.block_size, seed=args.seed)
+                           steps_per_block=args.steps_per_block or max(1, cfg.block_size // 2), seed=args.seed)
     cached, nocache = Engine(model, use_cache=True), Engine(model, use_cache=False)
     warm = SamplingParams(max_new_tokens=2 * cfg.block_size, temperature=0.0)
     cached.generate(prompts[:2], warm), nocache.generate(prompts[:2], warm)
@@ -86,14 +86,13 @@ def run_engine_benchmark(args) -> dict[str, float | bool | int | str]:
         "nocache_tokens_per_s": round(num_tokens / t_nocache, 1),
         "engine_speedup_vs_nocache": round(t_nocache / t_cached, 2),
     }
-    for name, threshold in (("dynamic", 0.9), (f"dynamic_tau{args.low_threshold:g}", args.low_threshold)):
+    # A random model's confidences are ~1/V: the low threshold sits just above that.
+    low = args.low_threshold or (round(1.5 / cfg.vocab_size, 4) if not args.model else 0.5)
+    for name, threshold in (("dynamic", 0.9), (f"dynamic_tau{low:g}", low)):
         params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, unmasking="dynamic",
                                 threshold=threshold, seed=args.seed)
         out[f"tokens_per_forward_{name}"] = round(tokens_per_forward(cached.generate(prompts, params)), 3)
-    static = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, unmasking="static",
-                            steps_per_block=cfg.block_size // 2 or 1, seed=args.seed)
-    out["static_steps_per_block"] = static.steps_per_block
-    out["tokens_per_forward_static"] = round(tokens_per_forward(cached.generate(prompts, static)), 3)
+    out["tokens_per_forward_static"] = round(tokens_per_forward(fast), 3)  # the speed run above
     return out
 
 
@@ -106,11 +105,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--block-size", type=int, default=4)
     parser.add_argument("--steps-per-block", type=int, default=0,
-                        help="static steps per block in the speed comparison (default: B, one token per forward)")
+                        help="static steps per block in the speed comparison (default: B/2, two tokens per forward)")
     parser.add_argument("--min-prompt", type=int, default=16)
     parser.add_argument("--max-prompt", type=int, default=48)
-    parser.add_argument("--low-threshold", type=float, default=0.02,
-                        help="the second dynamic threshold (a random model's confidences are ~1/V)")
+    parser.add_argument("--low-threshold", type=float, default=0.0,
+                        help="the second dynamic threshold (default: 1.5/V for a random model, 0.5 for --model)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -42,7 +42,9 @@ def free_port() -> int:
 def start_server(ckpt, *flags, env_key: str | None = KEY):
     """``dirl serve`` on a free loopback port; returns (process, base url)."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != KEY_ENV}
+    # One intra-op thread: a tiny model gains nothing from more, and on a busy 2-core box
+    # spinning OpenMP workers of two processes (server + tests) slow each other down badly.
+    env = {**{k: v for k, v in os.environ.items() if k != KEY_ENV}, "OMP_NUM_THREADS": "1"}
     if env_key is not None:
         env[KEY_ENV] = env_key
     cmd = [sys.executable, "-m", "dirl.cli", "serve", "--model", str(ckpt), "--port", str(port),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,12 +60,23 @@ def test_loss_falls_on_arithmetic(tmp_path):
 
 @pytest.mark.slow
 def test_longer_training_learns_the_answer_format(tmp_path):
-    run_dir = train_sft(_cfg(tmp_path, "max_steps=1500", "batch_size=32", "data.limit=4000",
-                             "complementary_masks=true", "optim.warmup_steps=50", "log_every=50",
-                             "eval_every=1500", "eval_num=64", "model=init:small"))
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-2]["loss"] < 0.8
-    assert rows[-1]["eval_accuracy"] > 0.05
+    """~3-5 min on 2 cores. The tiny model (2 layers, d 64) learns the worked format
+    ("a*b=c ... #### n") but not reliable arithmetic: greedy accuracy stays ~5%."""
+    from dirl.data import get_task, to_prompt_messages
+    from dirl.engine.engine import Engine, SamplingParams
+
+    run_dir = train_sft(_cfg(tmp_path, "max_steps=1000", "batch_size=32", "data.limit=4000", "optim.lr=2e-3",
+                             "complementary_masks=true", "optim.warmup_steps=50", "log_every=100"))
+    losses = _losses(run_dir)
+    assert losses[-1] < 0.45 < 2.0 < losses[0]
+    model, tokenizer = load_pretrained(run_dir / "final")
+    rows = get_task("arithmetic").generate("test", 32, seed=0)
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template(to_prompt_messages(r, "plain"))) for r in rows]
+    rollouts = Engine(model).generate(prompts, SamplingParams(max_new_tokens=64, temperature=0.0,
+                                                              stop_ids=tokenizer.stop_ids()))
+    texts = [tokenizer.decode(r.completion_ids) for r in rollouts]
+    well_formed = [t for t in texts if re.fullmatch(r"([0-9+*-]+=-?[0-9]+\n)+#### -?[0-9]+", t)]
+    assert len(well_formed) >= 0.9 * len(texts), texts
 
 
 @pytest.mark.parametrize("pack", [False, True])

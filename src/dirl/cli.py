@@ -44,7 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:])
+    # argparse cannot split one nargs="*" positional around options (`key=v --json key2=v`):
+    # stray key=value words after an option are overrides too.
+    args, extra = parser.parse_known_args(sys.argv[1:])
+    if extra:
+        if isinstance(getattr(args, "overrides", None), list) and all(
+                "=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "command", None):
         parser.print_help()
         return 0

@@ -1,0 +1,5 @@
+"""Pure training objectives (a leaf: may import ``dirl.model``, nothing above it).
+
+``nelbo`` -- the blockwise masked-diffusion NELBO for SFT (DESIGN §6);
+``advantages`` / ``likelihood`` / ``losses`` -- DiPO and the other RL estimators (DESIGN §7).
+"""

@@ -47,6 +47,9 @@ class HttpBackend:
     def __init__(self, model, tokenizer=None, url: str = "http://127.0.0.1:8000", api_key: str | None = None,
                  api_key_env: str = "DIRL_API_KEY", timeout: float = 600.0, max_concurrency: int = 64,
                  weights_dtype: str | None = None, sync_on_init: bool = True, **_):
+        if not url:
+            raise ValueError("the http rollout backend needs the url of a running `dirl serve` "
+                             "(rollout.url=http://127.0.0.1:8000)")
         self.model, self.tokenizer = model, tokenizer
         self.url = url.rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get(api_key_env)

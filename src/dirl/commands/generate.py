@@ -64,6 +64,11 @@ def run(args) -> int:
         return 2
     if not _stop_ids_given(args.config, args.overrides):
         params.stop_ids = tokenizer.stop_ids()
+    try:
+        params.validate(model.config.block_size)
+    except ValueError as err:
+        print(f"dirl generate: {err}", file=sys.stderr)
+        return 2
     text = args.prompt
     if args.chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}])

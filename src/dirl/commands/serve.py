@@ -67,11 +67,14 @@ def run(args) -> int:
               f"(completions are {'authenticated' if cfg.auth_completions else 'NOT authenticated'})",
               file=sys.stderr)
 
+    import torch
     import uvicorn
 
     from dirl.model.checkpoint import CheckpointError, load_pretrained
     from dirl.serve.app import create_app
 
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     try:
         model, tokenizer = load_pretrained(cfg.model, dtype=cfg.dtype or None, device=cfg.device)
     except (CheckpointError, OSError) as err:

@@ -38,6 +38,7 @@ class ServeConfig:
     batch_wait_ms: float = 2.0         # collection window before an engine call
     max_queue: int = 4096
     use_cache: bool = True
+    num_threads: int = 0               # torch intra-op threads (0 = torch's default)
     log_level: str = "warning"
 
 

@@ -268,26 +268,35 @@ def create_app(model, tokenizer, cfg: ServeConfig, api_key: str | None = None) -
     app = FastAPI(title="dirl serve", lifespan=lifespan)
     app.state.dirl = state
     _install_error_handlers(app)
+    _add_info_routes(app, state)
+    _add_completion_routes(app, state)
+    _add_weight_routes(app, state)
+    return app
 
-    def guard(request: Request) -> None:
-        if cfg.auth_completions:
-            state.check_key(request)
 
+def _guard(state: ServerState, request: Request) -> None:
+    if state.cfg.auth_completions:
+        state.check_key(request)
+
+
+def _add_info_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health")
     async def health():
         alive = state.batcher.alive
         body = {"status": "ok" if alive else "error", "model": state.name,
                 "weight_version": state.batcher.weight_version, "queue": state.batcher.queue_size,
-                "updates_enabled": cfg.allow_updates, **state.batcher.stats}
+                "updates_enabled": state.cfg.allow_updates, **state.batcher.stats}
         return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/v1/models")
     async def models(request: Request):
-        guard(request)
+        _guard(state, request)
         card = {"id": state.name, "object": "model", "created": 0, "owned_by": "dirl",
                 "max_model_len": state.context, "block_size": state.block_size}
         return JSONResponse({"object": "list", "data": [card]})
 
+
+def _add_completion_routes(app: FastAPI, state: ServerState) -> None:
     async def respond(req: SamplingFields, prompts, params, chat: bool):
         body = await state.complete(req, prompts, params, chat)
         if req.stream:
@@ -297,21 +306,23 @@ def create_app(model, tokenizer, cfg: ServeConfig, api_key: str | None = None) -
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        guard(request)
+        _guard(state, request)
         state.check_model(req.model)
         params = state.sampling_params(req, req.max_tokens)
         return await respond(req, state.completion_prompts(req, params.max_new_tokens), params, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        guard(request)
+        _guard(state, request)
         state.check_model(req.model)
         params = state.sampling_params(req, req.token_limit())
         return await respond(req, [state.chat_prompt(req, params.max_new_tokens)], params, chat=True)
 
+
+def _add_weight_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/update_weights")
     async def update_weights(request: Request):
-        if not cfg.allow_updates:
+        if not state.cfg.allow_updates:
             raise ApiError(403, "weight updates are disabled on this server (--no-updates)", "permission_error")
         state.check_key(request)
         body = await read_capped(request, state.max_update_bytes)
@@ -326,5 +337,3 @@ def create_app(model, tokenizer, cfg: ServeConfig, api_key: str | None = None) -
             raise ApiError(503, str(err), "server_overloaded") from err
         return JSONResponse({"weight_version": version, "updated_tensors": len(tensors),
                              "elapsed_ms": round(1000 * (time.perf_counter() - start), 3)})
-
-    return app

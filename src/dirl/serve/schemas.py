@@ -4,8 +4,9 @@ Standard OpenAI fields: ``model``, ``prompt`` / ``messages``, ``n``,
 ``max_tokens`` (chat also ``max_completion_tokens``), ``temperature``, ``top_p``,
 ``stop`` (strings, matched in the decoded text; the text is cut before the
 match), ``seed``, ``stream`` (+ ``stream_options.include_usage``). Unknown
-fields (``user``, penalties, ...) are accepted and ignored, as the OpenAI
-client may send them.
+fields (``user``, penalties, ``logprobs``, ...) are accepted and ignored, as the
+OpenAI client may send them (``logprobs`` comes back null: ask for
+``return_token_ids`` to get per-token log-probs).
 
 Extensions:
 

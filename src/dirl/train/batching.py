@@ -145,7 +145,7 @@ class SFTLoader:
             for _ in range(self.batch_size):
                 rows.append([self._peek()])
                 self._advance()
-            return collate(rows, self.pad_id)
+            return collate(rows, self.pad_id, self.row_length)  # row_length None = longest in batch
         rows, used = [[]], 0
         while True:
             n = len(self._peek().input_ids)

@@ -33,13 +33,12 @@ from tqdm import tqdm
 from dirl import config as config_lib
 from dirl.algo.nelbo import NOISE_EPS, draw_noise, sft_nelbo
 from dirl.data import get_task, load_sft_rows, to_prompt_messages
-from dirl.model.checkpoint import DTYPES, load_pretrained, save_pretrained
+from dirl.model.checkpoint import save_pretrained
 from dirl.train import state as state_lib
 from dirl.train.batching import SFTBatch, SFTLoader, tokenize_rows
 from dirl.train.common import (MetricsLogger, OptimConfig, autocast_context, build_optimizer, build_scheduler,
                                clip_and_step, format_metrics, resolve_device, set_seed)
-
-INIT_PREFIX = "init:"
+from dirl.train.models import load_model_spec
 
 
 @dataclass
@@ -76,23 +75,17 @@ class SFTConfig:
     param_dtype: str = "float32"      # weights and optimizer state
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "log_every", "eval_num"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.attn_impl not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"attn_impl must be auto, sdpa or flex, got {self.attn_impl!r}")
+        if self.data.max_length < 1:
+            raise ValueError(f"data.max_length must be >= 1, got {self.data.max_length}")
+
 
 # ---------------------------------------------------------------- 1. setup
-
-
-def load_model(spec: str, device: torch.device, param_dtype: str, seed: int):
-    """``init:<preset>`` -> a fresh random model with the char tokenizer; else a checkpoint dir."""
-    if spec.startswith(INIT_PREFIX):
-        from dirl.model.factory import InitConfig, init_model
-        from dirl.model.tokenizer import char_tokenizer
-
-        tokenizer = char_tokenizer()
-        model = init_model(InitConfig(preset=spec[len(INIT_PREFIX):], seed=seed), tokenizer)
-        return model.to(device=device, dtype=DTYPES[param_dtype]), tokenizer
-    model, tokenizer = load_pretrained(spec, dtype=param_dtype, device=device)
-    if tokenizer is None:
-        raise config_lib.ConfigError(f"model={spec}: the checkpoint has no tokenizer files")
-    return model, tokenizer
 
 
 def load_examples(cfg: SFTConfig, tokenizer, block_size: int):
@@ -118,7 +111,7 @@ def compute_loss(model, batch: SFTBatch, noise, mask_token_id: int, attn_impl: s
                          batch.sample_ids, noise, mask_token_id, attn_impl=attn_impl)
 
 
-def train_step(ctx: "_Run") -> dict:
+def train_step(ctx: "SFTRun") -> dict:
     """``grad_accum`` micro-batches, then one guarded optimizer step."""
     cfg = ctx.cfg
     lr = ctx.scheduler.get_last_lr()[0]
@@ -164,7 +157,7 @@ def held_out_accuracy(model, tokenizer, cfg: SFTConfig) -> dict:
 
 
 @dataclass
-class _Run:
+class SFTRun:
     """Everything the loop mutates, in one place."""
 
     cfg: SFTConfig
@@ -189,11 +182,11 @@ class _Run:
                                          self.scheduler, self.extra(), self.cfg, keep_last=self.cfg.keep_last)
 
 
-def build_run(cfg: SFTConfig, resume: str | Path | None = None) -> _Run:
+def build_run(cfg: SFTConfig, resume: str | Path | None = None) -> SFTRun:
     """Sections 1-2: model, data, optimizer, schedule; restored from ``resume`` if given."""
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    model, tokenizer = load_model(cfg.model, device, cfg.param_dtype, cfg.seed)
+    model, tokenizer = load_model_spec(cfg.model, device, cfg.param_dtype, cfg.seed)
     examples = load_examples(cfg, tokenizer, model.config.block_size)  # validates every row first
     attn_impl = resolve_attn_impl(cfg.attn_impl, device)
     # Flex compiles per shape: give unpacked batches a fixed length too.
@@ -202,7 +195,7 @@ def build_run(cfg: SFTConfig, resume: str | Path | None = None) -> _Run:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps)
     noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    run = _Run(cfg, Path(cfg.out), device, attn_impl, model, tokenizer, optimizer, scheduler, loader, noise_gen)
+    run = SFTRun(cfg, Path(cfg.out), device, attn_impl, model, tokenizer, optimizer, scheduler, loader, noise_gen)
     if resume is not None:
         checkpoint = state_lib.resolve_resume(resume)
         state = state_lib.load_checkpoint(checkpoint, model, optimizer, scheduler)  # last: restores RNGs
@@ -274,7 +267,7 @@ class _Window:
         return out
 
 
-def _log(run: _Run, logger: MetricsLogger, bar, metrics: dict) -> None:
+def _log(run: SFTRun, logger: MetricsLogger, bar, metrics: dict) -> None:
     logger.log(run.step, metrics)
     line = f"step {run.step}/{run.cfg.max_steps} " + format_metrics(metrics)
     if run.cfg.progress:

@@ -1,0 +1,104 @@
+"""Smoke tests of the real ``dirl`` CLI: help, init, show-config, generate, bench."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dirl import cli
+
+REPO = Path(__file__).resolve().parents[1]
+DIRL = [sys.executable, "-m", "dirl.cli"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _dirl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*DIRL, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory) -> Path:
+    """``dirl init`` of the tiny recipe, through the real CLI (shared by this module's tests)."""
+    out = tmp_path_factory.mktemp("cli") / "tiny"
+    proc = _dirl("init", "--config", "configs/tiny.yaml", "--out", str(out), "seed=1")
+    assert "wrote" in proc.stdout
+    return out
+
+
+def test_help_lists_commands():
+    proc = _dirl("--help")
+    for name in ("init", "show-config", "generate", "bench", "sft", "rl"):
+        assert name in proc.stdout
+
+
+def test_init_writes_checkpoint(init_dir):
+    cfg = json.loads((init_dir / "config.json").read_text())
+    assert cfg["block_size"] == 4 and cfg["num_hidden_layers"] == 2
+    assert (init_dir / "model.safetensors").exists() and (init_dir / "tokenizer.json").exists()
+
+
+def test_show_config_resolves_overrides_and_rejects_unknown_keys():
+    proc = _dirl("show-config", "--config", "configs/tiny.yaml", "seed=3", "model.num_hidden_layers=1")
+    assert "preset: tiny" in proc.stdout and "seed: 3" in proc.stdout and "num_hidden_layers: 1" in proc.stdout
+    bad = _dirl("show-config", "--config", "configs/tiny.yaml", "sede=3", check=False)
+    assert bad.returncode == 2 and "sede" in bad.stderr
+
+
+def test_generate_json(init_dir):
+    proc = _dirl("generate", "--model", str(init_dir), "--prompt", "12+34=", "--json",
+                 "max_new_tokens=9", "temperature=0.7", "seed=3")
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    assert set(out) == {"text", "token_ids", "steps", "logps", "tokens_per_forward", "finish_reason"}
+    assert 1 <= len(out["token_ids"]) <= 9 and len(out["steps"]) == len(out["logps"]) == len(out["token_ids"])
+    assert out["finish_reason"] in ("stop", "length") and out["tokens_per_forward"] > 0
+    assert all(lp <= 0 for lp in out["logps"])
+    if out["finish_reason"] == "length":
+        assert len(out["token_ids"]) == 9
+
+
+def test_generate_in_process_text_chat_and_errors(init_dir, capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["dirl"])
+    common = ["generate", "--model", str(init_dir), "--prompt", "hi", "max_new_tokens=6", "temperature=0"]
+    assert cli.main([*common, "--json", "stop_ids=[]"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["finish_reason"] == "length" and len(plain["token_ids"]) == 6  # no stop ids: full length
+    assert cli.main(common + ["stop_ids=[]"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == plain["text"]
+    assert cli.main([*common, "--chat", "--json"]) == 0
+    chat = json.loads(capsys.readouterr().out)
+    assert chat["finish_reason"] in ("stop", "length")
+    assert cli.main([*common, "temperature=hot"]) == 2
+    assert "temperature" in capsys.readouterr().err
+    assert cli.main([*common, "unmasking=random"]) == 2  # SamplingParams.validate -> ValueError
+    assert "unmasking" in capsys.readouterr().err
+
+
+def test_bench_registry(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["dirl"])
+    assert cli.main(["bench", "list"]) == 0
+    assert "engine" in capsys.readouterr().out.split()
+    assert cli.main(["bench", "no-such-bench"]) == 2
+    assert "no-such-bench" in capsys.readouterr().err
+    monkeypatch.setenv("DIRL_BENCHMARKS", "/nonexistent")
+    assert cli.main(["bench", "engine"]) == 2
+    assert "no benchmarks found" in capsys.readouterr().err
+
+
+def test_bench_engine_quick_runs(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["dirl"])
+    assert cli.main(["bench", "engine", "--quick", "--batch", "2", "--new-tokens", "8", "--threads", "1"]) == 0
+    lines = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines() if "=" in line)
+    assert lines["outputs_identical"] == "True"
+    for key in ("engine_speedup_vs_nocache", "engine_tokens_per_s", "nocache_tokens_per_s",
+                "tokens_per_forward_dynamic", "tokens_per_forward_static"):
+        assert float(lines[key]) > 0, key
