@@ -10,6 +10,7 @@ bounded in count and in time.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -369,3 +370,32 @@ def test_no_updates_mode_answers_403(server):
         assert ok.status_code == 200 and ok.json()["weight_version"] == 0
         assert client.get("/health").json()["updates_enabled"] is False
     assert torch.equal(model.model.norm.weight, server.versions[0]["model.norm.weight"])
+
+
+def test_rl_through_the_server_matches_native(server, tmp_path, monkeypatch):
+    """At a fixed seed, ``rollout.backend=http`` gives the same rewards and parameters
+    after 2 RL steps as the in-process backend (DESIGN §8)."""
+    from dirl.train.common import OptimConfig
+    from dirl.train.rl import RLConfig, RolloutConfig, train_rl
+    from dirl.train.rl_update import AlgoConfig
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))  # tests/rl_rewards.py
+
+    def run(backend: str):
+        cfg = RLConfig(model="init:tiny", out=str(tmp_path / backend), max_steps=2, log_every=0,
+                       rewards={"rl_rewards:digit_fraction": 1.0}, optim=OptimConfig(lr=1e-3, schedule="constant"),
+                       rollout=RolloutConfig(backend=backend, url=server.url, api_key_env=KEY_ENV,
+                                             num_prompts=2, group_size=4, max_new_tokens=8),
+                       algo=AlgoConfig(beta=0.01))
+        run_dir = train_rl(cfg, progress=False)
+        rewards = [json.loads(line)["reward"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        model, _ = load_pretrained(run_dir / "final")
+        return rewards, model.state_dict()
+
+    native_rewards, native_state = run("native")
+    http_rewards, http_state = run("http")
+    assert http_rewards == pytest.approx(native_rewards, abs=1e-9)
+    assert len(set(native_rewards)) > 1 or native_rewards[0] > 0  # the rewards carry signal
+    for name, value in native_state.items():
+        assert torch.allclose(value, http_state[name], atol=1e-6), name
