@@ -161,3 +161,13 @@ def test_packed_batches_hold_several_examples(tmp_path):
     assert batch.input_ids.shape == (2, 160)
     assert batch.num_examples > 2 and int(batch.doc_ids.max()) >= 1
     assert torch.equal(batch.position_ids[batch.doc_ids == 1][:1], torch.tensor([0]))
+
+
+def test_cli_resume_continues_from_the_saved_config(tmp_path):
+    out = tmp_path / "run"
+    assert cli_main(["sft", *BASE, f"out={out}", "max_steps=4", "stop_at_step=2", "data.limit=32"]) == 0
+    assert not (out / "final").exists()
+    # no --config: the run's own config.yaml is the base, and its stop_at_step does not apply again
+    assert cli_main(["sft", "--resume", str(out)]) == 0
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4]
+    assert (out / "final" / "model.safetensors").exists()

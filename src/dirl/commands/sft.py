@@ -29,7 +29,10 @@ def resolve_config(args):
     if base is None and args.resume is not None:
         saved = resolve_resume(args.resume) / CONFIG_FILE
         base = saved if saved.exists() else None
-    cfg = config_lib.load(SFTConfig, base, args.overrides)
+    from_checkpoint = args.config is None and base is not None
+    # stop_at_step belongs to the invocation that stopped, not to the one that continues.
+    overrides = (["stop_at_step=0"] if from_checkpoint else []) + list(args.overrides)
+    cfg = config_lib.load(SFTConfig, base, overrides)
     if args.no_progress:
         cfg.progress = False
     return cfg
