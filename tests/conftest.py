@@ -15,7 +15,14 @@ Kept generic so every test module can reuse them:
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+
+# One intra-op thread: tiny models gain nothing from more, and tests that run a
+# server or several ranks beside the test process otherwise oversubscribe the
+# cores badly (measured: up to 10x slower on 2 cores). Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pathlib import Path  # noqa: E402
 
 import pytest
 import torch
@@ -24,13 +31,11 @@ from dirl.model.checkpoint import save_pretrained
 from dirl.model.factory import InitConfig, init_model
 from dirl.model.tokenizer import char_tokenizer
 
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SDAR_DIR = SHARED / "sdar-8b-chat"
-
-# One intra-op thread: tests use tiny tensors, and on a loaded 2-core machine OpenMP's
-# barrier makes a 64-wide matmul take milliseconds with 2 threads vs microseconds with 1.
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
