@@ -135,7 +135,7 @@ def _per_step_loop_logps(model, rollout, block_size, mask_id, dist):
         meta = TokenMeta.clean(pos[:, :start], block_size).cat(
             TokenMeta.noisy_copy(pos[:, start:], block_size, torch.zeros(1, block_size, dtype=torch.long)))
         logits = model(ids, pos, meta).logits[0, pos_i]
-        out[i] = policy_logprobs(logits, dist.temperature, dist.top_k, dist.top_p)[tokens[i]].item()
+        out[i] = policy_logprobs(logits, dist.temperature, dist.top_k, dist.top_p, mask_id)[tokens[i]].item()
     return out
 
 

@@ -74,6 +74,9 @@ def test_generate_in_process_text_chat_and_errors(init_dir, capsys, monkeypatch)
     assert plain["finish_reason"] == "length" and len(plain["token_ids"]) == 6  # no stop ids: full length
     assert cli.main(common + ["stop_ids=[]"]) == 0
     assert capsys.readouterr().out.rstrip("\n") == plain["text"]
+    assert cli.main([*common, "--json", "--no-cache", "stop_ids=[]"]) == 0  # the reference decoder agrees
+    reference = json.loads(capsys.readouterr().out)
+    assert (reference["token_ids"], reference["steps"]) == (plain["token_ids"], plain["steps"])
     assert cli.main([*common, "--chat", "--json"]) == 0
     chat = json.loads(capsys.readouterr().out)
     assert chat["finish_reason"] in ("stop", "length")

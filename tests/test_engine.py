@@ -112,7 +112,8 @@ def test_trace_logprobs_equal_engine_logprobs(peaky_model, tokenizer, name):
                        tokenizer.mask_token_id, tokenizer.pad_token_id)
     with torch.no_grad():
         logits = peaky_model(pack.input_ids, pack.position_ids, pack.meta, logits_index=pack.score_index).logits
-    logp = policy_logprobs(logits, params.temperature, params.top_k, params.top_p)  # (N, V)
+    logp = policy_logprobs(logits, params.temperature, params.top_k, params.top_p,
+                           tokenizer.mask_token_id)  # (N, V)
     recomputed = logp.gather(-1, pack.target_ids[:, None]).squeeze(-1)  # (N,)
     recorded = torch.tensor([rollouts[s].logps[i] for s, i in zip(pack.seq_index.tolist(), pack.token_index.tolist())])
     assert len(recorded) == sum(len(r.token_ids) for r in rollouts)  # every generated token is scored
@@ -269,3 +270,17 @@ def test_engine_uses_live_weights(peaky_model):
         peaky_model.lm_head.weight.mul_(-1.0)
     after = engine.generate(_prompts((5,)), params)[0]
     assert after.token_ids != before.token_ids
+
+
+def test_the_mask_token_is_never_sampled(make_tiny_model, tokenizer):
+    """[MASK] is outside the policy's support: even a model that favours it never commits it."""
+    model = make_tiny_model()
+
+    def favour_mask(module, inputs, logits):
+        logits[..., tokenizer.mask_token_id] += 100.0  # [MASK] would take ~all the mass
+        return logits
+
+    model.lm_head.register_forward_hook(favour_mask)
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, n=2, seed=0)
+    for rollout in Engine(model).generate(_prompts(), params):
+        assert tokenizer.mask_token_id not in rollout.token_ids

@@ -184,7 +184,8 @@ def score_plan(model, plan: Plan, dist: PolicyDist, with_entropy: bool = False):
         empty = torch.zeros(0, device=pack.input_ids.device)
         return (empty, empty) if with_entropy else empty
     out = model(pack.input_ids, pack.position_ids, pack.meta, logits_index=pack.score_index)
-    logp_all = policy_logprobs(out.logits, dist.temperature, dist.top_k, dist.top_p)  # (N, V)
+    logp_all = policy_logprobs(out.logits, dist.temperature, dist.top_k, dist.top_p,
+                               model.config.mask_token_id)  # (N, V)
     logp = logp_all.gather(-1, pack.target_ids[:, None]).squeeze(-1)
     if not with_entropy:
         return logp

@@ -258,7 +258,7 @@ class Engine:
 
     def _denoise_step(self, batch: _Batch, logits: torch.Tensor, params: SamplingParams) -> None:
         num_rows, size, vocab = logits.shape
-        logp = policy_logprobs(logits, params.temperature, params.top_k, params.top_p)  # (R, B, V)
+        logp = policy_logprobs(logits, params.temperature, params.top_k, params.top_p, self.mask_id)  # (R, B, V)
         uniforms = torch.stack([torch.rand(size, generator=g) for g in batch.gens]).to(self.device)  # (R, B)
         sampled = sample_from_logprobs(logp.view(-1, vocab), uniforms.view(-1), params.temperature == 0)
         sampled = sampled.view(num_rows, size)

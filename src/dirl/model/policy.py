@@ -15,9 +15,15 @@ import torch
 
 
 def policy_logprobs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                    top_p: float = 1.0) -> torch.Tensor:
-    """Log-probs of the policy distribution. logits: (..., V) -> (..., V), fp32."""
+                    top_p: float = 1.0, mask_token_id: int | None = None) -> torch.Tensor:
+    """Log-probs of the policy distribution. logits: (..., V) -> (..., V), fp32.
+
+    ``mask_token_id`` is excluded from the support: committing ``[MASK]`` as a
+    token would leave a position that looks undecoded to every later step.
+    """
     logits = logits.float()
+    if mask_token_id is not None:
+        logits = logits.index_fill(-1, torch.tensor([mask_token_id], device=logits.device), float("-inf"))
     if temperature > 0:
         logits = logits / temperature
     if top_k and top_k < logits.shape[-1]:
