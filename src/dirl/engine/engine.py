@@ -5,9 +5,10 @@ into the KV cache (block-causal); its tail shares the first generated block and
 is never masked. Each denoising step runs the current block of every active row
 against the cache: sample every masked position, confidence = probability of the
 sampled token, commit by the unmasking rule. When a block is full its clean K/V
-is written to the cache -- fused into the next step's forward (the finished block
-rides along as clean tokens in front of the next, all-masked block), so
-committing costs no extra forward. Sequences stop after the block that holds a
+is written to the cache -- fused into the next step's forward when every row
+finished its block together (the finished block rides along as clean tokens in
+front of the next, all-masked block, so committing costs no extra forward), and
+in a small forward over just those rows when rows are out of step. Sequences stop after the block that holds a
 stop token, or when ``max_new_tokens`` are generated; finished rows leave the batch.
 
 ``use_cache=False`` is the no-cache reference decoder: every step recomputes the
@@ -121,12 +122,19 @@ class _Batch:
 class Engine:
     """Batched blockwise decoder over a model's own parameters (no copies)."""
 
-    def __init__(self, model, use_cache: bool = True, max_batch_rows: int = 256):
+    def __init__(self, model, use_cache: bool = True, max_batch_rows: int = 256, attn_impl: str = "sdpa"):
         self.model = model
+        # Decoding shapes change every block (the cache grows), and FlexAttention compiles per
+        # shape; the current block has only B queries, so SDPA's dense mask is tiny. Training
+        # forwards keep the model's own attn_impl.
+        self.attn_impl = attn_impl
         self.use_cache = use_cache
         self.max_batch_rows = max_batch_rows
         self.block_size = model.config.block_size
         self.mask_id = model.config.mask_token_id
+
+    def _run(self, *args, **kwargs):
+        return self.model(*args, attn_impl=self.attn_impl, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -186,7 +194,7 @@ class Engine:
                            device=self.device)
         pos = torch.arange(width, device=self.device).expand(len(prompts), width)
         valid = pos < torch.tensor(lengths, device=self.device)[:, None]
-        out = self.model(ids, pos, TokenMeta.clean(pos, size, valid),
+        out = self._run(ids, pos, TokenMeta.clean(pos, size, valid),
                          logits_index=torch.empty(0, dtype=torch.long, device=self.device))
         rows = torch.arange(len(prompts), device=self.device)
         cache.write(out.new_kv, rows, slice(0, width), torch.zeros_like(rows))
@@ -220,7 +228,7 @@ class Engine:
         width = ids.shape[1]
         index = (torch.arange(num_rows, device=self.device)[:, None] * width
                  + torch.arange(width - size, width, device=self.device)).reshape(-1)
-        out = self.model(ids, pos, meta, past_kv=cache.past(), past_meta=cache.meta(), logits_index=index)
+        out = self._run(ids, pos, meta, past_kv=cache.past(), past_meta=cache.meta(), logits_index=index)
         if fuse:
             cache.write(out.new_kv, pending, slice(0, size), (batch.block_idx - 1) * size)
             batch.pending.zero_()
@@ -231,7 +239,7 @@ class Engine:
         size = self.block_size
         start = (batch.block_idx.index_select(0, rows) - 1) * size  # (N,)
         pos = start[:, None] + torch.arange(size, device=self.device)  # (N, B)
-        out = self.model(batch.prev_tokens.index_select(0, rows), pos, TokenMeta.clean(pos, size),
+        out = self._run(batch.prev_tokens.index_select(0, rows), pos, TokenMeta.clean(pos, size),
                          past_kv=cache.past(rows), past_meta=cache.meta(rows),
                          logits_index=torch.empty(0, dtype=torch.long, device=self.device))
         cache.write(out.new_kv, rows, slice(0, size), start, src_rows=torch.arange(len(rows), device=self.device))
@@ -251,7 +259,7 @@ class Engine:
         total = width + size
         index = (torch.arange(len(prefix), device=self.device)[:, None] * total
                  + torch.arange(width, total, device=self.device)).reshape(-1)
-        out = self.model(torch.cat([ids, block_ids], 1), torch.cat([pos, block_pos], 1), meta, logits_index=index)
+        out = self._run(torch.cat([ids, block_ids], 1), torch.cat([pos, block_pos], 1), meta, logits_index=index)
         return out.logits.view(len(prefix), size, -1)
 
     # -- sampling and bookkeeping ---------------------------------------------------------------------
