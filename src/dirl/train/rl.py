@@ -7,6 +7,17 @@ One step (DESIGN §7, §8):
   3. rewards (registry), group advantages, optional dynamic sampling;
   4. the policy update (:mod:`dirl.train.rl_update`) with the chosen estimator;
   5. sync weights to the backend (free for ``native``), log, evaluate, checkpoint.
+
+Data parallel (``torchrun``, :mod:`dirl.train.dist`): ``rollout.num_prompts`` is
+global. Every rank draws the same prompt list (one cursor); prompt j of a round
+is decoded by rank j % world with its own engine, its whole group of G samples
+included, and the seed of a prompt depends only on its index, so a prompt gets
+the same rollouts whichever rank decodes it. Rewards and advantages are per
+group, hence local; dynamic sampling decides on the gathered rewards so every
+rank agrees. The update normalises by global counts (:mod:`dirl.train.rl_update`),
+metrics are reduced over the ranks, and rank 0 alone logs and writes. Under
+FSDP2 the rollout, the no-grad scoring and the eval run on weights gathered
+once per phase (:func:`dirl.train.dist.full_params`).
 """
 
 from __future__ import annotations
@@ -25,13 +36,13 @@ from dirl.backends import make_backend
 from dirl.data import get_task, load_prompt_rows
 from dirl.engine.engine import SamplingParams
 from dirl.rewards import compute_rewards
-from dirl.train.common import (MetricsLogger, OptimConfig, build_optimizer, build_scheduler, format_metrics,
-                               set_seed)
 from dirl.eval.evaluate import build_prompts
-from dirl.model.checkpoint import save_pretrained
+from dirl.train import dist as dist_lib
+from dirl.train.common import (MetricsLogger, OptimConfig, build_optimizer, build_scheduler, format_metrics,
+                               resolve_device, set_seed)
 from dirl.train.models import load_model_spec
 from dirl.train.rl_update import AlgoConfig, policy_update
-from dirl.train.state import load_checkpoint, save_checkpoint
+from dirl.train.state import load_checkpoint, save_checkpoint, save_model_dir
 
 
 @dataclass
@@ -39,7 +50,7 @@ class RolloutConfig:
     backend: str = "native"           # native | checkpoint (the reload loop, for measurement) | http
     url: str = ""                     # http: base URL of `dirl serve`
     api_key_env: str = "DIRL_API_KEY"
-    num_prompts: int = 8              # P prompts per step
+    num_prompts: int = 8              # P prompts per step (over all ranks)
     group_size: int = 8               # G samples per prompt
     max_new_tokens: int = 32
     temperature: float = 1.0
@@ -71,6 +82,7 @@ class RLConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, schedule="constant", grad_clip=1.0))
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
+    dist: dist_lib.DistConfig = field(default_factory=dist_lib.DistConfig)  # torchrun only
 
 
 class PromptSampler:
@@ -109,27 +121,82 @@ def collect(backend, tokenizer, rows, prompt_ids, indices, cfg: RLConfig, reward
     params = _sampling(cfg, tokenizer.stop_ids())
     seeds = [cfg.seed * 1_000_003 + step * 9973 + i for i in indices]
     t0 = time.perf_counter()
-    rollouts = backend.generate([prompt_ids[i] for i in indices], params, seeds)
+    # A rank can get no prompt (a refill round smaller than the world): it only joins the collectives.
+    rollouts = backend.generate([prompt_ids[i] for i in indices], params, seeds) if indices else []
     t1 = time.perf_counter()
     texts = [tokenizer.decode(r.completion_ids) for r in rollouts]
     group = cfg.rollout.group_size
-    columns = {key: [rows[i][key] for i in indices for _ in range(group)] for key in rows[indices[0]]}
+    columns = {key: [rows[i][key] for i in indices for _ in range(group)] for key in rows[indices[0] if indices else 0]}
     result = compute_rewards(rewards, texts, columns)
     metrics = {"timing/rollout": t1 - t0, "timing/reward": time.perf_counter() - t1, **result.metrics}
     return rollouts, torch.tensor(result.total, dtype=torch.float32), metrics
 
 
+def _global_round(local_rewards: torch.Tensor, mine: list[int], count: int, group: int) -> torch.Tensor:
+    """A round's rewards of all ``count`` prompts in prompt order, from every rank's share."""
+    if dist_lib.world_size() == 1:
+        return local_rewards
+    out = torch.zeros(count, group)
+    for positions, values in dist_lib.all_gather_object((mine, local_rewards.view(-1, group).tolist())):
+        for position, row in zip(positions, values):
+            out[position] = torch.tensor(row)
+    return out.view(-1)
+
+
+def _global_round_metrics(metrics: dict, count: int) -> dict:
+    """One round's metrics over the ranks: the slowest rank's timings, summed error counts, other
+    values (means over completions) weighted by each rank's ``count`` rollouts. Exact, except a
+    reward mean when the reward is not applicable (None) to some completions."""
+    if dist_lib.world_size() == 1:
+        return metrics
+    keys = list(metrics)  # the same order on every rank (same code path)
+    # A rank without rollouts adds nothing (its means are NaN: over no completions).
+    weighted = [0.0 if not count else metrics[k] if k.endswith("/errors") else metrics[k] * count for k in keys]
+    summed = dist_lib.all_reduce_sum(weighted + [count])
+    maxed = dist_lib.all_reduce_max([metrics[k] for k in keys])
+    out = {}
+    for i, key in enumerate(keys):
+        if key.startswith("timing/"):
+            out[key] = maxed[i]
+        elif key.endswith("/errors"):
+            out[key] = summed[i]
+        else:
+            out[key] = summed[i] / max(summed[-1], 1)
+    return out
+
+
+@dataclass
+class RolloutBatch:
+    """This rank's kept rollouts (whole groups) and where they sit in the global batch."""
+
+    rollouts: list = field(default_factory=list)
+    rewards: list = field(default_factory=list)          # per local group, (G,) each
+    positions: list[int] = field(default_factory=list)   # global index of each local rollout
+    all_rewards: list = field(default_factory=list)      # per kept group of every rank, in global order
+
+    def local_rewards(self) -> torch.Tensor:
+        return torch.cat(self.rewards) if self.rewards else torch.zeros(0)
+
+    def global_rewards(self) -> torch.Tensor:
+        return torch.cat(self.all_rewards) if self.all_rewards else torch.zeros(0)
+
+
 def gather_batch(backend, tokenizer, rows, prompt_ids, sampler, cfg: RLConfig, rewards, step):
-    """Steps 1-3: prompts, rollouts, rewards; with dynamic sampling, refill uninformative groups."""
+    """Steps 1-3: prompts, rollouts, rewards; with dynamic sampling, refill uninformative groups.
+
+    -> (RolloutBatch, metrics). Kept groups are numbered in prompt order over all ranks."""
     group, wanted = cfg.rollout.group_size, cfg.rollout.num_prompts
-    rollouts, reward_list, metrics = [], [], {}
+    batch, metrics, kept = RolloutBatch(), {}, 0
     rounds = 1 + (cfg.algo.max_refill_rounds if cfg.algo.dynamic_sampling else 0)
     first_zero_std = None
     for _ in range(rounds):
-        need = wanted - len(rollouts) // group
-        new_rollouts, new_rewards, m = collect(backend, tokenizer, rows, prompt_ids, sampler.take(need),
+        indices = sampler.take(wanted - kept)  # the same global list on every rank
+        mine = dist_lib.shard_positions(len(indices))
+        new_rollouts, new_rewards, m = collect(backend, tokenizer, rows, prompt_ids, [indices[j] for j in mine],
                                                cfg, rewards, step)
-        keep = informative_groups(new_rewards, group)
+        m = _global_round_metrics(m, len(new_rollouts))
+        round_rewards = _global_round(new_rewards, mine, len(indices), group)
+        keep = informative_groups(round_rewards, group)
         if first_zero_std is None:
             first_zero_std = float((~keep).float().mean())
             metrics.update(m)
@@ -138,24 +205,30 @@ def gather_batch(backend, tokenizer, rows, prompt_ids, sampler, cfg: RLConfig, r
                 metrics[key] += m[key]
         if not cfg.algo.dynamic_sampling:
             keep = torch.ones_like(keep)
-        for g in keep.nonzero().squeeze(-1).tolist():
-            rollouts += new_rollouts[g * group:(g + 1) * group]
-            reward_list.append(new_rewards[g * group:(g + 1) * group])
-        if len(rollouts) // group >= wanted:
+        ordinal = (torch.cumsum(keep.long(), 0) - 1 + kept).tolist()  # global number of each kept group
+        for k, j in enumerate(mine):
+            if keep[j]:
+                batch.rollouts += new_rollouts[k * group:(k + 1) * group]
+                batch.rewards.append(new_rewards[k * group:(k + 1) * group])
+                batch.positions += range(ordinal[j] * group, (ordinal[j] + 1) * group)
+        batch.all_rewards += [round_rewards[g * group:(g + 1) * group] for g in keep.nonzero().squeeze(-1).tolist()]
+        kept += int(keep.sum())
+        if kept >= wanted:
             break
-    rewards_t = torch.cat(reward_list) if reward_list else torch.zeros(0)
     metrics["frac_reward_zero_std"] = first_zero_std
-    return rollouts, rewards_t, metrics
+    return batch, metrics
 
 
 def _rollout_metrics(rollouts, rewards_t) -> dict:
-    tokens = sum(r.num_tokens for r in rollouts)
-    forwards = sum(r.num_forwards for r in rollouts)
+    """``rollouts``: this rank's; ``rewards_t``: every kept rollout's reward (all ranks)."""
+    sums = [sum(r.num_tokens for r in rollouts), sum(r.num_forwards for r in rollouts), len(rollouts),
+            sum(r.finish_reason == "length" for r in rollouts), sum(len(r.token_ids) for r in rollouts)]
+    tokens, forwards, count, clipped, generated = dist_lib.all_reduce_sum(sums)
     return {"reward": float(rewards_t.mean()) if rewards_t.numel() else 0.0,
             "reward_std": float(rewards_t.std(unbiased=False)) if rewards_t.numel() else 0.0,
-            "completions/mean_length": tokens / max(len(rollouts), 1),
-            "completions/clipped_ratio": sum(r.finish_reason == "length" for r in rollouts) / max(len(rollouts), 1),
-            "tokens_per_forward": sum(len(r.token_ids) for r in rollouts) / max(forwards, 1)}
+            "completions/mean_length": tokens / max(count, 1),
+            "completions/clipped_ratio": clipped / max(count, 1),
+            "tokens_per_forward": generated / max(forwards, 1)}
 
 
 def _held_out_eval(model, tokenizer, eval_rows, cfg: RLConfig, template: str, rewards) -> dict:
@@ -170,17 +243,43 @@ def _held_out_eval(model, tokenizer, eval_rows, cfg: RLConfig, template: str, re
     return {"eval/accuracy": summary["accuracy"], "eval/mean_reward": summary["mean_reward"]}
 
 
-def train_rl(cfg: RLConfig, resume: str | None = None, progress: bool = True) -> Path:
-    """Run DiPO (or another estimator) for ``cfg.max_steps`` steps; return the run directory."""
-    # 1. Set-up: policy, frozen reference, optimizer, data, backend.
+@dataclass
+class RLRun:
+    """Everything the RL loop uses, built by :func:`build_rl_run`."""
+
+    cfg: RLConfig
+    run_dir: Path
+    model: torch.nn.Module            # as trained (DDP / FSDP2 under torchrun)
+    ref_model: torch.nn.Module | None
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    rows: list
+    prompt_ids: list
+    eval_rows: list
+    template: str
+    rewards: dict
+    sampler: PromptSampler
+    backend: object
+    policy_dist: PolicyDist
+    start_step: int = 0
+
+
+def build_rl_run(cfg: RLConfig, resume: str | None = None) -> RLRun:
+    """1. Set-up: policy, frozen reference, optimizer, data, backend; restored from ``resume``."""
     set_seed(cfg.seed)
-    run_dir = Path(cfg.out)
-    model, tokenizer = load_model_spec(cfg.model, cfg.device, cfg.dtype, seed=cfg.seed)
+    device = dist_lib.local_device(resolve_device(cfg.device))
+    dist_lib.init_from_env(cfg.dist, device)
+    if dist_lib.world_size() > 1 and cfg.rollout.backend != "native":
+        raise ValueError(f"rollout.backend={cfg.rollout.backend!r}: only native runs under torchrun")
+    model, tokenizer = load_model_spec(cfg.model, device, cfg.dtype, seed=cfg.seed)
     model.attn_impl = cfg.attn_impl
     ref_model = None
     if cfg.algo.beta > 0:  # the frozen reference is the starting policy, never updated
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = build_optimizer(model, cfg.optim)
+        ref_model = dist_lib.wrap(ref_model, cfg.dist.strategy, device, trainable=False)
+    model = dist_lib.wrap(model, cfg.dist.strategy, device)
+    optimizer = build_optimizer(dist_lib.unwrap(model), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps * cfg.algo.num_iterations
                                 * cfg.algo.num_minibatches)
     template, rewards, eval_data = _task_defaults(cfg)
@@ -192,48 +291,80 @@ def train_rl(cfg: RLConfig, resume: str | None = None, progress: bool = True) ->
     if resume:
         state = load_checkpoint(resume, model, optimizer, scheduler)
         start_step, cursor = state["step"], state["extra"]["prompt_cursor"]
-    sampler = PromptSampler(len(rows), cfg.seed, cursor)
-    backend = make_backend(cfg.rollout.backend, model, tokenizer, url=cfg.rollout.url,
+    backend = make_backend(cfg.rollout.backend, dist_lib.unwrap(model), tokenizer, url=cfg.rollout.url,
                            api_key_env=cfg.rollout.api_key_env, max_batch_rows=cfg.rollout.max_batch_rows)
-    logger = MetricsLogger(run_dir, resume_step=start_step if resume else None)
-    dist = PolicyDist(cfg.rollout.temperature, cfg.rollout.top_k, cfg.rollout.top_p)
-    bar = tqdm(range(start_step, cfg.max_steps), desc="rl", disable=not progress, initial=start_step,
-               total=cfg.max_steps)
-    for step in bar:
-        # 2. Rollouts and rewards (the backend already holds the latest weights).
-        model.eval()
-        rollouts, rewards_t, metrics = gather_batch(backend, tokenizer, rows, prompt_ids, sampler, cfg,
-                                                    rewards, step)
-        metrics.update(_rollout_metrics(rollouts, rewards_t))
-        # 3. Advantages and the policy update.
-        t0 = time.perf_counter()
-        model.train()
-        if rollouts:
-            adv = group_advantages(rewards_t, cfg.rollout.group_size, cfg.algo.adv_mode)
-            gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-            metrics.update(policy_update(model, ref_model, rollouts, adv, cfg.algo, dist, optimizer, scheduler,
-                                         cfg.optim, gen, cfg.rollout.max_new_tokens))
-        metrics["timing/train"] = time.perf_counter() - t0
-        # 4. Weight sync: free for the native backend, a real save + reload for `checkpoint`.
-        t0 = time.perf_counter()
-        backend.sync_weights()
-        metrics["timing/sync"] = time.perf_counter() - t0
-        metrics["lr"] = scheduler.get_last_lr()[0]
-        # 5. Held-out eval, logging, checkpoints.
-        done = step + 1
-        if cfg.eval_every and eval_rows and (done % cfg.eval_every == 0 or done == cfg.max_steps):
-            metrics.update(_held_out_eval(model, tokenizer, eval_rows, cfg, template, rewards))
-        logger.log(done, metrics)
-        bar.set_postfix(reward=f"{metrics['reward']:.3f}")
-        if cfg.log_every and done % cfg.log_every == 0:
-            tqdm.write(f"step {done}: " + format_metrics({k: metrics[k] for k in _CONSOLE_KEYS if k in metrics}))
-        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
-            save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler,
-                            {"prompt_cursor": sampler.cursor}, cfg)
-    save_pretrained(model, tokenizer, run_dir / "final")
-    backend.close()
-    logger.close()
-    return run_dir
+    return RLRun(cfg, Path(cfg.out), model, ref_model, tokenizer, optimizer, scheduler, rows, prompt_ids,
+                 eval_rows, template, rewards, PromptSampler(len(rows), cfg.seed, cursor), backend,
+                 PolicyDist(cfg.rollout.temperature, cfg.rollout.top_k, cfg.rollout.top_p), start_step)
+
+
+def rl_step(run: RLRun, step: int) -> dict:
+    """Steps 2-5 of one RL step (every rank); returns the step's metrics (global)."""
+    cfg, model = run.cfg, run.model
+    # 2. Rollouts and rewards (the backend already holds the latest weights).
+    model.eval()
+    with dist_lib.full_params(model):
+        batch, metrics = gather_batch(run.backend, run.tokenizer, run.rows, run.prompt_ids, run.sampler, cfg,
+                                      run.rewards, step)
+    all_rewards = batch.global_rewards()
+    metrics.update(_rollout_metrics(batch.rollouts, all_rewards))
+    # 3. Advantages and the policy update.
+    t0 = time.perf_counter()
+    model.train()
+    if all_rewards.numel():
+        local = batch.local_rewards()
+        adv = group_advantages(local, cfg.rollout.group_size, cfg.algo.adv_mode) if local.numel() else local
+        # Rank 0 draws what a single process draws; other ranks their own stream (random estimators).
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step + 1_000_003 * dist_lib.rank())
+        metrics.update(policy_update(model, run.ref_model, batch.rollouts, adv, cfg.algo, run.policy_dist,
+                                     run.optimizer, run.scheduler, cfg.optim, gen, cfg.rollout.max_new_tokens,
+                                     positions=batch.positions, total=all_rewards.numel()))
+    metrics["timing/train"] = time.perf_counter() - t0
+    # 4. Weight sync: free for the native backend, a real save + reload for `checkpoint`.
+    t0 = time.perf_counter()
+    run.backend.sync_weights()
+    metrics["timing/sync"] = time.perf_counter() - t0
+    metrics["lr"] = run.scheduler.get_last_lr()[0]
+    # 5. Held-out eval: rank 0, on the full weights.
+    done = step + 1
+    if cfg.eval_every and run.eval_rows and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+        with dist_lib.full_params(model):
+            if dist_lib.is_main():
+                metrics.update(_held_out_eval(dist_lib.unwrap(model), run.tokenizer, run.eval_rows, cfg,
+                                              run.template, run.rewards))
+    return metrics
+
+
+def train_rl(cfg: RLConfig, resume: str | None = None, progress: bool = True) -> Path:
+    """Run DiPO (or another estimator) for ``cfg.max_steps`` steps; return the run directory.
+
+    Under torchrun every rank calls it; rank 0 logs and writes."""
+    created_group = dist_lib.init_from_env(cfg.dist, dist_lib.local_device(resolve_device(cfg.device)))
+    try:
+        run = build_rl_run(cfg, resume)
+        main = dist_lib.is_main()
+        logger = MetricsLogger(run.run_dir, enabled=main, resume_step=run.start_step if resume else None)
+        bar = tqdm(range(run.start_step, cfg.max_steps), desc="rl", disable=not (progress and main),
+                   initial=run.start_step, total=cfg.max_steps)
+        for step in bar:
+            metrics = rl_step(run, step)
+            done = step + 1
+            if main:
+                logger.log(done, metrics)
+                bar.set_postfix(reward=f"{metrics['reward']:.3f}")
+                if cfg.log_every and done % cfg.log_every == 0:
+                    tqdm.write(f"step {done}: " + format_metrics({k: metrics[k] for k in _CONSOLE_KEYS
+                                                                  if k in metrics}))
+            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
+                save_checkpoint(run.run_dir, done, run.model, run.tokenizer, run.optimizer, run.scheduler,
+                                {"prompt_cursor": run.sampler.cursor}, cfg)
+        save_model_dir(run.model, run.tokenizer, run.run_dir / "final")
+        run.backend.close()
+        logger.close()
+        return run.run_dir
+    finally:
+        if created_group:
+            dist_lib.teardown()
 
 
 _CONSOLE_KEYS = ("reward", "reward_std", "kl", "loss", "entropy", "grad_norm", "completions/mean_length",

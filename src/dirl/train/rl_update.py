@@ -4,6 +4,16 @@ Split out of the RL loop so the math reads in one place: build each mini-batch's
 scoring plan once (so the old policy, the new policy and the frozen reference
 are scored on identical states), then ``num_iterations`` passes of clipped
 surrogate + k3 KL, one optimizer step per mini-batch.
+
+Data parallel: the mini-batches are slices of the *global* rollout order
+(``positions`` / ``total``), each rank scoring its own rollouts of each. A rank's
+loss is rescaled from its local normaliser to the global one -- the token count
+for ``token_mean``, the sequence count otherwise, all-reduced -- times the world
+size (DDP / FSDP2 average gradients), so the step equals a single process's on
+the whole mini-batch. A rank with nothing to score in a mini-batch still runs a
+zero-weighted forward/backward so the gradient collectives stay matched. Exact
+for the deterministic estimators (trace, trace_shrink, mean_field); the random
+ones (trace_mc, random_mask, coupled) draw per rank, equal in distribution.
 """
 
 from __future__ import annotations
@@ -14,6 +24,8 @@ import torch
 
 from dirl.algo.likelihood import PolicyDist, plan_estimator, score_plan
 from dirl.algo.losses import dipo_loss
+from dirl.model.masks import TokenMeta
+from dirl.train import dist as dist_lib
 from dirl.train.common import clip_and_step
 
 
@@ -38,51 +50,133 @@ def _minibatches(num_seqs: int, num_minibatches: int) -> list[list[int]]:
     return [list(range(i, min(i + size, num_seqs))) for i in range(0, num_seqs, size)]
 
 
-def _prepare(model, ref_model, rollouts, adv, algo: AlgoConfig, dist, gen):
-    """Per mini-batch: plan, per-token advantages, logp_old and logp_ref (no grad)."""
+@dataclass
+class _MiniBatch:
+    """This rank's part of one global mini-batch, with everything scored without grad."""
+
+    chunk: list                      # its rollouts
+    plan: object                     # the estimator's scoring plan
+    tok_adv: torch.Tensor            # (N,) advantage of each scored token
+    seq_lengths: torch.Tensor        # (S,) completion tokens per rollout
+    logp_old: torch.Tensor | None = None
+    logp_ref: torch.Tensor | None = None
+
+
+def _prepare(model, rollouts, adv, algo: AlgoConfig, gen, positions, total) -> list[_MiniBatch | None]:
+    """Per global mini-batch: this rank's chunk and plan (None: no rollout of it here); for the
+    exact estimators logp_old is the engine's recorded log-prob (no forward needed)."""
     cfg = model.config
     device = next(model.parameters()).device
+    local_of = {position: i for i, position in enumerate(positions)}
     prepared = []
-    for idx in _minibatches(len(rollouts), algo.num_minibatches):
+    for global_idx in _minibatches(total, algo.num_minibatches):
+        idx = [local_of[g] for g in global_idx if g in local_of]
+        if not idx:
+            prepared.append(None)
+            continue
         chunk = [rollouts[i] for i in idx]
         plan = plan_estimator(algo.estimator, chunk, cfg.block_size, cfg.mask_token_id, cfg.pad_token_id,
                               gen=gen, shrink=algo.shrink, mc_steps=algo.mc_steps, device=device)
         pack = plan.pack
-        tok_adv = adv[idx].to(device)[pack.seq_index]  # (N,)
-        with torch.no_grad():
-            if plan.exact:  # the sampler's own states: its recorded log-probs are logp_old
-                logp_old = torch.tensor([chunk[s].logps[t] for s, t in
-                                         zip(pack.seq_index.tolist(), pack.token_index.tolist())],
-                                        device=device, dtype=torch.float32)
-            else:
-                logp_old = score_plan(model, plan, dist).float()
-            logp_ref = score_plan(ref_model, plan, dist).float() if (ref_model is not None and algo.beta > 0) \
-                else None
-        seq_lengths = torch.tensor([r.num_tokens for r in chunk], device=device)
-        prepared.append((chunk, plan, tok_adv, logp_old, logp_ref, seq_lengths))
+        item = _MiniBatch(chunk, plan, adv[idx].to(device)[pack.seq_index],
+                          torch.tensor([r.num_tokens for r in chunk], device=device))
+        if plan.exact:  # the sampler's own states: its recorded log-probs are logp_old
+            item.logp_old = torch.tensor([chunk[s].logps[t] for s, t in
+                                          zip(pack.seq_index.tolist(), pack.token_index.tolist())],
+                                         device=device, dtype=torch.float32)
+        prepared.append(item)
     return prepared
 
 
+@torch.no_grad()
+def _score_without_grad(prepared: list[_MiniBatch | None], model, ref_model, algo: AlgoConfig, dist) -> None:
+    """logp_old (inexact estimators) with the policy, then logp_ref with the frozen reference.
+
+    Under FSDP2 each model's full weights are gathered in turn (never both at once), and only
+    when some rank needs them (the gather is a collective)."""
+    items = [item for item in prepared if item is not None]
+    need_old = any(item.logp_old is None for item in items)
+    if dist_lib.all_reduce_max([float(need_old)])[0]:
+        with dist_lib.full_params(model):
+            for item in items:
+                if item.logp_old is None:
+                    item.logp_old = score_plan(dist_lib.unwrap(model), item.plan, dist).float()
+    if ref_model is not None and algo.beta > 0:
+        with dist_lib.full_params(ref_model):
+            for item in items:
+                item.logp_ref = score_plan(ref_model, item.plan, dist).float()
+
+
+def _idle_backward(model) -> None:
+    """A zero-weighted forward/backward on one pad block: joins the gradient collectives of a
+    mini-batch in which this rank has nothing to score."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    ids = torch.full((1, cfg.block_size), cfg.pad_token_id, dtype=torch.long, device=device)
+    positions = torch.arange(cfg.block_size, device=device)[None]
+    meta = TokenMeta.clean(positions, cfg.block_size, torch.ones_like(ids, dtype=torch.bool))
+    (model(ids, positions, meta).logits.sum() * 0.0).backward()
+
+
+def _minibatch_loss(model, item: _MiniBatch | None, algo: AlgoConfig, dist,
+                    max_new_tokens: int) -> tuple[dict, float]:
+    """Forward + backward of this rank's part of one mini-batch. -> (metrics, scored tokens), with
+    metrics already global on one rank and token-weighted local sums (to reduce) otherwise."""
+    world = dist_lib.world_size()
+    chunk, plan = (item.chunk, item.plan) if item is not None else ([], None)
+    scored = plan.pack.score_index.numel() if plan is not None else 0
+    norm = scored if algo.agg == "token_mean" else len(chunk)  # dipo_loss's local normaliser
+    scored_all, norm_all = dist_lib.all_reduce_sum([scored, norm])
+    if scored_all == 0:
+        return {}, 0.0
+    if scored == 0:
+        _idle_backward(model)
+        return {"loss": 0.0, "kl": 0.0, "clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0,
+                "ratio_mean": 0.0, "entropy": 0.0}, 0.0
+    logp_new, entropy = score_plan(model, plan, dist, with_entropy=True)
+    loss, stats = dipo_loss(logp_new, item.logp_old, item.tok_adv, plan.pack.seq_index, len(chunk),
+                            weight=plan.weight, logp_ref=item.logp_ref, beta=algo.beta,
+                            eps_low=algo.clip_low, eps_high=algo.clip_high, agg=algo.agg,
+                            seq_lengths=item.seq_lengths, constant=float(max_new_tokens))
+    share = norm / norm_all  # 1.0 on one rank (x * 1.0 is exact)
+    (loss * (share * world)).backward()
+    values = {"loss": loss.item() * share, "kl": stats.kl, "clip_ratio/low_mean": stats.clip_low,
+              "clip_ratio/high_mean": stats.clip_high, "ratio_mean": stats.ratio_mean,
+              "entropy": float(entropy.mean())}
+    if world > 1:  # token-weighted, to be summed over the ranks
+        values = {k: v if k == "loss" else v * scored for k, v in values.items()}
+    return values, float(scored)
+
+
+def _reduce_step_metrics(values: dict, scored: float) -> dict:
+    """Sum the ranks' loss shares; token-weighted means of the per-token statistics."""
+    if dist_lib.world_size() == 1:
+        return values
+    keys = list(values)  # the same order on every rank (same code path)
+    summed = dist_lib.all_reduce_sum([values[k] for k in keys] + [scored])
+    return {k: summed[i] if k == "loss" else summed[i] / max(summed[-1], 1.0) for i, k in enumerate(keys)}
+
+
 def policy_update(model, ref_model, rollouts, adv: torch.Tensor, algo: AlgoConfig, dist: PolicyDist,
-                  optimizer, scheduler, optim_cfg, gen: torch.Generator, max_new_tokens: int) -> dict:
-    """Run the update; return averaged metrics (loss, kl, clip ratios, entropy, grad_norm, ...)."""
-    prepared = _prepare(model, ref_model, rollouts, adv, algo, dist, gen)
+                  optimizer, scheduler, optim_cfg, gen: torch.Generator, max_new_tokens: int,
+                  positions: list[int] | None = None, total: int | None = None) -> dict:
+    """Run the update; return averaged metrics (loss, kl, clip ratios, entropy, grad_norm, ...).
+
+    ``positions``: each local rollout's index in the global batch of ``total`` rollouts
+    (default: this rank holds the whole batch, in order)."""
+    positions = list(range(len(rollouts))) if positions is None else positions
+    total = len(rollouts) if total is None else total
+    prepared = _prepare(dist_lib.unwrap(model), rollouts, adv, algo, gen, positions, total)
+    _score_without_grad(prepared, model, ref_model, algo, dist)
     totals: dict[str, float] = {}
     count = 0
     for _ in range(algo.num_iterations):
-        for chunk, plan, tok_adv, logp_old, logp_ref, seq_lengths in prepared:
-            if plan.pack.score_index.numel() == 0:
+        for item in prepared:
+            values, scored = _minibatch_loss(model, item, algo, dist, max_new_tokens)
+            if not values:  # nothing scored on any rank
                 continue
-            logp_new, entropy = score_plan(model, plan, dist, with_entropy=True)
-            loss, stats = dipo_loss(logp_new, logp_old, tok_adv, plan.pack.seq_index, len(chunk),
-                                    weight=plan.weight, logp_ref=logp_ref, beta=algo.beta,
-                                    eps_low=algo.clip_low, eps_high=algo.clip_high, agg=algo.agg,
-                                    seq_lengths=seq_lengths, constant=float(max_new_tokens))
-            loss.backward()
             grad_norm, skipped = clip_and_step(model, optimizer, scheduler, optim_cfg)
-            step_metrics = {"loss": loss.item(), "kl": stats.kl, "clip_ratio/low_mean": stats.clip_low,
-                            "clip_ratio/high_mean": stats.clip_high, "ratio_mean": stats.ratio_mean,
-                            "entropy": float(entropy.mean()), "grad_norm": grad_norm,
+            step_metrics = {**_reduce_step_metrics(values, scored), "grad_norm": grad_norm,
                             "skipped_steps": float(skipped)}
             for key, value in step_metrics.items():
                 totals[key] = totals.get(key, 0.0) + value

@@ -19,6 +19,15 @@ optimizer, scheduler and global RNGs are restored, so N straight steps and
 N/2 + resume + N/2 give identical losses and bitwise-identical weights on CPU
 (fp32). ``stop_at_step`` ends an invocation early (as a preemption would) without
 changing the schedule, which always spans ``max_steps``.
+
+Data parallel (``torchrun``, :mod:`dirl.train.dist`): ``batch_size`` is the
+*global* number of examples per micro-batch. Every rank draws the same global
+batch and its masks (same loader cursor, same noise generator), then trains on
+its contiguous share of the rows. A rank's loss is its samples' NELBO sum
+divided by the number of samples in the *global* batch, times the world size
+(DDP / FSDP2 average gradients), so the update equals a single process's on the
+whole batch, and a checkpoint (cursor, noise RNG, full optimizer state) resumes
+on any number of ranks. Only rank 0 logs and writes.
 """
 
 from __future__ import annotations
@@ -31,9 +40,9 @@ import torch
 from tqdm import tqdm
 
 from dirl import config as config_lib
-from dirl.algo.nelbo import NOISE_EPS, draw_noise, sft_nelbo
+from dirl.algo.nelbo import NOISE_EPS, NoiseDraw, draw_noise, response_counts, sft_nelbo
 from dirl.data import get_task, load_sft_rows, to_prompt_messages
-from dirl.model.checkpoint import save_pretrained
+from dirl.train import dist as dist_lib
 from dirl.train import state as state_lib
 from dirl.train.batching import SFTBatch, SFTLoader, tokenize_rows
 from dirl.train.common import (MetricsLogger, OptimConfig, autocast_context, build_optimizer, build_scheduler,
@@ -58,7 +67,7 @@ class SFTConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     max_steps: int = 300
     stop_at_step: int = 0             # > 0: end this invocation after that step (resume later)
-    batch_size: int = 16              # examples per micro-batch (packed: rows of max_length tokens)
+    batch_size: int = 16              # examples per micro-batch, over all ranks (packed: rows of max_length)
     log_every: int = 10
     save_every: int = 100             # 0 = only at the end
     keep_last: int = 3
@@ -74,6 +83,7 @@ class SFTConfig:
     dtype: str = "bfloat16"           # autocast dtype on CUDA; CPU always runs fp32
     param_dtype: str = "float32"      # weights and optimizer state
     progress: bool = True
+    dist: dist_lib.DistConfig = field(default_factory=dist_lib.DistConfig)  # torchrun only
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "log_every", "eval_num"):
@@ -111,22 +121,48 @@ def compute_loss(model, batch: SFTBatch, noise, mask_token_id: int, attn_impl: s
                          batch.sample_ids, noise, mask_token_id, attn_impl=attn_impl)
 
 
+def _samples_with_response(batch: SFTBatch) -> int:
+    """The NELBO's normaliser: samples of the batch with at least one response token."""
+    num_samples = int(batch.sample_ids.max()) + 1 if batch.sample_ids.numel() else 0
+    return int((response_counts(batch.response_mask, batch.sample_ids, num_samples) > 0).sum())
+
+
+def local_share(batch: SFTBatch, noise: NoiseDraw) -> tuple[SFTBatch, NoiseDraw, float]:
+    """This rank's contiguous rows of a global batch, their masks, and its weight
+    (its samples / the global batch's samples: local mean -> share of the global mean)."""
+    world = dist_lib.world_size()
+    if world == 1:
+        return batch, noise, 1.0
+    rows = torch.tensor_split(torch.arange(batch.input_ids.shape[0]), world)[dist_lib.rank()]
+    part = slice(int(rows[0]), int(rows[-1]) + 1)
+    doc_ids = batch.doc_ids[part]
+    local = SFTBatch(batch.input_ids[part], batch.position_ids[part], doc_ids, batch.response_mask[part],
+                     batch.sample_ids[part], num_examples=int(batch.sample_ids[part].unique().gt(-1).sum()),
+                     num_tokens=int((doc_ids >= 0).sum()))
+    weight = _samples_with_response(local) / max(1, _samples_with_response(batch))
+    return local, NoiseDraw(noise.masked[:, part], noise.mask_prob[:, part]), weight
+
+
 def train_step(ctx: "SFTRun") -> dict:
     """``grad_accum`` micro-batches, then one guarded optimizer step."""
     cfg = ctx.cfg
     lr = ctx.scheduler.get_last_lr()[0]
     total_loss, num_tokens, num_positions = 0.0, 0, 0
     num_streams = 3 if cfg.complementary_masks else 2  # [x_t^1 ; (x_t^2 ;) x_0]
-    for _ in range(cfg.optim.grad_accum):
-        batch = ctx.loader.next_batch()
+    for micro in range(cfg.optim.grad_accum):
+        batch = ctx.loader.next_batch()  # the global batch: same cursor, same masks on every rank
         noise = draw_noise(batch.response_mask, batch.sample_ids, ctx.noise_gen, cfg.noise_eps,
                            cfg.complementary_masks)
-        loss, _ = compute_loss(ctx.model, batch.to(ctx.device), noise, ctx.tokenizer.mask_token_id,
-                               ctx.attn_impl, ctx.device, cfg.dtype)
-        (loss / cfg.optim.grad_accum).backward()
-        total_loss += float(loss.detach()) / cfg.optim.grad_accum
         num_tokens += batch.num_tokens
         num_positions += batch.input_ids.numel() * num_streams
+        local, local_noise, weight = local_share(batch, noise)
+        with dist_lib.grad_sync(ctx.model, enabled=micro == cfg.optim.grad_accum - 1):
+            loss, _ = compute_loss(ctx.model, local.to(ctx.device), local_noise, ctx.tokenizer.mask_token_id,
+                                   ctx.attn_impl, ctx.device, cfg.dtype)
+            # x * 1.0 is exact: one rank computes exactly what it always did.
+            (loss * (weight * dist_lib.world_size()) / cfg.optim.grad_accum).backward()
+        total_loss += float(loss.detach()) * weight / cfg.optim.grad_accum
+    total_loss = dist_lib.all_reduce_sum([total_loss])[0]
     grad_norm, skipped = clip_and_step(ctx.model, ctx.optimizer, ctx.scheduler, cfg.optim)
     return {"loss": total_loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "num_tokens": num_tokens,
             "num_positions": num_positions}
@@ -185,14 +221,19 @@ class SFTRun:
 def build_run(cfg: SFTConfig, resume: str | Path | None = None) -> SFTRun:
     """Sections 1-2: model, data, optimizer, schedule; restored from ``resume`` if given."""
     set_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = dist_lib.local_device(resolve_device(cfg.device))
+    dist_lib.init_from_env(cfg.dist, device)
+    if cfg.batch_size < dist_lib.world_size():
+        raise ValueError(f"batch_size={cfg.batch_size} is the global batch: it must be >= the "
+                         f"{dist_lib.world_size()} ranks")
     model, tokenizer = load_model_spec(cfg.model, device, cfg.param_dtype, cfg.seed)
     examples = load_examples(cfg, tokenizer, model.config.block_size)  # validates every row first
     attn_impl = resolve_attn_impl(cfg.attn_impl, device)
     # Flex compiles per shape: give unpacked batches a fixed length too.
     row_length = cfg.data.max_length if (cfg.pack or attn_impl == "flex") else None
     loader = SFTLoader(examples, cfg.batch_size, tokenizer.pad_token_id, cfg.seed, cfg.pack, row_length)
-    optimizer = build_optimizer(model, cfg.optim)
+    model = dist_lib.wrap(model, cfg.dist.strategy, device)
+    optimizer = build_optimizer(dist_lib.unwrap(model), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps)
     noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
     run = SFTRun(cfg, Path(cfg.out), device, attn_impl, model, tokenizer, optimizer, scheduler, loader, noise_gen)
@@ -208,15 +249,27 @@ def build_run(cfg: SFTConfig, resume: str | Path | None = None) -> SFTRun:
 
 
 def train_sft(cfg: SFTConfig, resume: str | Path | None = None) -> Path:
-    """Run (or continue) SFT; returns the run directory."""
-    run = build_run(cfg, resume)
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    (run.run_dir / "config.yaml").write_text(config_lib.dump(cfg))
-    logger = MetricsLogger(run.run_dir, resume_step=run.step if resume is not None else None)
+    """Run (or continue) SFT; returns the run directory. Under torchrun every rank calls it."""
+    created_group = dist_lib.init_from_env(cfg.dist, dist_lib.local_device(resolve_device(cfg.device)))
+    try:
+        return _train(build_run(cfg, resume), resume is not None)
+    finally:
+        if created_group:
+            dist_lib.teardown()
+
+
+def _train(run: SFTRun, resumed: bool) -> Path:
+    """Sections 3-5: the loop (every rank), logging and files (rank 0)."""
+    cfg, main = run.cfg, dist_lib.is_main()
+    if main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "config.yaml").write_text(config_lib.dump(cfg))
+    logger = MetricsLogger(run.run_dir, enabled=main, resume_step=run.step if resumed else None)
     last_step = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else cfg.max_steps
-    bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not cfg.progress, desc="sft", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not (cfg.progress and main), desc="sft",
+               dynamic_ncols=True)
     window = _Window()
-    saved_at = run.step if resume is not None else -1
+    saved_at = run.step if resumed else -1
     run.model.train()
     try:
         while run.step < last_step:
@@ -230,7 +283,7 @@ def train_sft(cfg: SFTConfig, resume: str | Path | None = None) -> Path:
             if run.step % cfg.log_every == 0 or run.step == last_step:
                 _log(run, logger, bar, window.flush(run.skipped_steps))
             if cfg.eval_every > 0 and run.step % cfg.eval_every == 0 and cfg.data.source.startswith("task:"):
-                _log(run, logger, bar, held_out_accuracy(run.model, run.tokenizer, cfg))
+                _log(run, logger, bar, _evaluate(run))
                 run.model.train()
             if cfg.save_every > 0 and run.step % cfg.save_every == 0:
                 run.save()
@@ -239,11 +292,19 @@ def train_sft(cfg: SFTConfig, resume: str | Path | None = None) -> Path:
         if saved_at != run.step:
             run.save()
         if run.step >= cfg.max_steps:
-            save_pretrained(run.model, run.tokenizer, run.run_dir / "final")
+            state_lib.save_model_dir(run.model, run.tokenizer, run.run_dir / "final")
     finally:
         bar.close()
         logger.close()
     return run.run_dir
+
+
+def _evaluate(run: SFTRun) -> dict:
+    """Held-out accuracy, by rank 0 on the full weights (the others wait at the next collective)."""
+    with dist_lib.full_params(run.model):
+        if not dist_lib.is_main():
+            return {}
+        return held_out_accuracy(dist_lib.unwrap(run.model), run.tokenizer, run.cfg)
 
 
 class _Window:
@@ -268,6 +329,8 @@ class _Window:
 
 
 def _log(run: SFTRun, logger: MetricsLogger, bar, metrics: dict) -> None:
+    if not dist_lib.is_main():
+        return
     logger.log(run.step, metrics)
     line = f"step {run.step}/{run.cfg.max_steps} " + format_metrics(metrics)
     if run.cfg.progress:

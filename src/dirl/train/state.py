@@ -16,6 +16,12 @@ A checkpoint directory is written under a temporary name and renamed
 leaves the previous good checkpoint and a ``latest`` that names a complete one.
 ``trainer_state.pt`` holds tensors, primitives and containers only and is read
 with ``torch.load(weights_only=True)``: no pickled code is ever executed.
+
+Under torchrun, saving is a collective (a sharded model's full weights and
+optimizer state are gathered to rank 0) and only rank 0 writes; the files are
+the same as a single-process run's -- full tensors, the optimizer in the plain
+``optimizer.state_dict()`` layout -- so a checkpoint resumes on any world size.
+Every rank reads the checkpoint when resuming (a filesystem shared by the nodes).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import yaml
 
 from dirl import config as config_lib
 from dirl.model.checkpoint import CheckpointError, atomic_directory, load_state_into, save_pretrained
+from dirl.train import dist as dist_lib
 from dirl.train.common import get_rng_state, set_rng_state
 
 CHECKPOINTS = "checkpoints"
@@ -65,32 +72,70 @@ def _config_text(config_obj) -> str:
     return yaml.safe_dump(config_obj, sort_keys=False)
 
 
+class _FullWeights:
+    """What :func:`save_pretrained` / :func:`load_state_into` read from a model (``config``,
+    ``state_dict()``, ``parameters()``), over a full state dict of a sharded model."""
+
+    def __init__(self, config, tensors: dict[str, torch.Tensor]):
+        self.config, self.tensors = config, tensors
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.tensors)  # a copy: the readers pop tied weights from it
+
+    def parameters(self):
+        return iter(self.tensors.values())
+
+
+def _weights_to_save(model):
+    """A plain model to save as is, or (sharded) its gathered full weights; a collective when
+    sharded, and None on ranks other than 0."""
+    if not dist_lib.is_sharded(model):
+        return dist_lib.unwrap(model)
+    full = dist_lib.gather_full_state(model)
+    return _FullWeights(model.config, full) if full is not None else None
+
+
+def save_model_dir(model, tokenizer, directory: str | Path) -> Path:
+    """:func:`save_pretrained` for any world size: gathered if sharded, written by rank 0 only."""
+    weights = _weights_to_save(model)
+    if dist_lib.is_main():
+        save_pretrained(weights, tokenizer, directory)
+    dist_lib.barrier()
+    return Path(directory)
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer, scheduler,
                     extra: dict | None, config_obj, keep_last: int | None = 3) -> Path:
     """Atomically write checkpoint ``step``, point ``latest`` at it, prune old ones.
 
     ``extra`` must hold only tensors / primitives / containers (it is loaded with
-    ``weights_only=True``). ``keep_last=None`` keeps every checkpoint.
+    ``weights_only=True``). ``keep_last=None`` keeps every checkpoint. Under
+    torchrun every rank calls it; rank 0 writes.
     """
-    trainer_state = {
-        "step": int(step),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "rng": get_rng_state(),
-        "extra": dict(extra or {}),
-    }
-    config_text = _config_text(config_obj)
+    weights = _weights_to_save(model)
+    optimizer_state = dist_lib.gather_full_optim_state(model, optimizer) if optimizer is not None else None
+    final = checkpoint_dir(run_dir, step)
+    if dist_lib.is_main():
+        trainer_state = {
+            "step": int(step),
+            "optimizer": optimizer_state,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": get_rng_state(),
+            "extra": dict(extra or {}),
+        }
+        config_text = _config_text(config_obj)
 
-    def write(tmp: Path) -> None:
-        save_pretrained(model, tokenizer, tmp)
-        torch.save(trainer_state, tmp / TRAINER_STATE)
-        if config_text:
-            (tmp / CONFIG_FILE).write_text(config_text)
+        def write(tmp: Path) -> None:
+            save_pretrained(weights, tokenizer, tmp)
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+            if config_text:
+                (tmp / CONFIG_FILE).write_text(config_text)
 
-    final = atomic_directory(checkpoint_dir(run_dir, step), write)
-    _write_latest(final)
-    if keep_last is not None:
-        prune_checkpoints(run_dir, keep_last, protect=final)
+        final = atomic_directory(final, write)
+        _write_latest(final)
+        if keep_last is not None:
+            prune_checkpoints(run_dir, keep_last, protect=final)
+    dist_lib.barrier()  # nobody reads the checkpoint before it is complete
     return final
 
 
@@ -150,17 +195,32 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None,
     path = resolve_resume(path)
     state_file = path / TRAINER_STATE
     try:
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        # Under torchrun every rank reads the file: memory-map it, so the ranks of a node share
+        # one copy of the (large) optimizer state in the page cache.
+        state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=dist_lib.is_distributed())
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
         raise CheckpointError(f"{state_file}: cannot read trainer state: {err}") from err
-    load_state_into(model, path)
+    _load_weights(model, path)
     if optimizer is not None:
         if state.get("optimizer") is None:
             raise CheckpointError(f"{state_file}: holds no optimizer state")
-        optimizer.load_state_dict(state["optimizer"])
+        dist_lib.load_full_optim_state(model, optimizer, state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
         set_rng_state(state["rng"])
     state["path"] = str(path)
     return state
+
+
+def _load_weights(model, path: Path) -> None:
+    """Checkpoint weights into a plain, DDP or sharded model (validated names and shapes)."""
+    if not dist_lib.is_sharded(model):
+        load_state_into(dist_lib.unwrap(model), path)
+        return
+    view = _FullWeights(model.config, {name: torch.empty(t.shape, dtype=t.dtype)
+                                       for name, t in model.state_dict().items()})
+    load_state_into(view, path)
+    if model.config.tie_word_embeddings:  # not stored: it is the embedding
+        view.tensors["lm_head.weight"] = view.tensors["model.embed_tokens.weight"]
+    dist_lib.load_full_state(model, view.tensors)
