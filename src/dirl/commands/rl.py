@@ -17,5 +17,8 @@ def run(args) -> int:
 
     cfg = config_lib.load(RLConfig, args.config, args.overrides)
     run_dir = train_rl(cfg, resume=args.resume, progress=not args.no_progress)
-    print(f"rl: done, run directory {run_dir}")
+    from dirl.train import dist
+
+    if dist.is_main():
+        print(f"rl: done, run directory {run_dir}")
     return 0

@@ -49,5 +49,8 @@ def run(args) -> int:
     except (DataError, CheckpointError, FileNotFoundError) as err:
         print(f"dirl sft: error: {err}", file=sys.stderr)
         return 2
-    print(f"run directory: {run_dir}")
+    from dirl.train import dist
+
+    if dist.is_main():
+        print(f"run directory: {run_dir}")
     return 0

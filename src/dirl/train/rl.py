@@ -222,13 +222,14 @@ def gather_batch(backend, tokenizer, rows, prompt_ids, sampler, cfg: RLConfig, r
 def _rollout_metrics(rollouts, rewards_t) -> dict:
     """``rollouts``: this rank's; ``rewards_t``: every kept rollout's reward (all ranks)."""
     sums = [sum(r.num_tokens for r in rollouts), sum(r.num_forwards for r in rollouts), len(rollouts),
-            sum(r.finish_reason == "length" for r in rollouts), sum(len(r.token_ids) for r in rollouts)]
-    tokens, forwards, count, clipped, generated = dist_lib.all_reduce_sum(sums)
+            sum(r.finish_reason == "length" for r in rollouts)]
+    tokens, forwards, count, clipped = dist_lib.all_reduce_sum(sums)
     return {"reward": float(rewards_t.mean()) if rewards_t.numel() else 0.0,
             "reward_std": float(rewards_t.std(unbiased=False)) if rewards_t.numel() else 0.0,
             "completions/mean_length": tokens / max(count, 1),
             "completions/clipped_ratio": clipped / max(count, 1),
-            "tokens_per_forward": generated / max(forwards, 1)}
+            # as in `dirl eval`: completion tokens (not the positions after a stop) per forward
+            "tokens_per_forward": tokens / max(forwards, 1)}
 
 
 def _held_out_eval(model, tokenizer, eval_rows, cfg: RLConfig, template: str, rewards) -> dict:
