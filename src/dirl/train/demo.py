@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dirl.data import load_prompt_rows
 from dirl.eval.evaluate import EvalConfig, evaluate
+from dirl.train.common import OptimConfig
 from dirl.train.models import load_model_spec
 from dirl.train.rl import RLConfig, RolloutConfig, train_rl
 from dirl.train.rl_update import AlgoConfig
@@ -30,10 +31,12 @@ class DemoConfig:
     out: str = "runs/demo"
     task: str = "arithmetic"
     seed: int = 0
-    sft: str = "shipped"              # shipped | train | <checkpoint dir>
+    sft: str = "auto"                 # auto (shipped if present, else train) | shipped | train | <checkpoint dir>
     estimator: str = "trace"          # shortcut for rl.algo.estimator
     eval_limit: int = 128             # held-out prompts
-    sft_recipe: SFTConfig = field(default_factory=SFTConfig)
+    sft_recipe: SFTConfig = field(default_factory=lambda: SFTConfig(
+        model="init:tiny", max_steps=300, batch_size=16, log_every=50, save_every=0,
+        optim=OptimConfig(lr=1e-3, warmup_steps=20), complementary_masks=True))
     rl: RLConfig = field(default_factory=lambda: RLConfig(
         max_steps=40, eval_every=10, log_every=5,
         rollout=RolloutConfig(num_prompts=16, group_size=8, max_new_tokens=32, threshold=0.9),
@@ -52,11 +55,14 @@ def _held_out(model_dir: str, cfg: DemoConfig) -> dict:
 
 
 def _sft_stage(cfg: DemoConfig, out: Path) -> str:
-    if cfg.sft == "shipped":
+    choice = cfg.sft
+    if choice == "auto":
+        choice = "shipped" if (SHIPPED_SFT / "config.json").exists() else "train"
+    if choice == "shipped":
         if not (SHIPPED_SFT / "config.json").exists():
             raise FileNotFoundError(f"{SHIPPED_SFT}: the shipped SFT checkpoint is missing; run with sft=train")
         return str(SHIPPED_SFT)
-    if cfg.sft == "train":
+    if choice == "train":
         recipe = cfg.sft_recipe
         recipe.out = str(out / "sft")
         return str(train_sft(recipe) / "final")
