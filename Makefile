@@ -22,7 +22,7 @@ test-all: $(STAMP)
 	$(BIN)/pytest -m "not gpu"
 
 demo: $(STAMP)
-	$(BIN)/dirl demo
+	$(BIN)/dirl demo --config configs/demo.yaml
 
 bench: $(STAMP)
 	$(BIN)/dirl bench all

@@ -92,6 +92,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(hidden_size=320, intermediate_size=1088, num_hidden_layers=8,
                   num_attention_heads=5, num_key_value_heads=1, head_dim=64,
                   rope_theta=10_000.0, max_position_embeddings=1024),
+    # `dirl demo`: ~0.8M parameters (4 layers, d 128), 3.2 MB in fp32. Chosen for the
+    # 10-minute CPU budget: `small` runs ~10x slower per token on a 2-core CPU, too
+    # slow to SFT in the budget and to take the ~200 RL steps the demo needs.
+    "demo": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                 rope_theta=10_000.0, max_position_embeddings=256),
     # The real thing (weights are not shipped): SDAR-8B-Chat's shape.
     "sdar-8b": dict(),
 }

@@ -1,147 +1,274 @@
 """``dirl demo``: the whole pipeline on CPU -- SFT, held-out eval, DiPO, held-out eval.
 
-The embedded default is the built-in arithmetic task and the ``small`` model.
-SFT from scratch does not fit a 10-minute CPU budget, so by default the demo
-starts from the SFT checkpoint shipped in the package (made by the project's own
-``dirl sft`` recipe ``configs/demo-sft.yaml``; see the README); ``sft=train``
-runs that SFT stage instead. Held-out prompts come from the task's test split,
-which is disjoint from the training split by construction.
+Stages (each timed; the summary table and the last line report them):
+
+1. data -- the built-in task with the demo's difficulty knobs, written as JSON Lines
+   under ``out/data``: ``sft.jsonl`` (train split, worked solutions; also the RL
+   prompts) and ``test.jsonl`` (held-out prompts). The task splits by a hash of the
+   question text, so the held-out prompts are disjoint from every training prompt.
+2. sft -- by default the checkpoint shipped in the package (``dirl/assets/demo-sft``,
+   made by ``dirl sft --config configs/demo-sft.yaml``; see the README), because SFT
+   plus RL does not fit 10 minutes on a loaded 2-core CPU; ``sft=train`` runs that
+   same recipe here instead, ``sft=<dir>`` starts from any checkpoint.
+3. held-out greedy accuracy of the SFT model;
+4. RL with the chosen estimator (DiPO's exact ``trace`` by default); ``rl_wall_s``
+   stops the stage after that many seconds (checked every ``rl.eval_every`` steps),
+   which is how estimators are compared at equal wall time;
+5. held-out greedy accuracy of the RL model, ``metrics.jsonl``, ``curves.png``,
+   ``summary.json``, the table and the line
+   ``demo: sft_acc=0.XXX rl_acc=0.YYY gain=0.ZZZ wall_s=NNN``.
+
+Everything is seeded: with a fixed seed, thread count and ``rl_wall_s=0`` two runs
+print the same accuracies.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from dirl.data import load_prompt_rows
-from dirl.eval.evaluate import EvalConfig, evaluate
+from dirl import config as config_lib
+from dirl.data import get_task
 from dirl.train.common import OptimConfig
-from dirl.train.models import load_model_spec
-from dirl.train.rl import RLConfig, RolloutConfig, train_rl
+from dirl.train.rl import RLConfig, RolloutConfig
 from dirl.train.rl_update import AlgoConfig
-from dirl.train.sft import SFTConfig, train_sft
 
-SHIPPED_SFT = Path(__file__).resolve().parents[1] / "assets" / "demo-sft"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+SHIPPED_SFT = ASSETS / "demo-sft"
+SHIPPED_RECIPE = SHIPPED_SFT / "recipe.yaml"   # a copy of configs/demo-sft.yaml
+STAGES = ("data", "sft", "all")
+
+
+def _demo_rl() -> RLConfig:
+    """The RL recipe (configs/demo.yaml repeats it; a test holds the two equal)."""
+    return RLConfig(
+        max_steps=200, eval_every=20, log_every=10,
+        optim=OptimConfig(lr=3e-5, warmup_steps=5, schedule="constant", grad_clip=1.0),
+        rollout=RolloutConfig(num_prompts=16, group_size=8, max_new_tokens=36, temperature=0.6,
+                              unmasking="dynamic", threshold=0.9),
+        algo=AlgoConfig(estimator="trace", beta=0.0))
 
 
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"
-    task: str = "arithmetic"
     seed: int = 0
-    sft: str = "auto"                 # auto (shipped if present, else train) | shipped | train | <checkpoint dir>
+    task: str = "arithmetic"
+    # Chains of 3-4 one-digit operands with + and -: a 0.8M-parameter model learns the
+    # worked format within ~100 SFT steps and the arithmetic gradually after that.
+    task_params: dict[str, Any] = field(default_factory=lambda: {
+        "min_operands": 3, "max_operands": 4, "ops": "+-", "max_operand": 9})
+    num_train: int = 5000             # train-split problems (SFT targets and RL prompts)
+    eval_limit: int = 256             # held-out prompts (test split)
+    stop_after: str = "all"           # data | sft | all
+    sft: str = "shipped"              # shipped | train | <checkpoint dir>
+    sft_recipe: str = ""              # sft=train: an SFTConfig YAML ("" = the shipped recipe)
+    sft_overrides: list[str] = field(default_factory=list)  # key=value applied to the recipe
     estimator: str = "trace"          # shortcut for rl.algo.estimator
-    eval_limit: int = 128             # held-out prompts
-    sft_recipe: SFTConfig = field(default_factory=lambda: SFTConfig(
-        model="init:tiny", max_steps=300, batch_size=16, log_every=50, save_every=0,
-        optim=OptimConfig(lr=1e-3, warmup_steps=20), complementary_masks=True))
-    rl: RLConfig = field(default_factory=lambda: RLConfig(
-        max_steps=40, eval_every=10, log_every=5,
-        rollout=RolloutConfig(num_prompts=16, group_size=8, max_new_tokens=32, threshold=0.9),
-        algo=AlgoConfig(beta=0.0)))
+    rl_wall_s: float = 0.0            # > 0: end RL after this many seconds (equal-time comparisons)
+    progress: bool = True
+    rl: RLConfig = field(default_factory=_demo_rl)
+
+    def __post_init__(self) -> None:
+        if self.stop_after not in STAGES:
+            raise ValueError(f"stop_after must be one of {STAGES}, got {self.stop_after!r}")
+        if self.eval_limit < 1 or self.num_train < 1:
+            raise ValueError("eval_limit and num_train must be >= 1")
 
 
-def _held_out(model_dir: str, cfg: DemoConfig) -> dict:
-    model, tokenizer = load_model_spec(model_dir, seed=cfg.seed)
-    rows = load_prompt_rows(f"task:{cfg.task}:test", limit=cfg.eval_limit, seed=cfg.seed + 1)
-    r = cfg.rl.rollout
-    eval_cfg = EvalConfig(model=model_dir, data=f"task:{cfg.task}:test", k=1, temperature=0.0,
-                          max_new_tokens=r.max_new_tokens, unmasking=r.unmasking, threshold=r.threshold,
-                          steps_per_block=r.steps_per_block, seed=cfg.seed, limit=cfg.eval_limit)
-    summary, _ = evaluate(model, tokenizer, rows, eval_cfg, progress=True)
-    return summary
+# ---------------------------------------------------------------- 1. data
 
 
-def _sft_stage(cfg: DemoConfig, out: Path) -> str:
-    choice = cfg.sft
-    if choice == "auto":
-        choice = "shipped" if (SHIPPED_SFT / "config.json").exists() else "train"
-    if choice == "shipped":
+def write_data(cfg: DemoConfig, data_dir: Path) -> dict[str, Path]:
+    """Write ``sft.jsonl`` (train split) and ``test.jsonl`` (held-out) for the demo task."""
+    task = get_task(cfg.task, **cfg.task_params)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    files = {"sft": data_dir / "sft.jsonl", "test": data_dir / "test.jsonl"}
+    splits = {"sft": task.generate("train", cfg.num_train, seed=cfg.seed),
+              "test": task.generate("test", cfg.eval_limit, seed=cfg.seed + 1)}
+    for name, rows in splits.items():
+        files[name].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return files
+
+
+# ---------------------------------------------------------------- 2. SFT
+
+
+def sft_recipe(cfg: DemoConfig, data: dict[str, Path], out: Path):
+    """The SFT recipe (shipped copy of configs/demo-sft.yaml) pointed at this run's data."""
+    from dirl.train.sft import SFTConfig
+
+    path = cfg.sft_recipe or SHIPPED_RECIPE
+    overrides = [f"data.source={data['sft']}", f"out={out / 'sft'}", f"seed={cfg.seed}",
+                 f"progress={str(cfg.progress).lower()}", *cfg.sft_overrides]
+    return config_lib.load(SFTConfig, path, overrides)
+
+
+def sft_stage(cfg: DemoConfig, data: dict[str, Path], out: Path) -> str:
+    """Return the SFT checkpoint directory (shipped, trained here, or given)."""
+    if cfg.sft == "shipped":
         if not (SHIPPED_SFT / "config.json").exists():
             raise FileNotFoundError(f"{SHIPPED_SFT}: the shipped SFT checkpoint is missing; run with sft=train")
         return str(SHIPPED_SFT)
-    if choice == "train":
-        recipe = cfg.sft_recipe
-        recipe.out = str(out / "sft")
-        return str(train_sft(recipe) / "final")
+    if cfg.sft == "train":
+        from dirl.train.sft import train_sft
+
+        return str(train_sft(sft_recipe(cfg, data, out)) / "final")
+    if not Path(cfg.sft, "config.json").exists():
+        raise FileNotFoundError(f"sft={cfg.sft!r}: not 'shipped', 'train' or a checkpoint directory")
     return cfg.sft
 
 
-def plot_curves(metrics_file: Path, png: Path, sft_acc: float) -> None:
-    """Reward and held-out accuracy over RL steps."""
+# ---------------------------------------------------------------- 3/5. held-out eval
+
+
+def held_out(model_dir: str, cfg: DemoConfig, test_file: Path) -> dict:
+    """Greedy accuracy (and tokens per forward) on the held-out prompts, decoded as in RL."""
+    from dirl.data import load_prompt_rows
+    from dirl.eval.evaluate import EvalConfig, evaluate
+    from dirl.train.models import load_model_spec
+
+    task = get_task(cfg.task)
+    model, tokenizer = load_model_spec(model_dir, seed=cfg.seed)
+    rows = load_prompt_rows(test_file, limit=cfg.eval_limit)
+    r = cfg.rl.rollout
+    eval_cfg = EvalConfig(model=model_dir, data=str(test_file), reward=task.reward,
+                          prompt_template=task.prompt_template, k=1, temperature=0.0,
+                          max_new_tokens=r.max_new_tokens, unmasking=r.unmasking, threshold=r.threshold,
+                          steps_per_block=r.steps_per_block, seed=cfg.seed, batch_size=64)
+    summary, _ = evaluate(model, tokenizer, rows, eval_cfg, progress=cfg.progress)
+    return summary
+
+
+# ---------------------------------------------------------------- 4. RL
+
+
+def rl_config(cfg: DemoConfig, sft_dir: str, data: dict[str, Path], out: Path) -> RLConfig:
+    """``cfg.rl`` pointed at the SFT checkpoint, the demo data and the chosen estimator."""
+    task = get_task(cfg.task)
+    rl = copy.deepcopy(cfg.rl)
+    rl.model, rl.out, rl.seed = sft_dir, str(out / "rl"), cfg.seed
+    rl.data, rl.eval_data, rl.eval_limit = str(data["sft"]), str(data["test"]), cfg.eval_limit
+    rl.prompt_template, rl.rewards = task.prompt_template, {task.reward: 1.0}
+    rl.algo.estimator = cfg.estimator
+    return rl
+
+
+def rl_stage(cfg: DemoConfig, rl: RLConfig) -> tuple[Path, int]:
+    """Run RL; with ``rl_wall_s`` in chunks of ``eval_every`` steps, resuming exactly,
+    until the budget is spent. Returns (run dir, steps done)."""
+    from dirl.train.rl import train_rl
+    from dirl.train.state import resolve_resume
+
+    if cfg.rl_wall_s <= 0:  # one call: exactly the recipe, deterministic
+        return train_rl(rl, progress=cfg.progress), rl.max_steps
+    total, chunk = rl.max_steps, rl.eval_every or rl.max_steps
+    start, done, resume, run_dir = time.perf_counter(), 0, None, Path(rl.out)
+    while done < total and (done == 0 or time.perf_counter() - start < cfg.rl_wall_s):
+        # The schedule is rebuilt per call: fine for the constant schedule RL uses.
+        rl.max_steps = min(done + chunk, total)
+        run_dir = train_rl(rl, resume=resume, progress=cfg.progress)
+        done, resume = rl.max_steps, str(resolve_resume(run_dir))
+    return run_dir, done
+
+
+# ---------------------------------------------------------------- report
+
+
+def rl_step_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def plot_curves(rows: list[dict], png: Path, sft_acc: float, title: str) -> None:
+    """Training reward and held-out greedy accuracy over RL steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["reward"] for r in rows], label="train reward (sampled)")
+    ax.plot([r["step"] for r in rows], [r["reward"] for r in rows], alpha=0.6, label="train reward (sampled)")
     evals = [(0, sft_acc)] + [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
     ax.plot(*zip(*evals), "o-", label="held-out accuracy (greedy)")
     ax.set_xlabel("RL step")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("dirl demo: DiPO after SFT")
+    ax.legend(loc="lower right")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
 
 
-def _print_table(stages: dict, sft_sum: dict, rl_sum: dict) -> None:
+def print_table(summary: dict) -> None:
+    """The per-stage table (rich renders it; plain text when piped)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="dirl demo")
+    st, acc, tpf = summary["stages_s"], summary, summary["tokens_per_forward"]
+    table = Table(title=f"dirl demo ({summary['task']}, estimator={summary['estimator']})")
     for col in ("stage", "held-out accuracy", "tokens/forward", "wall s"):
-        table.add_column(col)
-    table.add_row("SFT", f"{sft_sum['accuracy']:.3f}", f"{sft_sum['tokens_per_forward']:.2f}", f"{stages['sft']:.0f}")
-    table.add_row("eval (SFT)", "", "", f"{stages['eval_sft']:.0f}")
-    table.add_row("DiPO RL", f"{rl_sum['accuracy']:.3f}", f"{rl_sum['tokens_per_forward']:.2f}", f"{stages['rl']:.0f}")
-    table.add_row("eval (RL)", "", "", f"{stages['eval_rl']:.0f}")
-    table.add_row("gain", f"{rl_sum['accuracy'] - sft_sum['accuracy']:+.3f}", "", "")
-    Console().print(table)
+        table.add_column(col, justify="right" if col != "stage" else "left")
+    table.add_row("data", "", "", f"{st['data']:.1f}")
+    table.add_row(f"SFT ({summary['sft_source']})", "", "", f"{st['sft']:.1f}")
+    table.add_row("eval after SFT", f"{acc['sft_acc']:.3f}", f"{tpf['sft']:.2f}", f"{st['eval_sft']:.1f}")
+    table.add_row(f"RL ({summary['rl_steps']} steps)", "", "", f"{st['rl']:.1f}")
+    table.add_row("eval after RL", f"{acc['rl_acc']:.3f}", f"{tpf['rl']:.2f}", f"{st['eval_rl']:.1f}")
+    table.add_row("gain", f"{acc['gain']:+.3f}", "", "")
+    table.add_row("total", "", "", f"{summary['wall_s']:.1f}")
+    Console(width=100).print(table)
+
+
+def _write_metrics(path: Path, sft_sum: dict, rl_rows: list[dict], rl_sum: dict, summary: dict) -> None:
+    """One JSON object per line: the SFT eval, every RL step, the RL eval, the summary."""
+    lines = [{"stage": "eval_sft", **sft_sum}] + [{"stage": "rl", **row} for row in rl_rows]
+    lines += [{"stage": "eval_rl", **rl_sum}, {"stage": "summary", **summary}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+# ---------------------------------------------------------------- the pipeline
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    """Run every stage; return the summary (also written to ``out/summary.json``)."""
+    """Run the stages; return the summary (also written to ``out/summary.json``)."""
     start = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    stages = {}
-    # 1. SFT (the shipped checkpoint by default).
-    t0 = time.perf_counter()
-    sft_dir = _sft_stage(cfg, out)
-    stages["sft"] = time.perf_counter() - t0
-    # 2. Held-out accuracy after SFT.
-    t0 = time.perf_counter()
-    sft_sum = _held_out(sft_dir, cfg)
-    stages["eval_sft"] = time.perf_counter() - t0
-    # 3. DiPO (or the chosen estimator) from the SFT checkpoint.
-    t0 = time.perf_counter()
-    rl = cfg.rl
-    rl.model, rl.out, rl.data, rl.seed = sft_dir, str(out / "rl"), f"task:{cfg.task}", cfg.seed
-    rl.algo.estimator, rl.eval_limit = cfg.estimator, cfg.eval_limit
-    run_dir = train_rl(rl)
-    stages["rl"] = time.perf_counter() - t0
-    # 4. Held-out accuracy after RL, report, plot.
-    t0 = time.perf_counter()
-    rl_sum = _held_out(str(run_dir / "final"), cfg)
-    stages["eval_rl"] = time.perf_counter() - t0
-    plot_curves(run_dir / "metrics.jsonl", out / "curves.png", sft_sum["accuracy"])
-    wall = time.perf_counter() - start
+    (out / "demo.yaml").write_text(config_lib.dump(cfg))
+    stages: dict[str, float] = {}
+
+    def timed(name, fn, *args):
+        t0 = time.perf_counter()
+        result = fn(*args)
+        stages[name] = time.perf_counter() - t0
+        return result
+
+    data = timed("data", write_data, cfg, out / "data")
+    if cfg.stop_after == "data":
+        return {"data": {k: str(v) for k, v in data.items()}}
+    sft_dir = timed("sft", sft_stage, cfg, data, out)
+    if cfg.stop_after == "sft":
+        return {"sft_checkpoint": sft_dir}
+    sft_sum = timed("eval_sft", held_out, sft_dir, cfg, data["test"])
+    run_dir, steps = timed("rl", rl_stage, cfg, rl_config(cfg, sft_dir, data, out))
+    rl_sum = timed("eval_rl", held_out, str(run_dir / "final"), cfg, data["test"])
+    rows = rl_step_rows(run_dir)
+    plot_curves(rows, out / "curves.png", sft_sum["accuracy"], f"dirl demo: {cfg.estimator} RL after SFT ({cfg.task})")
     summary = {"sft_acc": sft_sum["accuracy"], "rl_acc": rl_sum["accuracy"],
-               "gain": rl_sum["accuracy"] - sft_sum["accuracy"], "wall_s": wall, "stages_s": stages,
+               "gain": rl_sum["accuracy"] - sft_sum["accuracy"], "wall_s": time.perf_counter() - start,
+               "stages_s": stages, "rl_steps": steps, "eval_prompts": sft_sum["num_questions"],
                "tokens_per_forward": {"sft": sft_sum["tokens_per_forward"], "rl": rl_sum["tokens_per_forward"]},
-               "estimator": cfg.estimator, "sft_checkpoint": sft_dir, "run_dir": str(run_dir)}
+               "task": cfg.task, "estimator": cfg.estimator,
+               "sft_source": cfg.sft if cfg.sft in ("shipped", "train") else "dir",
+               "sft_checkpoint": sft_dir, "run_dir": str(run_dir)}
+    _write_metrics(out / "metrics.jsonl", sft_sum, rows, rl_sum, summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    with (out / "metrics.jsonl").open("w") as f:
-        f.write(json.dumps({"stage": "sft", **sft_sum}) + "\n")
-        f.write(json.dumps({"stage": "rl", **rl_sum}) + "\n")
-    _print_table(stages, sft_sum, rl_sum)
+    print_table(summary)
     print(f"demo: sft_acc={summary['sft_acc']:.3f} rl_acc={summary['rl_acc']:.3f} "
-          f"gain={summary['gain']:.3f} wall_s={wall:.0f}")
+          f"gain={summary['gain']:.3f} wall_s={summary['wall_s']:.0f}", flush=True)
     return summary
