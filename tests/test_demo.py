@@ -84,5 +84,10 @@ def test_demo_is_deterministic_and_wall_time_chunks_resume_exactly(tmp_path):
 def test_bad_choices_are_named(tmp_path):
     with pytest.raises(config_lib.ConfigError, match="stop_after"):
         config_lib.load(DemoConfig, None, ["stop_after=everything"])
+    with pytest.raises(config_lib.ConfigError, match="estimator must be one of"):
+        config_lib.load(DemoConfig, None, ["estimator=trace_typo"])
+    # The shortcut and the full key name one estimator, whichever is given.
+    assert config_lib.load(DemoConfig, None, ["estimator=coupled"]).rl.algo.estimator == "coupled"
+    assert config_lib.load(DemoConfig, None, ["rl.algo.estimator=trace_mc"]).estimator == "trace_mc"
     with pytest.raises(FileNotFoundError, match="sft='nowhere'"):
         run_demo(_short(tmp_path, "sft=nowhere"))

@@ -68,7 +68,7 @@ class DemoConfig:
     sft: str = "shipped"              # shipped | train | <checkpoint dir>
     sft_recipe: str = ""              # sft=train: an SFTConfig YAML ("" = the shipped recipe)
     sft_overrides: list[str] = field(default_factory=list)  # key=value applied to the recipe
-    estimator: str = "trace"          # shortcut for rl.algo.estimator
+    estimator: str = ""               # shortcut: sets rl.algo.estimator ("" = keep it)
     rl_wall_s: float = 0.0            # > 0: end RL after this many seconds (equal-time comparisons)
     progress: bool = True
     rl: RLConfig = field(default_factory=_demo_rl)
@@ -78,6 +78,12 @@ class DemoConfig:
             raise ValueError(f"stop_after must be one of {STAGES}, got {self.stop_after!r}")
         if self.eval_limit < 1 or self.num_train < 1:
             raise ValueError("eval_limit and num_train must be >= 1")
+        from dirl.algo.likelihood import ESTIMATORS
+
+        # One source of truth: the shortcut lands in rl.algo, and both then name the same estimator.
+        self.rl.algo.estimator = self.estimator = self.estimator or self.rl.algo.estimator
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got {self.estimator!r}")
 
 
 # ---------------------------------------------------------------- 1. data
@@ -154,7 +160,6 @@ def rl_config(cfg: DemoConfig, sft_dir: str, data: dict[str, Path], out: Path) -
     rl.model, rl.out, rl.seed = sft_dir, str(out / "rl"), cfg.seed
     rl.data, rl.eval_data, rl.eval_limit = str(data["sft"]), str(data["test"]), cfg.eval_limit
     rl.prompt_template, rl.rewards = task.prompt_template, {task.reward: 1.0}
-    rl.algo.estimator = cfg.estimator
     return rl
 
 
