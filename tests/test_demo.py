@@ -91,3 +91,11 @@ def test_bad_choices_are_named(tmp_path):
     assert config_lib.load(DemoConfig, None, ["rl.algo.estimator=trace_mc"]).estimator == "trace_mc"
     with pytest.raises(FileNotFoundError, match="sft='nowhere'"):
         run_demo(_short(tmp_path, "sft=nowhere"))
+
+
+@pytest.mark.slow
+def test_full_demo_meets_the_goal(tmp_path):
+    """The issue's accuracy goal on the embedded default (~5 min on 2 cores): gain >= 0.20.
+    (Its wall time is a measurement for BENCHMARKS.md, not asserted here.)"""
+    summary = run_demo(config_lib.load(DemoConfig, REPO / "configs/demo.yaml", [f"out={tmp_path}", "progress=false"]))
+    assert summary["rl_steps"] == 200 and summary["gain"] >= 0.20, summary
