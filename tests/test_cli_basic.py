@@ -105,3 +105,16 @@ def test_bench_engine_quick_runs(capsys, monkeypatch):
     for key in ("engine_speedup_vs_nocache", "engine_tokens_per_s", "nocache_tokens_per_s",
                 "tokens_per_forward_dynamic", "tokens_per_forward_static"):
         assert float(lines[key]) > 0, key
+
+
+def test_bench_estimators_quick_runs(capsys, monkeypatch, tmp_path):
+    """The equal-wall-time comparison's plumbing: one demo process per estimator, a table."""
+    monkeypatch.setattr("sys.argv", ["dirl"])
+    assert cli.main(["bench", "estimators", "--quick", "--estimators", "trace,mean_field", "--seeds", "0",
+                     "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| trace |" in out and "| mean_field |" in out
+    accs = dict(line.split("=", 1) for line in out.splitlines() if line.startswith("estimator_acc["))
+    assert set(accs) == {"estimator_acc[trace]", "estimator_acc[mean_field]"}
+    assert all(0.0 <= float(v) <= 1.0 for v in accs.values())
+    assert (tmp_path / "trace-s0" / "curves.png").exists()
