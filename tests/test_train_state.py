@@ -198,3 +198,8 @@ def test_metrics_logger_truncates_on_resume(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]
     assert rows[0]["t"] == 0.5
+    # A fresh run in the same directory starts a new file; the old one is kept beside it.
+    MetricsLogger(tmp_path).log(1, {"loss": 7.0})
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 7.0)]
+    assert len((tmp_path / "metrics.prev.jsonl").read_text().splitlines()) == 3

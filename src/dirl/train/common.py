@@ -172,7 +172,8 @@ class MetricsLogger:
 
     On resume the file is appended to; entries at or beyond the resume step from a
     run killed after its last checkpoint are dropped first, so the file reads as one
-    uninterrupted run.
+    uninterrupted run. A fresh run in a directory that already holds a
+    ``metrics.jsonl`` moves it to ``metrics.prev.jsonl`` (kept, not mixed in).
     """
 
     def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: int | None = None):
@@ -184,6 +185,8 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
+        elif resume_step is None and self.path.exists():
+            self.path.replace(self.path.with_name("metrics.prev.jsonl"))
         try:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
