@@ -196,10 +196,16 @@ def plot_curves(rows: list[dict], png: Path, sft_acc: float, title: str) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import numpy as np
+
+    steps, rewards = [r["step"] for r in rows], np.array([r["reward"] for r in rows], dtype=float)
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["reward"] for r in rows], alpha=0.6, label="train reward (sampled)")
+    ax.plot(steps, rewards, alpha=0.3, color="tab:blue", label="train reward (sampled)")
+    if len(rewards) >= 10:  # a trailing 10-step mean: one step's 128 samples are noisy
+        smooth = np.convolve(rewards, np.ones(10) / 10, mode="valid")
+        ax.plot(steps[9:], smooth, color="tab:blue", label="train reward (10-step mean)")
     evals = [(0, sft_acc)] + [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
-    ax.plot(*zip(*evals), "o-", label="held-out accuracy (greedy)")
+    ax.plot(*zip(*evals), "o-", color="tab:orange", label="held-out accuracy (greedy)")
     ax.set_xlabel("RL step")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
