@@ -23,7 +23,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ESTIMATORS = ("trace", "trace_shrink", "trace_mc", "random_mask", "coupled", "mean_field")
+from dirl.algo.likelihood import ESTIMATORS
+
 REPO = Path(__file__).resolve().parents[1]
 
 

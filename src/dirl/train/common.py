@@ -183,10 +183,11 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            self._truncate_after(resume_step)
-        elif resume_step is None and self.path.exists():
-            self.path.replace(self.path.with_name("metrics.prev.jsonl"))
+        if self.path.exists():
+            if resume_step is None:
+                self.path.replace(self.path.with_name("metrics.prev.jsonl"))
+            else:
+                self._truncate_after(resume_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))

@@ -132,29 +132,22 @@ def sft_stage(cfg: DemoConfig, data: dict[str, Path], out: Path) -> str:
 # ---------------------------------------------------------------- 3/5. held-out eval
 
 
-def held_out(model_dir: str, cfg: DemoConfig, test_file: Path) -> dict:
-    """Greedy accuracy (and tokens per forward) on the held-out prompts, decoded as in RL."""
+def held_out(model_dir: str, rl: RLConfig, progress: bool) -> dict:
+    """Greedy accuracy (and tokens per forward) on ``rl``'s held-out prompts, decoded as in RL."""
     from dirl.data import load_prompt_rows
-    from dirl.eval.evaluate import EvalConfig, evaluate
     from dirl.train.models import load_model_spec
+    from dirl.train.rl import greedy_eval
 
-    task = get_task(cfg.task)
-    model, tokenizer = load_model_spec(model_dir, seed=cfg.seed)
-    rows = load_prompt_rows(test_file, limit=cfg.eval_limit)
-    r = cfg.rl.rollout
-    eval_cfg = EvalConfig(model=model_dir, data=str(test_file), reward=task.reward,
-                          prompt_template=task.prompt_template, k=1, temperature=0.0,
-                          max_new_tokens=r.max_new_tokens, unmasking=r.unmasking, threshold=r.threshold,
-                          steps_per_block=r.steps_per_block, seed=cfg.seed, batch_size=64)
-    summary, _ = evaluate(model, tokenizer, rows, eval_cfg, progress=cfg.progress)
-    return summary
+    model, tokenizer = load_model_spec(model_dir, seed=rl.seed)
+    rows = load_prompt_rows(rl.eval_data, limit=rl.eval_limit)
+    return greedy_eval(model, tokenizer, rows, rl, rl.prompt_template, rl.rewards, progress, batch_size=64)
 
 
 # ---------------------------------------------------------------- 4. RL
 
 
 def rl_config(cfg: DemoConfig, sft_dir: str, data: dict[str, Path], out: Path) -> RLConfig:
-    """``cfg.rl`` pointed at the SFT checkpoint, the demo data and the chosen estimator."""
+    """``cfg.rl`` pointed at the SFT checkpoint and the demo data (its held-out split too)."""
     task = get_task(cfg.task)
     rl = copy.deepcopy(cfg.rl)
     rl.model, rl.out, rl.seed = sft_dir, str(out / "rl"), cfg.seed
@@ -192,11 +185,10 @@ def rl_step_rows(run_dir: Path) -> list[dict]:
 def plot_curves(rows: list[dict], png: Path, sft_acc: float, title: str) -> None:
     """Training reward and held-out greedy accuracy over RL steps."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    import numpy as np
 
     steps, rewards = [r["step"] for r in rows], np.array([r["reward"] for r in rows], dtype=float)
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -265,9 +257,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     sft_dir = timed("sft", sft_stage, cfg, data, out)
     if cfg.stop_after == "sft":
         return {"sft_checkpoint": sft_dir}
-    sft_sum = timed("eval_sft", held_out, sft_dir, cfg, data["test"])
-    run_dir, steps = timed("rl", rl_stage, cfg, rl_config(cfg, sft_dir, data, out))
-    rl_sum = timed("eval_rl", held_out, str(run_dir / "final"), cfg, data["test"])
+    rl = rl_config(cfg, sft_dir, data, out)
+    sft_sum = timed("eval_sft", held_out, sft_dir, rl, cfg.progress)
+    run_dir, steps = timed("rl", rl_stage, cfg, rl)
+    rl_sum = timed("eval_rl", held_out, str(run_dir / "final"), rl, cfg.progress)
     rows = rl_step_rows(run_dir)
     plot_curves(rows, out / "curves.png", sft_sum["accuracy"], f"dirl demo: {cfg.estimator} RL after SFT ({cfg.task})")
     summary = {"sft_acc": sft_sum["accuracy"], "rl_acc": rl_sum["accuracy"],

@@ -232,15 +232,23 @@ def _rollout_metrics(rollouts, rewards_t) -> dict:
             "tokens_per_forward": tokens / max(forwards, 1)}
 
 
-def _held_out_eval(model, tokenizer, eval_rows, cfg: RLConfig, template: str, rewards) -> dict:
+def greedy_eval(model, tokenizer, rows, cfg: RLConfig, template: str, rewards, progress: bool = False,
+                batch_size: int = 32) -> dict:
+    """Greedy decoding of held-out ``rows`` with the rollouts' unmasking settings; the
+    summary of ``dirl eval`` (accuracy, tokens_per_forward, ...)."""
     from dirl.eval.evaluate import EvalConfig, evaluate
 
     r = cfg.rollout
     eval_cfg = EvalConfig(model="<live>", data=cfg.eval_data or "<rows>", reward=",".join(rewards),
                           prompt_template=template, k=1, temperature=0.0, max_new_tokens=r.max_new_tokens,
                           unmasking=r.unmasking, threshold=r.threshold, steps_per_block=r.steps_per_block,
-                          seed=cfg.seed)
-    summary, _ = evaluate(model, tokenizer, eval_rows, eval_cfg, progress=False)
+                          seed=cfg.seed, batch_size=batch_size)
+    summary, _ = evaluate(model, tokenizer, rows, eval_cfg, progress=progress)
+    return summary
+
+
+def _held_out_eval(model, tokenizer, eval_rows, cfg: RLConfig, template: str, rewards) -> dict:
+    summary = greedy_eval(model, tokenizer, eval_rows, cfg, template, rewards)
     return {"eval/accuracy": summary["accuracy"], "eval/mean_reward": summary["mean_reward"]}
 
 
