@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, help). A module provides ``add_arguments(parser)`` and ``run(args) -> int``.
@@ -70,5 +71,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The ``dirl`` executable (and ``python -m dirl.cli``): :func:`main`, then exit with its code.
+
+    A worker launched by torchrun (``WORLD_SIZE`` > 1) leaves without interpreter finalization
+    (``os._exit`` after flushing). By then the trainer has torn its process group down cleanly
+    (``dist.teardown``), but torch internals still hold references to the backend, so its C++
+    object would be destroyed only during finalization, where a gloo worker thread can abort the
+    process ("terminate called without an active exception": the flaky exit of rank 1).
+    """
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

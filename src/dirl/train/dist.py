@@ -31,6 +31,7 @@ exit; the memory cost is one full copy of the weights per rank for that time.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import warnings
 from dataclasses import dataclass
@@ -115,10 +116,40 @@ def barrier() -> None:
 
 
 def teardown() -> None:
-    """Wait for every rank, then destroy the process group."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    """Release what holds the process group, wait for every rank, then destroy the group.
+
+    Order matters for a clean exit (the flaky "terminate called without an active
+    exception" at shutdown): FSDP2 / DDP modules keep references to the group, so the
+    caller's run objects must already be out of scope; ``gc.collect()`` frees their
+    reference cycles here, while the interpreter and every peer are alive. The barrier
+    keeps any rank from closing its connections while another still runs a collective.
+    ``destroy_process_group`` then drops the last reference and the gloo/NCCL backend
+    joins its worker threads now, in this thread, instead of during interpreter
+    finalization (where a worker's pending work can no longer take the GIL).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
+
+
+@contextlib.contextmanager
+def process_group(cfg: DistConfig, device: torch.device):
+    """The process group of a run launched by torchrun: created on entry (a no-op for a single
+    process or when a group exists already) and torn down on exit by :func:`teardown` if this
+    call created it. The body must keep no model / optimizer reference past its end."""
+    created = init_from_env(cfg, local_device(device))
+    try:
+        yield
+    except BaseException:
+        # A failing rank must not wait at a barrier the others never reach: torchrun ends them.
+        if created:
+            dist.destroy_process_group()
+        raise
+    if created:
+        teardown()
 
 
 # ---------------------------------------------------------------- collectives (identity on one rank)

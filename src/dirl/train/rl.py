@@ -348,32 +348,34 @@ def train_rl(cfg: RLConfig, resume: str | None = None, progress: bool = True) ->
     """Run DiPO (or another estimator) for ``cfg.max_steps`` steps; return the run directory.
 
     Under torchrun every rank calls it; rank 0 logs and writes."""
-    created_group = dist_lib.init_from_env(cfg.dist, dist_lib.local_device(resolve_device(cfg.device)))
-    try:
-        run = build_rl_run(cfg, resume)
-        main = dist_lib.is_main()
-        logger = MetricsLogger(run.run_dir, enabled=main, resume_step=run.start_step if resume else None)
-        bar = tqdm(range(run.start_step, cfg.max_steps), desc="rl", disable=not (progress and main),
-                   initial=run.start_step, total=cfg.max_steps)
-        for step in bar:
-            metrics = rl_step(run, step)
-            done = step + 1
-            if main:
-                logger.log(done, metrics)
-                bar.set_postfix(reward=f"{metrics['reward']:.3f}")
-                if cfg.log_every and done % cfg.log_every == 0:
-                    tqdm.write(f"step {done}: " + format_metrics({k: metrics[k] for k in _CONSOLE_KEYS
-                                                                  if k in metrics}))
-            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
-                save_checkpoint(run.run_dir, done, run.model, run.tokenizer, run.optimizer, run.scheduler,
-                                {"prompt_cursor": run.sampler.cursor}, cfg)
-        save_model_dir(run.model, run.tokenizer, run.run_dir / "final")
-        run.backend.close()
-        logger.close()
-        return run.run_dir
-    finally:
-        if created_group:
-            dist_lib.teardown()
+    with dist_lib.process_group(cfg.dist, resolve_device(cfg.device)):
+        # The run lives only inside _train_rl, so nothing holds the group at teardown.
+        return _train_rl(cfg, resume, progress)
+
+
+def _train_rl(cfg: RLConfig, resume: str | None, progress: bool) -> Path:
+    run = build_rl_run(cfg, resume)
+    main = dist_lib.is_main()
+    logger = MetricsLogger(run.run_dir, enabled=main, resume_step=run.start_step if resume else None)
+    bar = tqdm(range(run.start_step, cfg.max_steps), desc="rl", disable=not (progress and main),
+               initial=run.start_step, total=cfg.max_steps)
+    for step in bar:
+        metrics = rl_step(run, step)
+        done = step + 1
+        if main:
+            logger.log(done, metrics)
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}")
+            if cfg.log_every and done % cfg.log_every == 0:
+                tqdm.write(f"step {done}: " + format_metrics({k: metrics[k] for k in _CONSOLE_KEYS
+                                                              if k in metrics}))
+        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
+            save_checkpoint(run.run_dir, done, run.model, run.tokenizer, run.optimizer, run.scheduler,
+                            {"prompt_cursor": run.sampler.cursor}, cfg)
+    save_model_dir(run.model, run.tokenizer, run.run_dir / "final")
+    bar.close()
+    run.backend.close()
+    logger.close()
+    return run.run_dir
 
 
 _CONSOLE_KEYS = ("reward", "reward_std", "kl", "loss", "entropy", "grad_norm", "completions/mean_length",

@@ -250,12 +250,8 @@ def build_run(cfg: SFTConfig, resume: str | Path | None = None) -> SFTRun:
 
 def train_sft(cfg: SFTConfig, resume: str | Path | None = None) -> Path:
     """Run (or continue) SFT; returns the run directory. Under torchrun every rank calls it."""
-    created_group = dist_lib.init_from_env(cfg.dist, dist_lib.local_device(resolve_device(cfg.device)))
-    try:
+    with dist_lib.process_group(cfg.dist, resolve_device(cfg.device)):
         return _train(build_run(cfg, resume), resume is not None)
-    finally:
-        if created_group:
-            dist_lib.teardown()
 
 
 def _train(run: SFTRun, resumed: bool) -> Path:
