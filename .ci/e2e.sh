@@ -10,6 +10,6 @@ $BIN/dirl generate --model "$RUN/init" --prompt "12+34=" --json max_new_tokens=8
 $BIN/dirl sft --config configs/tiny-sft.yaml model="$RUN/init" out="$RUN/sft" max_steps=5 save_every=0 progress=false
 $BIN/dirl rl --config configs/tiny-rl.yaml model="$RUN/sft/final" out="$RUN/rl" max_steps=2 --no-progress
 $BIN/dirl eval --model "$RUN/rl/final" --data ../shared/data/gsm8k_test.jsonl --reward gsm8k limit=4 \
-    max_new_tokens=16 out="$RUN/eval"
+    sampling.max_new_tokens=16 out="$RUN/eval"
 test -s "$RUN/eval/samples.jsonl"
 echo "e2e: ok"

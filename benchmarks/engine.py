@@ -25,7 +25,8 @@ import time
 
 import torch
 
-from dirl.engine.engine import Engine, Rollout, SamplingParams
+from dirl.engine.engine import Engine
+from dirl.rollout import Rollout, SamplingParams
 from dirl.model.factory import InitConfig, init_model
 from dirl.model.tokenizer import char_tokenizer
 

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from dirl.algo.likelihood import PolicyDist, plan_estimator, score_plan
+from dirl.algo.likelihood import EstimatorArgs, PolicyDist, plan_estimator, score_plan
 from dirl.backends import make_backend
-from dirl.engine.engine import Engine, SamplingParams
+from dirl.engine.engine import Engine
+from dirl.rollout import SamplingParams, SamplingSpec
 from dirl.model.masks import sft_meta
 from dirl.model.policy import policy_logprobs
 from dirl.train.models import load_model_spec
@@ -72,7 +73,7 @@ def bench_trace(model, prompts, max_new_tokens: int, steps_per_block: int, repea
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, unmasking="static",
                             steps_per_block=steps_per_block, n=1, seed=0)
     rollouts = Engine(model).generate(prompts, params)
-    plan = plan_estimator("trace", rollouts, cfg.block_size, cfg.mask_token_id, cfg.pad_token_id)
+    plan = plan_estimator("trace", EstimatorArgs(rollouts, cfg.block_size, cfg.mask_token_id, cfg.pad_token_id))
     ids, pos, meta, (index, targets, seq, tok) = expansion_batch(rollouts, cfg.block_size, cfg.mask_token_id,
                                                                  cfg.pad_token_id)
 
@@ -121,7 +122,8 @@ def bench_rl_steps(preset: str, steps: int, workdir: Path, quick: bool) -> dict:
         cfg = RLConfig(model=f"init:{preset}", out=str(workdir / backend), data="task:arithmetic",
                        rewards={"gsm8k": 1.0}, max_steps=steps, log_every=0,
                        rollout=RolloutConfig(backend=backend, num_prompts=4 if quick else 8, group_size=4,
-                                             max_new_tokens=16 if quick else 32, threshold=0.5),
+                                             sampling=SamplingSpec(max_new_tokens=16 if quick else 32,
+                                                                   threshold=0.5)),
                        algo=AlgoConfig(beta=0.0))
         run = train_rl(cfg, progress=False)
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][1:]  # skip warm-up

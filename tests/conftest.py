@@ -49,7 +49,8 @@ def make_tiny_model(tokenizer):
     """Factory for tiny fp32 models: ``make_tiny_model(seed=0, block_size=4, **model_fields)``."""
 
     def make(seed: int = 0, block_size: int = 4, **model_fields):
-        cfg = InitConfig(preset="tiny", seed=seed, block_size=block_size, dtype="float32", model=model_fields)
+        cfg = InitConfig(preset="tiny", seed=seed, block_size=block_size, param_dtype="float32",
+                         model=model_fields)
         return init_model(cfg, tokenizer).eval()
 
     return make

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from dirl.algo.advantages import group_advantages, informative_groups
-from dirl.algo.likelihood import PolicyDist, plan_estimator, score_plan
-from dirl.algo.losses import aggregate, dipo_loss
-from dirl.engine.engine import Engine, SamplingParams
+from dirl.algo.likelihood import EstimatorArgs, PolicyDist, plan_estimator, score_plan
+from dirl.algo.losses import LossConfig, ScoredTokens, aggregate, dipo_loss
+from dirl.engine.engine import Engine
+from dirl.rollout import SamplingParams
 from dirl.model.masks import TokenMeta
 from dirl.model.policy import policy_logprobs
 
@@ -46,26 +47,27 @@ def test_equal_rewards_give_zero_advantage_and_are_uninformative():
 
 # ------------------------------------------------------------------ loss
 
-def _loss(new, old, adv, seq, num_seqs, **kw):
-    return dipo_loss(torch.tensor(new), torch.tensor(old), torch.tensor(adv), torch.tensor(seq), num_seqs, **kw)
+def _loss(new, old, adv, seq, num_seqs, beta=0.0, agg="token_mean", constant=None, **kw):
+    tokens = ScoredTokens(torch.tensor(new), torch.tensor(old), torch.tensor(adv), torch.tensor(seq), num_seqs, **kw)
+    return dipo_loss(tokens, LossConfig(beta=beta, agg=agg), constant=constant)
 
 
 def test_unclipped_loss_is_minus_ratio_times_advantage():
     # ratio = exp(0.1) = 1.10517 (inside [0.8, 1.28]); A = 2 -> loss = -2.21034
     loss, stats = _loss([0.1], [0.0], [2.0], [0], 1)
     assert loss.item() == pytest.approx(-2 * math.exp(0.1), rel=1e-6)
-    assert stats.clip_high == 0 and stats.clip_low == 0
+    assert stats.clipped_high_frac == 0 and stats.clipped_low_frac == 0
 
 
 def test_clipping_on_both_sides():
     # A > 0, ratio = e^0.5 = 1.6487 > 1.28 -> clipped surrogate 1.28 * 1 -> loss -1.28
     loss, stats = _loss([0.5], [0.0], [1.0], [0], 1)
     assert loss.item() == pytest.approx(-1.28, rel=1e-6)
-    assert stats.clip_high == 1.0
+    assert stats.clipped_high_frac == 1.0
     # A < 0, ratio = e^-0.5 = 0.6065 < 0.8 -> min(0.6065 * -1, 0.8 * -1) = -0.8 -> loss 0.8
     loss, stats = _loss([-0.5], [0.0], [-1.0], [0], 1)
     assert loss.item() == pytest.approx(0.8, rel=1e-6)
-    assert stats.clip_low == 1.0
+    assert stats.clipped_low_frac == 1.0
     # A < 0 and ratio above the range: not clipped (pessimistic bound) -> loss = ratio = 1.6487
     loss, _ = _loss([0.5], [0.0], [-1.0], [0], 1)
     assert loss.item() == pytest.approx(math.exp(0.5), rel=1e-6)
@@ -101,9 +103,10 @@ def test_importance_weights_scale_token_losses():
 def test_equal_rewards_give_zero_gradient(tiny_model):
     rollouts = _rollouts(tiny_model, [[5, 6, 7]], n=4)
     adv = group_advantages(torch.ones(4), 4)
-    plan = plan_estimator("trace", rollouts, 4, tiny_model.config.mask_token_id, 0)
+    plan = plan_estimator("trace", EstimatorArgs(rollouts, 4, tiny_model.config.mask_token_id, 0))
     logp = score_plan(tiny_model, plan, PolicyDist())
-    loss, _ = dipo_loss(logp, logp.detach(), adv[plan.pack.seq_index], plan.pack.seq_index, 4)
+    loss, _ = dipo_loss(ScoredTokens(logp, logp.detach(), adv[plan.pack.seq_index], plan.pack.seq_index, 4),
+                        LossConfig())
     loss.backward()
     assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in tiny_model.parameters())
 
@@ -143,7 +146,7 @@ def test_packed_trace_equals_per_step_loop(tiny_model):
     dist = PolicyDist(temperature=0.9, top_k=30)
     rollouts = _rollouts(tiny_model, PROMPTS, temperature=0.9, top_k=30)
     cfg = tiny_model.config
-    plan = plan_estimator("trace", rollouts, cfg.block_size, cfg.mask_token_id, cfg.pad_token_id)
+    plan = plan_estimator("trace", EstimatorArgs(rollouts, cfg.block_size, cfg.mask_token_id, cfg.pad_token_id))
     with torch.no_grad():
         packed = score_plan(tiny_model, plan, dist)
         for s, rollout in enumerate(rollouts):
@@ -158,7 +161,7 @@ def test_first_iteration_ratio_is_one(tiny_model):
     """Trainer and engine agree: logp_new == the engine's logp_old for every token."""
     rollouts = _rollouts(tiny_model, PROMPTS, temperature=0.7, top_p=0.9, n=3)
     cfg = tiny_model.config
-    plan = plan_estimator("trace", rollouts, cfg.block_size, cfg.mask_token_id, cfg.pad_token_id)
+    plan = plan_estimator("trace", EstimatorArgs(rollouts, cfg.block_size, cfg.mask_token_id, cfg.pad_token_id))
     with torch.no_grad():
         new = score_plan(tiny_model, plan, PolicyDist(0.7, 0, 0.9))
     old = torch.tensor([rollouts[s].logps[t] for s, t in
@@ -171,12 +174,12 @@ def test_trace_shrink_one_equals_trace(tiny_model):
     rollouts = _rollouts(tiny_model, PROMPTS)
     cfg = tiny_model.config
     args = (rollouts, cfg.block_size, cfg.mask_token_id, cfg.pad_token_id)
-    exact = plan_estimator("trace", *args)
-    shrink = plan_estimator("trace_shrink", *args, shrink=1)
+    exact = plan_estimator("trace", EstimatorArgs(*args))
+    shrink = plan_estimator("trace_shrink", EstimatorArgs(*args, shrink=1))
     with torch.no_grad():
         assert torch.equal(score_plan(tiny_model, exact, PolicyDist()), score_plan(tiny_model, shrink, PolicyDist()))
     # merging steps really changes the states (fewer copies, a biased estimate)
-    merged = plan_estimator("trace_shrink", *args, shrink=2)
+    merged = plan_estimator("trace_shrink", EstimatorArgs(*args, shrink=2))
     assert merged.pack.input_ids.shape[1] < exact.pack.input_ids.shape[1]
 
 
@@ -202,9 +205,9 @@ def test_trace_mc_is_unbiased_for_trace(tiny_model):
     # objective, at a fraction of the cost of a full backward per draw.
     for name, param in tiny_model.named_parameters():
         param.requires_grad_(name.startswith(("lm_head", "model.norm", "model.layers.1.mlp")))
-    exact = _grad_of_sum(tiny_model, plan_estimator("trace", *args))
+    exact = _grad_of_sum(tiny_model, plan_estimator("trace", EstimatorArgs(*args)))
     gen = torch.Generator().manual_seed(0)
-    draws = torch.stack([_grad_of_sum(tiny_model, plan_estimator("trace_mc", *args, gen=gen, mc_steps=2))
+    draws = torch.stack([_grad_of_sum(tiny_model, plan_estimator("trace_mc", EstimatorArgs(*args, gen=gen, mc_steps=2)))
                          for _ in range(100)])
     mean = draws.mean(0)
     std_error = ((draws - mean).pow(2).sum(1).mean() / len(draws)).sqrt()
@@ -218,18 +221,18 @@ def test_elbo_estimators_score_completion_tokens(tiny_model):
     cfg = tiny_model.config
     args = (rollouts, cfg.block_size, cfg.mask_token_id, cfg.pad_token_id)
     total = sum(r.num_tokens for r in rollouts)
-    coupled = plan_estimator("coupled", *args)
+    coupled = plan_estimator("coupled", EstimatorArgs(*args))
     # complementary masks: every completion token scored exactly once
     pairs = sorted(zip(coupled.pack.seq_index.tolist(), coupled.pack.token_index.tolist()))
     assert len(pairs) == total and len(set(pairs)) == total
-    mean_field = plan_estimator("mean_field", *args)
+    mean_field = plan_estimator("mean_field", EstimatorArgs(*args))
     assert mean_field.pack.score_index.numel() == total
     # mean field hides the whole response: every response token in the input is [MASK]
     for s, r in enumerate(rollouts):
         p = len(r.prompt_ids)
         assert (mean_field.pack.input_ids[s, p:p + len(r.token_ids)] == cfg.mask_token_id).all()
-    random_mask = plan_estimator("random_mask", *args)
+    random_mask = plan_estimator("random_mask", EstimatorArgs(*args))
     assert 0 < random_mask.pack.score_index.numel() <= total
-    assert not random_mask.exact and plan_estimator("trace_mc", *args).exact
+    assert not random_mask.exact and plan_estimator("trace_mc", EstimatorArgs(*args)).exact
     with pytest.raises(ValueError, match="unknown estimator"):
-        plan_estimator("nope", *args)
+        plan_estimator("nope", EstimatorArgs(*args))

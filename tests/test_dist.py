@@ -39,7 +39,7 @@ SFT_ARGS = ["model=init:tiny", "data.source=task:arithmetic", "data.limit=200", 
 # 3 prompts x 4 samples; 3 mini-batches of 4 rollouts, so in each mini-batch one rank has
 # nothing to score (the idle forward/backward path); dynamic sampling refills with 1 prompt.
 RL_ARGS = ["model=init:tiny", "rewards.rl_rewards:digit_fraction=1.0", "rollout.num_prompts=3",
-           "rollout.group_size=4", "rollout.max_new_tokens=8", "algo.beta=0.01", "algo.num_minibatches=3",
+           "rollout.group_size=4", "rollout.sampling.max_new_tokens=8", "algo.beta=0.01", "algo.num_minibatches=3",
            "algo.dynamic_sampling=true", "optim.lr=1e-3", "optim.schedule=constant", "save_every=1", "max_steps=2"]
 WEIGHT_ATOL, METRIC_RTOL = 1e-5, 1e-5
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from dirl.engine.engine import Engine, Rollout, SamplingParams
+from dirl.engine.engine import Engine
+from dirl.rollout import Rollout, SamplingParams
 from dirl.engine.unmask import policy_logprobs
 from dirl.model.trace import pack_traces, trace_copies
 

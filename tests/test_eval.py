@@ -13,10 +13,12 @@ import pytest
 
 from dirl.config import ConfigError
 from dirl.data import load_prompt_rows
-from dirl.engine.engine import Rollout
+from dirl.rollout import Rollout
 from dirl.eval import evaluate as evaluate_module
-from dirl.eval.evaluate import EvalConfig, build_prompts, evaluate, load_eval_rows, resolve_defaults
-from dirl.eval.metrics import SUMMARY_KEYS, mean_pass_at_k, pass_at_k, summarize
+from dirl.data import build_prompt_ids as build_prompts
+from dirl.eval.evaluate import EvalConfig, evaluate, load_eval_rows, resolve_defaults
+from dirl.rewards.metrics import SUMMARY_KEYS, mean_pass_at_k, pass_at_k, summarize
+from dirl.rollout import SamplingSpec
 from dirl.model.factory import InitConfig, init_checkpoint, init_model
 from dirl.model.tokenizer import char_tokenizer
 
@@ -111,7 +113,7 @@ def test_config_defaults_follow_the_data_source():
 def test_greedy_pass_at_k_is_rejected():
     with pytest.raises(ValueError, match="temperature"):
         EvalConfig(k=4)
-    assert EvalConfig(k=4, temperature=0.7).k == 4
+    assert EvalConfig(k=4, sampling=SamplingSpec(temperature=0.7)).k == 4
 
 
 def test_task_source_without_split_is_the_test_split():
@@ -163,7 +165,8 @@ def test_oracle_completions_score_accuracy_one(task, char_tok):
 @needs_gsm8k
 def test_patched_engine_with_gold_answers_k2(monkeypatch, char_tok):
     """Patch the engine itself: sample 0 is gold, sample 1 wrong -> accuracy 0.5, pass@2 1.0."""
-    cfg = EvalConfig(data=str(GSM8K), limit=5, reward="gsm8k", k=2, temperature=1.0, batch_size=2)
+    cfg = EvalConfig(data=str(GSM8K), limit=5, reward="gsm8k", k=2, sampling=SamplingSpec(temperature=1.0, max_new_tokens=512),
+                     batch_size=2)
     rows = load_eval_rows(cfg)
     oracle = OracleBackend(char_tok, [[f"so #### {row['answer']}", "#### -1"] for row in rows])
     monkeypatch.setattr(evaluate_module, "Engine", lambda model, **_: oracle)
@@ -185,7 +188,7 @@ def test_math500_with_the_sdar_tokenizer_and_boxed_gold_answers():
     assert prompt.endswith("within \\boxed{}.<|im_end|>\n<|im_start|>assistant\n")
     gold = [[f"So the answer is $\\boxed{{{row['answer']}}}$.", "\\boxed{none}"] for row in rows]
     oracle = OracleBackend(tok, gold)
-    summary, _ = evaluate(None, tok, rows, replace(cfg, k=2, temperature=1.0),
+    summary, _ = evaluate(None, tok, rows, replace(cfg, k=2, sampling=replace(cfg.sampling, temperature=1.0)),
                           progress=False, backend=oracle)
     assert summary["accuracy"] == 0.5 and summary["pass@k"] == 1.0 and summary["reward_errors"] == 0
 
@@ -193,7 +196,7 @@ def test_math500_with_the_sdar_tokenizer_and_boxed_gold_answers():
 def test_results_do_not_depend_on_batch_size(char_tok):
     model = init_model(InitConfig(preset="tiny"), char_tok)
     model.train()
-    cfg = EvalConfig(data="task:arithmetic:test", limit=4, k=2, temperature=1.0, max_new_tokens=8)
+    cfg = EvalConfig(data="task:arithmetic:test", limit=4, k=2, sampling=SamplingSpec(temperature=1.0, max_new_tokens=8))
     rows = load_eval_rows(cfg)
     _, small = evaluate(model, char_tok, rows, replace(cfg, batch_size=2), progress=False)
     _, large = evaluate(model, char_tok, rows, cfg, progress=False)
@@ -234,7 +237,7 @@ def check_run(out: Path, stdout: str, num_samples: int, k: int) -> dict:
 def test_cli_on_gsm8k_file(tiny_ckpt, tmp_path):
     out = tmp_path / "run"
     proc = run_cli("--model", str(tiny_ckpt), "--data", str(GSM8K), "--reward", "gsm8k", "--out", str(out),
-                   "limit=8", "max_new_tokens=8", cwd=tmp_path)
+                   "limit=8", "sampling.max_new_tokens=8", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     summary = check_run(out, proc.stdout, 8, 1)
     assert summary["num_questions"] == 8 and summary["mean_length"] <= 8
@@ -243,7 +246,7 @@ def test_cli_on_gsm8k_file(tiny_ckpt, tmp_path):
 
 def test_cli_on_task_with_k2_and_default_out(tiny_ckpt, tmp_path):
     proc = run_cli("--model", str(tiny_ckpt), "--data", "task:arithmetic:test", "limit=8", "k=2",
-                   "temperature=1", "max_new_tokens=8", cwd=tmp_path)
+                   "sampling.temperature=1", "sampling.max_new_tokens=8", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     (out,) = (tmp_path / "runs").glob("eval-*")
     summary = check_run(out, proc.stdout, 16, 2)

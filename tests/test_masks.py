@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dirl.model.masks import TokenMeta, dense_mask, sft_meta
-from dirl.model.trace import Copy, pack_traces, trace_copies
+from dirl.model.masks import TokenMeta, dense_mask, mask_mod_for, sft_meta
+from dirl.model.trace import StepCopy, pack_traces, trace_copies
 
 B = 4
 
@@ -168,10 +168,10 @@ def test_trace_copies_one_per_step_and_block():
     prompts, tokens, steps = _example_traces()
     copies = trace_copies(len(prompts[0]), steps[0], B)
     # Blocks: 1 holds gen 0-1 (steps 0, 1); 2 holds gen 2-5 (steps 1, 3, 2, 4); 3 holds gen 6-9 (4, 4, 6, 5).
-    assert copies == [Copy(1, 0, 1), Copy(1, 1, 2), Copy(2, 1, 2), Copy(2, 2, 3), Copy(2, 3, 4),
-                      Copy(2, 4, 5), Copy(3, 4, 5), Copy(3, 5, 6), Copy(3, 6, 7)]
+    assert copies == [StepCopy(1, 0, 1), StepCopy(1, 1, 2), StepCopy(2, 1, 2), StepCopy(2, 2, 3), StepCopy(2, 3, 4),
+                      StepCopy(2, 4, 5), StepCopy(3, 4, 5), StepCopy(3, 5, 6), StepCopy(3, 6, 7)]
     merged = trace_copies(len(prompts[0]), steps[0], B, merge=2)
-    assert merged == [Copy(1, 0, 2), Copy(2, 1, 3), Copy(2, 3, 5), Copy(3, 4, 6), Copy(3, 6, 7)]
+    assert merged == [StepCopy(1, 0, 2), StepCopy(2, 1, 3), StepCopy(2, 3, 5), StepCopy(3, 4, 6), StepCopy(3, 6, 7)]
 
 
 def test_trace_pack_mask_and_contents_match_reference(tokenizer):
@@ -259,8 +259,27 @@ def _random_steps(prompt_len: int, num_gen: int, gen: torch.Generator) -> list[i
 # -- SDPA and FlexAttention agree ---------------------------------------------------------------------
 
 
+def test_flex_mask_mod_is_the_sdpa_mask_on_a_trace_pack(tokenizer):
+    """The only input the two attention paths do not share is the mask: FlexAttention's
+    ``mask_mod`` evaluated at every (query, key) pair is SDPA's dense mask on every real row
+    (padding rows differ by convention). The compiled forward itself is the slow test below."""
+    prompts, tokens, steps = _example_traces()
+    copies = [trace_copies(len(p), s, B) for p, s in zip(prompts, steps)]
+    pack = pack_traces(prompts, tokens, steps, copies, B, tokenizer.mask_token_id, tokenizer.pad_token_id)
+    rows, width = pack.input_ids.shape
+    b = torch.arange(rows)[:, None, None]
+    q_idx, kv_idx = torch.arange(width)[None, :, None], torch.arange(width)[None, None, :]
+    flex = mask_mod_for(pack.meta, pack.meta)(b, None, q_idx, kv_idx)  # (R, T, T)
+    sdpa = dense_mask(pack.meta, pack.meta)[:, 0]  # (R, T, T)
+    real = pack.meta.doc >= 0  # (R, T)
+    assert (~real).any() and flex[real].any()
+    assert torch.equal(flex[real], sdpa[real])
+
+
+@pytest.mark.slow
 def test_sdpa_and_flex_agree_on_trace_pack_with_padding(tiny_model, tokenizer):
-    """The two attention paths give the same logits (forward only: flex backward is GPU-only)."""
+    """The two attention paths give the same logits (forward only: flex backward is GPU-only).
+    Slow on CPU (~30-60 s: the FlexAttention compile)."""
     pytest.importorskip("torch.nn.attention.flex_attention")
     prompts, tokens, steps = _example_traces()
     copies = [trace_copies(len(p), s, B) for p, s in zip(prompts, steps)]

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dirl.algo.nelbo import (NoiseDraw, draw_noise, mask_probabilities, multi_copy_meta, nelbo_loss,
-                             response_counts, sft_nelbo)
+from dirl.algo.nelbo import (FixedNoise, NoiseDraw, TokenBatch, draw_noise, mask_probabilities, multi_copy_meta,
+                             nelbo_loss, response_counts, sft_nelbo)
 from dirl.model.factory import InitConfig, init_model
 from dirl.model.masks import dense_mask
 from dirl.model.tokenizer import char_tokenizer
@@ -71,10 +71,10 @@ def _toy_inputs():
 def test_loss_matches_hand_computed_value(complementary):
     ids, positions, docs, response, samples = _toy_inputs()
     t = torch.tensor([0.5], dtype=torch.float64)
-    noise = draw_noise(response, samples, complementary=complementary, t=t,
-                       uniform=torch.tensor([TOY_UNIFORM], dtype=torch.float64))
+    noise = draw_noise(response, samples, complementary=complementary,
+                       fixed=FixedNoise(t, torch.tensor([TOY_UNIFORM], dtype=torch.float64)))
     model = LogitsTable(torch.tensor(TOY_LOGITS))
-    loss, stats = sft_nelbo(model, ids, positions, docs, response, samples, noise, MASK_ID)
+    loss, stats = sft_nelbo(model, TokenBatch(ids, positions, docs, response, samples), noise, MASK_ID)
 
     p = (1 - 2 * EPS) * 0.5 + EPS if complementary else (1 - EPS) * 0.5 + EPS
     copy1 = sum(_ce(TOY_LOGITS[i], TOY_IDS[i]) for i in (3, 5)) / p
@@ -123,7 +123,7 @@ def test_complementary_masks_cover_every_response_token_exactly_once():
 def test_prompt_and_padding_tokens_are_never_masked():
     response, samples = _random_batch()
     # t = 1 gives p = 1: every response token is masked, and nothing else.
-    all_masked = draw_noise(response, samples, t=torch.ones(6, dtype=torch.float64))
+    all_masked = draw_noise(response, samples, fixed=FixedNoise(t=torch.ones(6, dtype=torch.float64)))
     assert torch.equal(all_masked.masked[0], response)
     for seed in range(20):
         noise = draw_noise(response, samples, torch.Generator().manual_seed(seed), complementary=seed % 2 == 0)
@@ -144,7 +144,8 @@ def test_padding_eos_tokens_are_labelled_response(tokenizer):
     # every EOS of the example is a labelled response token; the row padding is not
     assert batch.response_mask[0, example.prompt_len:len(example.input_ids)].all()
     assert not batch.response_mask[0, len(example.input_ids):].any()
-    noise = draw_noise(batch.response_mask, batch.sample_ids, t=torch.ones(1, dtype=torch.float64))
+    noise = draw_noise(batch.response_mask, batch.sample_ids,
+                       fixed=FixedNoise(t=torch.ones(1, dtype=torch.float64)))
     masked_targets = batch.input_ids[noise.masked[0]].tolist()
     assert masked_targets.count(eos) == len(padding)
 
@@ -184,17 +185,15 @@ def test_packed_loss_equals_mean_of_separate_losses(tiny_model, tokenizer):
     packed = collate([examples], tokenizer.pad_token_id, row_length=64)
     t = torch.tensor([0.3, 0.7], dtype=torch.float64)
     uniform = torch.rand(packed.input_ids.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    noise = draw_noise(packed.response_mask, packed.sample_ids, t=t, uniform=uniform)
+    noise = draw_noise(packed.response_mask, packed.sample_ids, fixed=FixedNoise(t, uniform))
     with torch.no_grad():
-        loss_packed, _ = sft_nelbo(tiny_model, packed.input_ids, packed.position_ids, packed.doc_ids,
-                                   packed.response_mask, packed.sample_ids, noise, tokenizer.mask_token_id)
+        loss_packed, _ = sft_nelbo(tiny_model, packed, noise, tokenizer.mask_token_id)
         separate, start = [], 0
         for i, example in enumerate(examples):
             single = collate([[example]], tokenizer.pad_token_id)
             n = len(example.input_ids)
             one = NoiseDraw(noise.masked[:, :, start:start + n], noise.mask_prob[:, :, start:start + n])
-            loss, _ = sft_nelbo(tiny_model, single.input_ids, single.position_ids, single.doc_ids,
-                                single.response_mask, single.sample_ids, one, tokenizer.mask_token_id)
+            loss, _ = sft_nelbo(tiny_model, single, one, tokenizer.mask_token_id)
             separate.append(loss.item())
             start += n
     assert loss_packed.item() == pytest.approx(sum(separate) / 2, rel=1e-5)
@@ -204,14 +203,13 @@ def test_gradient_flows_and_empty_mask_is_zero(tiny_model, tokenizer):
     example = tokenize_example([{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}],
                                tokenizer, 4)
     batch = collate([[example]], tokenizer.pad_token_id)
-    empty = draw_noise(batch.response_mask, batch.sample_ids, uniform=torch.ones(batch.input_ids.shape,
-                                                                                 dtype=torch.float64))
-    loss, stats = sft_nelbo(tiny_model, batch.input_ids, batch.position_ids, batch.doc_ids,
-                            batch.response_mask, batch.sample_ids, empty, tokenizer.mask_token_id)
+    empty = draw_noise(batch.response_mask, batch.sample_ids,
+                       fixed=FixedNoise(uniform=torch.ones(batch.input_ids.shape, dtype=torch.float64)))
+    loss, stats = sft_nelbo(tiny_model, batch, empty, tokenizer.mask_token_id)
     assert stats["num_masked"] == 0 and loss.item() == 0.0
-    full = draw_noise(batch.response_mask, batch.sample_ids, t=torch.ones(1, dtype=torch.float64))
-    loss, _ = sft_nelbo(tiny_model, batch.input_ids, batch.position_ids, batch.doc_ids,
-                        batch.response_mask, batch.sample_ids, full, tokenizer.mask_token_id)
+    full = draw_noise(batch.response_mask, batch.sample_ids,
+                      fixed=FixedNoise(t=torch.ones(1, dtype=torch.float64)))
+    loss, _ = sft_nelbo(tiny_model, batch, full, tokenizer.mask_token_id)
     loss.backward()
     assert tiny_model.lm_head.weight.grad is not None and tiny_model.lm_head.weight.grad.abs().sum() > 0
     tiny_model.zero_grad(set_to_none=True)

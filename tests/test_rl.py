@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 
 from dirl.algo.advantages import group_advantages
-from dirl.algo.likelihood import PolicyDist
-from dirl.engine.engine import Engine, SamplingParams
+from dirl.engine.engine import Engine
+from dirl.rollout import SamplingParams, SamplingSpec
 from dirl.model.checkpoint import load_pretrained
 from dirl.train.common import OptimConfig, build_optimizer, build_scheduler
 from dirl.train.models import load_model_spec
 from dirl.train.rl import RLConfig, RolloutConfig, train_rl
-from dirl.train.rl_update import AlgoConfig, policy_update
+from dirl.train.rl_update import AlgoConfig, Learner, policy_update
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -27,7 +27,8 @@ REWARD = {"rl_rewards:digit_fraction": 1.0}
 
 def _cfg(out, **kw) -> RLConfig:
     sys.path.insert(0, str(TESTS)) if str(TESTS) not in sys.path else None
-    rollout = RolloutConfig(num_prompts=2, group_size=4, max_new_tokens=8, **kw.pop("rollout", {}))
+    rollout = RolloutConfig(num_prompts=2, group_size=4, sampling=SamplingSpec(max_new_tokens=8),
+                            **kw.pop("rollout", {}))
     algo = AlgoConfig(**kw.pop("algo", {"beta": 0.01}))
     return RLConfig(model="init:tiny", out=str(out), rewards=dict(REWARD), max_steps=kw.pop("max_steps", 2),
                     optim=OptimConfig(lr=1e-3, schedule="constant"), rollout=rollout, algo=algo, **kw)
@@ -69,8 +70,9 @@ def test_reference_never_changes(tiny_model):
         rollouts = Engine(tiny_model).generate([[5, 6, 7], [8, 9]], params)
         rewards = torch.tensor([float(len(set(r.completion_ids))) for r in rollouts])
         adv = group_advantages(rewards, 4)
-        metrics = policy_update(tiny_model, ref, rollouts, adv, AlgoConfig(beta=0.1), PolicyDist(), optimizer,
-                                scheduler, optim_cfg, torch.Generator().manual_seed(step), 8)
+        learner = Learner(tiny_model, ref, optimizer, scheduler, optim_cfg, AlgoConfig(beta=0.1),
+                          SamplingSpec(max_new_tokens=8))
+        metrics = policy_update(learner, rollouts, adv, torch.Generator().manual_seed(step))
         assert metrics["optimizer_steps"] == 1
     assert metrics["kl"] > 0  # the policy moved away from the reference ...
     assert all(torch.equal(v, snapshot[k]) for k, v in ref.state_dict().items())  # ... which stayed put

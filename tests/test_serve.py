@@ -25,7 +25,8 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from dirl.backends.http import HttpBackend
-from dirl.engine.engine import Engine, SamplingParams
+from dirl.engine.engine import Engine
+from dirl.rollout import SamplingParams, SamplingSpec
 from dirl.model.checkpoint import load_pretrained
 from dirl.model.factory import InitConfig, init_checkpoint
 
@@ -390,7 +391,8 @@ def test_rl_through_the_server_matches_native(server, tmp_path, monkeypatch):
                        # whole updates of near-zero gradients; a large eps keeps the step smooth in g.
                        optim=OptimConfig(lr=1e-3, schedule="constant", eps=1e-3),
                        rollout=RolloutConfig(backend=backend, url=server.url, api_key_env=KEY_ENV,
-                                             num_prompts=2, group_size=4, max_new_tokens=8),
+                                             num_prompts=2, group_size=4,
+                                             sampling=SamplingSpec(max_new_tokens=8)),
                        algo=AlgoConfig(beta=0.01))
         run_dir = train_rl(cfg, progress=False)
         rewards = [json.loads(line)["reward"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -63,7 +63,8 @@ def test_longer_training_learns_the_answer_format(tmp_path):
     """~3-5 min on 2 cores. The tiny model (2 layers, d 64) learns the worked format
     ("a*b=c ... #### n") but not reliable arithmetic: greedy accuracy stays ~5%."""
     from dirl.data import get_task, to_prompt_messages
-    from dirl.engine.engine import Engine, SamplingParams
+    from dirl.engine.engine import Engine
+    from dirl.rollout import SamplingParams
 
     run_dir = train_sft(_cfg(tmp_path, "max_steps=1000", "batch_size=32", "data.limit=4000", "optim.lr=2e-3",
                              "complementary_masks=true", "optim.warmup_steps=50", "log_every=100"))

@@ -39,7 +39,7 @@ def _backward(model, scale: float = 1.0) -> None:
 
 def _save(run_dir, step, trainer, tokenizer, keep_last=3):
     model, optimizer, scheduler, cfg = trainer
-    return state_lib.save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler,
+    return state_lib.save_checkpoint(run_dir, step, state_lib.Trainable(model, tokenizer, optimizer, scheduler),
                                      {"cursor": {"epoch": 0, "position": step}}, cfg, keep_last=keep_last)
 
 

@@ -23,14 +23,18 @@ the final block stay in the states as context.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from dirl.model.masks import TokenMeta
 from dirl.model.policy import policy_logprobs
-from dirl.model.trace import Copy, TracePack, pack_traces, trace_copies
+from dirl.model.trace import Copy, MaskCopy, TracePack, pack_traces, trace_copies
+from dirl.rollout import PolicyDist, Rollout
+
+__all__ = ["ESTIMATORS", "EstimatorArgs", "Plan", "PolicyDist", "plan_estimator", "score_plan"]
 
 
 @dataclass
@@ -40,25 +44,38 @@ class Plan:
     exact: bool                   # scores the sampler's states: engine logps are logp_old
 
 
+def _default_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
 @dataclass
-class PolicyDist:
-    """The sampling distribution used by the rollouts (DESIGN §5)."""
+class EstimatorArgs:
+    """The one argument of every estimator: the rollouts, the model's special ids, the options."""
 
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    rollouts: Sequence[Rollout]
+    block_size: int
+    mask_id: int
+    pad_id: int
+    gen: torch.Generator = field(default_factory=_default_generator)  # the random estimators' draws
+    shrink: int = 2               # trace_shrink: denoising steps merged per copy
+    mc_steps: int = 2             # trace_mc: copies drawn per response
+    device: torch.device | str = "cpu"
+
+    @classmethod
+    def for_model(cls, model, rollouts: Sequence[Rollout], gen: torch.Generator, shrink: int = 2,
+                  mc_steps: int = 2) -> EstimatorArgs:
+        cfg = model.config
+        return cls(rollouts, cfg.block_size, cfg.mask_token_id, cfg.pad_token_id, gen, shrink, mc_steps,
+                   next(model.parameters()).device)
 
 
-def _scorable(rollout, copy: Copy, block_size: int) -> bool:
+def _scorable(rollout: Rollout, copy: Copy, block_size: int) -> bool:
     """Does the copy score at least one completion token?"""
     prompt_len = len(rollout.prompt_ids)
     for offset in range(block_size):
         i = copy.block * block_size + offset - prompt_len
-        if 0 <= i < rollout.num_tokens:
-            if copy.scored is not None and copy.scored[offset]:
-                return True
-            if copy.scored is None and copy.lo <= rollout.steps[i] < copy.hi:
-                return True
+        if 0 <= i < rollout.num_tokens and copy.scores(offset, rollout.steps[i]):
+            return True
     return False
 
 
@@ -73,34 +90,35 @@ def _stratified(copies: list[Copy], k: int, gen: torch.Generator) -> tuple[list[
     return picked, weights
 
 
-def _random_mask_copies(rollout, block_size: int, gen: torch.Generator, coupled: bool) -> list[Copy]:
+def _random_mask_copies(rollout: Rollout, block_size: int, gen: torch.Generator, coupled: bool) -> list[Copy]:
     """One copy per response block with a Bernoulli(t) mask (and its complement if coupled)."""
     prompt_len, total = len(rollout.prompt_ids), len(rollout.token_ids)
     t = float(torch.rand((), generator=gen)) * (1 - 1e-3) + 1e-3  # as the SFT objective: p in [eps, 1]
     copies = []
     for block in range(prompt_len // block_size, (prompt_len + total + block_size - 1) // block_size):
         masked = tuple(bool(torch.rand((), generator=gen) < t) for _ in range(block_size))
-        copies.append(Copy(block, masked=masked, scored=masked))
+        copies.append(MaskCopy(block, masked))
         if coupled:
-            other = tuple(not m for m in masked)
-            copies.append(Copy(block, masked=other, scored=other))
+            copies.append(MaskCopy(block, tuple(not m for m in masked)))
     return copies
 
 
-def _plan_copies(rollouts, copies: list[list[Copy]], weights, block_size, mask_id, pad_id, device, exact) -> Plan:
+def _plan_copies(args: EstimatorArgs, copies: list[list[Copy]], weights, exact: bool) -> Plan:
+    rollouts = args.rollouts
     pack = pack_traces([r.prompt_ids for r in rollouts], [r.token_ids for r in rollouts],
-                       [r.steps for r in rollouts], copies, block_size, mask_id, pad_id, device)
+                       [r.steps for r in rollouts], copies, args.block_size, args.mask_id, args.pad_id,
+                       args.device)
     pack = _drop_unscored(pack, rollouts)
     weight = None
     if weights is not None:
         per_copy = [torch.tensor(w, dtype=torch.float32) for w in weights]
         flat = torch.stack([per_copy[s][c] for s, c in zip(pack.seq_index.tolist(), pack.copy_index.tolist())]) \
             if pack.seq_index.numel() else torch.zeros(0)
-        weight = flat.to(device)
+        weight = flat.to(args.device)
     return Plan(pack, weight, exact)
 
 
-def _drop_unscored(pack: TracePack, rollouts):
+def _drop_unscored(pack: TracePack, rollouts: Sequence[Rollout]) -> TracePack:
     """Keep only scores of completion tokens (index < num_tokens)."""
     limits = torch.tensor([r.num_tokens for r in rollouts], device=pack.seq_index.device)
     keep = pack.token_index < limits[pack.seq_index]
@@ -109,65 +127,69 @@ def _drop_unscored(pack: TracePack, rollouts):
     return pack
 
 
-def plan_estimator(name: str, rollouts, block_size: int, mask_id: int, pad_id: int,
-                   gen: torch.Generator | None = None, shrink: int = 2, mc_steps: int = 2,
-                   device: torch.device | str = "cpu") -> Plan:
-    """Build the scoring plan of estimator ``name`` for a list of rollouts."""
+def plan_estimator(name: str, args: EstimatorArgs) -> Plan:
+    """Build the scoring plan of estimator ``name`` for ``args.rollouts``."""
     if name not in ESTIMATORS:
         raise ValueError(f"unknown estimator {name!r}; choose from {sorted(ESTIMATORS)}")
-    gen = gen if gen is not None else torch.Generator().manual_seed(0)
-    return ESTIMATORS[name](rollouts, block_size, mask_id, pad_id, gen, shrink, mc_steps, device)
+    return ESTIMATORS[name](args)
 
 
-def _trace(rollouts, size, mask_id, pad_id, gen, shrink, mc_steps, device, merge=1) -> Plan:
-    copies = [[c for c in trace_copies(len(r.prompt_ids), r.steps, size, merge) if _scorable(r, c, size)]
-              for r in rollouts]
-    return _plan_copies(rollouts, copies, None, size, mask_id, pad_id, device, exact=merge == 1)
+def _trace_copies(args: EstimatorArgs, merge: int) -> list[list[Copy]]:
+    size = args.block_size
+    return [[c for c in trace_copies(len(r.prompt_ids), r.steps, size, merge) if _scorable(r, c, size)]
+            for r in args.rollouts]
 
 
-def _trace_shrink(rollouts, size, mask_id, pad_id, gen, shrink, mc_steps, device) -> Plan:
-    return _trace(rollouts, size, mask_id, pad_id, gen, shrink, mc_steps, device, merge=shrink)
+def _trace(args: EstimatorArgs) -> Plan:
+    return _plan_copies(args, _trace_copies(args, 1), None, exact=True)
 
 
-def _trace_mc(rollouts, size, mask_id, pad_id, gen, shrink, mc_steps, device) -> Plan:
+def _trace_shrink(args: EstimatorArgs) -> Plan:
+    return _plan_copies(args, _trace_copies(args, args.shrink), None, exact=args.shrink == 1)
+
+
+def _trace_mc(args: EstimatorArgs) -> Plan:
     copies, weights = [], []
-    for r in rollouts:
-        full = [c for c in trace_copies(len(r.prompt_ids), r.steps, size) if _scorable(r, c, size)]
-        picked, w = _stratified(full, mc_steps, gen) if full else ([], [])
+    for full in _trace_copies(args, 1):
+        picked, w = _stratified(full, args.mc_steps, args.gen) if full else ([], [])
         copies.append(picked)
         weights.append(w)
-    return _plan_copies(rollouts, copies, weights, size, mask_id, pad_id, device, exact=True)
+    return _plan_copies(args, copies, weights, exact=True)
 
 
-def _elbo(rollouts, size, mask_id, pad_id, gen, shrink, mc_steps, device, coupled=False) -> Plan:
-    copies = [[c for c in _random_mask_copies(r, size, gen, coupled) if _scorable(r, c, size)] for r in rollouts]
-    return _plan_copies(rollouts, copies, None, size, mask_id, pad_id, device, exact=False)
+def _elbo(args: EstimatorArgs, coupled: bool = False) -> Plan:
+    size = args.block_size
+    copies = [[c for c in _random_mask_copies(r, size, args.gen, coupled) if _scorable(r, c, size)]
+              for r in args.rollouts]
+    return _plan_copies(args, copies, None, exact=False)
 
 
-def _coupled(rollouts, size, mask_id, pad_id, gen, shrink, mc_steps, device) -> Plan:
-    return _elbo(rollouts, size, mask_id, pad_id, gen, shrink, mc_steps, device, coupled=True)
+def _coupled(args: EstimatorArgs) -> Plan:
+    return _elbo(args, coupled=True)
 
 
-def _mean_field(rollouts, size, mask_id, pad_id, gen, shrink, mc_steps, device) -> Plan:
+def _mean_field(args: EstimatorArgs) -> Plan:
     """prompt + all-[MASK] response as one block-causal stream; score every response position."""
+    rollouts = args.rollouts
     width = max(len(r.prompt_ids) + len(r.token_ids) for r in rollouts)
-    ids = torch.full((len(rollouts), width), pad_id, dtype=torch.long)
+    ids = torch.full((len(rollouts), width), args.pad_id, dtype=torch.long)
     valid = torch.zeros((len(rollouts), width), dtype=torch.bool)
     scores = []
     for s, r in enumerate(rollouts):
         p, n = len(r.prompt_ids), len(r.token_ids)
         ids[s, :p] = torch.tensor(r.prompt_ids)
-        ids[s, p:p + n] = mask_id
+        ids[s, p:p + n] = args.mask_id
         valid[s, :p + n] = True
         scores += [(s * width + p + i, r.token_ids[i], s, i, 0) for i in range(r.num_tokens)]
     pos = torch.arange(width).expand(len(rollouts), width)
     cols = torch.tensor(scores, dtype=torch.long).view(-1, 5).T
-    meta = TokenMeta.clean(pos, size, valid).to(device)
+    device = args.device
+    meta = TokenMeta.clean(pos, args.block_size, valid).to(device)
     pack = TracePack(ids.to(device), pos.to(device), meta, *(c.to(device) for c in cols))
     return Plan(pack, None, exact=False)
 
 
-ESTIMATORS: dict[str, Callable[..., Plan]] = {
+ESTIMATORS: dict[str, Callable[[EstimatorArgs], Plan]] = {
     "trace": _trace,
     "trace_shrink": _trace_shrink,
     "trace_mc": _trace_mc,
@@ -178,7 +200,9 @@ ESTIMATORS: dict[str, Callable[..., Plan]] = {
 
 
 def score_plan(model, plan: Plan, dist: PolicyDist, with_entropy: bool = False):
-    """Policy log-probs of the plan's scored tokens: (N,) [and their entropies (N,), detached]."""
+    """Policy log-probs of the plan's scored tokens: (N,) [and their entropies (N,), detached].
+
+    ``dist``: the rollouts' distribution (any :class:`~dirl.rollout.SamplingSpec` is one)."""
     pack = plan.pack
     if pack.score_index.numel() == 0:
         empty = torch.zeros(0, device=pack.input_ids.device)

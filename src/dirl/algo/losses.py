@@ -50,36 +50,60 @@ def aggregate(token_loss: torch.Tensor, seq_index: torch.Tensor, num_seqs: int, 
 
 
 @dataclass
+class LossConfig:
+    """The surrogate's settings (``AlgoConfig`` extends this, so YAML keys stay ``algo.clip_low`` ...)."""
+
+    clip_low: float = 0.2             # eps_low: the ratio is clipped at 1 - clip_low (A < 0)
+    clip_high: float = 0.28           # eps_high: ... at 1 + clip_high (A > 0); DAPO's clip-higher
+    beta: float = 0.0                 # k3 KL coefficient to the frozen reference (0 = no reference)
+    agg: str = "token_mean"           # token_mean | seq_mean_token_mean | constant
+
+
+@dataclass
+class ScoredTokens:
+    """The N scored tokens of a batch of S sequences: every tensor is (N,) unless noted."""
+
+    logp_new: torch.Tensor
+    logp_old: torch.Tensor
+    adv: torch.Tensor                          # its sequence's advantage
+    seq_index: torch.Tensor                    # which sequence, in [0, num_seqs)
+    num_seqs: int
+    weight: torch.Tensor | None = None         # the estimator's importance weight (None = 1)
+    logp_ref: torch.Tensor | None = None       # frozen reference (beta > 0)
+    seq_lengths: torch.Tensor | None = None    # (S,) completion tokens per sequence
+
+
+@dataclass
 class LossStats:
     kl: float
-    clip_low: float       # fraction of tokens clipped at 1 - eps_low (A < 0)
-    clip_high: float      # fraction of tokens clipped at 1 + eps_high (A > 0)
+    clipped_low_frac: float   # fraction of tokens clipped at 1 - clip_low (A < 0)
+    clipped_high_frac: float  # fraction of tokens clipped at 1 + clip_high (A > 0)
     ratio_mean: float
 
 
-def dipo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, seq_index: torch.Tensor,
-              num_seqs: int, *, weight: torch.Tensor | None = None, logp_ref: torch.Tensor | None = None,
-              beta: float = 0.0, eps_low: float = 0.2, eps_high: float = 0.28, agg: str = "token_mean",
-              seq_lengths: torch.Tensor | None = None, constant: float | None = None):
-    """All per-token inputs are (N,); adv is per token (its sequence's advantage). -> (loss, LossStats)."""
-    ratio = torch.exp(logp_new - logp_old)
-    clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
+def dipo_loss(tokens: ScoredTokens, cfg: LossConfig, constant: float | None = None):
+    """The surrogate of the module docstring over ``tokens``. -> (loss, LossStats).
+
+    ``constant``: the ``constant`` aggregation's normaliser (the rollouts' max_new_tokens)."""
+    adv, logp_new = tokens.adv, tokens.logp_new
+    ratio = torch.exp(logp_new - tokens.logp_old)
+    clipped = ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high)
     surr = torch.minimum(ratio * adv, clipped * adv)
     token_loss = -surr
     kl = torch.zeros_like(logp_new)
-    if logp_ref is not None and beta > 0:
-        log_ratio_ref = logp_ref - logp_new
+    if tokens.logp_ref is not None and cfg.beta > 0:
+        log_ratio_ref = tokens.logp_ref - logp_new
         kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1
-        token_loss = token_loss + beta * kl
-    if weight is not None:
-        token_loss = token_loss * weight
-    loss = aggregate(token_loss, seq_index, num_seqs, agg, seq_lengths, constant)
+        token_loss = token_loss + cfg.beta * kl
+    if tokens.weight is not None:
+        token_loss = token_loss * tokens.weight
+    loss = aggregate(token_loss, tokens.seq_index, tokens.num_seqs, cfg.agg, tokens.seq_lengths, constant)
     with torch.no_grad():
         n = max(ratio.numel(), 1)
         stats = LossStats(
             kl=float(kl.sum() / n),
-            clip_low=float(((ratio < 1 - eps_low) & (adv < 0)).sum() / n),
-            clip_high=float(((ratio > 1 + eps_high) & (adv > 0)).sum() / n),
+            clipped_low_frac=float(((ratio < 1 - cfg.clip_low) & (adv < 0)).sum() / n),
+            clipped_high_frac=float(((ratio > 1 + cfg.clip_high) & (adv > 0)).sum() / n),
             ratio_mean=float(ratio.mean()) if ratio.numel() else 1.0,
         )
     return loss, stats

@@ -42,6 +42,25 @@ NOISE_EPS = 1e-3
 
 
 @dataclass
+class TokenBatch:
+    """Rows of (packed) SFT examples, every field (B, L)."""
+
+    input_ids: torch.Tensor      # long
+    position_ids: torch.Tensor   # long, restart at 0 for every packed example
+    doc_ids: torch.Tensor        # long, example index within its row; -1 = padding
+    response_mask: torch.Tensor  # bool, True on response tokens (EOS padding included)
+    sample_ids: torch.Tensor     # long, batch-global example index; -1 = padding
+
+
+@dataclass
+class FixedNoise:
+    """A draw given by hand (tests): per-sample times (S,) and/or per-token uniforms (B, L)."""
+
+    t: torch.Tensor | None = None
+    uniform: torch.Tensor | None = None
+
+
+@dataclass
 class NoiseDraw:
     """Which response tokens each noisy copy masks, and with what probability."""
 
@@ -57,15 +76,15 @@ def mask_probabilities(t: torch.Tensor, eps: float = NOISE_EPS, complementary: b
 
 
 def draw_noise(response_mask: torch.Tensor, sample_ids: torch.Tensor, generator: torch.Generator | None = None,
-               eps: float = NOISE_EPS, complementary: bool = False, t: torch.Tensor | None = None,
-               uniform: torch.Tensor | None = None) -> NoiseDraw:
+               eps: float = NOISE_EPS, complementary: bool = False, fixed: FixedNoise | None = None) -> NoiseDraw:
     """Draw the masks of one batch.
 
     response_mask: (B, L) bool, True on response tokens (the only maskable ones).
     sample_ids: (B, L) long, the batch-global sample index of each token (-1 = none).
-    t: optional (S,) per-sample times; uniform: optional (B, L) per-token uniforms --
-    pass both to fix the draw by hand (tests). Otherwise both come from ``generator``.
+    fixed: optional per-sample times t (S,) and/or per-token uniforms (B, L) given by hand
+    (tests); what it leaves out comes from ``generator``.
     """
+    t, uniform = (fixed.t, fixed.uniform) if fixed is not None else (None, None)
     num_samples = int(sample_ids.max()) + 1 if sample_ids.numel() else 0
     if t is None:
         t = torch.rand(num_samples, generator=generator, dtype=torch.float64)  # (S,)
@@ -128,14 +147,15 @@ def multi_copy_meta(position_ids: torch.Tensor, block_size: int, doc_ids: torch.
     return meta
 
 
-def sft_nelbo(model, input_ids: torch.Tensor, position_ids: torch.Tensor, doc_ids: torch.Tensor,
-              response_mask: torch.Tensor, sample_ids: torch.Tensor, noise: NoiseDraw,
-              mask_token_id: int, attn_impl: str | None = None) -> tuple[torch.Tensor, dict]:
+def sft_nelbo(model, batch: TokenBatch, noise: NoiseDraw, mask_token_id: int,
+              attn_impl: str | None = None) -> tuple[torch.Tensor, dict]:
     """One forward of the ``[x_t ; x_0]`` layout and the NELBO of the batch.
 
-    input_ids, position_ids, doc_ids, response_mask, sample_ids: (B, L) (doc -1 =
-    padding). Returns ``(loss, stats)`` with stats num_masked / num_response.
+    ``batch``: (B, L) fields (doc -1 = padding). Returns ``(loss, stats)`` with stats
+    num_masked / num_response.
     """
+    input_ids, position_ids, doc_ids = batch.input_ids, batch.position_ids, batch.doc_ids
+    response_mask, sample_ids = batch.response_mask, batch.sample_ids
     device = input_ids.device
     masked, mask_prob = noise.masked.to(device), noise.mask_prob.to(device)  # (C, B, L) each
     num_copies, _, length = masked.shape

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Protocol
 
-from dirl.engine.engine import Rollout, SamplingParams
+from dirl.rollout import Rollout, SamplingParams
 
 # name -> "module:Class"; each class takes (model, tokenizer, **options).
 BACKENDS = {

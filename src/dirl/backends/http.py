@@ -25,7 +25,8 @@ import httpx
 import torch
 from safetensors.torch import save as save_safetensors
 
-from dirl.engine.engine import Rollout, SamplingParams
+from dirl.rollout import Rollout, SamplingParams, spec_fields
+from dirl.runtime import prompt_seeds
 
 RL_FIELDS = ("token_ids", "num_tokens", "steps", "logps", "num_forwards", "finish_reason")
 
@@ -90,11 +91,10 @@ class HttpBackend:
 
     def request_body(self, prompt: list[int], params: SamplingParams, seed: int) -> dict:
         """The /v1/completions body for one prompt: token ids in, RL fields out."""
+        decoding = spec_fields(params)  # every SamplingSpec field under its own name ...
         return {
-            "prompt": list(prompt), "n": params.n, "max_tokens": params.max_new_tokens,
-            "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
-            "unmasking": params.unmasking, "threshold": params.threshold,
-            "steps_per_block": params.steps_per_block, "stop_token_ids": list(params.stop_ids),
+            **decoding, "max_tokens": decoding.pop("max_new_tokens"),  # ... but OpenAI's max_tokens
+            "prompt": list(prompt), "n": params.n, "stop_token_ids": list(params.stop_ids),
             "ignore_eos": True, "seed": seed, "return_token_ids": True,
         }
 
@@ -104,7 +104,7 @@ class HttpBackend:
         params.validate(self.block_size)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        seeds = [params.seed + i for i in range(len(prompts))] if seeds is None else list(seeds)
+        seeds = prompt_seeds(params.seed, len(prompts)) if seeds is None else list(seeds)
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
         bodies = [self.request_body(p, params, s) for p, s in zip(prompts, seeds)]

@@ -6,7 +6,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from dirl.engine.engine import Engine, Rollout, SamplingParams
+from dirl.engine.engine import Engine
+from dirl.rollout import Rollout, SamplingParams
 from dirl.model.checkpoint import load_pretrained, save_pretrained
 
 

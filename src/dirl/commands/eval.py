@@ -1,6 +1,7 @@
 """``dirl eval --model DIR --data FILE|task:<name>:test [--reward R] [--out D] [key=value ...]``.
 
-Loads the checkpoint and the rows, runs :func:`dirl.eval.evaluate.evaluate`, writes
+Loads the checkpoint and the rows, runs :func:`dirl.eval.evaluate.evaluate` (the shared eval
+path, :func:`dirl.backends.evaluate.evaluate_rows`), writes
 ``samples.jsonl``, ``summary.json`` and the resolved ``config.yaml`` into the run directory, and
 prints the summary as ONE line of JSON, the last line of stdout (progress goes to stderr), so
 scripts can read it with ``tail -n 1``. Precedence: dataclass defaults <- ``--config`` YAML <-
@@ -30,21 +31,13 @@ def add_arguments(parser) -> None:
     add_config_arguments(parser)
 
 
-def _resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _load_model(cfg, device):
     """``(model, tokenizer)`` from ``cfg.model``; dtype auto = bf16 on CUDA, fp32 on CPU."""
     from dirl.model.checkpoint import load_pretrained
 
     if not cfg.model:
         raise FileNotFoundError("no checkpoint: pass --model DIR (or model=DIR)")
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = cfg.param_dtype if cfg.param_dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     model, tokenizer = load_pretrained(cfg.model, dtype=dtype, device=device)
     if tokenizer is None:
         raise FileNotFoundError(f"{cfg.model}: the checkpoint has no tokenizer files")
@@ -62,10 +55,10 @@ def write_run(out: Path, cfg, summary: dict, samples: list[dict]) -> None:
 
 
 def run(args) -> int:
-    from dirl.data import DataError
-    from dirl.eval.evaluate import (EvalConfig, build_prompts, default_out_dir, evaluate, load_eval_rows,
-                                    resolve_defaults, sampling_params)
+    from dirl.data import DataError, build_prompt_ids
+    from dirl.eval.evaluate import EvalConfig, default_out_dir, evaluate, load_eval_rows, resolve_defaults
     from dirl.model.checkpoint import CheckpointError
+    from dirl.runtime import resolve_device
 
     flags = [f"{key}={getattr(args, flag)}" for flag, key in FLAG_KEYS.items()
              if getattr(args, flag) is not None]
@@ -78,15 +71,15 @@ def run(args) -> int:
         return 2
     except ValueError as err:  # unknown reward name
         raise config_lib.ConfigError(str(err)) from None
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     try:
         model, tokenizer = _load_model(cfg, device)
     except (FileNotFoundError, CheckpointError) as err:
         print(f"dirl eval: cannot load the model: {err}", file=sys.stderr)
         return 2
     try:  # sampling values the engine would reject (e.g. steps_per_block > block size)
-        sampling_params(cfg, []).validate(model.config.block_size)
-        build_prompts(tokenizer, rows[:1], cfg.prompt_template, cfg.chat)
+        cfg.sampling.params().validate(model.config.block_size)
+        build_prompt_ids(tokenizer, rows[:1], cfg.prompt_template, cfg.chat)
     except DataError as err:
         print(f"dirl eval: data error: {err}", file=sys.stderr)
         return 2

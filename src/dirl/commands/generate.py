@@ -45,20 +45,14 @@ def _stop_ids_given(config_path: str | None, overrides: list[str]) -> bool:
     return False
 
 
-def _resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def run(args) -> int:
-    from dirl.engine.engine import Engine, SamplingParams
+    from dirl.engine.engine import Engine
+    from dirl.rollout import SamplingParams
     from dirl.model.checkpoint import load_pretrained
+    from dirl.runtime import resolve_device
 
     params = config_lib.load(SamplingParams, args.config, args.overrides)
-    model, tokenizer = load_pretrained(args.model, dtype=args.dtype, device=_resolve_device(args.device))
+    model, tokenizer = load_pretrained(args.model, dtype=args.dtype, device=resolve_device(args.device))
     if tokenizer is None:
         print(f"dirl generate: {args.model} has no tokenizer files", file=sys.stderr)
         return 2

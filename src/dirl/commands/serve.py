@@ -76,7 +76,7 @@ def run(args) -> int:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     try:
-        model, tokenizer = load_pretrained(cfg.model, dtype=cfg.dtype or None, device=cfg.device)
+        model, tokenizer = load_pretrained(cfg.model, dtype=cfg.param_dtype or None, device=cfg.device)
     except (CheckpointError, OSError) as err:
         print(f"dirl serve: cannot load {cfg.model}: {err}", file=sys.stderr)
         return 2

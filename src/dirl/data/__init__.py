@@ -8,11 +8,14 @@ from dirl.data.datasets import (
     load_prompt_rows,
     load_rows,
     load_sft_rows,
+    parse_task_source,
     sft_response,
+    task_of,
     to_prompt_messages,
     to_sft_messages,
     validate_sft_row,
 )
+from dirl.data.prompts import build_prompt_ids
 from dirl.data.tasks import TASKS, Task, get_task, split_of
 from dirl.data.templates import PROMPT_TEMPLATES, DataError, render_prompt
 
@@ -21,13 +24,16 @@ __all__ = [
     "PROMPT_TEMPLATES",
     "TASKS",
     "Task",
+    "build_prompt_ids",
     "get_task",
     "load_prompt_rows",
     "load_rows",
     "load_sft_rows",
+    "parse_task_source",
     "render_prompt",
     "sft_response",
     "split_of",
+    "task_of",
     "to_prompt_messages",
     "to_sft_messages",
     "validate_sft_row",

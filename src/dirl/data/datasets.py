@@ -27,7 +27,8 @@ from dirl.data.templates import DataError, render_prompt
 
 __all__ = [
     "DataError", "load_rows", "load_sft_rows", "load_prompt_rows", "check_fields",
-    "validate_sft_row", "sft_response", "to_sft_messages", "to_prompt_messages",
+    "validate_sft_row", "sft_response", "to_sft_messages", "to_prompt_messages", "parse_task_source",
+    "task_of",
 ]
 
 TASK_PREFIX = "task:"
@@ -225,14 +226,35 @@ def _read_saved_dataset(path: Path, split: str | None) -> Iterator[tuple[str, An
         yield f"{path}:row {i}", row
 
 
+def parse_task_source(source: str | Path) -> tuple[str, str | None] | None:
+    """``task:<name>[:<split>]`` -> ``(name, split or None)``; any other source -> None.
+
+    The one parser of task sources (loaders, trainers and ``dirl eval`` all use it)."""
+    source = str(source)
+    if not source.startswith(TASK_PREFIX):
+        return None
+    parts = source[len(TASK_PREFIX):].split(":")
+    if len(parts) > 2 or not parts[0]:
+        raise DataError(f"bad task source '{source}': use task:<name>[:<split>]")
+    return parts[0], (parts[1] if len(parts) == 2 else None)
+
+
+def task_of(source: str | Path):
+    """The :class:`~dirl.data.tasks.Task` a ``task:`` source names (``DataError`` if unknown), else None."""
+    parsed = parse_task_source(source)
+    if parsed is None:
+        return None
+    try:
+        return get_task(parsed[0])
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+
+
 def _task_rows(
     source: str, split: str | None, limit: int | None, seed: int
 ) -> Iterator[tuple[str, Any]]:
     """Yield rows of ``task:<name>[:<split>]`` (``limit`` rows, else the task's default size)."""
-    parts = source[len(TASK_PREFIX):].split(":")
-    if len(parts) > 2 or not parts[0]:
-        raise DataError(f"bad task source '{source}': use task:<name>[:<split>]")
-    name, spec_split = parts[0], (parts[1] if len(parts) == 2 else None)
+    _name, spec_split = parse_task_source(source)
     if spec_split and split and spec_split != split:
         raise DataError(
             f"task source '{source}' names split '{spec_split}' but split='{split}' was passed"
@@ -240,10 +262,7 @@ def _task_rows(
     split = spec_split or split or "train"
     if split not in SPLITS:
         raise DataError(f"task source '{source}': unknown split '{split}', use one of {SPLITS}")
-    try:
-        task = get_task(name)
-    except ValueError as exc:
-        raise DataError(str(exc)) from None
+    task = task_of(source)
     num = task.default_size[split] if limit is None else limit
     for row in task.generate(split, num, seed=seed):
         yield f"{source}:{row['id']}", row
@@ -253,7 +272,7 @@ def _iter_source(
     source: str, split: str | None, limit: int | None, seed: int
 ) -> Iterator[tuple[str, Any]]:
     """Dispatch a source string to its reader; non-local, non-task sources are an error."""
-    if source.startswith(TASK_PREFIX):
+    if parse_task_source(source) is not None:
         return _task_rows(source, split, limit, seed)
     path = Path(source).expanduser()
     if path.is_dir():

@@ -18,74 +18,15 @@ must produce identical tokens and step ids (the correctness oracle).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from dirl.engine.kv_cache import KVCache
-from dirl.engine.unmask import UNMASKING, policy_logprobs, sample_from_logprobs, select_commits
+from dirl.engine.unmask import policy_logprobs, sample_from_logprobs, select_commits
 from dirl.model.masks import TokenMeta
+from dirl.rollout import Rollout, SamplingParams
+from dirl.runtime import prompt_seeds, row_seed
 
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 1.0          # 0 = greedy
-    top_k: int = 0                    # 0 = off
-    top_p: float = 1.0
-    unmasking: str = "dynamic"        # dynamic | static | sequential
-    threshold: float = 0.9            # dynamic: commit every position with confidence >= threshold
-    steps_per_block: int = 4          # static: forwards per block
-    stop_ids: list[int] = field(default_factory=list)
-    n: int = 1                        # samples per prompt (they share the prompt's prefill)
-    seed: int = 0
-
-    def validate(self, block_size: int) -> None:
-        checks = [
-            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.unmasking in UNMASKING, f"unmasking must be one of {UNMASKING}, got {self.unmasking!r}"),
-            (0 <= self.threshold <= 1, f"threshold must be in [0, 1], got {self.threshold}"),
-            (1 <= self.steps_per_block <= block_size,
-             f"steps_per_block must be in [1, {block_size}], got {self.steps_per_block}"),
-            (self.n >= 1, f"n must be >= 1, got {self.n}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-
-@dataclass
-class Rollout:
-    """One sampled response and its denoising trace.
-
-    ``token_ids`` holds every generated position up to the end of the last block
-    (the exact trace DiPO scores); ``num_tokens`` is the completion length (up to
-    and including the stop token, at most ``max_new_tokens``). ``steps[i]`` is the
-    per-sequence forward counter at which token i was committed (tokens committed
-    together share it); ``logps[i]`` its log-prob under the policy distribution.
-    """
-
-    prompt_ids: list[int]
-    token_ids: list[int]
-    steps: list[int]
-    logps: list[float]
-    num_tokens: int
-    finish_reason: str                 # "stop" | "length"
-    num_forwards: int
-    prompt_index: int = 0
-    sample_index: int = 0
-
-    @property
-    def completion_ids(self) -> list[int]:
-        return self.token_ids[: self.num_tokens]
-
-
-def row_seed(seed: int, sample_index: int) -> int:
-    """Seed of one sequence's generator: independent of its batch neighbours."""
-    return (seed * 1_000_003 + sample_index * 7919 + 12345) % (2**63 - 1)
+__all__ = ["Engine", "Rollout", "SamplingParams"]  # the sampling types live in dirl.rollout (a leaf)
 
 
 class _Batch:
@@ -151,7 +92,7 @@ class Engine:
         params.validate(self.block_size)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        seeds = [params.seed + i for i in range(len(prompts))] if seeds is None else list(seeds)
+        seeds = prompt_seeds(params.seed, len(prompts)) if seeds is None else list(seeds)
         per_chunk = max(1, self.max_batch_rows // params.n)
         out: list[Rollout] = []
         for start in range(0, len(prompts), per_chunk):

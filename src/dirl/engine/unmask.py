@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 
 from dirl.model.policy import policy_logprobs  # noqa: F401  (re-exported: the engine samples from it)
-
-UNMASKING = ("dynamic", "static", "sequential")
+from dirl.rollout import UNMASKING
 
 
 def sample_from_logprobs(logp: torch.Tensor, uniforms: torch.Tensor, greedy: bool) -> torch.Tensor:

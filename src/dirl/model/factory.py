@@ -17,7 +17,7 @@ class InitConfig:
     preset: str = "tiny"             # tiny | small | sdar-8b (see dirl.model.config.PRESETS)
     tokenizer: str = "char"          # "char" (built-in) or a directory with tokenizer files
     seed: int = 0
-    dtype: str = "float32"
+    param_dtype: str = "float32"
     block_size: int = 4
     max_shard_mb: int = 2048         # shard model.safetensors above this size
     model: dict[str, Any] = field(default_factory=dict)  # any ModelConfig field, e.g. num_hidden_layers
@@ -36,7 +36,7 @@ def init_model(cfg: InitConfig, tokenizer: Tokenizer) -> SDARForCausalLM:
         "block_size": cfg.block_size, **cfg.model})
     model = SDARForCausalLM(model_cfg)
     model.init_weights(cfg.seed)
-    return model.to(DTYPES[cfg.dtype])
+    return model.to(DTYPES[cfg.param_dtype])
 
 
 def init_checkpoint(cfg: InitConfig, out: str | Path) -> Path:

@@ -16,6 +16,7 @@ Cost grows with the number of copies, not with B x sequence length.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 
@@ -23,19 +24,37 @@ from dirl.model.masks import TokenMeta
 
 
 @dataclass(frozen=True)
-class Copy:
-    """One noisy copy of block ``block``.
-
-    By default it is the state before step ``lo`` and scores the tokens committed
-    at steps in [lo, hi). ELBO-style estimators instead give explicit per-offset
-    flags ``masked`` / ``scored`` (length block_size; prompt offsets are ignored).
-    """
+class StepCopy:
+    """Block ``block`` as it was right before denoising step ``lo``: it masks the tokens
+    committed at steps >= lo and scores those committed at steps in [lo, hi) (DiPO, TraceRL)."""
 
     block: int
-    lo: int = 0
-    hi: int = 0
-    masked: tuple[bool, ...] | None = None
-    scored: tuple[bool, ...] | None = None
+    lo: int
+    hi: int
+
+    def masks(self, offset: int, step: int) -> bool:
+        return step >= self.lo
+
+    def scores(self, offset: int, step: int) -> bool:
+        return self.lo <= step < self.hi
+
+
+@dataclass(frozen=True)
+class MaskCopy:
+    """Block ``block`` with an explicit mask (one flag per offset; ELBO-style estimators): it
+    scores exactly the tokens it masks. Prompt offsets are never masked, whatever the flag."""
+
+    block: int
+    masked: tuple[bool, ...]
+
+    def masks(self, offset: int, step: int) -> bool:
+        return self.masked[offset]
+
+    def scores(self, offset: int, step: int) -> bool:
+        return self.masked[offset]
+
+
+Copy = Union[StepCopy, MaskCopy]  # one noisy copy of a block: which tokens it masks and scores
 
 
 def trace_copies(prompt_len: int, steps: list[int], block_size: int, merge: int = 1) -> list[Copy]:
@@ -51,7 +70,7 @@ def trace_copies(prompt_len: int, steps: list[int], block_size: int, merge: int 
         block_steps.sort()
         for j in range(0, len(block_steps), merge):
             group = block_steps[j: j + merge]
-            copies.append(Copy(block, group[0], group[-1] + 1))
+            copies.append(StepCopy(block, group[0], group[-1] + 1))
     return copies
 
 
@@ -81,10 +100,8 @@ def _pack_one(prompt, tokens, steps, copies, block_size, mask_id):
             i = p - prompt_len  # index into the generated tokens (< 0: prompt)
             if p >= len(clean):
                 raise ValueError(f"copy {cp} reaches past the sequence end ({len(clean)} tokens)")
-            if cp.masked is not None:
-                masked, scored = i >= 0 and cp.masked[offset], i >= 0 and cp.scored[offset]
-            else:
-                masked, scored = i >= 0 and steps[i] >= cp.lo, i >= 0 and cp.lo <= steps[i] < cp.hi
+            step = steps[i] if i >= 0 else -1
+            masked, scored = i >= 0 and cp.masks(offset, step), i >= 0 and cp.scores(offset, step)
             if scored:
                 scores.append((len(ids), clean[p], i, c))
             ids.append(mask_id if masked else clean[p])

@@ -8,7 +8,8 @@ Every reward has the TRL-style signature ``fn(completions, **columns) -> list[fl
 * ``countdown`` -- expression over ``numbers`` reaching ``target`` (``dirl.rewards.countdown``)
 * ``sudoku``    -- cell accuracy vs ``solution`` on ``puzzle``'s blanks (``dirl.rewards.sudoku``)
 
-Use ``compute_rewards(specs, completions, columns)`` for weighted, fault-isolated scoring.
+Use ``compute_rewards(specs, completions, columns)`` for weighted, fault-isolated scoring, and
+:mod:`dirl.rewards.metrics` for the correctness rule, pass@k and the eval summary.
 """
 
 from dirl.rewards import countdown, math, sudoku  # noqa: F401 - imported to register the rewards
@@ -16,8 +17,11 @@ from dirl.rewards.registry import (
     RewardResult,
     available_rewards,
     compute_rewards,
+    format_reward_spec,
     get_reward,
+    parse_reward_spec,
     register,
 )
 
-__all__ = ["RewardResult", "available_rewards", "compute_rewards", "get_reward", "register"]
+__all__ = ["RewardResult", "available_rewards", "compute_rewards", "format_reward_spec", "get_reward",
+           "parse_reward_spec", "register"]

@@ -118,6 +118,32 @@ def available_rewards() -> list[str]:
 # ----------------------------------------------------------------------------- time limits
 
 
+def parse_reward_spec(spec: str) -> dict[str, float]:
+    """``"math"`` / ``"math,format"`` / ``"math:1,format:0.1"`` -> ordered {name: weight}.
+
+    The first name is the *primary* reward that decides correctness. Unknown names raise
+    ``ValueError`` listing the registered ones.
+    """
+    weights: dict[str, float] = {}
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        name, _, weight = item.partition(":")
+        try:
+            weights[name.strip()] = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"reward {item!r}: weight {weight!r} is not a number") from None
+        get_reward(name.strip())
+    if not weights:
+        raise ValueError(f"reward spec {spec!r} names no reward")
+    return weights
+
+
+def format_reward_spec(weights: Mapping[str, float]) -> str:
+    """The inverse of :func:`parse_reward_spec`: ``{"math": 1, "format": 0.1}`` -> ``"math:1,format:0.1"``."""
+    return ",".join(f"{name}:{weight:g}" for name, weight in weights.items())
+
+
 def call_with_time_limit(
     fn: Callable[..., _T], seconds: float | None, *args: Any, **kwargs: Any
 ) -> _T:

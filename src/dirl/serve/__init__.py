@@ -12,7 +12,13 @@ The trainer side of the protocol is :class:`dirl.backends.http.HttpBackend`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from dirl.rollout import SamplingSpec
+
+
+def _serve_sampling() -> SamplingSpec:
+    return SamplingSpec(steps_per_block=0)
 
 
 @dataclass
@@ -23,7 +29,7 @@ class ServeConfig:
     host: str = "127.0.0.1"            # loopback by default: nothing else can reach the server
     port: int = 8000
     served_model_name: str = ""        # default: the directory's name
-    dtype: str = ""                    # "" = the checkpoint's; float32 | bfloat16 | float16
+    param_dtype: str = ""              # weights: "" = the checkpoint's; float32 | bfloat16 | float16
     device: str = "cpu"
     api_key: str = ""                  # prefer api_key_env: keys in YAML files end up in git
     api_key_env: str = "DIRL_API_KEY"  # environment variable holding the /update_weights key
@@ -33,7 +39,9 @@ class ServeConfig:
     max_n: int = 64
     max_prompts: int = 64              # prompts per /v1/completions request
     max_tokens_limit: int = 4096
-    default_max_tokens: int = 64
+    # Decoding of a request that leaves a field out (max_new_tokens: OpenAI's max_tokens;
+    # steps_per_block 0 = the model's block size, one token per forward).
+    sampling: SamplingSpec = field(default_factory=_serve_sampling)
     max_update_mb: float = 0.0         # 0 = twice the model's state-dict size + 1 MiB
     batch_wait_ms: float = 2.0         # collection window before an engine call
     max_queue: int = 4096

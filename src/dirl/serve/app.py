@@ -18,6 +18,7 @@ choice, a final chunk with ``finish_reason`` (and ``usage`` when
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import secrets
@@ -31,13 +32,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dirl.engine.engine import Rollout, SamplingParams
+from dirl.rollout import Rollout, SamplingParams
+from dirl.runtime import MAX_SEED, prompt_seeds
 from dirl.serve import ServeConfig  # noqa: F401  (re-exported: the app's config)
 from dirl.serve.batcher import Batcher, QueueFullError
-from dirl.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, error_body, usage
+from dirl.serve.schemas import (DECODING_FIELDS, ChatCompletionRequest, CompletionRequest, SamplingFields, error_body,
+                               usage)
 from dirl.serve.weights import WeightUpdateError, live_tensors, prepare_update, state_dict_nbytes
 
-MAX_SEED = 2**63 - 1
 
 
 class ApiError(Exception):
@@ -131,7 +133,7 @@ class ServerState:
         if not 1 <= req.n <= cfg.max_n:
             raise ApiError(400, f"n must be in [1, {cfg.max_n}], got {req.n}", param="n")
         if max_tokens is None:
-            max_tokens = cfg.default_max_tokens
+            max_tokens = cfg.sampling.max_new_tokens
         if not 1 <= max_tokens <= cfg.max_tokens_limit:
             raise ApiError(400, f"max_tokens must be in [1, {cfg.max_tokens_limit}], got {max_tokens}",
                            param="max_tokens")
@@ -141,11 +143,10 @@ class ServerState:
         if any(not 0 <= t < self.vocab_size for t in req.stop_token_ids):
             raise ApiError(400, "stop_token_ids must be ids inside the vocabulary", param="stop_token_ids")
         stops = set(req.stop_token_ids) | (set() if req.ignore_eos else self.default_stops)
-        params = SamplingParams(
-            max_new_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-            top_k=req.top_k, top_p=1.0 if req.top_p is None else req.top_p, unmasking=req.unmasking,
-            threshold=req.threshold, steps_per_block=req.steps_per_block or self.block_size,
-            stop_ids=sorted(stops), n=req.n, seed=seed)
+        given = {name: getattr(req, name) for name in DECODING_FIELDS if getattr(req, name) is not None}
+        spec = dataclasses.replace(cfg.sampling, **given, max_new_tokens=max_tokens)
+        spec.steps_per_block = spec.steps_per_block or self.block_size  # 0: one token per forward
+        params = spec.params(sorted(stops), n=req.n, seed=seed)
         try:
             params.validate(self.block_size)
         except ValueError as err:
@@ -154,7 +155,7 @@ class ServerState:
 
     async def run(self, prompts: list[list[int]], params: SamplingParams):
         """Queue the prompts (prompt i gets seed ``params.seed + i``, as in the engine) and await them."""
-        seeds = [(params.seed + i) % (MAX_SEED + 1) for i in range(len(prompts))]
+        seeds = prompt_seeds(params.seed, len(prompts))
         try:
             future = self.batcher.submit_generate(prompts, seeds, params)
         except QueueFullError as err:

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dirl.engine.engine import Engine, Rollout, SamplingParams
+from dirl.engine.engine import Engine
+from dirl.rollout import Rollout, SamplingParams
 from dirl.serve.weights import apply_update
 
 _STOP = object()

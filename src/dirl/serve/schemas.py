@@ -10,9 +10,11 @@ OpenAI client may send them (``logprobs`` comes back null: ask for
 
 Extensions:
 
-* dLLM decoding: ``top_k`` (0 = off), ``unmasking`` (dynamic | static |
-  sequential), ``threshold`` (dynamic's confidence threshold),
-  ``steps_per_block`` (static's forwards per block; default: the block size).
+* dLLM decoding: every :class:`~dirl.rollout.SamplingSpec` field by its own name --
+  ``top_k`` (0 = off), ``unmasking`` (dynamic | static | sequential), ``threshold``
+  (dynamic's confidence threshold), ``steps_per_block`` (static's forwards per block).
+  A field left out (or null) takes the server's default, ``ServeConfig.sampling``
+  (``steps_per_block``: the block size).
 * ``stop_token_ids``: extra ids that end a completion. The tokenizer's EOS /
   end-of-turn ids are always added unless ``ignore_eos`` is true (then the
   stop ids are exactly ``stop_token_ids`` -- what an RL client wants).
@@ -31,33 +33,36 @@ start-up, +1 per successful ``/update_weights``): the weights it was decoded wit
 
 from __future__ import annotations
 
-from typing import Any, Union
+from dataclasses import fields
+from typing import Any, Optional, Union, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from dirl.rollout import SamplingSpec
 
 # Token-id prompts are matched before text so a list of ints is never read as text.
 PromptType = Union[list[list[int]], list[int], str, list[str]]
 
 
-class SamplingFields(BaseModel):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
+# The decoding fields are SamplingSpec's own, by name and type, all optional: a request that
+# leaves one out gets the server's default (ServeConfig.sampling). max_new_tokens travels as
+# OpenAI's max_tokens. Generated, so a new decoding option needs no edit here.
+_SPEC_TYPES = get_type_hints(SamplingSpec)
+DECODING_FIELDS = tuple(f.name for f in fields(SamplingSpec) if f.name != "max_new_tokens")
+DecodingFields = create_model("DecodingFields", __config__=ConfigDict(extra="ignore"),
+                              **{name: (Optional[_SPEC_TYPES[name]], None) for name in DECODING_FIELDS})
 
-    model_config = ConfigDict(extra="ignore")
+
+class SamplingFields(DecodingFields):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None
     n: int = 1
     max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    # dLLM decoding
-    top_k: int = 0
-    unmasking: str = "dynamic"
-    threshold: float = 0.9
-    steps_per_block: int | None = None
     # stop ids and RL outputs
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dirl.algo.nelbo import TokenBatch
 from dirl.data import DataError, to_sft_messages
 
 
@@ -36,14 +37,11 @@ class SFTExample:
 
 
 @dataclass
-class SFTBatch:
-    input_ids: torch.Tensor      # (B, L) long
-    position_ids: torch.Tensor   # (B, L) long, restart at 0 for every packed example
-    doc_ids: torch.Tensor        # (B, L) long, example index within its row; -1 = padding
-    response_mask: torch.Tensor  # (B, L) bool, True on response tokens (EOS padding included)
-    sample_ids: torch.Tensor     # (B, L) long, batch-global example index; -1 = padding
-    num_examples: int
-    num_tokens: int              # non-padding tokens
+class SFTBatch(TokenBatch):
+    """A collated micro-batch: the (B, L) token fields plus its counts."""
+
+    num_examples: int = 0
+    num_tokens: int = 0              # non-padding tokens
 
     def to(self, device) -> "SFTBatch":
         tensors = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}

@@ -146,13 +146,6 @@ def autocast_context(device: str | torch.device, dtype: str | torch.dtype | None
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> cuda when available, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 # ---------------------------------------------------------------- logging
 
 

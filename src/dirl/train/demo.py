@@ -33,6 +33,8 @@ from typing import Any
 
 from dirl import config as config_lib
 from dirl.data import get_task
+from dirl.rollout import SamplingSpec
+from dirl.runtime import derived_seed
 from dirl.train.common import OptimConfig
 from dirl.train.rl import RLConfig, RolloutConfig
 from dirl.train.rl_update import AlgoConfig
@@ -48,8 +50,8 @@ def _demo_rl() -> RLConfig:
     return RLConfig(
         max_steps=200, eval_every=20, log_every=10,
         optim=OptimConfig(lr=3e-5, warmup_steps=5, schedule="constant", grad_clip=1.0),
-        rollout=RolloutConfig(num_prompts=16, group_size=8, max_new_tokens=36, temperature=0.6,
-                              unmasking="dynamic", threshold=0.9),
+        rollout=RolloutConfig(num_prompts=16, group_size=8, sampling=SamplingSpec(
+            max_new_tokens=36, temperature=0.6, unmasking="dynamic", threshold=0.9)),
         algo=AlgoConfig(estimator="trace", beta=0.0))
 
 
@@ -95,7 +97,7 @@ def write_data(cfg: DemoConfig, data_dir: Path) -> dict[str, Path]:
     data_dir.mkdir(parents=True, exist_ok=True)
     files = {"sft": data_dir / "sft.jsonl", "test": data_dir / "test.jsonl"}
     splits = {"sft": task.generate("train", cfg.num_train, seed=cfg.seed),
-              "test": task.generate("test", cfg.eval_limit, seed=cfg.seed + 1)}
+              "test": task.generate("test", cfg.eval_limit, seed=derived_seed(cfg.seed, "held_out"))}
     for name, rows in splits.items():
         files[name].write_text("".join(json.dumps(row) + "\n" for row in rows))
     return files
@@ -133,14 +135,17 @@ def sft_stage(cfg: DemoConfig, data: dict[str, Path], out: Path) -> str:
 
 
 def held_out(model_dir: str, rl: RLConfig, progress: bool) -> dict:
-    """Greedy accuracy (and tokens per forward) on ``rl``'s held-out prompts, decoded as in RL."""
+    """Greedy accuracy (and tokens per forward) on ``rl``'s held-out prompts, decoded as in RL
+    (the RL run's own held-out eval, :func:`dirl.train.rl.held_out_spec`)."""
+    from dirl.backends.evaluate import evaluate_rows
     from dirl.data import load_prompt_rows
     from dirl.train.models import load_model_spec
-    from dirl.train.rl import greedy_eval
+    from dirl.train.rl import held_out_spec
 
     model, tokenizer = load_model_spec(model_dir, seed=rl.seed)
     rows = load_prompt_rows(rl.eval_data, limit=rl.eval_limit)
-    return greedy_eval(model, tokenizer, rows, rl, rl.prompt_template, rl.rewards, progress, batch_size=64)
+    summary, _ = evaluate_rows(model, tokenizer, rows, held_out_spec(rl, batch_size=64), progress=progress)
+    return summary
 
 
 # ---------------------------------------------------------------- 4. RL

@@ -15,7 +15,7 @@ def load_model_spec(spec: str, device: str | torch.device = "cpu", dtype: str = 
     (char tokenizer) -- handy for tests and the demo."""
     if spec.startswith(INIT_PREFIX):
         tokenizer = build_tokenizer("char")
-        model = init_model(InitConfig(preset=spec[len(INIT_PREFIX):], seed=seed, dtype=dtype), tokenizer)
+        model = init_model(InitConfig(preset=spec[len(INIT_PREFIX):], seed=seed, param_dtype=dtype), tokenizer)
         return model.to(device), tokenizer
     model, tokenizer = load_pretrained(spec, dtype=dtype, device=device)
     if tokenizer is None:

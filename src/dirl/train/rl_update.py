@@ -22,27 +22,40 @@ from dataclasses import dataclass
 
 import torch
 
-from dirl.algo.likelihood import PolicyDist, plan_estimator, score_plan
-from dirl.algo.losses import dipo_loss
+from dirl.algo.likelihood import EstimatorArgs, Plan, plan_estimator, score_plan
+from dirl.algo.losses import LossConfig, ScoredTokens, dipo_loss
 from dirl.model.masks import TokenMeta
+from dirl.rollout import Rollout, SamplingSpec
 from dirl.train import dist as dist_lib
-from dirl.train.common import clip_and_step
+from dirl.train.common import OptimConfig, clip_and_step
 
 
 @dataclass
-class AlgoConfig:
+class AlgoConfig(LossConfig):
+    """The estimator, advantages, dynamic sampling and PPO schedule, plus the loss's settings
+    (clip_low, clip_high, beta, agg: :class:`~dirl.algo.losses.LossConfig`)."""
+
     estimator: str = "trace"          # trace | trace_shrink | trace_mc | random_mask | coupled | mean_field
     shrink: int = 2                   # trace_shrink: denoising steps merged per copy
     mc_steps: int = 2                 # trace_mc: copies drawn per response
     adv_mode: str = "zscore"          # zscore | mean | loo
     dynamic_sampling: bool = False    # drop groups with equal rewards and refill from more prompts
     max_refill_rounds: int = 3
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    beta: float = 0.0                 # k3 KL coefficient to the frozen reference (0 = no reference)
-    agg: str = "token_mean"           # token_mean | seq_mean_token_mean | constant
     num_iterations: int = 1           # PPO epochs per rollout batch
     num_minibatches: int = 1          # optimizer steps per epoch
+
+
+@dataclass
+class Learner:
+    """What a policy update reads and steps: the trained policy and everything around it."""
+
+    model: torch.nn.Module            # as trained (DDP / FSDP2 under torchrun)
+    ref_model: torch.nn.Module | None  # the frozen reference (beta > 0)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    optim: OptimConfig
+    algo: AlgoConfig
+    sampling: SamplingSpec            # the rollouts' distribution (the scored PolicyDist) and length
 
 
 def _minibatches(num_seqs: int, num_minibatches: int) -> list[list[int]]:
@@ -54,18 +67,19 @@ def _minibatches(num_seqs: int, num_minibatches: int) -> list[list[int]]:
 class _MiniBatch:
     """This rank's part of one global mini-batch, with everything scored without grad."""
 
-    chunk: list                      # its rollouts
-    plan: object                     # the estimator's scoring plan
+    chunk: list[Rollout]             # its rollouts
+    plan: Plan                       # the estimator's scoring plan
     tok_adv: torch.Tensor            # (N,) advantage of each scored token
     seq_lengths: torch.Tensor        # (S,) completion tokens per rollout
     logp_old: torch.Tensor | None = None
     logp_ref: torch.Tensor | None = None
 
 
-def _prepare(model, rollouts, adv, algo: AlgoConfig, gen, positions, total) -> list[_MiniBatch | None]:
+def _prepare(learner: Learner, rollouts: list[Rollout], adv: torch.Tensor, gen: torch.Generator,
+             positions: list[int], total: int) -> list[_MiniBatch | None]:
     """Per global mini-batch: this rank's chunk and plan (None: no rollout of it here); for the
     exact estimators logp_old is the engine's recorded log-prob (no forward needed)."""
-    cfg = model.config
+    model, algo = dist_lib.unwrap(learner.model), learner.algo
     device = next(model.parameters()).device
     local_of = {position: i for i, position in enumerate(positions)}
     prepared = []
@@ -75,8 +89,7 @@ def _prepare(model, rollouts, adv, algo: AlgoConfig, gen, positions, total) -> l
             prepared.append(None)
             continue
         chunk = [rollouts[i] for i in idx]
-        plan = plan_estimator(algo.estimator, chunk, cfg.block_size, cfg.mask_token_id, cfg.pad_token_id,
-                              gen=gen, shrink=algo.shrink, mc_steps=algo.mc_steps, device=device)
+        plan = plan_estimator(algo.estimator, EstimatorArgs.for_model(model, chunk, gen, algo.shrink, algo.mc_steps))
         pack = plan.pack
         item = _MiniBatch(chunk, plan, adv[idx].to(device)[pack.seq_index],
                           torch.tensor([r.num_tokens for r in chunk], device=device))
@@ -89,22 +102,23 @@ def _prepare(model, rollouts, adv, algo: AlgoConfig, gen, positions, total) -> l
 
 
 @torch.no_grad()
-def _score_without_grad(prepared: list[_MiniBatch | None], model, ref_model, algo: AlgoConfig, dist) -> None:
+def _score_without_grad(prepared: list[_MiniBatch | None], learner: Learner) -> None:
     """logp_old (inexact estimators) with the policy, then logp_ref with the frozen reference.
 
     Under FSDP2 each model's full weights are gathered in turn (never both at once), and only
     when some rank needs them (the gather is a collective)."""
+    model, ref_model = learner.model, learner.ref_model
     items = [item for item in prepared if item is not None]
     need_old = any(item.logp_old is None for item in items)
     if dist_lib.all_reduce_max([float(need_old)])[0]:
         with dist_lib.full_params(model):
             for item in items:
                 if item.logp_old is None:
-                    item.logp_old = score_plan(dist_lib.unwrap(model), item.plan, dist).float()
-    if ref_model is not None and algo.beta > 0:
+                    item.logp_old = score_plan(dist_lib.unwrap(model), item.plan, learner.sampling).float()
+    if ref_model is not None and learner.algo.beta > 0:
         with dist_lib.full_params(ref_model):
             for item in items:
-                item.logp_ref = score_plan(ref_model, item.plan, dist).float()
+                item.logp_ref = score_plan(ref_model, item.plan, learner.sampling).float()
 
 
 def _idle_backward(model) -> None:
@@ -118,10 +132,10 @@ def _idle_backward(model) -> None:
     (model(ids, positions, meta).logits.sum() * 0.0).backward()
 
 
-def _minibatch_loss(model, item: _MiniBatch | None, algo: AlgoConfig, dist,
-                    max_new_tokens: int) -> tuple[dict, float]:
+def _minibatch_loss(learner: Learner, item: _MiniBatch | None) -> tuple[dict, float]:
     """Forward + backward of this rank's part of one mini-batch. -> (metrics, scored tokens), with
     metrics already global on one rank and token-weighted local sums (to reduce) otherwise."""
+    model, algo = learner.model, learner.algo
     world = dist_lib.world_size()
     chunk, plan = (item.chunk, item.plan) if item is not None else ([], None)
     scored = plan.pack.score_index.numel() if plan is not None else 0
@@ -133,15 +147,15 @@ def _minibatch_loss(model, item: _MiniBatch | None, algo: AlgoConfig, dist,
         _idle_backward(model)
         return {"loss": 0.0, "kl": 0.0, "clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0,
                 "ratio_mean": 0.0, "entropy": 0.0}, 0.0
-    logp_new, entropy = score_plan(model, plan, dist, with_entropy=True)
-    loss, stats = dipo_loss(logp_new, item.logp_old, item.tok_adv, plan.pack.seq_index, len(chunk),
-                            weight=plan.weight, logp_ref=item.logp_ref, beta=algo.beta,
-                            eps_low=algo.clip_low, eps_high=algo.clip_high, agg=algo.agg,
-                            seq_lengths=item.seq_lengths, constant=float(max_new_tokens))
+    logp_new, entropy = score_plan(model, plan, learner.sampling, with_entropy=True)
+    tokens = ScoredTokens(logp_new, item.logp_old, item.tok_adv, plan.pack.seq_index, len(chunk),
+                          weight=plan.weight, logp_ref=item.logp_ref, seq_lengths=item.seq_lengths)
+    # Dr. GRPO's constant normaliser is the rollouts' length budget.
+    loss, stats = dipo_loss(tokens, algo, constant=float(learner.sampling.max_new_tokens))
     share = norm / norm_all  # 1.0 on one rank (x * 1.0 is exact)
     (loss * (share * world)).backward()
-    values = {"loss": loss.item() * share, "kl": stats.kl, "clip_ratio/low_mean": stats.clip_low,
-              "clip_ratio/high_mean": stats.clip_high, "ratio_mean": stats.ratio_mean,
+    values = {"loss": loss.item() * share, "kl": stats.kl, "clip_ratio/low_mean": stats.clipped_low_frac,
+              "clip_ratio/high_mean": stats.clipped_high_frac, "ratio_mean": stats.ratio_mean,
               "entropy": float(entropy.mean())}
     if world > 1:  # token-weighted, to be summed over the ranks
         values = {k: v if k == "loss" else v * scored for k, v in values.items()}
@@ -157,25 +171,25 @@ def _reduce_step_metrics(values: dict, scored: float) -> dict:
     return {k: summed[i] if k == "loss" else summed[i] / max(summed[-1], 1.0) for i, k in enumerate(keys)}
 
 
-def policy_update(model, ref_model, rollouts, adv: torch.Tensor, algo: AlgoConfig, dist: PolicyDist,
-                  optimizer, scheduler, optim_cfg, gen: torch.Generator, max_new_tokens: int,
+def policy_update(learner: Learner, rollouts: list[Rollout], adv: torch.Tensor, gen: torch.Generator,
                   positions: list[int] | None = None, total: int | None = None) -> dict:
     """Run the update; return averaged metrics (loss, kl, clip ratios, entropy, grad_norm, ...).
 
+    ``adv``: (len(rollouts),) advantages; ``gen`` draws the random estimators' states.
     ``positions``: each local rollout's index in the global batch of ``total`` rollouts
     (default: this rank holds the whole batch, in order)."""
     positions = list(range(len(rollouts))) if positions is None else positions
     total = len(rollouts) if total is None else total
-    prepared = _prepare(dist_lib.unwrap(model), rollouts, adv, algo, gen, positions, total)
-    _score_without_grad(prepared, model, ref_model, algo, dist)
+    prepared = _prepare(learner, rollouts, adv, gen, positions, total)
+    _score_without_grad(prepared, learner)
     totals: dict[str, float] = {}
     count = 0
-    for _ in range(algo.num_iterations):
+    for _ in range(learner.algo.num_iterations):
         for item in prepared:
-            values, scored = _minibatch_loss(model, item, algo, dist, max_new_tokens)
+            values, scored = _minibatch_loss(learner, item)
             if not values:  # nothing scored on any rank
                 continue
-            grad_norm, skipped = clip_and_step(model, optimizer, scheduler, optim_cfg)
+            grad_norm, skipped = clip_and_step(learner.model, learner.optimizer, learner.scheduler, learner.optim)
             step_metrics = {**_reduce_step_metrics(values, scored), "grad_norm": grad_norm,
                             "skipped_steps": float(skipped)}
             for key, value in step_metrics.items():

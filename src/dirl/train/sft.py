@@ -41,12 +41,15 @@ from tqdm import tqdm
 
 from dirl import config as config_lib
 from dirl.algo.nelbo import NOISE_EPS, NoiseDraw, draw_noise, response_counts, sft_nelbo
-from dirl.data import get_task, load_sft_rows, to_prompt_messages
+from dirl.backends.evaluate import EvalSpec, evaluate_rows, held_out_metrics
+from dirl.data import load_prompt_rows, load_sft_rows, task_of
+from dirl.rollout import SamplingSpec
+from dirl.runtime import derived_seed, resolve_device
 from dirl.train import dist as dist_lib
 from dirl.train import state as state_lib
 from dirl.train.batching import SFTBatch, SFTLoader, tokenize_rows
 from dirl.train.common import (MetricsLogger, OptimConfig, autocast_context, build_optimizer, build_scheduler,
-                               clip_and_step, format_metrics, resolve_device, set_seed)
+                               clip_and_step, format_metrics, set_seed)
 from dirl.train.models import load_model_spec
 
 
@@ -73,14 +76,14 @@ class SFTConfig:
     keep_last: int = 3
     eval_every: int = 0               # 0 = off; held-out accuracy on the task's test split
     eval_num: int = 32
-    eval_max_new_tokens: int = 64
+    eval_sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec(max_new_tokens=64, temperature=0.0))
     seed: int = 0
     complementary_masks: bool = False
     pack: bool = False
     noise_eps: float = NOISE_EPS
     attn_impl: str = "auto"           # auto (flex on CUDA, sdpa on CPU) | sdpa | flex
     device: str = "auto"
-    dtype: str = "bfloat16"           # autocast dtype on CUDA; CPU always runs fp32
+    autocast_dtype: str = "bfloat16"  # autocast on CUDA; CPU always runs fp32
     param_dtype: str = "float32"      # weights and optimizer state
     progress: bool = True
     dist: dist_lib.DistConfig = field(default_factory=dist_lib.DistConfig)  # torchrun only
@@ -113,12 +116,10 @@ def resolve_attn_impl(name: str, device: torch.device) -> str:
 # ---------------------------------------------------------------- 3. one step
 
 
-def compute_loss(model, batch: SFTBatch, noise, mask_token_id: int, attn_impl: str, device: torch.device,
-                 dtype: str) -> tuple[torch.Tensor, dict]:
+def compute_loss(run: "SFTRun", batch: SFTBatch, noise: NoiseDraw) -> tuple[torch.Tensor, dict]:
     """The NELBO of one micro-batch (a seam the NaN-guard test patches)."""
-    with autocast_context(device, dtype):
-        return sft_nelbo(model, batch.input_ids, batch.position_ids, batch.doc_ids, batch.response_mask,
-                         batch.sample_ids, noise, mask_token_id, attn_impl=attn_impl)
+    with autocast_context(run.device, run.cfg.autocast_dtype):
+        return sft_nelbo(run.model, batch, noise, run.tokenizer.mask_token_id, attn_impl=run.attn_impl)
 
 
 def _samples_with_response(batch: SFTBatch) -> int:
@@ -157,8 +158,7 @@ def train_step(ctx: "SFTRun") -> dict:
         num_positions += batch.input_ids.numel() * num_streams
         local, local_noise, weight = local_share(batch, noise)
         with dist_lib.grad_sync(ctx.model, enabled=micro == cfg.optim.grad_accum - 1):
-            loss, _ = compute_loss(ctx.model, local.to(ctx.device), local_noise, ctx.tokenizer.mask_token_id,
-                                   ctx.attn_impl, ctx.device, cfg.dtype)
+            loss, _ = compute_loss(ctx, local.to(ctx.device), local_noise)
             # x * 1.0 is exact: one rank computes exactly what it always did.
             (loss * (weight * dist_lib.world_size()) / cfg.optim.grad_accum).backward()
         total_loss += float(loss.detach()) * weight / cfg.optim.grad_accum
@@ -171,22 +171,16 @@ def train_step(ctx: "SFTRun") -> dict:
 # ---------------------------------------------------------------- 4. eval
 
 
-@torch.no_grad()
-def held_out_accuracy(model, tokenizer, cfg: SFTConfig) -> dict:
-    """Greedy accuracy on ``eval_num`` problems of the task's test split (task sources only)."""
-    from dirl.engine.engine import Engine, SamplingParams
-    from dirl.rewards import compute_rewards
-
-    task = get_task(cfg.data.source.split(":")[1])
-    rows = task.generate("test", cfg.eval_num, seed=cfg.seed)
-    prompts = [tokenizer.encode(tokenizer.apply_chat_template(to_prompt_messages(r, cfg.data.prompt_template)))
-               for r in rows]
-    params = SamplingParams(max_new_tokens=cfg.eval_max_new_tokens, temperature=0.0,
-                            stop_ids=tokenizer.stop_ids())
-    rollouts = Engine(model).generate(prompts, params)
-    completions = [tokenizer.decode(r.completion_ids) for r in rollouts]
-    result = compute_rewards([task.reward], completions, {"answer": [r["answer"] for r in rows]})
-    return {"eval_accuracy": sum(result.total) / len(result.total)}
+def held_out_eval(model, tokenizer, cfg: SFTConfig) -> dict:
+    """Greedy accuracy on ``eval_num`` problems of the task's test split (task sources only),
+    through the shared eval path; logged as ``eval/accuracy`` and ``eval/mean_reward`` (as in RL)."""
+    task = task_of(cfg.data.source)
+    rows = load_prompt_rows(f"task:{task.name}:test", limit=cfg.eval_num, seed=cfg.seed)
+    # One engine call over every question (batch_size = eval_num), each seeded by its index.
+    spec = EvalSpec(reward=task.reward, prompt_template=cfg.data.prompt_template, batch_size=cfg.eval_num,
+                    sampling=cfg.eval_sampling)
+    summary, _ = evaluate_rows(model, tokenizer, rows, spec)
+    return held_out_metrics(summary)
 
 
 # ---------------------------------------------------------------- the run
@@ -214,8 +208,9 @@ class SFTRun:
                 "skipped_steps": self.skipped_steps}
 
     def save(self) -> Path:
-        return state_lib.save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.optimizer,
-                                         self.scheduler, self.extra(), self.cfg, keep_last=self.cfg.keep_last)
+        trainable = state_lib.Trainable(self.model, self.tokenizer, self.optimizer, self.scheduler)
+        return state_lib.save_checkpoint(self.run_dir, self.step, trainable, self.extra(), self.cfg,
+                                         keep_last=self.cfg.keep_last)
 
 
 def build_run(cfg: SFTConfig, resume: str | Path | None = None) -> SFTRun:
@@ -235,7 +230,7 @@ def build_run(cfg: SFTConfig, resume: str | Path | None = None) -> SFTRun:
     model = dist_lib.wrap(model, cfg.dist.strategy, device)
     optimizer = build_optimizer(dist_lib.unwrap(model), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps)
-    noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    noise_gen = torch.Generator().manual_seed(derived_seed(cfg.seed, "noise"))
     run = SFTRun(cfg, Path(cfg.out), device, attn_impl, model, tokenizer, optimizer, scheduler, loader, noise_gen)
     if resume is not None:
         checkpoint = state_lib.resolve_resume(resume)
@@ -278,7 +273,7 @@ def _train(run: SFTRun, resumed: bool) -> Path:
             # 4. log, eval, save
             if run.step % cfg.log_every == 0 or run.step == last_step:
                 _log(run, logger, bar, window.flush(run.skipped_steps))
-            if cfg.eval_every > 0 and run.step % cfg.eval_every == 0 and cfg.data.source.startswith("task:"):
+            if cfg.eval_every > 0 and run.step % cfg.eval_every == 0 and task_of(cfg.data.source):
                 _log(run, logger, bar, _evaluate(run))
                 run.model.train()
             if cfg.save_every > 0 and run.step % cfg.save_every == 0:
@@ -300,7 +295,7 @@ def _evaluate(run: SFTRun) -> dict:
     with dist_lib.full_params(run.model):
         if not dist_lib.is_main():
             return {}
-        return held_out_accuracy(dist_lib.unwrap(run.model), run.tokenizer, run.cfg)
+        return held_out_eval(dist_lib.unwrap(run.model), run.tokenizer, run.cfg)
 
 
 class _Window:

@@ -104,14 +104,27 @@ def save_model_dir(model, tokenizer, directory: str | Path) -> Path:
     return Path(directory)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer, scheduler,
-                    extra: dict | None, config_obj, keep_last: int | None = 3) -> Path:
+@dataclasses.dataclass
+class Trainable:
+    """What a checkpoint holds besides the run's own state: the (wrapped) model, its tokenizer,
+    the optimizer and the schedule (either may be None)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    optimizer: torch.optim.Optimizer | None
+    scheduler: object | None
+
+
+def save_checkpoint(run_dir: str | Path, step: int, trainable: Trainable, extra: dict | None, config_obj,
+                    keep_last: int | None = 3) -> Path:
     """Atomically write checkpoint ``step``, point ``latest`` at it, prune old ones.
 
     ``extra`` must hold only tensors / primitives / containers (it is loaded with
     ``weights_only=True``). ``keep_last=None`` keeps every checkpoint. Under
     torchrun every rank calls it; rank 0 writes.
     """
+    model, tokenizer, optimizer, scheduler = (trainable.model, trainable.tokenizer, trainable.optimizer,
+                                              trainable.scheduler)
     weights = _weights_to_save(model)
     optimizer_state = dist_lib.gather_full_optim_state(model, optimizer) if optimizer is not None else None
     final = checkpoint_dir(run_dir, step)

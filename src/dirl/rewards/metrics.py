@@ -1,6 +1,6 @@
 """Evaluation metrics: correctness rule, the unbiased pass@k estimator and the run summary.
 
-Pure functions over plain numbers and sample dicts (no torch), so the RL trainer, the demo and
+Pure functions over plain numbers and sample dicts (no torch), so the trainers, the demo and
 ``dirl eval`` report exactly the same numbers.
 
 Correctness rule: a sample is *correct* iff its primary reward (the first one named in the

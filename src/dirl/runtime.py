@@ -1,0 +1,52 @@
+"""Process-level choices every layer shares: the device, and every seed formula.
+
+A leaf module. Each seed the project derives from a user's ``seed`` is computed here, so
+that "which generator drew this" has one answer and two places can never disagree (the
+HTTP backend and the server must seed a prompt exactly as the native engine does).
+"""
+
+from __future__ import annotations
+
+MAX_SEED = 2**63 - 1
+
+
+def resolve_device(device: str):
+    """``"auto"`` -> cuda when available, else cpu; anything else as given (a ``torch.device``)."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ---------------------------------------------------------------- seeds
+
+
+def prompt_seeds(seed: int, count: int, start: int = 0) -> list[int]:
+    """Seed of prompt ``start + i`` of a request / eval set: ``seed + start + i``, so a
+    prompt decodes the same whatever batch it lands in (engine, server, ``dirl eval``)."""
+    return [(seed + start + i) % (MAX_SEED + 1) for i in range(count)]
+
+
+def row_seed(seed: int, sample_index: int) -> int:
+    """Seed of one sequence's generator (sample ``sample_index`` of a prompt seeded ``seed``)."""
+    return (seed * 1_000_003 + sample_index * 7919 + 12345) % MAX_SEED
+
+
+def rollout_seed(run_seed: int, step: int, prompt_index: int) -> int:
+    """RL: seed of dataset prompt ``prompt_index`` in step ``step``; it does not depend on the
+    rank that decodes it, so a prompt gets the same rollouts under any world size."""
+    return run_seed * 1_000_003 + step * 9973 + prompt_index
+
+
+def update_seed(run_seed: int, step: int, rank: int) -> int:
+    """RL: seed of the random estimators' generator in step ``step`` (rank 0 draws what a
+    single process draws; other ranks their own stream)."""
+    return run_seed * 7919 + step + 1_000_003 * rank
+
+
+def derived_seed(seed: int, purpose: str) -> int:
+    """A second stream from a run's seed: ``"noise"`` (SFT masks) and ``"held_out"`` (the
+    generated held-out rows) use ``seed + 1``, disjoint from the data seed itself."""
+    offsets = {"noise": 1, "held_out": 1}
+    return seed + offsets[purpose]
