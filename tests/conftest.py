@@ -9,6 +9,8 @@ Kept generic so every test module can reuse them:
 * ``tiny_checkpoint``-- a saved checkpoint directory of ``tiny_model`` (weights +
   tokenizer), in a per-test tmp dir.
 * ``ckpt_dir``       -- an empty-path (not yet created) checkpoint directory in tmp.
+* ``tiny_ckpt``      -- a session-wide ``dirl init`` checkpoint of the tiny preset (read-only).
+* ``one_thread``     -- autouse: every test runs torch on one intra-op thread.
 * ``SHARED`` / ``SDAR_DIR`` -- the shared data folder and the real SDAR-8B-Chat
   config/tokenizer folder (tests needing it skip when absent).
 """
@@ -28,7 +30,7 @@ import pytest
 import torch
 
 from dirl.model.checkpoint import save_pretrained
-from dirl.model.factory import InitConfig, init_model
+from dirl.model.factory import InitConfig, init_checkpoint, init_model
 from dirl.model.tokenizer import char_tokenizer
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -72,6 +74,22 @@ def ckpt_dir(tmp_path) -> Path:
 def tiny_checkpoint(tiny_model, tokenizer, ckpt_dir) -> Path:
     """``tiny_model`` saved with its tokenizer; returns the directory."""
     return save_pretrained(tiny_model, tokenizer, ckpt_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A ``tiny`` preset checkpoint (seed 0, char tokenizer) shared by the session: do not modify."""
+    return init_checkpoint(InitConfig(preset="tiny"), tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run far faster on one thread: with several torch processes sharing the 2
+    cores, OpenMP workers spin against each other (measured 40x slower on 2 threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

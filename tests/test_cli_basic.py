@@ -107,14 +107,51 @@ def test_bench_engine_quick_runs(capsys, monkeypatch):
         assert float(lines[key]) > 0, key
 
 
+def _estimator_accs(out: str) -> dict[str, float]:
+    return {line.split("=", 1)[0]: float(line.split("=", 1)[1]) for line in out.splitlines()
+            if line.startswith("estimator_acc[")}
+
+
+def test_bench_estimators_table_from_the_demo_summaries(capsys, monkeypatch, tmp_path):
+    """The comparison's plumbing without the demo processes (their own test is test_demo.py):
+    one ``dirl demo`` command per (estimator, seed) with the quick settings, and a table and
+    ``estimator_acc`` lines that are exactly the means of the summaries the demos wrote."""
+    import subprocess
+
+    fake = {("trace", "0"): 0.5, ("trace", "1"): 0.25, ("mean_field", "0"): 0.125, ("mean_field", "1"): 0.0}
+    commands = []
+
+    def fake_demo(cmd, **_):
+        args = dict(a.split("=", 1) for a in cmd if "=" in a and not a.startswith("-"))
+        commands.append(args)
+        acc = fake[(args["estimator"], args["seed"])]
+        Path(args["out"]).mkdir(parents=True)
+        (Path(args["out"]) / "summary.json").write_text(json.dumps(
+            {"rl_acc": acc, "gain": acc, "rl_steps": 7, "stages_s": {"rl": 5.0}}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_demo)
+    monkeypatch.setattr("sys.argv", ["dirl"])
+    assert cli.main(["bench", "estimators", "--quick", "--estimators", "trace,mean_field", "--seeds", "0,1",
+                     "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert sorted((c["estimator"], c["seed"]) for c in commands) == sorted(fake)
+    assert all(c["rl_wall_s"] == "5.0" and c["eval_limit"] == "32" for c in commands)
+    assert "| trace | 7/7 | 5/5 | 0.500 | 0.250 | 0.375 | +0.375 |" in out
+    assert "| mean_field | 7/7 | 5/5 | 0.125 | 0.000 | 0.062 | +0.062 |" in out
+    assert _estimator_accs(out) == {"estimator_acc[trace]": 0.375, "estimator_acc[mean_field]": 0.0625}
+
+
+@pytest.mark.slow
 def test_bench_estimators_quick_runs(capsys, monkeypatch, tmp_path):
-    """The equal-wall-time comparison's plumbing: one demo process per estimator, a table."""
+    """The equal-wall-time comparison end to end: one real demo process per estimator (~30 s)."""
     monkeypatch.setattr("sys.argv", ["dirl"])
     assert cli.main(["bench", "estimators", "--quick", "--estimators", "trace,mean_field", "--seeds", "0",
                      "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| trace |" in out and "| mean_field |" in out
-    accs = dict(line.split("=", 1) for line in out.splitlines() if line.startswith("estimator_acc["))
-    assert set(accs) == {"estimator_acc[trace]", "estimator_acc[mean_field]"}
-    assert all(0.0 <= float(v) <= 1.0 for v in accs.values())
+    summaries = {name: json.loads((tmp_path / f"{name}-s0" / "summary.json").read_text())
+                 for name in ("trace", "mean_field")}
+    assert _estimator_accs(out) == {f"estimator_acc[{name}]": round(s["rl_acc"], 4) for name, s in summaries.items()}
+    assert all(s["estimator"] == name and s["rl_steps"] >= 1 for name, s in summaries.items())
     assert (tmp_path / "trace-s0" / "curves.png").exists()

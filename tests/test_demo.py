@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ def _short(out: Path, *extra: str) -> DemoConfig:
 
 def test_demo_cli_end_to_end_with_sft(tmp_path):
     out = tmp_path / "demo"
-    cmd = [str(REPO / ".venv/bin/dirl"), "demo", "--config", str(REPO / "configs/demo.yaml"), f"out={out}",
+    cmd = [sys.executable, "-m", "dirl.cli", "demo", "--config", str(REPO / "configs/demo.yaml"), f"out={out}",
            *SHORT, "sft=train", "sft_overrides=[max_steps=3, batch_size=4, log_every=1]"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ})
     assert proc.returncode == 0, proc.stderr[-3000:]

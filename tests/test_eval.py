@@ -12,43 +12,19 @@ from pathlib import Path
 import pytest
 
 from dirl.config import ConfigError
-from dirl.data import load_prompt_rows
-from dirl.rollout import Rollout
-from dirl.eval import evaluate as evaluate_module
 from dirl.data import build_prompt_ids as build_prompts
+from dirl.data import load_prompt_rows
+from dirl.backends import native
 from dirl.eval.evaluate import EvalConfig, evaluate, load_eval_rows, resolve_defaults
+from dirl.model.factory import InitConfig, init_model
 from dirl.rewards.metrics import SUMMARY_KEYS, mean_pass_at_k, pass_at_k, summarize
-from dirl.rollout import SamplingSpec
-from dirl.model.factory import InitConfig, init_checkpoint, init_model
-from dirl.model.tokenizer import char_tokenizer
+from dirl.rollout import Rollout, SamplingSpec
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 GSM8K = SHARED / "data" / "gsm8k_test.jsonl"
 MATH500 = SHARED / "data" / "math500.jsonl"
 SDAR = SHARED / "sdar-8b-chat"
 needs_gsm8k = pytest.mark.skipif(not GSM8K.exists(), reason=f"{GSM8K} not available")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread: with several torch processes sharing the 2
-    cores, OpenMP workers spin against each other (measured 40x slower on 2 threads)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def char_tok():
-    return char_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    return init_checkpoint(InitConfig(preset="tiny"), tmp_path_factory.mktemp("eval") / "tiny")
 
 
 # ----------------------------------------------------------------------------- pass@k
@@ -121,10 +97,10 @@ def test_task_source_without_split_is_the_test_split():
     assert [r["id"] for r in rows] == [r["id"] for r in load_prompt_rows("task:arithmetic:test", limit=5)]
 
 
-def test_build_prompts_chat_and_plain(char_tok):
+def test_build_prompts_chat_and_plain(tokenizer):
     rows = [{"question": "1+2=", "answer": "3"}]
-    chat = char_tok.decode(build_prompts(char_tok, rows, "plain", None)[0], skip_special_tokens=False)
-    plain = char_tok.decode(build_prompts(char_tok, rows, "plain", False)[0], skip_special_tokens=False)
+    chat = tokenizer.decode(build_prompts(tokenizer, rows, "plain", None)[0], skip_special_tokens=False)
+    plain = tokenizer.decode(build_prompts(tokenizer, rows, "plain", False)[0], skip_special_tokens=False)
     assert chat == "<|user|>1+2=<|assistant|>" and plain == "1+2="
 
 
@@ -150,12 +126,12 @@ class OracleBackend:
 
 
 @pytest.mark.parametrize("task", ["arithmetic", "countdown", "sudoku"])
-def test_oracle_completions_score_accuracy_one(task, char_tok):
+def test_oracle_completions_score_accuracy_one(task, tokenizer):
     """Gold responses through the real reward plumbing (task columns included) are all correct."""
     cfg = EvalConfig(data=f"task:{task}:test", limit=6, batch_size=4)
     rows = load_eval_rows(cfg)
-    oracle = OracleBackend(char_tok, [[row["response"]] for row in rows])
-    summary, samples = evaluate(None, char_tok, rows, cfg, progress=False, backend=oracle)
+    oracle = OracleBackend(tokenizer, [[row["response"]] for row in rows])
+    summary, samples = evaluate(None, tokenizer, rows, cfg, progress=False, backend=oracle)
     assert summary["accuracy"] == 1.0 and summary["pass@k"] == 1.0 and summary["mean_reward"] == 1.0
     assert [s["id"] for s in samples] == [r["id"] for r in rows]
     assert summary["tokens_per_forward"] == pytest.approx(
@@ -163,14 +139,14 @@ def test_oracle_completions_score_accuracy_one(task, char_tok):
 
 
 @needs_gsm8k
-def test_patched_engine_with_gold_answers_k2(monkeypatch, char_tok):
+def test_patched_engine_with_gold_answers_k2(monkeypatch, tokenizer):
     """Patch the engine itself: sample 0 is gold, sample 1 wrong -> accuracy 0.5, pass@2 1.0."""
-    cfg = EvalConfig(data=str(GSM8K), limit=5, reward="gsm8k", k=2, sampling=SamplingSpec(temperature=1.0, max_new_tokens=512),
-                     batch_size=2)
+    cfg = EvalConfig(data=str(GSM8K), limit=5, reward="gsm8k", k=2, batch_size=2,
+                     sampling=SamplingSpec(temperature=1.0, max_new_tokens=512))
     rows = load_eval_rows(cfg)
-    oracle = OracleBackend(char_tok, [[f"so #### {row['answer']}", "#### -1"] for row in rows])
-    monkeypatch.setattr(evaluate_module, "Engine", lambda model, **_: oracle)
-    summary, samples = evaluate(None, char_tok, rows, cfg, progress=False)
+    oracle = OracleBackend(tokenizer, [[f"so #### {row['answer']}", "#### -1"] for row in rows])
+    monkeypatch.setattr(native, "NativeBackend", lambda model, **_: oracle)  # the in-process default
+    summary, samples = evaluate(None, tokenizer, rows, cfg, progress=False)
     assert [s["correct"] for s in samples] == [True, False] * 5
     assert [(s["question_index"], s["sample"]) for s in samples] == [(i, j) for i in range(5) for j in (0, 1)]
     assert summary["accuracy"] == 0.5 and summary["pass@k"] == 1.0 and summary["num_questions"] == 5
@@ -193,13 +169,13 @@ def test_math500_with_the_sdar_tokenizer_and_boxed_gold_answers():
     assert summary["accuracy"] == 0.5 and summary["pass@k"] == 1.0 and summary["reward_errors"] == 0
 
 
-def test_results_do_not_depend_on_batch_size(char_tok):
-    model = init_model(InitConfig(preset="tiny"), char_tok)
+def test_results_do_not_depend_on_batch_size(tokenizer):
+    model = init_model(InitConfig(preset="tiny"), tokenizer)
     model.train()
     cfg = EvalConfig(data="task:arithmetic:test", limit=4, k=2, sampling=SamplingSpec(temperature=1.0, max_new_tokens=8))
     rows = load_eval_rows(cfg)
-    _, small = evaluate(model, char_tok, rows, replace(cfg, batch_size=2), progress=False)
-    _, large = evaluate(model, char_tok, rows, cfg, progress=False)
+    _, small = evaluate(model, tokenizer, rows, replace(cfg, batch_size=2), progress=False)
+    _, large = evaluate(model, tokenizer, rows, cfg, progress=False)
     assert [s["completion"] for s in small] == [s["completion"] for s in large]
     assert model.training  # the caller's mode is restored
 
@@ -208,7 +184,7 @@ def test_results_do_not_depend_on_batch_size(char_tok):
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_thread
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see conftest.one_thread
     return subprocess.run([sys.executable, "-m", "dirl.cli", "eval", "--no-progress", *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 

@@ -12,22 +12,11 @@ from dirl.algo.nelbo import (FixedNoise, NoiseDraw, TokenBatch, draw_noise, mask
                              nelbo_loss, response_counts, sft_nelbo)
 from dirl.model.factory import InitConfig, init_model
 from dirl.model.masks import dense_mask
-from dirl.model.tokenizer import char_tokenizer
 from dirl.model.transformer import ForwardOutput
 from dirl.train.batching import collate, tokenize_example
 
 MASK_ID = 99
 EPS = 1e-3
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return char_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tokenizer):
-    return init_model(InitConfig(preset="tiny", seed=0), tokenizer)
 
 
 class LogitsTable(torch.nn.Module):

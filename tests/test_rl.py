@@ -12,12 +12,14 @@ from pathlib import Path
 import torch
 
 from dirl.algo.advantages import group_advantages
+from dirl.algo.likelihood import ESTIMATORS
 from dirl.engine.engine import Engine
-from dirl.rollout import SamplingParams, SamplingSpec
 from dirl.model.checkpoint import load_pretrained
+from dirl.rollout import SamplingParams, SamplingSpec
 from dirl.train.common import OptimConfig, build_optimizer, build_scheduler
 from dirl.train.models import load_model_spec
-from dirl.train.rl import RLConfig, RolloutConfig, train_rl
+from dirl.train.rl import RLConfig, RolloutConfig, build_run, train_rl
+from dirl.train.rl_rollouts import PromptSampler, gather_batch
 from dirl.train.rl_update import AlgoConfig, Learner, policy_update
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +44,7 @@ def _weights(run_dir: Path, name: str = "final") -> dict[str, torch.Tensor]:
 def test_cli_three_steps_change_the_policy(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
-    cmd = [str(REPO / ".venv/bin/dirl"), "rl", "--config", str(REPO / "configs/tiny-rl.yaml"), f"out={out}",
+    cmd = [sys.executable, "-m", "dirl.cli", "rl", "--config", str(REPO / "configs/tiny-rl.yaml"), f"out={out}",
            "max_steps=3", "rewards.rl_rewards:digit_fraction=1.0", "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -102,7 +104,7 @@ def test_checkpoint_reload_backend_matches_native(tmp_path):
 
 
 def test_every_estimator_runs_a_step(tmp_path):
-    for name in ("trace", "trace_shrink", "trace_mc", "random_mask", "coupled", "mean_field"):
+    for name in ESTIMATORS:
         run = train_rl(_cfg(tmp_path / name, max_steps=1, algo={"estimator": name, "num_minibatches": 2}),
                        progress=False)
         metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
@@ -110,8 +112,25 @@ def test_every_estimator_runs_a_step(tmp_path):
         assert metrics["grad_norm"] > 0, name
 
 
-def test_dynamic_sampling_keeps_only_informative_groups(tmp_path):
-    run = train_rl(_cfg(tmp_path / "ds", max_steps=1, algo={"dynamic_sampling": True}), progress=False)
-    metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-    assert metrics["reward_std"] > 0
-    assert 0.0 <= metrics["frac_reward_zero_std"] <= 1.0
+def test_dynamic_sampling_keeps_exactly_the_informative_groups(tmp_path):
+    """A reward that is constant on prompts with an even answer: dynamic sampling must drop
+    exactly those groups, refill from the next prompts, and report the first round's share."""
+    cfg = _cfg(tmp_path / "ds", max_steps=1, algo={"dynamic_sampling": True, "max_refill_rounds": 3})
+    cfg.rewards = {"rl_rewards:informative_unless_even": 1.0}
+    cfg.rollout.num_prompts = 4
+    run = build_run(cfg)
+    even = [int(row["answer"]) % 2 == 0 for row in run.rows]
+    first_round = PromptSampler(len(run.rows), cfg.seed).take(4)
+    batch, metrics = gather_batch(run, step=0)
+    drawn = PromptSampler(len(run.rows), cfg.seed).take(run.sampler.cursor)  # every prompt of every round
+    informative = [i for i in drawn if not even[i]]
+    assert any(even[i] for i in first_round) and len(drawn) > 4, "the seed must exercise a refill"
+    assert metrics["frac_reward_zero_std"] == sum(even[i] for i in first_round) / 4
+    assert len(informative) <= 4 and len(batch.rollouts) == 4 * len(informative)
+    assert [r.prompt_ids for r in batch.rollouts[::4]] == [run.prompt_ids[i] for i in informative]
+    assert batch.positions == list(range(4 * len(informative)))
+    assert torch.equal(batch.global_rewards(), torch.tensor([0, 1 / 3, 2 / 3, 1.0] * len(informative)))
+    without = _cfg(tmp_path / "plain", max_steps=1)
+    without.rewards, without.rollout.num_prompts = dict(cfg.rewards), 4
+    plain, _ = gather_batch(build_run(without), step=0)
+    assert len(plain.rollouts) == 16  # without dynamic sampling every group stays

@@ -26,15 +26,6 @@ BASE = ["model=init:tiny", "data.source=task:arithmetic", "data.max_length=64", 
         "optim.lr=1e-3", "optim.warmup_steps=2", "progress=false", "save_every=0", "log_every=1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores shared with other tests: one intra-op thread is faster and steadier."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _cfg(out: Path, *overrides: str) -> SFTConfig:
     return config_lib.load(SFTConfig, None, [*BASE, f"out={out}", *overrides])
 

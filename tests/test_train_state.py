@@ -12,15 +12,9 @@ import torch
 from dirl.model.checkpoint import CheckpointError, load_pretrained
 from dirl.model.factory import InitConfig, init_model
 from dirl.model.masks import TokenMeta
-from dirl.model.tokenizer import char_tokenizer
 from dirl.train import state as state_lib
 from dirl.train.common import (MetricsLogger, OptimConfig, build_optimizer, build_scheduler, clip_and_step,
                                get_rng_state, lr_factor, set_rng_state)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return char_tokenizer()
 
 
 @pytest.fixture
