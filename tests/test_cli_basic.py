@@ -1,7 +1,13 @@
-"""Smoke tests of the real ``dirl`` CLI: help, init, show-config, generate, bench."""
+"""Smoke tests of the real ``dirl`` CLI: help, init, show-config, generate, bench.
+
+``--help`` runs the installed entry point in a subprocess; the other commands run
+``dirl.cli.main`` in-process (the same argument parsing and commands, without a
+second interpreter importing torch for every call)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -26,10 +32,12 @@ def _dirl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def init_dir(tmp_path_factory) -> Path:
-    """``dirl init`` of the tiny recipe, through the real CLI (shared by this module's tests)."""
+    """``dirl init`` of the tiny recipe, through the CLI (shared by this module's tests)."""
     out = tmp_path_factory.mktemp("cli") / "tiny"
-    proc = _dirl("init", "--config", "configs/tiny.yaml", "--out", str(out), "seed=1")
-    assert "wrote" in proc.stdout
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert cli.main(["init", "--config", str(REPO / "configs/tiny.yaml"), "--out", str(out), "seed=1"]) == 0
+    assert "wrote" in stdout.getvalue()
     return out
 
 
@@ -45,17 +53,19 @@ def test_init_writes_checkpoint(init_dir):
     assert (init_dir / "model.safetensors").exists() and (init_dir / "tokenizer.json").exists()
 
 
-def test_show_config_resolves_overrides_and_rejects_unknown_keys():
-    proc = _dirl("show-config", "--config", "configs/tiny.yaml", "seed=3", "model.num_hidden_layers=1")
-    assert "preset: tiny" in proc.stdout and "seed: 3" in proc.stdout and "num_hidden_layers: 1" in proc.stdout
-    bad = _dirl("show-config", "--config", "configs/tiny.yaml", "sede=3", check=False)
-    assert bad.returncode == 2 and "sede" in bad.stderr
+def test_show_config_resolves_overrides_and_rejects_unknown_keys(capsys):
+    tiny = str(REPO / "configs/tiny.yaml")
+    assert cli.main(["show-config", "--config", tiny, "seed=3", "model.num_hidden_layers=1"]) == 0
+    out = capsys.readouterr().out
+    assert "preset: tiny" in out and "seed: 3" in out and "num_hidden_layers: 1" in out
+    assert cli.main(["show-config", "--config", tiny, "sede=3"]) == 2
+    assert "sede" in capsys.readouterr().err
 
 
-def test_generate_json(init_dir):
-    proc = _dirl("generate", "--model", str(init_dir), "--prompt", "12+34=", "--json",
-                 "max_new_tokens=9", "temperature=0.7", "seed=3")
-    lines = proc.stdout.strip().splitlines()
+def test_generate_json(init_dir, capsys):
+    assert cli.main(["generate", "--model", str(init_dir), "--prompt", "12+34=", "--json",
+                     "max_new_tokens=9", "temperature=0.7", "seed=3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     out = json.loads(lines[0])
     assert set(out) == {"text", "token_ids", "steps", "logps", "tokens_per_forward", "finish_reason"}

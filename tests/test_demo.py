@@ -4,10 +4,7 @@ held-out disjointness, determinism and the equal-wall-time chunking."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from dirl import config as config_lib
+from dirl.cli import main as cli_main
 from dirl.train.demo import SHIPPED_RECIPE, SHIPPED_SFT, DemoConfig, run_demo, write_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,15 +26,15 @@ def _short(out: Path, *extra: str) -> DemoConfig:
     return config_lib.load(DemoConfig, REPO / "configs/demo.yaml", [f"out={out}", *SHORT, *extra])
 
 
-def test_demo_cli_end_to_end_with_sft(tmp_path):
+def test_demo_cli_end_to_end_with_sft(tmp_path, capsys):
+    """``dirl demo`` through ``dirl.cli.main`` (the console script's code path, in-process)."""
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "dirl.cli", "demo", "--config", str(REPO / "configs/demo.yaml"), f"out={out}",
-           *SHORT, "sft=train", "sft_overrides=[max_steps=3, batch_size=4, log_every=1]"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    last = proc.stdout.strip().splitlines()[-1]
+    assert cli_main(["demo", "--config", str(REPO / "configs/demo.yaml"), f"out={out}", *SHORT, "sft=train",
+                     "sft_overrides=[max_steps=3, batch_size=4, log_every=1]"]) == 0
+    stdout = capsys.readouterr().out
+    last = stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"demo: sft_acc=\d\.\d{3} rl_acc=\d\.\d{3} gain=-?\d\.\d{3} wall_s=\d+", last), last
-    assert "held-out accuracy" in proc.stdout and "tokens/forward" in proc.stdout  # the table
+    assert "held-out accuracy" in stdout and "tokens/forward" in stdout  # the table
     assert (out / "curves.png").stat().st_size > 1000
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["stage"] for x in lines] == ["eval_sft", "rl", "rl", "eval_rl", "summary"]

@@ -54,19 +54,27 @@ def _torchrun(*args: str) -> str:
     return proc.stdout
 
 
-def _cli_rank(rank: int, port: int, args: tuple[str, ...]) -> None:
+def _cli_rank(rank: int, port: int, args: tuple[str, ...], stdout_dir: str | None) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    assert cli_main(list(args)) == 0
+    if stdout_dir is not None:  # this rank's stdout into a file, as torchrun collects it
+        sys.stdout = open(Path(stdout_dir) / f"rank{rank}.out", "w", buffering=1)  # noqa: SIM115
+    try:
+        assert cli_main(list(args)) == 0
+    finally:
+        sys.stdout.flush()
 
 
-def _forked(*args: str) -> None:
+def _forked(*args: str, stdout_dir: Path | None = None) -> str:
     """``dirl ARGS`` on 2 ranks set up like torchrun does (its env), in processes forked from this
-    one: the imports are already done, which saves ~10 s per launch on 2 cores."""
+    one: the imports are already done, which saves ~10 s per launch on 2 cores. Returns the
+    ranks' stdout (with ``stdout_dir``). The launcher itself is :func:`test_torchrun_launch`."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_cli_rank, args=(port, args), nprocs=2, start_method="fork")
+    mp.start_processes(_cli_rank, args=(port, args, None if stdout_dir is None else str(stdout_dir)), nprocs=2,
+                       start_method="fork")
+    return "".join((stdout_dir / f"rank{r}.out").read_text() for r in range(2)) if stdout_dir else ""
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -98,7 +106,7 @@ def sft_runs(tmp_path_factory):
     """(1 process, 2 FSDP2 ranks + their stdout): 3 steps each, checkpoints at 2 and 3."""
     base = tmp_path_factory.mktemp("sft")
     one = train_sft(config_lib.load(SFTConfig, None, [*SFT_ARGS, f"out={base / 'one'}"]))
-    stdout = _torchrun("sft", *SFT_ARGS, f"out={base / 'two'}", "dist.strategy=fsdp")
+    stdout = _forked("sft", *SFT_ARGS, f"out={base / 'two'}", "dist.strategy=fsdp", stdout_dir=base)
     return one, base / "two", stdout
 
 
@@ -159,3 +167,12 @@ def test_rl_checkpoint_of_two_ranks_resumes_in_one_process(rl_runs, tmp_path):
                        resume=str(tmp_path / "resumed"), progress=False)
     _assert_same_metrics(_metrics(one)[1:], _metrics(resumed), ("reward", "loss", "grad_norm"))
     _assert_same_weights(one / "final", resumed / "final")
+
+
+@pytest.mark.slow
+def test_torchrun_launch(tmp_path):
+    """The real launcher (``torchrun -m dirl.cli``; ~15 s of imports on 2 cores): both ranks exit 0
+    (:func:`dirl.cli.entry`) and rank 0 alone logs. The fork launches above share its env."""
+    stdout = _torchrun("sft", *SFT_ARGS, "max_steps=1", "save_every=0", f"out={tmp_path / 'run'}")
+    assert stdout.count("step 1/1 ") == 1
+    assert [m["step"] for m in _metrics(tmp_path / "run")] == [1]

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -183,10 +182,16 @@ def test_results_do_not_depend_on_batch_size(tokenizer):
 # ----------------------------------------------------------------------------- the CLI
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see conftest.one_thread
-    return subprocess.run([sys.executable, "-m", "dirl.cli", "eval", "--no-progress", *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+def run_cli(capsys, monkeypatch, *args: str, cwd: Path) -> SimpleNamespace:
+    """``dirl eval --no-progress ARGS`` in ``cwd``, in-process (``main`` is the console script's
+    code path; no second interpreter start-up). -> returncode, stdout, stderr."""
+    from dirl.cli import main
+
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    code = main(["eval", "--no-progress", *args])
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
 
 
 def check_run(out: Path, stdout: str, num_samples: int, k: int) -> dict:
@@ -210,9 +215,9 @@ def check_run(out: Path, stdout: str, num_samples: int, k: int) -> dict:
 
 
 @needs_gsm8k
-def test_cli_on_gsm8k_file(tiny_ckpt, tmp_path):
+def test_cli_on_gsm8k_file(tiny_ckpt, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    proc = run_cli("--model", str(tiny_ckpt), "--data", str(GSM8K), "--reward", "gsm8k", "--out", str(out),
+    proc = run_cli(capsys, monkeypatch, "--model", str(tiny_ckpt), "--data", str(GSM8K), "--reward", "gsm8k", "--out", str(out),
                    "limit=8", "sampling.max_new_tokens=8", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     summary = check_run(out, proc.stdout, 8, 1)
@@ -220,8 +225,8 @@ def test_cli_on_gsm8k_file(tiny_ckpt, tmp_path):
     assert "reward: gsm8k" in (out / "config.yaml").read_text()
 
 
-def test_cli_on_task_with_k2_and_default_out(tiny_ckpt, tmp_path):
-    proc = run_cli("--model", str(tiny_ckpt), "--data", "task:arithmetic:test", "limit=8", "k=2",
+def test_cli_on_task_with_k2_and_default_out(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    proc = run_cli(capsys, monkeypatch, "--model", str(tiny_ckpt), "--data", "task:arithmetic:test", "limit=8", "k=2",
                    "sampling.temperature=1", "sampling.max_new_tokens=8", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     (out,) = (tmp_path / "runs").glob("eval-*")

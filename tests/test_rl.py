@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 from dirl.algo.advantages import group_advantages
+from dirl.cli import main as cli_main
 from dirl.algo.likelihood import ESTIMATORS
 from dirl.engine.engine import Engine
 from dirl.model.checkpoint import load_pretrained
@@ -41,13 +40,11 @@ def _weights(run_dir: Path, name: str = "final") -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def test_cli_three_steps_change_the_policy(tmp_path):
+def test_cli_three_steps_change_the_policy(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(TESTS)}
-    cmd = [sys.executable, "-m", "dirl.cli", "rl", "--config", str(REPO / "configs/tiny-rl.yaml"), f"out={out}",
-           "max_steps=3", "rewards.rl_rewards:digit_fraction=1.0", "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.syspath_prepend(str(TESTS))  # rl_rewards
+    assert cli_main(["rl", "--config", str(REPO / "configs/tiny-rl.yaml"), f"out={out}", "max_steps=3",
+                     "rewards.rl_rewards:digit_fraction=1.0", "--no-progress"]) == 0
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]
     for key in ("reward", "reward_std", "rewards/rl_rewards:digit_fraction/mean", "frac_reward_zero_std",

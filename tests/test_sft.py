@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -87,15 +84,11 @@ def test_resume_is_exact(tmp_path, pack):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_cli_smoke_every_parameter_changes(tmp_path):
+def test_cli_smoke_every_parameter_changes(tmp_path, capsys):
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "dirl.cli", "sft", "--config", str(REPO / "configs" / "tiny-sft.yaml"),
-         f"out={out}", "max_steps=3", "log_every=1", "data.limit=64", "--no-progress"],
-        capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("step ") == 3
+    assert cli_main(["sft", "--config", str(REPO / "configs" / "tiny-sft.yaml"), f"out={out}", "max_steps=3",
+                     "log_every=1", "data.limit=64", "--no-progress"]) == 0
+    assert capsys.readouterr().out.count("step ") == 3
     initial = init_model(InitConfig(preset="tiny", seed=0), char_tokenizer()).state_dict()
     trained = _weights(out / "final")
     unchanged = [name for name, value in trained.items() if torch.equal(value, initial[name])]
