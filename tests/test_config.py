@@ -126,3 +126,18 @@ def test_repo_recipes_load():
     tiny = config.load(InitConfig, configs / "tiny.yaml", ["model.num_hidden_layers=1"])
     assert tiny.preset == "tiny" and tiny.model == {"num_hidden_layers": 1}
     assert config.load(InitConfig, configs / "small.yaml").preset == "small"
+
+
+def test_a_partial_section_keeps_its_fields_own_defaults(tmp_path):
+    """``RolloutConfig.sampling`` / ``EvalSpec.sampling`` defaults differ from ``SamplingSpec()``:
+    overriding one key of the section (flag or YAML) must keep the others of the field's default."""
+    from dirl.eval.evaluate import EvalConfig
+    from dirl.train.rl import RLConfig
+
+    cfg = config.load(EvalConfig, None, ["sampling.max_new_tokens=16"])
+    assert (cfg.sampling.max_new_tokens, cfg.sampling.temperature) == (16, 0.0)  # still greedy
+    yaml_file = tmp_path / "rl.yaml"
+    yaml_file.write_text("rollout:\n  sampling: {temperature: 0.5}\noptim: {lr: 0.1}\n")
+    rl = config.load(RLConfig, yaml_file, ["rollout.group_size=2"])
+    assert (rl.rollout.sampling.temperature, rl.rollout.sampling.max_new_tokens, rl.rollout.group_size) == (0.5, 32, 2)
+    assert (rl.optim.lr, rl.optim.schedule) == (0.1, "constant")  # RL's constant schedule, not OptimConfig's

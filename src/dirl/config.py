@@ -106,13 +106,33 @@ def _coerce_scalar(value: Any, typ: type, key: str) -> Any:
     raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
 
 
+def _section_default(cls: type, name: str) -> dict[str, Any] | None:
+    """The default of section ``name`` of ``cls`` as a dict (None: no dataclass default). A
+    section's default may differ from its class's (``RolloutConfig.sampling`` is not
+    ``SamplingSpec()``), and a partial section must keep the fields it does not name."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return to_dict(default) if dataclasses.is_dataclass(default) else None
+
+
+def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a (partial) nested dict; defaults fill the rest."""
+    """Build dataclass ``cls`` from a (partial) nested dict; defaults fill the rest (a partial
+    section keeps its field's default values for the keys it leaves out)."""
     types_ = _field_types(cls)
     kwargs = {}
     for key, value in data.items():
         if key not in types_:
             raise _unknown(prefix + key, types_)
+        if dataclasses.is_dataclass(types_[key]) and isinstance(value, dict):
+            base = _section_default(cls, key)
+            value = _merged(base, value) if base is not None else value
         kwargs[key] = coerce(value, types_[key], prefix + key)
     try:
         return cls(**kwargs)

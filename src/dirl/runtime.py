@@ -22,10 +22,20 @@ def resolve_device(device: str):
 # ---------------------------------------------------------------- seeds
 
 
+def prompt_seed(seed: int, index: int) -> int:
+    """Seed of prompt ``index`` of a request / eval set: ``seed + index``, so a prompt decodes
+    the same whatever batch it lands in (engine, server, ``dirl eval``)."""
+    return (seed + index) % (MAX_SEED + 1)
+
+
 def prompt_seeds(seed: int, count: int, start: int = 0) -> list[int]:
-    """Seed of prompt ``start + i`` of a request / eval set: ``seed + start + i``, so a
-    prompt decodes the same whatever batch it lands in (engine, server, ``dirl eval``)."""
-    return [(seed + start + i) % (MAX_SEED + 1) for i in range(count)]
+    """:func:`prompt_seed` of prompts ``start .. start + count - 1``."""
+    return [prompt_seed(seed, start + i) for i in range(count)]
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of the data permutation of epoch ``epoch`` (SFT loader, RL prompt sampler)."""
+    return seed + epoch
 
 
 def row_seed(seed: int, sample_index: int) -> int:

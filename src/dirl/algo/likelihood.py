@@ -199,16 +199,16 @@ ESTIMATORS: dict[str, Callable[[EstimatorArgs], Plan]] = {
 }
 
 
-def score_plan(model, plan: Plan, dist: PolicyDist, with_entropy: bool = False):
+def score_plan(model, plan: Plan, policy: PolicyDist, with_entropy: bool = False):
     """Policy log-probs of the plan's scored tokens: (N,) [and their entropies (N,), detached].
 
-    ``dist``: the rollouts' distribution (any :class:`~dirl.rollout.SamplingSpec` is one)."""
+    ``policy``: the rollouts' distribution (any :class:`~dirl.rollout.SamplingSpec` is one)."""
     pack = plan.pack
     if pack.score_index.numel() == 0:
         empty = torch.zeros(0, device=pack.input_ids.device)
         return (empty, empty) if with_entropy else empty
     out = model(pack.input_ids, pack.position_ids, pack.meta, logits_index=pack.score_index)
-    logp_all = policy_logprobs(out.logits, dist.temperature, dist.top_k, dist.top_p,
+    logp_all = policy_logprobs(out.logits, policy.temperature, policy.top_k, policy.top_p,
                                model.config.mask_token_id)  # (N, V)
     logp = logp_all.gather(-1, pack.target_ids[:, None]).squeeze(-1)
     if not with_entropy:

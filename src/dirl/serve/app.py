@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dirl.rollout import Rollout, SamplingParams
-from dirl.runtime import MAX_SEED, prompt_seeds
+from dirl.runtime import MAX_SEED, prompt_seed, prompt_seeds
 from dirl.serve import ServeConfig  # noqa: F401  (re-exported: the app's config)
 from dirl.serve.batcher import Batcher, QueueFullError
 from dirl.serve.schemas import (DECODING_FIELDS, ChatCompletionRequest, CompletionRequest, SamplingFields, error_body,
@@ -177,7 +177,7 @@ class ServerState:
         if req.return_token_ids:
             out.update(prompt_token_ids=rollout.prompt_ids, token_ids=rollout.token_ids,
                        num_tokens=rollout.num_tokens, steps=rollout.steps, logps=rollout.logps,
-                       num_forwards=rollout.num_forwards, seed=params.seed + rollout.prompt_index)
+                       num_forwards=rollout.num_forwards, seed=prompt_seed(params.seed, rollout.prompt_index))
         return out
 
     async def complete(self, req: SamplingFields, prompts: list[list[int]], params: SamplingParams, chat: bool):

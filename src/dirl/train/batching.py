@@ -28,6 +28,7 @@ import torch
 
 from dirl.algo.nelbo import TokenBatch
 from dirl.data import DataError, to_sft_messages
+from dirl.runtime import epoch_seed
 
 
 @dataclass
@@ -125,7 +126,7 @@ class SFTLoader:
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> list[int]:
-        gen = torch.Generator().manual_seed(self.seed + epoch)
+        gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
         return torch.randperm(len(self.examples), generator=gen).tolist()
 
     def _peek(self) -> SFTExample:

@@ -18,7 +18,7 @@ import torch
 from dirl.algo.advantages import informative_groups
 from dirl.rewards import compute_rewards
 from dirl.rollout import Rollout
-from dirl.runtime import rollout_seed
+from dirl.runtime import epoch_seed, rollout_seed
 from dirl.train import dist as dist_lib
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ class PromptSampler:
         out = []
         for _ in range(count):
             epoch, offset = divmod(self.cursor, self.num_rows)
-            perm = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + epoch))
+            perm = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
             out.append(int(perm[offset]))
             self.cursor += 1
         return out
