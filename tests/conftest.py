@@ -36,7 +36,8 @@ from dirl.model.tokenizer import char_tokenizer
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# DIRL_SHARED: where the shared folder is when the checkout is not beside it (a worktree).
+SHARED = Path(os.environ.get("DIRL_SHARED", REPO.parent / "shared"))
 SDAR_DIR = SHARED / "sdar-8b-chat"
 
 

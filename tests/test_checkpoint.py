@@ -80,7 +80,7 @@ def test_shrunk_real_sdar_config_round_trips(sdar_dir, ckpt_dir):
     cfg = ModelConfig.from_hf_dict({**real, **SHRUNK})
     model = SDARForCausalLM(cfg)
     model.init_weights(seed=3)
-    save_pretrained(model, None, ckpt_dir)
+    save_pretrained(model, None, ckpt_dir, dtype="float32")  # asked for fp32 instead of the source's bf16
     loaded, _ = load_pretrained(ckpt_dir)
     assert loaded.config.block_size == 4 and loaded.config.mask_token_id == 159
     assert torch.equal(_logits(loaded), _logits(model))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dirl.engine.engine import Engine
 from dirl.rollout import Rollout, SamplingParams
-from dirl.model.checkpoint import load_pretrained, save_pretrained
+from dirl.model.checkpoint import load_pretrained, param_dtype, save_pretrained
 
 
 class NativeBackend:
@@ -44,7 +44,7 @@ class CheckpointBackend:
         self.sync_weights()
 
     def sync_weights(self) -> None:
-        path = save_pretrained(self.model, self.tokenizer, self._tmp / "policy")
+        path = save_pretrained(self.model, self.tokenizer, self._tmp / "policy", dtype=param_dtype(self.model))
         device = next(self.model.parameters()).device
         fresh, _ = load_pretrained(path, dtype=next(self.model.parameters()).dtype, device=device,
                                    with_tokenizer=False)

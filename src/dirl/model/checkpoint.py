@@ -5,10 +5,20 @@ into ``model-0000i-of-0000n.safetensors`` with a ``model.safetensors.index.json`
 (the layout of the real SDAR-8B-Chat directory). Directories are written under a
 temporary name and renamed, so a crash never leaves a half-written checkpoint
 where a good one was.
+
+A save is faithful to the directory the model was loaded from, so transformers
+(``trust_remote_code``), LMDeploy and SGLang load it as they load the source:
+the remote-code files named by ``auto_map`` (and their relative imports) and
+``generation_config.json`` are kept (:func:`companion_files`), config fields are
+written back as read, tokenizer files and the chat template are kept
+(:mod:`dirl.model.tokenizer`), and the weights are written in the source's
+``torch_dtype`` -- a bf16 checkpoint trained in fp32 is saved in bf16 again --
+unless the caller asks for another dtype.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -76,16 +86,35 @@ def save_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_byte
                                                     "weight_map": weight_map}, indent=2))
 
 
+def param_dtype(model) -> torch.dtype:
+    """The dtype the model's parameters are held in."""
+    return next(model.parameters()).dtype
+
+
+def save_dtype(model, dtype: str | torch.dtype | None) -> torch.dtype:
+    """``dtype`` if given, else the source's ``torch_dtype`` (else the parameters' dtype)."""
+    if dtype is None:
+        return DTYPES.get(model.config.torch_dtype, param_dtype(model))
+    return DTYPES[dtype] if isinstance(dtype, str) else dtype
+
+
 def save_pretrained(model: SDARForCausalLM, tokenizer: Tokenizer | None, directory: str | Path,
-                    max_shard_bytes: int = 2 << 30) -> Path:
-    """Atomically write a self-contained checkpoint directory."""
-    state = model.state_dict()
+                    max_shard_bytes: int = 2 << 30, dtype: str | torch.dtype | None = None) -> Path:
+    """Atomically write a self-contained, faithful checkpoint directory (module docstring).
+
+    ``dtype``: of the saved weights; None = the source's ``torch_dtype``. Pass the
+    parameters' dtype (:func:`param_dtype`) where the weights must round-trip exactly.
+    """
+    target = save_dtype(model, dtype)
+    state = {name: tensor.to(target) if tensor.is_floating_point() else tensor
+             for name, tensor in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
 
     def write(tmp: Path) -> None:
-        cfg = model.config.to_hf_dict()
-        cfg["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+        for name, content in model.config.companion_files.items():
+            (tmp / name).write_bytes(content)
+        cfg = dataclasses.replace(model.config, torch_dtype=str(target).removeprefix("torch.")).to_hf_dict()
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         save_weights(state, tmp, max_shard_bytes)
         if tokenizer is not None:
@@ -94,14 +123,48 @@ def save_pretrained(model: SDARForCausalLM, tokenizer: Tokenizer | None, directo
     return atomic_directory(Path(directory), write)
 
 
+GENERATION_CONFIG = "generation_config.json"
+
+
+def _auto_map_modules(auto_map: dict) -> set[str]:
+    """Module names of local remote code in an ``auto_map`` (``"modeling_sdar.SDARModel"``,
+    or a list of such for tokenizers); references into another repo (``"org/repo--m.C"``) are skipped."""
+    refs = [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+    return {ref.rsplit(".", 1)[0] for ref in refs if "--" not in ref and "." in ref}
+
+
+def companion_files(directory: Path, config: dict) -> dict[str, bytes]:
+    """The files of a checkpoint directory that dirl does not own but must keep: the remote-code
+    files named by ``auto_map`` in ``config.json`` / ``tokenizer_config.json`` with their relative
+    imports, and ``generation_config.json``. Named files that are absent are skipped."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    auto_map = dict(config.get("auto_map") or {})
+    tokenizer_config = directory / "tokenizer_config.json"
+    if tokenizer_config.exists():
+        auto_map.update({f"tokenizer:{k}": v for k, v in
+                         (json.loads(tokenizer_config.read_text()).get("auto_map") or {}).items()})
+    paths = [directory / GENERATION_CONFIG]
+    for module in sorted(_auto_map_modules(auto_map)):
+        code = directory / f"{module}.py"
+        if code.exists():
+            paths += [code, *map(Path, get_relative_import_files(str(code)))]
+    return {p.name: p.read_bytes() for p in paths if p.exists()}
+
+
 def load_config(directory: str | Path) -> ModelConfig:
-    path = Path(directory) / "config.json"
+    """The config of a checkpoint directory, carrying its :func:`companion_files`."""
+    directory = Path(directory)
+    path = directory / "config.json"
     if not path.exists():
         raise CheckpointError(f"{path}: not found (is {directory} a checkpoint directory?)")
     try:
-        return ModelConfig.from_hf_dict(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        cfg = ModelConfig.from_hf_dict(data)
     except (json.JSONDecodeError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: {err}") from err
+    cfg.companion_files = companion_files(directory, data)
+    return cfg
 
 
 def weight_files(directory: Path) -> dict[str, str]:

@@ -4,6 +4,12 @@ The field names are exactly those of SDAR's ``config.json`` (a Qwen3 decoder plu
 ``block_size`` and ``mask_token_id``), so a real SDAR / TraDo / DiRL checkpoint
 directory loads with no renaming. Fields we do not use (``auto_map``,
 ``fuse_cross_entropy``, ...) are kept in ``extra`` and written back on save.
+
+Saving is faithful to what was loaded: a field dirl did not change is written
+back exactly as it was read (an absent ``pad_token_id`` stays absent, a list of
+EOS ids stays a list), and the files dirl does not own (remote code named by
+``auto_map``, ``generation_config.json``) travel with the config in
+``companion_files`` -- see :mod:`dirl.model.checkpoint`.
 """
 
 from __future__ import annotations
@@ -34,6 +40,11 @@ class ModelConfig:
     attention_bias: bool = False
     torch_dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)
+    # Not config.json fields. ``companion_files``: file name -> bytes of the source directory's
+    # files dirl does not own, written back on save. ``loaded``: field -> (value as read or
+    # _ABSENT, value as parsed), so an unchanged field is written back as it was read.
+    companion_files: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
+    loaded: dict[str, tuple[Any, Any]] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -47,9 +58,17 @@ class ModelConfig:
                              f"(vocab_size {self.vocab_size})")
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The ``config.json`` content (SDAR's schema)."""
+        """The ``config.json`` content (SDAR's schema); unchanged fields exactly as they were read."""
         out = dict(self.extra)
-        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
+        for name in config_field_names():
+            value = getattr(self, name)
+            raw, parsed = self.loaded.get(name, (_ABSENT, _ABSENT))
+            if parsed is _ABSENT or parsed != value:
+                out[name] = value
+            elif raw is not _ABSENT:
+                out[name] = raw
+        if "dtype" in out:  # transformers >= 5 spells torch_dtype "dtype": keep both in step
+            out["dtype"] = self.torch_dtype
         out["model_type"] = "sdar"
         out.setdefault("architectures", ["SDARForCausalLM"])
         out.setdefault("hidden_act", "silu")
@@ -62,7 +81,7 @@ class ModelConfig:
             raise ValueError(f"config.json: hidden_act {data['hidden_act']!r} is not supported (SDAR uses silu)")
         if data.get("rope_scaling"):
             raise ValueError("config.json: rope_scaling is not supported yet")
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        names = config_field_names()
         known = {k: v for k, v in data.items() if k in names}
         if isinstance(known.get("eos_token_id"), list):  # some HF configs list several EOS ids
             known["eos_token_id"] = known["eos_token_id"][0]
@@ -70,8 +89,14 @@ class ModelConfig:
             known["pad_token_id"] = known.get("eos_token_id", cls.pad_token_id)
         if "head_dim" not in known and "hidden_size" in known and "num_attention_heads" in known:
             known["head_dim"] = known["hidden_size"] // known["num_attention_heads"]
+        if "torch_dtype" not in known and isinstance(data.get("dtype"), str):  # transformers >= 5
+            known["torch_dtype"] = data["dtype"]
+        if "rope_theta" not in known and isinstance(data.get("rope_parameters"), dict):
+            known["rope_theta"] = _default_rope_theta(data["rope_parameters"])
         extra = {k: v for k, v in data.items() if k not in names and k != "model_type"}
-        return cls(**known, extra=extra)
+        cfg = cls(**known, extra=extra)
+        cfg.loaded = {name: (data.get(name, _ABSENT), getattr(cfg, name)) for name in names}
+        return cfg
 
     def num_parameters(self) -> int:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
@@ -80,6 +105,25 @@ class ModelConfig:
         per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h + 2 * self.head_dim
         head = 0 if self.tie_word_embeddings else v * h
         return v * h + self.num_hidden_layers * per_layer + h + head
+
+
+_ABSENT = object()  # "the loaded config.json had no such field"
+
+
+def config_field_names() -> list[str]:
+    """The ModelConfig fields that are ``config.json`` fields."""
+    return [f.name for f in dataclasses.fields(ModelConfig) if f.name not in _NOT_HF_FIELDS]
+
+
+_NOT_HF_FIELDS = ("extra", "companion_files", "loaded")
+
+
+def _default_rope_theta(rope_parameters: dict[str, Any]) -> float:
+    """transformers >= 5 writes RoPE as ``rope_parameters``; only plain RoPE is supported."""
+    if rope_parameters.get("rope_type", "default") != "default" or "rope_theta" not in rope_parameters:
+        raise ValueError(f"config.json: rope_parameters {rope_parameters!r} is not supported "
+                         "(plain RoPE with a rope_theta only)")
+    return float(rope_parameters["rope_theta"])
 
 
 # Architecture presets. Vocabulary and special ids come from the tokenizer at init time.

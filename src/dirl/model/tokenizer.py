@@ -7,6 +7,11 @@ is self-contained and loads through one code path. The char tokenizer is a
 ``tokenizers`` WordLevel model over single characters with the special tokens
 as added tokens.
 
+A tokenizer loaded from a directory keeps that directory's tokenizer files which
+``save_pretrained`` would not write again (Qwen's ``vocab.json`` / ``merges.txt``,
+``added_tokens.json``, ``special_tokens_map.json``), so a saved checkpoint has every
+file its source had; ``auto_map`` and the chat template are kept by transformers.
+
 The engine never sees text; this wrapper is used by train/eval/serve only.
 """
 
@@ -30,11 +35,20 @@ CHAR_CHAT_TEMPLATE = (
 )
 
 
-class Tokenizer:
-    """A thin wrapper over a transformers fast tokenizer with the ids dirl needs."""
+# Tokenizer files of a source directory that are copied to a save when it does not write them.
+SOURCE_TOKENIZER_FILES = ("vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json")
 
-    def __init__(self, hf_tokenizer, mask_token: str = MASK_TOKEN):
+
+class Tokenizer:
+    """A thin wrapper over a transformers fast tokenizer with the ids dirl needs.
+
+    ``source_files``: name -> bytes of the source directory's :data:`SOURCE_TOKENIZER_FILES`;
+    valid only for the unchanged tokenizer (one that adds tokens must not carry them).
+    """
+
+    def __init__(self, hf_tokenizer, mask_token: str = MASK_TOKEN, source_files: dict[str, bytes] | None = None):
         self.hf = hf_tokenizer
+        self.source_files = dict(source_files or {})
         mask_id = hf_tokenizer.convert_tokens_to_ids(mask_token)
         if mask_id is None or mask_id == hf_tokenizer.unk_token_id:
             raise ValueError(f"tokenizer has no mask token {mask_token!r}")
@@ -65,7 +79,11 @@ class Tokenizer:
         return sorted(ids)
 
     def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
         self.hf.save_pretrained(str(directory))
+        for name, content in self.source_files.items():
+            if not (directory / name).exists():
+                (directory / name).write_bytes(content)
 
 
 def char_tokenizer() -> Tokenizer:
@@ -101,4 +119,5 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     template_file = directory / "chat_template.jinja"
     if getattr(hf, "chat_template", None) is None and template_file.exists():
         hf.chat_template = template_file.read_text()
-    return Tokenizer(hf)
+    kept = {name: (directory / name).read_bytes() for name in SOURCE_TOKENIZER_FILES if (directory / name).exists()}
+    return Tokenizer(hf, source_files=kept)

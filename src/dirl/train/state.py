@@ -36,7 +36,8 @@ import torch
 import yaml
 
 from dirl import config as config_lib
-from dirl.model.checkpoint import CheckpointError, atomic_directory, load_state_into, save_pretrained
+from dirl.model.checkpoint import (CheckpointError, atomic_directory, load_state_into, param_dtype,
+                                   save_pretrained)
 from dirl.train import dist as dist_lib
 from dirl.train.common import get_rng_state, set_rng_state
 
@@ -139,7 +140,8 @@ def save_checkpoint(run_dir: str | Path, step: int, trainable: Trainable, extra:
         config_text = _config_text(config_obj)
 
         def write(tmp: Path) -> None:
-            save_pretrained(weights, tokenizer, tmp)
+            # The training dtype, not the source's: resume continues bit for bit.
+            save_pretrained(weights, tokenizer, tmp, dtype=param_dtype(weights))
             torch.save(trainer_state, tmp / TRAINER_STATE)
             if config_text:
                 (tmp / CONFIG_FILE).write_text(config_text)
