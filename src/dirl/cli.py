@@ -14,6 +14,8 @@ import sys
 # name -> (module, help). A module provides ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS: dict[str, tuple[str, str]] = {
     "init": ("dirl.commands.init", "write a randomly initialised checkpoint directory"),
+    "convert": ("dirl.commands.convert", "turn a Hugging Face Qwen3 (AR) directory into a block-diffusion checkpoint"),
+    "merge": ("dirl.commands.merge", "merge LoRA adapters into their base: a full checkpoint directory"),
     "show-config": ("dirl.commands.show_config", "print a resolved config (defaults <- YAML <- overrides)"),
     "generate": ("dirl.commands.generate", "decode a prompt with the rollout engine"),
     "sft": ("dirl.commands.sft", "supervised fine-tuning with the blockwise NELBO"),

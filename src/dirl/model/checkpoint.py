@@ -205,11 +205,9 @@ def load_state_into(model: torch.nn.Module, directory: Path) -> None:
                     expected[name].copy_(f.get_tensor(name))
 
 
-def load_pretrained(directory: str | Path, dtype: str | torch.dtype | None = None,
-                    device: str | torch.device = "cpu", with_tokenizer: bool = True):
-    """Load ``(model, tokenizer)`` from a checkpoint directory (tokenizer None if absent)."""
-    directory = Path(directory)
-    cfg = load_config(directory)
+def load_model(cfg: ModelConfig, directory: Path, dtype: str | torch.dtype | None = None,
+               device: str | torch.device = "cpu") -> SDARForCausalLM:
+    """A model of config ``cfg`` holding the weights of ``directory`` (validated)."""
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     with torch.device("meta"):
@@ -220,6 +218,14 @@ def load_pretrained(directory: str | Path, dtype: str | torch.dtype | None = Non
     load_state_into(model, directory)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def load_pretrained(directory: str | Path, dtype: str | torch.dtype | None = None,
+                    device: str | torch.device = "cpu", with_tokenizer: bool = True):
+    """Load ``(model, tokenizer)`` from a checkpoint directory (tokenizer None if absent)."""
+    directory = Path(directory)
+    model = load_model(load_config(directory), directory, dtype, device)
     tokenizer = None
     if with_tokenizer and any((directory / f).exists() for f in ("tokenizer.json", "vocab.json")):
         tokenizer = load_tokenizer(directory)

@@ -6,7 +6,7 @@ directory loads with no renaming. Fields we do not use (``auto_map``,
 ``fuse_cross_entropy``, ...) are kept in ``extra`` and written back on save.
 
 Saving is faithful to what was loaded: a field dirl did not change is written
-back exactly as it was read (an absent ``pad_token_id`` stays absent, a list of
+back exactly as it was read (a derived ``pad_token_id`` stays absent, a list of
 EOS ids stays a list), and the files dirl does not own (remote code named by
 ``auto_map``, ``generation_config.json``) travel with the config in
 ``companion_files`` -- see :mod:`dirl.model.checkpoint`.
@@ -67,6 +67,8 @@ class ModelConfig:
                 out[name] = value
             elif raw is not _ABSENT:
                 out[name] = raw
+            elif name not in _DERIVED_FIELDS:  # absent, so a default: other loaders may default otherwise
+                out[name] = value
         if "dtype" in out:  # transformers >= 5 spells torch_dtype "dtype": keep both in step
             out["dtype"] = self.torch_dtype
         out["model_type"] = "sdar"
@@ -116,6 +118,8 @@ def config_field_names() -> list[str]:
 
 
 _NOT_HF_FIELDS = ("extra", "companion_files", "loaded")
+# Filled in from other fields on load (or spelled otherwise in the source): not added on save.
+_DERIVED_FIELDS = ("pad_token_id", "head_dim", "torch_dtype", "rope_theta")
 
 
 def _default_rope_theta(rope_parameters: dict[str, Any]) -> float:

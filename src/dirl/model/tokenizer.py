@@ -51,7 +51,8 @@ class Tokenizer:
         self.source_files = dict(source_files or {})
         mask_id = hf_tokenizer.convert_tokens_to_ids(mask_token)
         if mask_id is None or mask_id == hf_tokenizer.unk_token_id:
-            raise ValueError(f"tokenizer has no mask token {mask_token!r}")
+            raise ValueError(f"tokenizer has no mask token {mask_token!r} (an autoregressive checkpoint? "
+                             "`dirl convert` makes a block-diffusion one)")
         self.mask_token_id: int = mask_id
         self.eos_token_id: int = hf_tokenizer.eos_token_id
         self.pad_token_id: int = (hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None
@@ -105,6 +106,13 @@ def char_tokenizer() -> Tokenizer:
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """Load from a checkpoint directory: ``tokenizer.json`` or Qwen's vocab.json + merges.txt."""
+    directory = Path(directory)
+    kept = {name: (directory / name).read_bytes() for name in SOURCE_TOKENIZER_FILES if (directory / name).exists()}
+    return Tokenizer(load_hf_tokenizer(directory), source_files=kept)
+
+
+def load_hf_tokenizer(directory: str | Path):
+    """The transformers fast tokenizer of a directory, chat template included (no mask needed)."""
     from transformers import PreTrainedTokenizerFast, Qwen2TokenizerFast
 
     directory = Path(directory)
@@ -119,5 +127,4 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     template_file = directory / "chat_template.jinja"
     if getattr(hf, "chat_template", None) is None and template_file.exists():
         hf.chat_template = template_file.read_text()
-    kept = {name: (directory / name).read_bytes() for name in SOURCE_TOKENIZER_FILES if (directory / name).exists()}
-    return Tokenizer(hf, source_files=kept)
+    return hf
