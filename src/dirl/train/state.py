@@ -38,6 +38,7 @@ import yaml
 from dirl import config as config_lib
 from dirl.model.checkpoint import (CheckpointError, atomic_directory, load_state_into, param_dtype,
                                    save_pretrained)
+from dirl.model import lora as lora_lib
 from dirl.train import dist as dist_lib
 from dirl.train.common import get_rng_state, set_rng_state
 
@@ -96,11 +97,22 @@ def _weights_to_save(model):
     return _FullWeights(model.config, full) if full is not None else None
 
 
+def _write_model(weights, tokenizer, directory: Path, dtype=None) -> None:
+    """A model directory, or for a LoRA model its adapters in PEFT's format (the frozen base
+    stays where ``adapter_config.json`` says) with the tokenizer."""
+    if not lora_lib.has_adapters(weights):
+        save_pretrained(weights, tokenizer, directory, dtype=dtype)
+        return
+    lora_lib.save_adapter(weights, directory)
+    if tokenizer is not None:
+        tokenizer.save(directory)
+
+
 def save_model_dir(model, tokenizer, directory: str | Path) -> Path:
     """:func:`save_pretrained` for any world size: gathered if sharded, written by rank 0 only."""
     weights = _weights_to_save(model)
     if dist_lib.is_main():
-        save_pretrained(weights, tokenizer, directory)
+        atomic_directory(Path(directory), lambda tmp: _write_model(weights, tokenizer, tmp))
     dist_lib.barrier()
     return Path(directory)
 
@@ -141,7 +153,7 @@ def save_checkpoint(run_dir: str | Path, step: int, trainable: Trainable, extra:
 
         def write(tmp: Path) -> None:
             # The training dtype, not the source's: resume continues bit for bit.
-            save_pretrained(weights, tokenizer, tmp, dtype=param_dtype(weights))
+            _write_model(weights, tokenizer, tmp, dtype=param_dtype(weights))
             torch.save(trainer_state, tmp / TRAINER_STATE)
             if config_text:
                 (tmp / CONFIG_FILE).write_text(config_text)
@@ -230,6 +242,12 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None,
 
 def _load_weights(model, path: Path) -> None:
     """Checkpoint weights into a plain, DDP or sharded model (validated names and shapes)."""
+    if lora_lib.has_adapters(dist_lib.unwrap(model)):
+        try:
+            lora_lib.load_adapter_weights(dist_lib.unwrap(model), path)
+        except ValueError as err:
+            raise CheckpointError(str(err)) from err
+        return
     if not dist_lib.is_sharded(model):
         load_state_into(dist_lib.unwrap(model), path)
         return

@@ -1,0 +1,137 @@
+"""LoRA adapters (peft) on the SDAR model: config, identity at start, the base view,
+training-inference consistency, PEFT-format files, ``dirl merge``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dirl import config as config_lib
+from dirl.cli import main as cli_main
+from dirl.engine.engine import Engine, SamplingParams
+from dirl.engine.unmask import policy_logprobs
+from dirl.model.checkpoint import load_pretrained
+from dirl.model.factory import InitConfig, init_model
+from dirl.model.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelView, LoraConfig, adapters_disabled,
+                             apply_lora, num_parameters)
+from dirl.model.masks import TokenMeta
+from dirl.model.trace import pack_traces, trace_copies
+from dirl.train.state import save_model_dir
+
+pytest.importorskip("peft")
+B = 4
+
+
+def _logits(model, seed: int = 0) -> torch.Tensor:
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(seed))
+    pos = torch.arange(9).expand(2, 9)
+    with torch.no_grad():
+        return model(ids, pos, TokenMeta.clean(pos, B)).logits
+
+
+def _randomise_adapters(model, seed: int = 0, scale: float = 0.5) -> None:
+    """Non-zero lora_B (peft starts it at 0), so the adapters change the function."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+
+
+@pytest.fixture
+def lora_model(tiny_model, tiny_checkpoint):
+    """The tiny model with r=4 adapters on all seven projections, adapters randomised."""
+    model = apply_lora(tiny_model, LoraConfig(r=4, alpha=8), base=str(tiny_checkpoint))
+    _randomise_adapters(model)
+    return model
+
+
+@dataclasses.dataclass
+class Holder:
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+
+
+def test_lora_keys_are_checked():
+    cfg = config_lib.load(Holder, None, ["lora.r=8", "lora.target_modules=[q,v_proj]", "lora.dropout=0.1"])
+    assert (cfg.lora.r, cfg.lora.target_modules, cfg.lora.enabled) == (8, ["q", "v_proj"], True)
+    assert not LoraConfig().enabled and LoraConfig().target_modules == ["q", "k", "v", "o", "gate", "up", "down"]
+    with pytest.raises(config_lib.ConfigError, match="target_modules"):
+        config_lib.load(Holder, None, ["lora.r=8", "lora.target_modules=[q,lm_head]"])
+
+
+def test_trainable_fraction_on_the_small_preset(tokenizer):
+    model = init_model(InitConfig(preset="small"), tokenizer)
+    apply_lora(model, LoraConfig(r=4), base="unused")
+    trainable, total = num_parameters(model)
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable / total < 0.02  # measured 1.89 %
+
+
+def test_adapters_start_as_identity_and_the_base_view_is_the_base(tiny_model, tiny_checkpoint):
+    base_logits = _logits(tiny_model)
+    model = apply_lora(tiny_model, LoraConfig(r=4), base=str(tiny_checkpoint))
+    assert torch.equal(_logits(model), base_logits)  # B = 0 at the start
+    _randomise_adapters(model)
+    assert not torch.allclose(_logits(model), base_logits, atol=1e-3)
+    with adapters_disabled(model):
+        assert torch.equal(_logits(model), base_logits)
+    view = BaseModelView(model)
+    assert list(view.parameters()) == [] and view.config is model.config
+    assert torch.equal(_logits(view), base_logits)
+    assert not torch.equal(_logits(model), base_logits)  # adapters back on after the view's forward
+
+
+def test_engine_logprobs_equal_trainer_logprobs_with_lora(lora_model, tokenizer):
+    """The training-inference consistency oracle (tests/test_engine.py) with the adapters applied."""
+    with torch.no_grad():
+        lora_model.lm_head.weight.mul_(20.0)  # confidences spread over (0, 1), as in test_engine
+    params = SamplingParams(max_new_tokens=18, temperature=1.0, threshold=0.3, n=2, seed=5)
+    prompts = [torch.randint(4, 100, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 8, 11)]
+    rollouts = Engine(lora_model.eval()).generate(prompts, params)
+    copies = [trace_copies(len(r.prompt_ids), r.steps, B) for r in rollouts]
+    pack = pack_traces([r.prompt_ids for r in rollouts], [r.token_ids for r in rollouts],
+                       [r.steps for r in rollouts], copies, B, tokenizer.mask_token_id, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = lora_model(pack.input_ids, pack.position_ids, pack.meta, logits_index=pack.score_index).logits
+    logp = policy_logprobs(logits, params.temperature, params.top_k, params.top_p, tokenizer.mask_token_id)  # (N, V)
+    recomputed = logp.gather(-1, pack.target_ids[:, None]).squeeze(-1)  # (N,)
+    recorded = torch.tensor([rollouts[s].logps[i] for s, i in zip(pack.seq_index.tolist(),
+                                                                  pack.token_index.tolist())])
+    assert len(recorded) == sum(len(r.token_ids) for r in rollouts)
+    assert (recomputed - recorded).abs().max() <= 1e-4
+    with adapters_disabled(lora_model):  # and the adapters do matter for these log-probs
+        base = lora_model(pack.input_ids, pack.position_ids, pack.meta, logits_index=pack.score_index).logits
+    assert not torch.allclose(policy_logprobs(base, 1.0, mask_token_id=tokenizer.mask_token_id), logp, atol=1e-2)
+
+
+def test_adapter_directory_is_peft_format_and_merges_into_a_full_checkpoint(lora_model, tokenizer, tiny_checkpoint,
+                                                                          tmp_path):
+    adapter_dir = save_model_dir(lora_model, tokenizer, tmp_path / "adapter")
+    assert not (adapter_dir / "model.safetensors").exists()
+    adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    assert (adapter_config["peft_type"], adapter_config["r"], adapter_config["lora_alpha"]) == ("LORA", 4, 8)
+    assert adapter_config["base_model_name_or_path"] == str(tiny_checkpoint.resolve())
+    assert sorted(adapter_config["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as f:
+        names = list(f.keys())
+    assert len(names) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in names
+
+    out = tmp_path / "merged"
+    assert cli_main(["merge", str(adapter_dir), "--out", str(out)]) == 0
+    merged, merged_tok = load_pretrained(out)
+    torch.testing.assert_close(_logits(merged), _logits(lora_model), atol=1e-5, rtol=0)
+    assert json.loads((out / "config.json").read_text()) == json.loads((tiny_checkpoint / "config.json").read_text())
+    assert merged_tok.encode("1+2=3") == tokenizer.encode("1+2=3")
+
+
+def test_merge_of_a_bad_directory_is_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / ADAPTER_CONFIG).write_text("{not json")
+    assert cli_main(["merge", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert ADAPTER_CONFIG in err and len(err.splitlines()) == 1
