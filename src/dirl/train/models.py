@@ -3,6 +3,7 @@ with LoRA adapters injected when ``lora.r > 0``."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -10,7 +11,8 @@ import torch
 from dirl.config import ConfigError
 from dirl.model.checkpoint import load_pretrained
 from dirl.model.factory import InitConfig, build_tokenizer, init_model
-from dirl.model.lora import LoraConfig, apply_lora
+from dirl.model.lora import BaseModelView, LoraConfig, apply_lora
+from dirl.train import dist as dist_lib
 
 INIT_PREFIX = "init:"
 
@@ -34,8 +36,22 @@ def load_model_spec(spec: str, device: str | torch.device = "cpu", dtype: str = 
     return model, tokenizer
 
 
-def check_lora_strategy(lora: LoraConfig, strategy: str, world_size: int) -> None:
-    """LoRA runs single-process or under DDP; FSDP2 sharding of peft's layers is not supported."""
-    if lora.enabled and world_size > 1 and strategy == "fsdp":
+def check_lora(lora: LoraConfig, strategy: str, backend: str = "native") -> None:
+    """LoRA runs in one process or under DDP, with the in-process rollout engine."""
+    if not lora.enabled:
+        return
+    if dist_lib.world_size() > 1 and strategy == "fsdp":
         raise ConfigError("lora with dist.strategy=fsdp is not supported (FSDP2 over peft's LoRA layers is "
-                          "untested here); use dist.strategy=ddp -- the frozen base needs no sharded optimizer")
+                          "not wired); use dist.strategy=ddp -- the frozen base needs no sharded optimizer")
+    if backend != "native":
+        raise ConfigError(f"lora with rollout.backend={backend!r} is not supported; use rollout.backend=native "
+                          "(the engine decodes with the adapters applied)")
+
+
+def reference_model(model: torch.nn.Module, lora: LoraConfig, strategy: str, device: torch.device):
+    """DiPO's frozen reference, the starting policy: for LoRA the base with the adapters off
+    (no second copy of the weights), else a frozen copy of the model."""
+    if lora.enabled:
+        return BaseModelView(model)
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    return dist_lib.wrap(frozen, strategy, device, trainable=False)

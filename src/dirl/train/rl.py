@@ -21,7 +21,6 @@ once per phase (:func:`dirl.train.dist.full_params`).
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +32,13 @@ from dirl.algo.advantages import group_advantages
 from dirl.backends import make_backend
 from dirl.backends.evaluate import EvalSpec, evaluate_rows, greedy, held_out_metrics
 from dirl.data import build_prompt_ids, load_prompt_rows, task_of
+from dirl.model.lora import LoraConfig
 from dirl.rewards import format_reward_spec
 from dirl.rollout import SamplingSpec
 from dirl.runtime import derived_seed, resolve_device, update_seed
 from dirl.train import dist as dist_lib
 from dirl.train.common import MetricsLogger, OptimConfig, build_optimizer, build_scheduler, format_metrics, set_seed
-from dirl.train.models import load_model_spec
+from dirl.train.models import check_lora, load_model_spec, reference_model
 from dirl.train.rl_rollouts import PromptSampler, gather_batch, rollout_metrics
 from dirl.train.rl_update import AlgoConfig, Learner, policy_update
 from dirl.train.state import Trainable, load_checkpoint, save_checkpoint, save_model_dir
@@ -80,6 +80,7 @@ class RLConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     dist: dist_lib.DistConfig = field(default_factory=dist_lib.DistConfig)  # torchrun only
+    lora: LoraConfig = field(default_factory=LoraConfig)  # r > 0: train adapters, reference = base
 
 
 def _task_defaults(cfg: RLConfig) -> tuple[str, dict[str, float], str]:
@@ -118,12 +119,12 @@ class RLRun:
 
 def _build_learner(cfg: RLConfig, device: torch.device) -> tuple[Learner, object]:
     """Policy, frozen reference (beta > 0), optimizer and schedule. -> (learner, tokenizer)."""
-    model, tokenizer = load_model_spec(cfg.model, device, cfg.param_dtype, seed=cfg.seed)
+    check_lora(cfg.lora, cfg.dist.strategy, cfg.rollout.backend)
+    model, tokenizer = load_model_spec(cfg.model, device, cfg.param_dtype, seed=cfg.seed, lora=cfg.lora)
     model.attn_impl = cfg.attn_impl
     ref_model = None
     if cfg.algo.beta > 0:  # the frozen reference is the starting policy, never updated
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        ref_model = dist_lib.wrap(ref_model, cfg.dist.strategy, device, trainable=False)
+        ref_model = reference_model(model, cfg.lora, cfg.dist.strategy, device)
     model = dist_lib.wrap(model, cfg.dist.strategy, device)
     optimizer = build_optimizer(dist_lib.unwrap(model), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps * cfg.algo.num_iterations

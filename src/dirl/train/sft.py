@@ -43,6 +43,7 @@ from dirl import config as config_lib
 from dirl.algo.nelbo import NOISE_EPS, NoiseDraw, draw_noise, response_counts, sft_nelbo
 from dirl.backends.evaluate import EvalSpec, evaluate_rows, held_out_metrics
 from dirl.data import load_prompt_rows, load_sft_rows, task_of
+from dirl.model.lora import LoraConfig
 from dirl.rollout import SamplingSpec
 from dirl.runtime import derived_seed, resolve_device
 from dirl.train import dist as dist_lib
@@ -50,7 +51,7 @@ from dirl.train import state as state_lib
 from dirl.train.batching import SFTBatch, SFTLoader, tokenize_rows
 from dirl.train.common import (MetricsLogger, OptimConfig, autocast_context, build_optimizer, build_scheduler,
                                clip_and_step, format_metrics, set_seed)
-from dirl.train.models import load_model_spec
+from dirl.train.models import check_lora, load_model_spec
 
 
 @dataclass
@@ -87,6 +88,7 @@ class SFTConfig:
     param_dtype: str = "float32"      # weights and optimizer state
     progress: bool = True
     dist: dist_lib.DistConfig = field(default_factory=dist_lib.DistConfig)  # torchrun only
+    lora: LoraConfig = field(default_factory=LoraConfig)  # r > 0: train adapters on a frozen base
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "log_every", "eval_num"):
@@ -221,7 +223,8 @@ def build_run(cfg: SFTConfig, resume: str | Path | None = None) -> SFTRun:
     if cfg.batch_size < dist_lib.world_size():
         raise ValueError(f"batch_size={cfg.batch_size} is the global batch: it must be >= the "
                          f"{dist_lib.world_size()} ranks")
-    model, tokenizer = load_model_spec(cfg.model, device, cfg.param_dtype, cfg.seed)
+    check_lora(cfg.lora, cfg.dist.strategy)
+    model, tokenizer = load_model_spec(cfg.model, device, cfg.param_dtype, cfg.seed, lora=cfg.lora)
     examples = load_examples(cfg, tokenizer, model.config.block_size)  # validates every row first
     attn_impl = resolve_attn_impl(cfg.attn_impl, device)
     # Flex compiles per shape: give unpacked batches a fixed length too.
