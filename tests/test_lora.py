@@ -122,6 +122,12 @@ def test_adapter_directory_is_peft_format_and_merges_into_a_full_checkpoint(lora
     assert len(names) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in names
 
+    peft = pytest.importorskip("peft")  # PEFT itself reads the directory onto the plain base
+    peft_model = peft.PeftModel.from_pretrained(load_pretrained(tiny_checkpoint)[0], str(adapter_dir))
+    theirs = dict(peft_model.base_model.model.named_parameters())
+    ours = {n: p for n, p in lora_model.named_parameters() if "lora_" in n}
+    assert ours.keys() <= theirs.keys() and all(torch.equal(p, theirs[n]) for n, p in ours.items())
+
     out = tmp_path / "merged"
     assert cli_main(["merge", str(adapter_dir), "--out", str(out)]) == 0
     merged, merged_tok = load_pretrained(out)
