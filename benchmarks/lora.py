@@ -24,10 +24,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-# The default model: 8 layers of d 768 (57M parameters, 0.23 GB in fp32), so the weights, not
-# the ~0.5 GB of imported libraries, dominate; --quick uses the `small` preset (10.4M).
-MEDIUM = ["model.hidden_size=768", "model.intermediate_size=2048", "model.num_hidden_layers=8",
-          "model.num_attention_heads=12", "model.num_key_value_heads=4", "model.head_dim=64"]
+
+
+def model_shape(hidden: int) -> list[str]:
+    """8 Qwen3-shaped layers of width ``hidden`` (heads of 64, 4 query heads per KV head, SwiGLU
+    width 8/3 d): d 1024 (the default) is 90M parameters, 0.36 GB in fp32 -- big enough that the
+    weights, not the ~0.5 GB of imported libraries, dominate; --quick uses the `small` preset."""
+    heads = hidden // 64
+    return [f"model.hidden_size={hidden}", f"model.intermediate_size={64 * round(hidden * 8 / 3 / 64)}",
+            "model.num_hidden_layers=8", f"model.num_attention_heads={heads}",
+            f"model.num_key_value_heads={max(1, heads // 4)}", "model.head_dim=64"]
+
 RL_SETTINGS = ["data=task:arithmetic", "max_steps=2", "rollout.num_prompts=2", "rollout.group_size=4",
                "rollout.max_new_tokens=16", "rollout.threshold=0.5", "algo.beta=0.01", "log_every=0",
                "save_every=0", "optim.lr=1e-4"]
@@ -72,7 +79,8 @@ def _run_child(mode: str, base: Path, out: Path, rank: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the small preset instead of the d-768 model")
+    parser.add_argument("--quick", action="store_true", help="the small preset instead of the d-1024 model")
+    parser.add_argument("--hidden", type=int, default=1024, help="model width (8 layers)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--base", default=None, help=argparse.SUPPRESS)
@@ -86,10 +94,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
-        init_checkpoint(config_lib.load(InitConfig, None, ["preset=small", *([] if args.quick else MEDIUM)]), base)
+        shape = [] if args.quick else model_shape(args.hidden)
+        init_checkpoint(config_lib.load(InitConfig, None, ["preset=small", *shape]), base)
         runs = {mode: _run_child(mode, base, Path(tmp) / mode, args.rank) for mode in ("baseline", "full", "lora")}
     floor, full, lora = (runs[m]["peak_rss_mb"] for m in ("baseline", "full", "lora"))
-    print(f"model={'small' if args.quick else 'd768x8'} params={runs['baseline']['params']} lora_r={args.rank} "
+    print(f"model={'small' if args.quick else f'd{args.hidden}x8'} params={runs['baseline']['params']} lora_r={args.rank} "
           f"settings={' '.join(RL_SETTINGS)}")
     print(f"trainable_fraction={runs['lora']['trainable'] / runs['lora']['params']:.4f}")
     print(f"peak_rss_full_mb={full:.0f} peak_rss_lora_mb={lora:.0f} baseline_rss_mb={floor:.0f}")
