@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from dirl import config as config_lib
 from dirl.cli import main as cli_main
 from dirl.config import ConfigError
+from dirl.model.checkpoint import CheckpointError, load_pretrained
 from dirl.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelView, adapter_state
 from dirl.train import models as models_lib
 from dirl.train.rl import RLConfig
@@ -89,6 +90,8 @@ def test_rl_with_lora_reference_is_the_base_and_only_adapters_change(tiny_checkp
     save_model_dir(run.learner.model, run.tokenizer, tmp_path / "final")
     assert cli_main(["merge", str(tmp_path / "final"), "--out", str(merged)]) == 0
     assert json.loads((merged / "config.json").read_text())["model_type"] == "sdar"
+    with pytest.raises(CheckpointError, match="dirl merge"):  # an adapter dir is not a model dir
+        load_pretrained(tmp_path / "final")
 
 
 def test_lora_needs_a_checkpoint_and_refuses_fsdp_and_other_backends(monkeypatch, tiny_checkpoint):

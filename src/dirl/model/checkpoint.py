@@ -156,6 +156,9 @@ def load_config(directory: str | Path) -> ModelConfig:
     """The config of a checkpoint directory, carrying its :func:`companion_files`."""
     directory = Path(directory)
     path = directory / "config.json"
+    if not path.exists() and (directory / "adapter_config.json").exists():
+        raise CheckpointError(f"{directory}: holds LoRA adapters, not a model; `dirl merge {directory} --out DIR` "
+                              "writes the full checkpoint")
     if not path.exists():
         raise CheckpointError(f"{path}: not found (is {directory} a checkpoint directory?)")
     try:
