@@ -105,3 +105,18 @@ def test_convert_refuses_a_non_qwen3_directory(qwen_dir, tmp_path, capsys):
     assert cli_main(["convert", str(qwen_dir), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "config.json" in err and "llama" in err and len(err.strip().splitlines()) == 1
+
+
+def test_convert_with_remote_code_loads_in_transformers(qwen_dir, tmp_path):
+    sdar = tmp_path / "sdar-code"
+    sdar.mkdir()
+    (sdar / "configuration_sdar.py").write_text(
+        "from transformers import PretrainedConfig\n\n\nclass SDARConfig(PretrainedConfig):\n"
+        "    model_type = 'sdar'\n")
+    (sdar / "config.json").write_text(json.dumps({"model_type": "sdar", "auto_map": {
+        "AutoConfig": "configuration_sdar.SDARConfig"}}))
+    out = tmp_path / "out"
+    assert cli_main(["convert", str(qwen_dir), "--out", str(out), f"remote_code={sdar}"]) == 0
+    assert (out / "configuration_sdar.py").read_bytes() == (sdar / "configuration_sdar.py").read_bytes()
+    hf_config = transformers.AutoConfig.from_pretrained(str(out), trust_remote_code=True)
+    assert type(hf_config).__name__ == "SDARConfig" and hf_config.block_size == 4
