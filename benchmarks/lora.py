@@ -36,8 +36,8 @@ def model_shape(hidden: int) -> list[str]:
             f"model.num_key_value_heads={max(1, heads // 4)}", "model.head_dim=64"]
 
 RL_SETTINGS = ["data=task:arithmetic", "max_steps=2", "rollout.num_prompts=2", "rollout.group_size=4",
-               "rollout.max_new_tokens=16", "rollout.threshold=0.5", "algo.beta=0.01", "log_every=0",
-               "save_every=0", "optim.lr=1e-4"]
+               "rollout.sampling.max_new_tokens=16", "rollout.sampling.threshold=0.5", "algo.beta=0.01",
+               "log_every=0", "save_every=0", "optim.lr=1e-4"]
 
 
 def _peak_rss_mb() -> float:

@@ -12,7 +12,8 @@ from safetensors import safe_open
 
 from dirl import config as config_lib
 from dirl.cli import main as cli_main
-from dirl.engine.engine import Engine, SamplingParams
+from dirl.engine.engine import Engine
+from dirl.rollout import SamplingParams
 from dirl.engine.unmask import policy_logprobs
 from dirl.model.checkpoint import load_pretrained
 from dirl.model.factory import InitConfig, init_model

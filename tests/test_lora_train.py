@@ -28,7 +28,7 @@ TESTS = Path(__file__).resolve().parent
 SFT_ARGS = ["data.source=task:arithmetic", "data.limit=64", "data.max_length=64", "batch_size=6",
             "optim.lr=1e-2", "progress=false", "log_every=1", "save_every=2", "lora.r=4", "lora.alpha=8"]
 RL_ARGS = ["rewards.rl_rewards:digit_fraction=1.0", "rollout.num_prompts=2", "rollout.group_size=4",
-           "rollout.max_new_tokens=8", "algo.beta=0.01", "optim.lr=1e-2", "optim.schedule=constant",
+           "rollout.sampling.max_new_tokens=8", "algo.beta=0.01", "optim.lr=1e-2", "optim.schedule=constant",
            "lora.r=4", "max_steps=2"]
 
 

@@ -33,7 +33,7 @@ def init_model(cfg: InitConfig, tokenizer: Tokenizer) -> SDARForCausalLM:
     model_cfg = preset_config(cfg.preset, **{
         "vocab_size": vocab, "mask_token_id": tokenizer.mask_token_id, "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.eos_token_id,
-        "block_size": cfg.block_size, "torch_dtype": cfg.dtype, **cfg.model})
+        "block_size": cfg.block_size, "torch_dtype": cfg.param_dtype, **cfg.model})
     model = SDARForCausalLM(model_cfg)
     model.init_weights(cfg.seed)
     return model.to(DTYPES[cfg.param_dtype])
