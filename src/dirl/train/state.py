@@ -10,6 +10,13 @@ Layout of a run directory::
         config.yaml                     the resolved run config
     run_dir/checkpoints/latest          text file naming the newest checkpoint
 
+A LoRA run (``lora.r > 0``) writes the adapters instead of the model weights:
+``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format, the base
+named in ``base_model_name_or_path``) beside the tokenizer files; resuming loads
+the base from the run's ``model`` and the adapters from the checkpoint. Model
+weights are saved in the training dtype here (exact resume); ``final/`` in the
+source's ``torch_dtype`` (:func:`dirl.model.checkpoint.save_pretrained`).
+
 A checkpoint directory is written under a temporary name and renamed
 (:func:`dirl.model.checkpoint.atomic_directory`); ``latest`` is replaced with
 ``os.replace`` only after the directory is in place. A kill at any moment thus
