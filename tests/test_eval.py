@@ -245,7 +245,7 @@ def test_cli_errors_exit_2(tiny_ckpt, tmp_path, monkeypatch, capsys):
     bad.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "no answer"}\n')
     assert main(["eval", "--model", str(tiny_ckpt), "--data", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "data error" in err and "bad.jsonl:2" in err and "missing field 'answer'" in err
+    assert err.startswith("dirl eval: ") and "bad.jsonl:2" in err and "missing field 'answer'" in err
     assert not (tmp_path / "runs").exists()
     base = ["eval", "--model", str(tiny_ckpt), "--data", "task:arithmetic:test", "limit=2"]
     assert main([*base, "k=3"]) == 2  # greedy pass@k
@@ -255,7 +255,7 @@ def test_cli_errors_exit_2(tiny_ckpt, tmp_path, monkeypatch, capsys):
     assert main([*base, "steps_per_block=9"]) == 2  # the tiny model's block size is 4
     assert "steps_per_block" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path / "missing"), "--data", "task:arithmetic", "limit=1"]) == 2
-    assert "cannot load the model" in capsys.readouterr().err
+    assert "missing" in capsys.readouterr().err  # names the directory
     with pytest.raises(ConfigError):  # the library raises; the CLI turns it into exit 2
         from dirl import config
 

@@ -29,11 +29,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dirl", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a user error too (bad config, data, checkpoint)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        if "--help" in sys.argv or "-h" in sys.argv or name in sys.argv[1:2]:
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of a user error too")
+        if "--help" in sys.argv or "-h" in sys.argv or name in _command_word(sys.argv[1:]):
             # Only import the command's module when its arguments are needed.
             try:
                 importlib.import_module(module).add_arguments(p)
@@ -43,10 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    parser = build_parser()
+def _command_word(argv: list[str]) -> list[str]:
+    """The command name (the first word that is not a global option), as a 0/1-item list."""
+    words = [a for a in argv if a != "--debug"]
+    return words[:1]
+
+
+def _parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
     # argparse cannot split one nargs="*" positional around options (`key=v --json key2=v`):
     # stray key=value words after an option are overrides too.
     args, extra = parser.parse_known_args(sys.argv[1:])
@@ -56,10 +63,20 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides += extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command. The one error path: a :class:`~dirl.errors.UserError` (config, data,
+    checkpoint) prints ``dirl <command>: <message>`` and returns 2; ``--debug`` re-raises it."""
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    parser = build_parser()
+    args = _parse(parser)
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
-    from dirl.config import ConfigError
+    from dirl.errors import UserError
 
     try:
         return importlib.import_module(args._module).run(args) or 0
@@ -68,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dirl {args.command}: not available in this version", file=sys.stderr)
             return 2
         raise
-    except ConfigError as err:
-        print(f"dirl {args.command}: config error: {err}", file=sys.stderr)
+    except UserError as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split())  # one line, whatever the message held
+        print(f"dirl {args.command}: {message}", file=sys.stderr)
         return 2
 
 

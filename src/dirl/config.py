@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -17,11 +18,45 @@ from typing import Any, TypeVar
 
 import yaml
 
+from dirl.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override names an unknown key or gives a bad value."""
+
+
+class FieldError(ValueError):
+    """Raised by a config dataclass's ``__post_init__``: field ``key`` holds a bad value.
+    :func:`from_dict` turns it into a :class:`ConfigError` naming the full dotted key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key} {message}")
+        self.key, self.message = key, message
+
+
+# Value rules for :func:`check_fields`: (predicate, what the value must be). NaN fails them all.
+POSITIVE = (lambda v: v > 0, "> 0")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+FINITE_POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+FINITE_NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+UNIT_INTERVAL = (lambda v: 0 <= v <= 1, "in [0, 1]")
+OPEN_UNIT_INTERVAL = (lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def one_of(*choices) -> tuple:
+    return (lambda v: v in choices, f"one of {list(choices)}")
+
+
+def check_fields(obj, rules: dict[str, tuple]) -> None:
+    """Check ``obj``'s fields against ``{name: rule}`` (None values are skipped: "unset").
+
+    Meant for ``__post_init__``: raises :class:`FieldError` naming the field."""
+    for name, (ok, what) in rules.items():
+        value = getattr(obj, name)
+        if value is not None and not ok(value):
+            raise FieldError(name, f"must be {what}, got {value!r}")
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -136,6 +171,10 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         kwargs[key] = coerce(value, types_[key], prefix + key)
     try:
         return cls(**kwargs)
+    except ConfigError:
+        raise
+    except FieldError as err:
+        raise ConfigError(f"{prefix}{err.key} {err.message}") from err
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {err}") from err
 
@@ -175,26 +214,72 @@ def apply_override(data: dict[str, Any], cls: type, key: str, raw: str) -> None:
         node_cls = typ
 
 
-def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Resolve a config: dataclass defaults <- YAML file <- ``key=value`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-        data = to_dict(from_dict(cls, data))  # validates the file, naming the bad key
+def _read_yaml(cls: type, path: str | Path) -> dict[str, Any]:
+    """A YAML recipe as a plain dict, validated against ``cls`` (naming a bad key)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    from_dict(cls, data, prefix="")  # validates the file, naming the bad key
+    return data
+
+
+def _apply_overrides(data: dict[str, Any], cls: type, overrides) -> None:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
         apply_override(data, cls, key.strip(), raw)
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Resolve a config: dataclass defaults <- YAML file <- ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = to_dict(from_dict(cls, _read_yaml(cls, path)))
+    _apply_overrides(data, cls, overrides)
     return from_dict(cls, data)
+
+
+def _merge(cls: type, base: dict[str, Any], top: dict[str, Any]) -> None:
+    """``top``'s keys over ``base`` (sections merged key by key, values and mappings replaced)."""
+    types_ = _field_types(cls)
+    for key, value in top.items():
+        if dataclasses.is_dataclass(types_[key]) and isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(types_[key], base[key], value)
+        else:
+            base[key] = value
+
+
+def load_on_top(cls: type[T], base: T, path: str | Path | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> tuple[T, list[str]]:
+    """A resumed run's config: ``base`` (the saved one) <- the YAML file's keys <- overrides.
+
+    Returns the config and what changed, as ``key: old -> new`` lines."""
+    data = to_dict(base)
+    if path is not None:
+        _merge(cls, data, _read_yaml(cls, path))
+    _apply_overrides(data, cls, overrides)
+    cfg = from_dict(cls, data)
+    before, after = _flatten(to_dict(base)), _flatten(to_dict(cfg))
+    changes = [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(set(before) | set(after))
+               if before.get(key) != after.get(key)]
+    return cfg, changes
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def dump(obj: Any) -> str:

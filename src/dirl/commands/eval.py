@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dirl import config as config_lib
 from dirl.commands import add_config_arguments
+from dirl.errors import UserError
 
 # flag -> config key; flags are applied as overrides before the positional ones.
 FLAG_KEYS = {"model": "model", "data": "data", "reward": "reward", "out": "out"}
@@ -33,14 +34,14 @@ def add_arguments(parser) -> None:
 
 def _load_model(cfg, device):
     """``(model, tokenizer)`` from ``cfg.model``; dtype auto = bf16 on CUDA, fp32 on CPU."""
-    from dirl.model.checkpoint import load_pretrained
+    from dirl.model.checkpoint import CheckpointError, load_pretrained
 
     if not cfg.model:
-        raise FileNotFoundError("no checkpoint: pass --model DIR (or model=DIR)")
+        raise config_lib.ConfigError("no checkpoint: pass --model DIR (or model=DIR)")
     dtype = cfg.param_dtype if cfg.param_dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     model, tokenizer = load_pretrained(cfg.model, dtype=dtype, device=device)
     if tokenizer is None:
-        raise FileNotFoundError(f"{cfg.model}: the checkpoint has no tokenizer files")
+        raise CheckpointError(f"{cfg.model}: the checkpoint has no tokenizer files")
     return model.eval(), tokenizer
 
 
@@ -55,42 +56,25 @@ def write_run(out: Path, cfg, summary: dict, samples: list[dict]) -> None:
 
 
 def run(args) -> int:
-    from dirl.data import DataError, build_prompt_ids
+    from dirl.data import build_prompt_ids
     from dirl.eval.evaluate import EvalConfig, default_out_dir, evaluate, load_eval_rows, resolve_defaults
-    from dirl.model.checkpoint import CheckpointError
     from dirl.runtime import resolve_device
 
     flags = [f"{key}={getattr(args, flag)}" for flag, key in FLAG_KEYS.items()
              if getattr(args, flag) is not None]
     cfg = config_lib.load(EvalConfig, args.config, [*flags, *args.overrides])
-    try:
-        cfg = resolve_defaults(cfg)
-        rows = load_eval_rows(cfg)
-    except DataError as err:
-        print(f"dirl eval: data error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:  # unknown reward name
-        raise config_lib.ConfigError(str(err)) from None
-    device = resolve_device(cfg.device)
-    try:
-        model, tokenizer = _load_model(cfg, device)
-    except (FileNotFoundError, CheckpointError) as err:
-        print(f"dirl eval: cannot load the model: {err}", file=sys.stderr)
-        return 2
+    cfg = resolve_defaults(cfg)  # unknown reward names fail here, before any loading
+    rows = load_eval_rows(cfg)
+    model, tokenizer = _load_model(cfg, resolve_device(cfg.device))
     try:  # sampling values the engine would reject (e.g. steps_per_block > block size)
         cfg.sampling.params().validate(model.config.block_size)
         build_prompt_ids(tokenizer, rows[:1], cfg.prompt_template, cfg.chat)
-    except DataError as err:
-        print(f"dirl eval: data error: {err}", file=sys.stderr)
-        return 2
     except ValueError as err:
+        if isinstance(err, UserError):
+            raise
         raise config_lib.ConfigError(str(err)) from None
     out = Path(cfg.out or default_out_dir())
-    try:
-        summary, samples = evaluate(model, tokenizer, rows, cfg, progress=not args.no_progress)
-    except DataError as err:  # e.g. a template field that only some rows lack
-        print(f"dirl eval: data error: {err}", file=sys.stderr)
-        return 2
+    summary, samples = evaluate(model, tokenizer, rows, cfg, progress=not args.no_progress)
     write_run(out, dataclasses.replace(cfg, out=str(out)), summary, samples)
     print(f"dirl eval: wrote {out}/samples.jsonl and summary.json", file=sys.stderr)
     print(json.dumps({**summary, "out": str(out)}), flush=True)

@@ -47,29 +47,26 @@ def _stop_ids_given(config_path: str | None, overrides: list[str]) -> bool:
 
 def run(args) -> int:
     from dirl.engine.engine import Engine
+    from dirl.model.checkpoint import CheckpointError, load_pretrained
     from dirl.rollout import SamplingParams
-    from dirl.model.checkpoint import load_pretrained
     from dirl.runtime import resolve_device
 
     params = config_lib.load(SamplingParams, args.config, args.overrides)
     model, tokenizer = load_pretrained(args.model, dtype=args.dtype, device=resolve_device(args.device))
     if tokenizer is None:
-        print(f"dirl generate: {args.model} has no tokenizer files", file=sys.stderr)
-        return 2
+        raise CheckpointError(f"{args.model} has no tokenizer files")
     if not _stop_ids_given(args.config, args.overrides):
         params.stop_ids = tokenizer.stop_ids()
     try:
         params.validate(model.config.block_size)
     except ValueError as err:
-        print(f"dirl generate: {err}", file=sys.stderr)
-        return 2
+        raise config_lib.ConfigError(str(err)) from None
     text = args.prompt
     if args.chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
     prompt_ids = tokenizer.encode(text)
     if not prompt_ids:
-        print("dirl generate: the prompt is empty", file=sys.stderr)
-        return 2
+        raise config_lib.ConfigError("--prompt: the prompt is empty")
     rollout = Engine(model.eval(), use_cache=not args.no_cache).generate([prompt_ids], params)[0]
     completion = tokenizer.decode(rollout.completion_ids)
     if args.json:

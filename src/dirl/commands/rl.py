@@ -1,9 +1,12 @@
-"""``dirl rl --config configs/tiny-rl.yaml model=DIR [key=value ...] [--resume DIR]``."""
+"""``dirl rl --config configs/tiny-rl.yaml model=DIR [key=value ...] [--resume DIR]``.
+
+``--resume`` continues a run with its own saved ``config.yaml``; a ``--config``
+file and overrides given with it are applied on top and listed.
+"""
 
 from __future__ import annotations
 
-from dirl import config as config_lib
-from dirl.commands import add_config_arguments
+from dirl.commands import add_config_arguments, resolve_run_config
 
 
 def add_arguments(parser) -> None:
@@ -13,12 +16,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from dirl.train import dist
     from dirl.train.rl import RLConfig, train_rl
 
-    cfg = config_lib.load(RLConfig, args.config, args.overrides)
-    run_dir = train_rl(cfg, resume=args.resume, progress=not args.no_progress)
-    from dirl.train import dist
-
+    cfg, checkpoint = resolve_run_config(RLConfig, args, "rl")
+    run_dir = train_rl(cfg, resume=checkpoint, progress=not args.no_progress)
     if dist.is_main():
         print(f"rl: done, run directory {run_dir}")
     return 0

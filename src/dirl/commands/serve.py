@@ -7,7 +7,6 @@ The server refuses to start without an update key unless ``--no-updates``.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import os
 import sys
@@ -36,11 +35,11 @@ def add_arguments(parser) -> None:
 def resolve_config(args):
     from dirl.serve import ServeConfig
 
-    cfg = config_lib.load(ServeConfig, args.config, args.overrides)
-    flags = {field: getattr(args, attr) for attr, field in FLAGS.items() if getattr(args, attr, None) is not None}
+    flags = [f"{field}={getattr(args, attr)}" for attr, field in FLAGS.items()
+             if getattr(args, attr, None) is not None]
     if getattr(args, "no_updates", False):
-        flags["allow_updates"] = False
-    return dataclasses.replace(cfg, **flags)
+        flags.append("allow_updates=false")
+    return config_lib.load(ServeConfig, args.config, [*args.overrides, *flags])  # the flags win
 
 
 def is_loopback(host: str) -> bool:
@@ -70,16 +69,12 @@ def run(args) -> int:
     import torch
     import uvicorn
 
-    from dirl.model.checkpoint import CheckpointError, load_pretrained
+    from dirl.model.checkpoint import load_pretrained
     from dirl.serve.app import create_app
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    try:
-        model, tokenizer = load_pretrained(cfg.model, dtype=cfg.param_dtype or None, device=cfg.device)
-    except (CheckpointError, OSError) as err:
-        print(f"dirl serve: cannot load {cfg.model}: {err}", file=sys.stderr)
-        return 2
+    model, tokenizer = load_pretrained(cfg.model, dtype=cfg.param_dtype or None, device=cfg.device)
     app = create_app(model.eval(), tokenizer, cfg, api_key or None)
     state = app.state.dirl
     print(f"dirl serve: {state.name} on http://{cfg.host}:{cfg.port} "

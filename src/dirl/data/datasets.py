@@ -146,21 +146,32 @@ def to_prompt_messages(row: Mapping[str, Any], template: str) -> list[dict[str, 
 # ----------------------------------------------------------------------------- readers
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    """Yield (where, row) per non-blank line; invalid JSON is a DataError naming the line."""
-    with path.open(encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    """Yield (where, row) per non-blank line; invalid UTF-8 or JSON is a DataError naming the line."""
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
+            line = _decode(raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw, where)
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: invalid JSON ({exc})") from None
 
 
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        newlines = raw.count(b"\n", 0, exc.start)  # a whole file: name the line too
+        line_hint = f":{newlines + 1}" if newlines else ""
+        raise DataError(f"{where}{line_hint}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset "
+                        f"{exc.start}); save the file as UTF-8") from None
+
+
 def _read_json(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
     """Yield rows of a JSON list file (or ``{split: [...]}``); fall back to JSON Lines."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = _decode(path.read_bytes().removeprefix(b"\xef\xbb\xbf"), str(path))
     if not text.lstrip().startswith(("[", "{")) or _looks_like_lines(text):
         yield from _read_jsonl(path)
         return
@@ -305,6 +316,8 @@ def _load(
     for where, row in _iter_source(str(source), split, limit, seed):
         check(row, where)
         rows.append(dict(row))
+    if not rows and limit != 0:
+        raise DataError(f"{source}: holds no rows (an empty file or split)")
     return rows if limit is None else rows[:limit]
 
 

@@ -13,10 +13,12 @@ import string
 from collections.abc import Mapping
 from typing import Any
 
+from dirl.errors import UserError
+
 __all__ = ["DataError", "PROMPT_TEMPLATES", "render_prompt", "template_fields"]
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Malformed data or an unusable prompt template; the message says where and which field."""
 
 

@@ -68,7 +68,10 @@ def load_eval_rows(cfg: EvalConfig) -> list[dict]:
     parsed = parse_task_source(cfg.data)
     if parsed is not None and parsed[1] is None and split is None:
         split = "test"
-    return load_prompt_rows(cfg.data, split=split, limit=cfg.limit, seed=cfg.data_seed)
+    rows = load_prompt_rows(cfg.data, split=split, limit=cfg.limit, seed=cfg.data_seed)
+    if not rows:
+        raise DataError(f"{cfg.data}: no rows to evaluate (limit={cfg.limit})")
+    return rows
 
 
 def evaluate(model, tokenizer, rows: Sequence[Mapping[str, Any]], cfg: EvalConfig,

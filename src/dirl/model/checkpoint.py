@@ -18,16 +18,19 @@ unless the caller asks for another dtype.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from dirl.errors import UserError
 from dirl.model.config import ModelConfig
 from dirl.model.tokenizer import Tokenizer, load_tokenizer
 from dirl.model.transformer import SDARForCausalLM
@@ -37,24 +40,88 @@ SINGLE_FILE = "model.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint directory is missing a file or a tensor, or a tensor is mis-shaped."""
 
 
 def atomic_directory(final: Path, write) -> Path:
-    """Run ``write(tmp_dir)`` then rename tmp_dir to ``final`` (replacing it)."""
+    """Run ``write(tmp_dir)`` then rename tmp_dir to ``final`` (replacing it).
+
+    Every file and the directory are fsynced before the rename, and the parent after it, so a
+    power loss leaves the old directory or the complete new one, never a renamed, empty one.
+    Half-written siblings of earlier, killed writers (``.NAME.tmp-PID``) are removed first.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(final.parent, final.name)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     write(tmp)
+    fsync_tree(tmp)
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
         final.rename(old)  # keep the old one until the new one is in place
     tmp.rename(final)
+    fsync_path(final.parent)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def fsync_path(path: Path) -> None:
+    """Flush one file or directory entry to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then the directories (deepest first)."""
+    dirs = []
+    for here, _, files in os.walk(root):
+        dirs.append(Path(here))
+        for name in files:
+            fsync_path(Path(here) / name)
+    for directory in reversed(dirs):
+        fsync_path(directory)
+
+
+_TMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
+
+
+def _other_writer_alive(pid: int) -> bool:
+    """Whether ``pid`` is another live process (this process writes one directory at a time and
+    cleans up only between writes, so its own leftovers are stale)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # somebody else's live process
+        return True
+    return True
+
+
+def remove_stale_tmp(directory: Path, name: str | None = None) -> list[Path]:
+    """Delete ``.NAME.tmp-PID`` / ``.NAME.old-PID`` entries of finished writers in ``directory``
+    (only those of ``name`` when given); returns what was removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for child in directory.iterdir():
+        match = _TMP_NAME.match(child.name)
+        if not match or (name is not None and match["name"] != name) or _other_writer_alive(int(match["pid"])):
+            continue
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+        removed.append(child)
+    return removed
 
 
 def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -164,8 +231,8 @@ def load_config(directory: str | Path) -> ModelConfig:
     try:
         data = json.loads(path.read_text())
         cfg = ModelConfig.from_hf_dict(data)
-    except (json.JSONDecodeError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: {err}") from err
+    except (json.JSONDecodeError, TypeError, ValueError, KeyError) as err:  # incl. UnicodeDecodeError
+        raise CheckpointError(f"{path}: {err!r}") from err
     cfg.companion_files = companion_files(directory, data)
     return cfg
 
@@ -173,12 +240,25 @@ def load_config(directory: str | Path) -> ModelConfig:
 def weight_files(directory: Path) -> dict[str, str]:
     """tensor name -> file name, from the index or the single file."""
     if (directory / INDEX_FILE).exists():
-        return json.loads((directory / INDEX_FILE).read_text())["weight_map"]
+        try:
+            return json.loads((directory / INDEX_FILE).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{directory / INDEX_FILE}: not a safetensors index ({err!r})") from err
     single = directory / SINGLE_FILE
     if not single.exists():
         raise CheckpointError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
-    with safe_open(str(single), framework="pt") as f:
+    with _open_safetensors(single) as f:
         return {name: SINGLE_FILE for name in f.keys()}
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: Path):
+    """``safe_open`` whose errors (a truncated or corrupt file) name the file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except SafetensorError as err:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({err}); is it truncated?") from err
 
 
 def load_state_into(model: torch.nn.Module, directory: Path) -> None:
@@ -198,7 +278,7 @@ def load_state_into(model: torch.nn.Module, directory: Path) -> None:
         path = directory / fname
         if not path.exists():
             raise CheckpointError(f"{path}: shard listed in the index is missing")
-        with safe_open(str(path), framework="pt") as f:
+        with _open_safetensors(path) as f:
             for name in f.keys():
                 shape = tuple(f.get_slice(name).get_shape())
                 if shape != tuple(expected[name].shape):
@@ -231,5 +311,8 @@ def load_pretrained(directory: str | Path, dtype: str | torch.dtype | None = Non
     model = load_model(load_config(directory), directory, dtype, device)
     tokenizer = None
     if with_tokenizer and any((directory / f).exists() for f in ("tokenizer.json", "vocab.json")):
-        tokenizer = load_tokenizer(directory)
+        try:
+            tokenizer = load_tokenizer(directory)
+        except Exception as err:  # noqa: BLE001 -- tokenizers/transformers raise many types for a bad file
+            raise CheckpointError(f"{directory}: cannot read the tokenizer files ({err!r})") from err
     return model, tokenizer

@@ -35,6 +35,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from dirl.errors import UserError
+
 __all__ = [
     "DEFAULT_TIME_LIMIT_S",
     "MAX_BATCH_TIME_LIMIT_S",
@@ -90,8 +92,12 @@ def register(name: str, *, replace: bool = False) -> Callable[[RewardFn], Reward
     return decorator
 
 
+class RewardError(UserError):
+    """An unknown reward name, or a ``module:function`` that does not import."""
+
+
 def get_reward(name: str) -> RewardFn:
-    """The reward function registered as ``name`` (``ValueError`` listing names if unknown).
+    """The reward function registered as ``name`` (:class:`RewardError` listing names if unknown).
 
     ``"package.module:function"`` imports a user's own reward function (same
     signature), so custom rewards need no change to dirl.
@@ -101,11 +107,11 @@ def get_reward(name: str) -> RewardFn:
         try:
             return getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as err:
-            raise ValueError(f"cannot import reward {name!r}: {err}") from err
+            raise RewardError(f"cannot import reward {name!r}: {err}") from err
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
+        raise RewardError(
             f"unknown reward {name!r}; available: {', '.join(available_rewards()) or '(none)'}"
         ) from None
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dirl.config import FINITE_NON_NEGATIVE, FINITE_POSITIVE, NON_NEGATIVE, POSITIVE, check_fields, one_of
 from dirl.rollout import SamplingSpec
 
 
@@ -42,12 +43,23 @@ class ServeConfig:
     # Decoding of a request that leaves a field out (max_new_tokens: OpenAI's max_tokens;
     # steps_per_block 0 = the model's block size, one token per forward).
     sampling: SamplingSpec = field(default_factory=_serve_sampling)
+    max_request_tokens: int = 65536    # compute budget per request: prompts x n x max_tokens
+    max_body_mb: float = 4.0           # request body cap of the completion routes (413 above)
     max_update_mb: float = 0.0         # 0 = twice the model's state-dict size + 1 MiB
     batch_wait_ms: float = 2.0         # collection window before an engine call
     max_queue: int = 4096
     use_cache: bool = True
     num_threads: int = 0               # torch intra-op threads (0 = torch's default)
     log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        check_fields(self, {
+            "port": (lambda v: 0 <= v < 65536, "a port in [0, 65535]"), "max_batch": POSITIVE, "max_n": POSITIVE,
+            "max_prompts": POSITIVE, "max_tokens_limit": POSITIVE,
+            "max_request_tokens": POSITIVE, "max_body_mb": FINITE_POSITIVE, "max_update_mb": FINITE_NON_NEGATIVE,
+            "batch_wait_ms": FINITE_NON_NEGATIVE, "max_queue": POSITIVE, "num_threads": NON_NEGATIVE,
+            "param_dtype": one_of("", "float32", "bfloat16", "float16"),
+            "log_level": one_of("critical", "error", "warning", "info", "debug", "trace")})
 
 
 __all__ = ["ServeConfig"]

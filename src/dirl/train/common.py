@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dirl.config import (FINITE_NON_NEGATIVE, FINITE_POSITIVE, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, FieldError,
+                         check_fields, one_of)
+
 
 @dataclass
 class OptimConfig:
@@ -29,16 +32,16 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: str = "cosine"  # "cosine" | "constant"
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0  # <= 0 disables clipping (the norm is still measured)
+    grad_clip: float = 1.0  # 0 disables clipping (the norm is still measured)
     grad_accum: int = 1  # micro-batches per optimizer step
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        if len(self.betas) != 2:
-            raise ValueError(f"betas must have two values, got {self.betas!r}")
-        if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        check_fields(self, {"lr": FINITE_POSITIVE, "weight_decay": FINITE_NON_NEGATIVE, "eps": FINITE_POSITIVE,
+                            "warmup_steps": NON_NEGATIVE, "schedule": one_of("cosine", "constant"),
+                            "min_lr_ratio": UNIT_INTERVAL, "grad_clip": FINITE_NON_NEGATIVE,
+                            "grad_accum": POSITIVE})
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise FieldError("betas", f"must be two values in [0, 1), got {self.betas!r}")
 
 
 def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -188,8 +191,15 @@ class MetricsLogger:
             self._tb = None
 
     def _truncate_after(self, step: int) -> None:
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        """Keep the rows up to ``step``; a torn row (a kill mid-write) and what follows it go."""
+        kept = []
+        for line in self.path.read_bytes().decode("utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                break
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from dirl.config import ConfigError
-from dirl.model.checkpoint import load_pretrained
+from dirl.model.checkpoint import CheckpointError, load_pretrained
 from dirl.model.factory import InitConfig, build_tokenizer, init_model
 from dirl.model.lora import BaseModelView, LoraConfig, apply_lora
 from dirl.train import dist as dist_lib
@@ -30,7 +30,7 @@ def load_model_spec(spec: str, device: str | torch.device = "cpu", dtype: str = 
         return model.to(device), tokenizer
     model, tokenizer = load_pretrained(spec, dtype=dtype, device=device)
     if tokenizer is None:
-        raise FileNotFoundError(f"{spec}: the checkpoint has no tokenizer files")
+        raise CheckpointError(f"{spec}: the checkpoint has no tokenizer files")
     if lora is not None and lora.enabled:
         model = apply_lora(model, lora, base=str(Path(spec).resolve()))
     return model, tokenizer

@@ -21,6 +21,7 @@ once per phase (:func:`dirl.train.dist.full_params`).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +31,12 @@ from tqdm.auto import tqdm
 
 from dirl.algo.advantages import group_advantages
 from dirl.backends import make_backend
+from dirl.backends.base import BACKENDS
 from dirl.backends.evaluate import EvalSpec, evaluate_rows, greedy, held_out_metrics
+from dirl.config import NON_NEGATIVE, POSITIVE, FieldError, check_fields, one_of
 from dirl.data import build_prompt_ids, load_prompt_rows, task_of
 from dirl.model.lora import LoraConfig
-from dirl.rewards import format_reward_spec
+from dirl.rewards import format_reward_spec, get_reward
 from dirl.rollout import SamplingSpec
 from dirl.runtime import derived_seed, resolve_device, update_seed
 from dirl.train import dist as dist_lib
@@ -41,7 +44,8 @@ from dirl.train.common import MetricsLogger, OptimConfig, build_optimizer, build
 from dirl.train.models import check_lora, load_model_spec, reference_model
 from dirl.train.rl_rollouts import PromptSampler, gather_batch, rollout_metrics
 from dirl.train.rl_update import AlgoConfig, Learner, policy_update
-from dirl.train.state import Trainable, load_checkpoint, save_checkpoint, save_model_dir
+from dirl.train.state import (Trainable, load_checkpoint, prepare_run_dir, resolve_resume, save_checkpoint,
+                              save_model_dir)
 
 
 def _rollout_sampling() -> SamplingSpec:
@@ -57,6 +61,10 @@ class RolloutConfig:
     group_size: int = 8               # G samples per prompt
     sampling: SamplingSpec = field(default_factory=_rollout_sampling)  # also the update's PolicyDist
     max_batch_rows: int = 256
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"backend": one_of(*BACKENDS), "num_prompts": POSITIVE, "group_size": POSITIVE,
+                            "max_batch_rows": POSITIVE})
 
 
 @dataclass
@@ -81,13 +89,24 @@ class RLConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     dist: dist_lib.DistConfig = field(default_factory=dist_lib.DistConfig)  # torchrun only
     lora: LoraConfig = field(default_factory=LoraConfig)  # r > 0: train adapters, reference = base
+    overwrite: bool = False           # a fresh run may replace a run already in `out`
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"max_steps": POSITIVE, "log_every": NON_NEGATIVE, "save_every": NON_NEGATIVE,
+                            "eval_every": NON_NEGATIVE, "eval_limit": POSITIVE})
+        for name, weight in self.rewards.items():
+            if not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise FieldError(f"rewards.{name}", f"must be a finite number, got {weight!r}")
 
 
 def _task_defaults(cfg: RLConfig) -> tuple[str, dict[str, float], str]:
-    """(prompt template, rewards, held-out source): the config's, else the task's, else math's."""
+    """Template, rewards and held-out source (the config's, else the task's, else math's); every
+    reward name is resolved here, so a typo fails before anything is loaded."""
     task = task_of(cfg.data)
     template = cfg.prompt_template or (task.prompt_template if task else "dirl_math")
     rewards = dict(cfg.rewards) or ({task.reward: 1.0} if task else {"math": 1.0})
+    for name in rewards:
+        get_reward(name)
     eval_data = cfg.eval_data or (f"task:{task.name}:test" if task else "")
     return template, rewards, eval_data
 
@@ -139,19 +158,20 @@ def build_run(cfg: RLConfig, resume: str | None = None) -> RLRun:
     dist_lib.init_from_env(cfg.dist, device)
     if dist_lib.world_size() > 1 and cfg.rollout.backend != "native":
         raise ValueError(f"rollout.backend={cfg.rollout.backend!r}: only native runs under torchrun")
-    learner, tokenizer = _build_learner(cfg, device)
-    template, rewards, eval_data = _task_defaults(cfg)
+    template, rewards, eval_data = _task_defaults(cfg)  # bad names and data fail before the model loads
     rows = load_prompt_rows(cfg.data, seed=cfg.seed)
-    prompt_ids = build_prompt_ids(tokenizer, rows, template)
     eval_rows = load_prompt_rows(eval_data, limit=cfg.eval_limit, seed=derived_seed(cfg.seed, "held_out")) if (
         cfg.eval_every and eval_data) else []
+    learner, tokenizer = _build_learner(cfg, device)
+    prompt_ids = build_prompt_ids(tokenizer, rows, template)
     start_step, cursor = 0, 0
     if resume:
         state = load_checkpoint(resume, learner.model, learner.optimizer, learner.scheduler)
         start_step, cursor = state["step"], state["extra"]["prompt_cursor"]
     backend = make_backend(cfg.rollout.backend, dist_lib.unwrap(learner.model), tokenizer, url=cfg.rollout.url,
                            api_key_env=cfg.rollout.api_key_env, max_batch_rows=cfg.rollout.max_batch_rows)
-    return RLRun(cfg, Path(cfg.out), learner, tokenizer, rows, prompt_ids, rewards,
+    run_dir = resolve_resume(resume).parent.parent if resume else Path(cfg.out)
+    return RLRun(cfg, run_dir, learner, tokenizer, rows, prompt_ids, rewards,
                  PromptSampler(len(rows), cfg.seed, cursor), backend, eval_rows, held_out_spec(cfg), start_step)
 
 
@@ -193,6 +213,8 @@ def train_rl(cfg: RLConfig, resume: str | None = None, progress: bool = True) ->
     """Run DiPO (or another estimator) for ``cfg.max_steps`` steps; return the run directory.
 
     Under torchrun every rank calls it; rank 0 logs and writes."""
+    run_dir = resolve_resume(resume).parent.parent if resume else Path(cfg.out)
+    prepare_run_dir(run_dir, resumed=bool(resume), overwrite=cfg.overwrite)  # before anything is loaded
     with dist_lib.process_group(cfg.dist, resolve_device(cfg.device)):
         # The run lives only inside _train_rl, so nothing holds the group at teardown.
         return _train_rl(cfg, resume, progress)

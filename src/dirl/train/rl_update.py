@@ -22,8 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from dirl.algo.likelihood import EstimatorArgs, Plan, plan_estimator, score_plan
-from dirl.algo.losses import LossConfig, ScoredTokens, dipo_loss
+from dirl.algo.advantages import ADVANTAGE_MODES
+from dirl.algo.likelihood import ESTIMATORS, EstimatorArgs, Plan, plan_estimator, score_plan
+from dirl.algo.losses import AGGREGATIONS, LossConfig, ScoredTokens, dipo_loss
+from dirl.config import FINITE_NON_NEGATIVE, NON_NEGATIVE, POSITIVE, check_fields, one_of
 from dirl.model.masks import TokenMeta
 from dirl.rollout import Rollout, SamplingSpec
 from dirl.train import dist as dist_lib
@@ -43,6 +45,13 @@ class AlgoConfig(LossConfig):
     max_refill_rounds: int = 3
     num_iterations: int = 1           # PPO epochs per rollout batch
     num_minibatches: int = 1          # optimizer steps per epoch
+
+    def __post_init__(self) -> None:
+        check_fields(self, {
+            "estimator": one_of(*ESTIMATORS), "adv_mode": one_of(*ADVANTAGE_MODES), "agg": one_of(*AGGREGATIONS),
+            "shrink": POSITIVE, "mc_steps": POSITIVE, "max_refill_rounds": NON_NEGATIVE,
+            "clip_low": FINITE_NON_NEGATIVE, "clip_high": FINITE_NON_NEGATIVE, "beta": FINITE_NON_NEGATIVE,
+            "num_iterations": POSITIVE, "num_minibatches": POSITIVE})
 
 
 @dataclass

@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from dirl import config as config_lib
+from dirl.config import NON_NEGATIVE, POSITIVE
 from dirl.algo.nelbo import NOISE_EPS, NoiseDraw, draw_noise, response_counts, sft_nelbo
 from dirl.backends.evaluate import EvalSpec, evaluate_rows, held_out_metrics
 from dirl.data import load_prompt_rows, load_sft_rows, task_of
@@ -90,14 +91,16 @@ class SFTConfig:
     dist: dist_lib.DistConfig = field(default_factory=dist_lib.DistConfig)  # torchrun only
     lora: LoraConfig = field(default_factory=LoraConfig)  # r > 0: train adapters on a frozen base
 
+    overwrite: bool = False           # a fresh run may replace a run already in `out`
+
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "log_every", "eval_num"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.attn_impl not in ("auto", "sdpa", "flex"):
-            raise ValueError(f"attn_impl must be auto, sdpa or flex, got {self.attn_impl!r}")
-        if self.data.max_length < 1:
-            raise ValueError(f"data.max_length must be >= 1, got {self.data.max_length}")
+        config_lib.check_fields(self, {
+            "max_steps": POSITIVE, "stop_at_step": NON_NEGATIVE, "batch_size": POSITIVE, "log_every": POSITIVE,
+            "save_every": NON_NEGATIVE, "keep_last": POSITIVE, "eval_every": NON_NEGATIVE, "eval_num": POSITIVE,
+            "eval_max_new_tokens": POSITIVE, "noise_eps": (lambda v: 0 <= v < 1, "in [0, 1)"),
+            "attn_impl": config_lib.one_of("auto", "sdpa", "flex"),
+            "param_dtype": config_lib.one_of("float32", "bfloat16", "float16")})
+        config_lib.check_fields(self.data, {"max_length": POSITIVE, "limit": NON_NEGATIVE})
 
 
 # ---------------------------------------------------------------- 1. setup
@@ -204,10 +207,11 @@ class SFTRun:
     noise_gen: torch.Generator
     step: int = 0
     skipped_steps: int = 0
+    window: "_Window" = field(default_factory=lambda: _Window())
 
     def extra(self) -> dict:
         return {"loader": self.loader.state_dict(), "noise_rng": self.noise_gen.get_state(),
-                "skipped_steps": self.skipped_steps}
+                "skipped_steps": self.skipped_steps, "log_window": self.window.state_dict()}
 
     def save(self) -> Path:
         trainable = state_lib.Trainable(self.model, self.tokenizer, self.optimizer, self.scheduler)
@@ -243,11 +247,14 @@ def build_run(cfg: SFTConfig, resume: str | Path | None = None) -> SFTRun:
         run.skipped_steps = int(state["extra"]["skipped_steps"])
         loader.load_state_dict(state["extra"]["loader"])
         noise_gen.set_state(state["extra"]["noise_rng"])
+        run.window.load_state_dict(state["extra"].get("log_window"))  # the log window continues
     return run
 
 
 def train_sft(cfg: SFTConfig, resume: str | Path | None = None) -> Path:
     """Run (or continue) SFT; returns the run directory. Under torchrun every rank calls it."""
+    run_dir = state_lib.resolve_resume(resume).parent.parent if resume is not None else Path(cfg.out)
+    state_lib.prepare_run_dir(run_dir, resumed=resume is not None, overwrite=cfg.overwrite)  # before loading
     with dist_lib.process_group(cfg.dist, resolve_device(cfg.device)):
         return _train(build_run(cfg, resume), resume is not None)
 
@@ -262,7 +269,7 @@ def _train(run: SFTRun, resumed: bool) -> Path:
     last_step = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else cfg.max_steps
     bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not (cfg.progress and main), desc="sft",
                dynamic_ncols=True)
-    window = _Window()
+    window = run.window
     saved_at = run.step if resumed else -1
     run.model.train()
     try:
@@ -302,7 +309,8 @@ def _evaluate(run: SFTRun) -> dict:
 
 
 class _Window:
-    """Averages over the steps since the last log line."""
+    """Averages over the steps since the last log line (saved in checkpoints, so a resumed run
+    logs the same averages as a straight one; only ``tokens_per_s`` restarts its clock)."""
 
     def __init__(self):
         self.losses, self.norms, self.tokens, self.lr, self.start = [], [], 0, 0.0, time.perf_counter()
@@ -320,6 +328,15 @@ class _Window:
                "skipped_steps": skipped_steps}
         self.__init__()
         return out
+
+    def state_dict(self) -> dict:
+        return {"losses": list(self.losses), "norms": list(self.norms), "tokens": self.tokens, "lr": self.lr}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self.__init__()
+        if state:
+            self.losses, self.norms = list(state["losses"]), list(state["norms"])
+            self.tokens, self.lr = int(state["tokens"]), float(state["lr"])
 
 
 def _log(run: SFTRun, logger: MetricsLogger, bar, metrics: dict) -> None:

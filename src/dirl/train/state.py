@@ -43,9 +43,9 @@ import torch
 import yaml
 
 from dirl import config as config_lib
-from dirl.model.checkpoint import (CheckpointError, atomic_directory, load_state_into, param_dtype,
-                                   save_pretrained)
 from dirl.model import lora as lora_lib
+from dirl.model.checkpoint import (CheckpointError, atomic_directory, fsync_path, load_state_into, param_dtype,
+                                   remove_stale_tmp, save_pretrained)
 from dirl.train import dist as dist_lib
 from dirl.train.common import get_rng_state, set_rng_state
 
@@ -176,8 +176,12 @@ def save_checkpoint(run_dir: str | Path, step: int, trainable: Trainable, extra:
 def _write_latest(final: Path) -> None:
     latest = final.parent / LATEST
     tmp = latest.with_name(f".{LATEST}.tmp-{os.getpid()}")
-    tmp.write_text(final.name + "\n")
+    with tmp.open("w") as fh:
+        fh.write(final.name + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, latest)
+    fsync_path(latest.parent)
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int, protect: Path | None = None) -> list[Path]:
@@ -185,13 +189,31 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int, protect: Path | None 
     checkpoints = list_checkpoints(run_dir)
     doomed = [path for _, path in checkpoints[: max(0, len(checkpoints) - max(1, keep_last))]]
     doomed = [p for p in doomed if protect is None or p.resolve() != Path(protect).resolve()]
-    # Half-written directories of earlier crashed saves (one writer per run: rank 0).
-    root = Path(run_dir) / CHECKPOINTS
-    stale = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(".") and ".tmp-" in p.name] \
-        if root.is_dir() else []
-    for path in doomed + stale:
+    for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
+    remove_stale_tmp(Path(run_dir) / CHECKPOINTS)  # half-written dirs of earlier, killed saves
     return doomed
+
+
+RUN_MARKERS = (CONFIG_FILE, "metrics.jsonl", CHECKPOINTS, "final")
+
+
+def prepare_run_dir(run_dir: str | Path, resumed: bool, overwrite: bool) -> Path:
+    """Before anything is loaded: refuse a fresh run in a directory holding a run (unless
+    ``overwrite``, which deletes its checkpoints and final model), and remove the temporary
+    directories of killed writers. Every rank checks (so all raise alike); rank 0 deletes."""
+    run_dir = Path(run_dir)
+    held = [name for name in RUN_MARKERS if (run_dir / name).exists()]
+    if held and not resumed and not overwrite:
+        raise CheckpointError(f"out={run_dir}: already holds a run ({', '.join(held)}); continue it with "
+                              f"--resume {run_dir}, or pass overwrite=true to replace it")
+    if dist_lib.is_main():
+        if held and not resumed:
+            for name in (CHECKPOINTS, "final"):
+                shutil.rmtree(run_dir / name, ignore_errors=True)
+        for directory in (run_dir, run_dir / CHECKPOINTS):
+            remove_stale_tmp(directory)
+    return run_dir
 
 
 def resolve_resume(path: str | Path) -> Path:
