@@ -88,7 +88,7 @@ def test_bad_choices_are_named(tmp_path):
     # The shortcut and the full key name one estimator, whichever is given.
     assert config_lib.load(DemoConfig, None, ["estimator=coupled"]).rl.algo.estimator == "coupled"
     assert config_lib.load(DemoConfig, None, ["rl.algo.estimator=trace_mc"]).estimator == "trace_mc"
-    with pytest.raises(FileNotFoundError, match="sft='nowhere'"):
+    with pytest.raises(config_lib.ConfigError, match="sft='nowhere'"):
         run_demo(_short(tmp_path, "sft=nowhere"))
 
 

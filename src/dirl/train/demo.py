@@ -112,7 +112,7 @@ def sft_recipe(cfg: DemoConfig, data: dict[str, Path], out: Path):
 
     path = cfg.sft_recipe or SHIPPED_RECIPE
     overrides = [f"data.source={data['sft']}", f"out={out / 'sft'}", f"seed={cfg.seed}",
-                 f"progress={str(cfg.progress).lower()}", *cfg.sft_overrides]
+                 f"progress={str(cfg.progress).lower()}", "overwrite=true", *cfg.sft_overrides]
     return config_lib.load(SFTConfig, path, overrides)
 
 
@@ -120,14 +120,14 @@ def sft_stage(cfg: DemoConfig, data: dict[str, Path], out: Path) -> str:
     """Return the SFT checkpoint directory (shipped, trained here, or given)."""
     if cfg.sft == "shipped":
         if not (SHIPPED_SFT / "config.json").exists():
-            raise FileNotFoundError(f"{SHIPPED_SFT}: the shipped SFT checkpoint is missing; run with sft=train")
+            raise config_lib.ConfigError(f"{SHIPPED_SFT}: the shipped SFT checkpoint is missing; run with sft=train")
         return str(SHIPPED_SFT)
     if cfg.sft == "train":
         from dirl.train.sft import train_sft
 
         return str(train_sft(sft_recipe(cfg, data, out)) / "final")
     if not Path(cfg.sft, "config.json").exists():
-        raise FileNotFoundError(f"sft={cfg.sft!r}: not 'shipped', 'train' or a checkpoint directory")
+        raise config_lib.ConfigError(f"sft={cfg.sft!r}: not 'shipped', 'train' or a checkpoint directory")
     return cfg.sft
 
 
@@ -156,6 +156,7 @@ def rl_config(cfg: DemoConfig, sft_dir: str, data: dict[str, Path], out: Path) -
     task = get_task(cfg.task)
     rl = copy.deepcopy(cfg.rl)
     rl.model, rl.out, rl.seed = sft_dir, str(out / "rl"), cfg.seed
+    rl.overwrite = True  # the demo owns its directory: a rerun replaces its stages
     rl.data, rl.eval_data, rl.eval_limit = str(data["sft"]), str(data["test"]), cfg.eval_limit
     rl.prompt_template, rl.rewards = task.prompt_template, {task.reward: 1.0}
     return rl
