@@ -18,6 +18,8 @@ must produce identical tokens and step ids (the correctness oracle).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from dirl.engine.kv_cache import KVCache
@@ -83,11 +85,13 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 seeds: list[int] | None = None) -> list[Rollout]:
+                 seeds: list[int] | None = None, is_cancelled: Callable[[int], bool] | None = None) -> list[Rollout]:
         """Decode ``params.n`` samples per prompt; rollouts come grouped by prompt.
 
         ``seeds[i]`` seeds prompt i's samples (default ``params.seed + i``); a
-        request decodes the same whatever else shares its batch.
+        request decodes the same whatever else shares its batch. ``is_cancelled(i)``
+        is asked before every denoising step: once it is true, prompt i's rows leave
+        the batch (no further forward for them) and their rollouts are ``None``.
         """
         params.validate(self.block_size)
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -97,10 +101,14 @@ class Engine:
         out: list[Rollout] = []
         for start in range(0, len(prompts), per_chunk):
             chunk = range(start, min(start + per_chunk, len(prompts)))
-            out += self._generate_chunk([prompts[i] for i in chunk], [seeds[i] for i in chunk], params, start)
+            if is_cancelled is not None and all(is_cancelled(i) for i in chunk):
+                out += [None] * (len(chunk) * params.n)  # not even a prefill
+                continue
+            out += self._generate_chunk([prompts[i] for i in chunk], [seeds[i] for i in chunk], params, start,
+                                        is_cancelled)
         return out
 
-    def _generate_chunk(self, prompts, seeds, params, first_index) -> list[Rollout]:
+    def _generate_chunk(self, prompts, seeds, params, first_index, is_cancelled=None) -> list[Rollout]:
         n, size = params.n, self.block_size
         expanded = [p for p in prompts for _ in range(n)]
         row_seeds = [row_seed(s, j) for s in seeds for j in range(n)]
@@ -110,15 +118,25 @@ class Engine:
             cache.repeat_interleave(n)
         results: list[Rollout | None] = [None] * len(expanded)
         while batch.rows:
+            if is_cancelled is not None:
+                alive = [not is_cancelled(first_index + row // n) for row in batch.rows]
+                if not all(alive):
+                    for row, ok in zip(batch.rows, alive):
+                        results[row] = results[row] if ok else None  # no partial rollouts
+                    self._keep_rows(batch, cache, torch.tensor(alive, device=self.device))
+                    continue
             logits = self._forward(batch, cache)  # (R, B, V)
             self._denoise_step(batch, logits, params)
             finished = self._finish_blocks(batch, params, results, first_index, n)
             if finished.any():
-                keep = ~finished
-                if cache is not None:
-                    cache.select(keep.nonzero().squeeze(-1))
-                batch.keep(keep)
+                self._keep_rows(batch, cache, ~finished)
         return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _keep_rows(batch: _Batch, cache: KVCache | None, keep: torch.Tensor) -> None:
+        if cache is not None:
+            cache.select(keep.nonzero().squeeze(-1))
+        batch.keep(keep)
 
     # -- forwards ---------------------------------------------------------------------------------------
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dirl.config import POSITIVE, FieldError, check_fields, one_of
 from dirl.model.checkpoint import DTYPES, save_pretrained
-from dirl.model.config import preset_config
+from dirl.model.config import PRESETS, ModelConfig, preset_config
 from dirl.model.tokenizer import Tokenizer, char_tokenizer, load_tokenizer
 from dirl.model.transformer import SDARForCausalLM
 
@@ -21,6 +23,14 @@ class InitConfig:
     block_size: int = 4
     max_shard_mb: int = 2048         # shard model.safetensors above this size
     model: dict[str, Any] = field(default_factory=dict)  # any ModelConfig field, e.g. num_hidden_layers
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"preset": one_of(*PRESETS), "dtype": one_of(*DTYPES), "block_size": POSITIVE,
+                            "max_shard_mb": POSITIVE})
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        for key in self.model:
+            if key not in known:
+                raise FieldError(f"model.{key}", f"is not a model config field; valid: {', '.join(sorted(known))}")
 
 
 def build_tokenizer(spec: str) -> Tokenizer:

@@ -8,7 +8,17 @@ partial state dict; header ``Authorization: Bearer <key>``; answers
 
 Text is handled here only (tokenize, chat template, decode, stop strings); the
 engine behind the :class:`~dirl.serve.batcher.Batcher` sees token ids. Every
-error is JSON ``{"error": {"message", "type", ...}}`` with a 4xx/5xx status.
+error is JSON ``{"error": {"message", "type", ...}}`` with a 4xx/5xx status (but
+a body whose Content-Length is over the route's cap gets Starlette's plain-text
+413 before a byte of it is read).
+
+Bounds on one request: a body cap on every route (``max_body_mb`` on the
+completion routes, ``max_update_mb`` on ``/update_weights``, 64 KiB elsewhere);
+text that is not valid Unicode (a lone surrogate) or too long to fit the context
+is refused before tokenizing, and tokenizing runs off the event loop; prompts x
+n x max_tokens must stay within ``max_request_tokens``; and a request whose
+client disconnects is cancelled, its rows leaving the engine's batch before the
+next denoising step.
 Streaming (``stream: true``) is server-sent events in the OpenAI chunk format;
 the whole completion is decoded first and then sent as one content chunk per
 choice, a final chunk with ``finish_reason`` (and ``usage`` when
@@ -31,6 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
 from dirl.rollout import Rollout, SamplingParams
 from dirl.runtime import MAX_SEED, prompt_seed, prompt_seeds
@@ -40,6 +51,17 @@ from dirl.serve.schemas import (DECODING_FIELDS, ChatCompletionRequest, Completi
                                usage)
 from dirl.serve.weights import WeightUpdateError, live_tensors, prepare_update, state_dict_nbytes
 
+SMALL_BODY_BYTES = 64 * 1024   # body cap of every route without its own (GET routes need none)
+DISCONNECT_POLL_S = 0.05       # how often a waiting request checks that its client is still there
+
+
+def max_prompt_chars(tokenizer, context: int) -> int:
+    """Characters beyond which a text surely has more than ``context`` tokens: context x the
+    longest token (in characters) x 4, a margin for normalizers that compose characters (NFC
+    maps up to 3 code points to 1)."""
+    hf = tokenizer.hf
+    longest = max(len(t) for t in hf.batch_decode([[i] for i in range(len(hf))]))
+    return 4 * context * max(longest, 1)
 
 
 class ApiError(Exception):
@@ -67,6 +89,9 @@ class ServerState:
         mc = model.config
         self.block_size, self.vocab_size, self.context = mc.block_size, mc.vocab_size, mc.max_position_embeddings
         self.default_stops = set(tokenizer.stop_ids()) if tokenizer is not None else {mc.eos_token_id}
+        self.max_body_bytes = int(cfg.max_body_mb * 2**20)
+        # A text longer than this cannot fit the context, so it is refused without tokenizing it.
+        self.max_prompt_chars = max_prompt_chars(tokenizer, self.context) if tokenizer is not None else 0
 
     # -- checks -----------------------------------------------------------------------------------------
 
@@ -96,37 +121,55 @@ class ServerState:
 
     # -- request -> engine job --------------------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
+    def check_budget(self, num_prompts: int, params: SamplingParams) -> None:
+        """The compute budget: prompts x n x max_tokens generated tokens per request."""
+        if num_prompts > self.cfg.max_prompts:
+            raise ApiError(400, f"at most {self.cfg.max_prompts} prompts per request, got {num_prompts}",
+                           param="prompt")
+        asked = num_prompts * params.n * params.max_new_tokens
+        if asked > self.cfg.max_request_tokens:
+            raise ApiError(400, f"request too large: {num_prompts} prompt(s) x n={params.n} x max_tokens="
+                                f"{params.max_new_tokens} = {asked} tokens exceeds this server's budget of "
+                                f"{self.cfg.max_request_tokens} per request (max_request_tokens); split it up",
+                           "request_too_large", "max_tokens")
+
+    def encode(self, text: str, param: str = "prompt") -> list[int]:
+        """Text -> ids, refusing text that is not valid Unicode or cannot fit the context (called
+        off the event loop: tokenizing a few MB takes a while)."""
         if self.tokenizer is None:
-            raise ApiError(400, "this checkpoint has no tokenizer: send prompts as token ids", param="prompt")
+            raise ApiError(400, "this checkpoint has no tokenizer: send prompts as token ids", param=param)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ApiError(400, f"{param} is not valid Unicode: lone surrogate {text[err.start]!r} at "
+                                f"character {err.start}", param=param) from None
+        if len(text) > self.max_prompt_chars:
+            raise ApiError(400, f"{param} of {len(text)} characters cannot fit the model's context of "
+                                f"{self.context} tokens", param=param)
         return self.tokenizer.encode(text)
 
-    def completion_prompts(self, req: CompletionRequest, max_tokens: int) -> list[list[int]]:
+    def completion_prompts(self, req: CompletionRequest, params: SamplingParams) -> list[list[int]]:
         prompt = req.prompt
-        if isinstance(prompt, str):
-            prompts = [self.encode(prompt)]
-        elif prompt and isinstance(prompt[0], int):
-            prompts = [list(prompt)]
-        else:
-            prompts = [self.encode(p) if isinstance(p, str) else list(p) for p in prompt]
-        if not prompts:
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt:
             raise ApiError(400, "prompt is empty", param="prompt")
-        if len(prompts) > self.cfg.max_prompts:
-            raise ApiError(400, f"at most {self.cfg.max_prompts} prompts per request, got {len(prompts)}",
-                           param="prompt")
-        return [self.check_prompt(p, max_tokens) for p in prompts]
+        self.check_budget(len(prompt), params)  # before any tokenizing
+        return [self.check_prompt(self.encode(p) if isinstance(p, str) else list(p), params.max_new_tokens)
+                for p in prompt]
 
-    def chat_prompt(self, req: ChatCompletionRequest, max_tokens: int) -> list[int]:
+    def chat_prompt(self, req: ChatCompletionRequest, params: SamplingParams) -> list[int]:
         if self.tokenizer is None:
             raise ApiError(400, "this checkpoint has no tokenizer: chat needs one; use /v1/completions")
         if not req.messages:
             raise ApiError(400, "messages is empty", param="messages")
+        self.check_budget(1, params)
         try:
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except ValueError as err:
             raise ApiError(400, str(err), param="messages") from err
-        return self.check_prompt(self.encode(text), max_tokens)
+        return self.check_prompt(self.encode(text, "messages"), params.max_new_tokens)
 
     def sampling_params(self, req: SamplingFields, max_tokens: int | None) -> SamplingParams:
         cfg = self.cfg
@@ -153,14 +196,22 @@ class ServerState:
             raise ApiError(400, str(err)) from err
         return params
 
-    async def run(self, prompts: list[list[int]], params: SamplingParams):
-        """Queue the prompts (prompt i gets seed ``params.seed + i``, as in the engine) and await them."""
+    async def run(self, prompts: list[list[int]], params: SamplingParams, request: Request):
+        """Queue the prompts (prompt i gets seed ``params.seed + i``, as in the engine) and await
+        them; if the client disconnects meanwhile, the job is cancelled (the engine drops its rows
+        before its next step)."""
         seeds = prompt_seeds(params.seed, len(prompts))
         try:
-            future = self.batcher.submit_generate(prompts, seeds, params)
+            job = self.batcher.submit_generate(prompts, seeds, params)
         except QueueFullError as err:
             raise ApiError(503, str(err), "server_overloaded") from err
-        return await asyncio.wrap_future(future)
+        result = asyncio.wrap_future(job.future)
+        while not (await asyncio.wait({result}, timeout=DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected():
+                job.cancel()
+                result.cancel()
+                raise ApiError(499, "the client closed the connection", "client_closed_request")
+        return result.result()
 
     # -- engine result -> response ----------------------------------------------------------------------
 
@@ -180,8 +231,9 @@ class ServerState:
                        num_forwards=rollout.num_forwards, seed=prompt_seed(params.seed, rollout.prompt_index))
         return out
 
-    async def complete(self, req: SamplingFields, prompts: list[list[int]], params: SamplingParams, chat: bool):
-        result = await self.run(prompts, params)
+    async def complete(self, req: SamplingFields, prompts: list[list[int]], params: SamplingParams, chat: bool,
+                       request: Request):
+        result = await self.run(prompts, params, request)
         choices = []
         for k, rollout in enumerate(result.rollouts):
             fields = self.choice(rollout, req, params)
@@ -220,21 +272,6 @@ def sse_chunks(body: dict, chat: bool, include_usage: bool):
     yield "data: [DONE]\n\n"
 
 
-async def read_capped(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) anything over ``limit`` bytes without buffering it all."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"body of {int(declared)} bytes exceeds the limit of {limit} bytes",
-                       "request_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"body exceeds the limit of {limit} bytes", "request_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_, err: ApiError):
@@ -247,7 +284,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(400, f"invalid request: {problems}", "invalid_request_error")
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_, err: StarletteHTTPException):
+    async def http_error(request: Request, err: StarletteHTTPException):
+        if err.status_code == 413:  # the route's max_body_size (FastAPI / Starlette's body limit)
+            limit = request.scope.get(MAX_BODY_SIZE_SCOPE_KEY)
+            return _error(413, f"request body exceeds this route's limit of {limit} bytes", "request_too_large")
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
         return _error(err.status_code, str(err.detail), kind)
 
@@ -266,7 +306,9 @@ def create_app(model, tokenizer, cfg: ServeConfig, api_key: str | None = None) -
         yield
         state.batcher.close()
 
-    app = FastAPI(title="dirl serve", lifespan=lifespan)
+    # Every route has a body cap (checked from Content-Length before a byte is read, and while
+    # the body streams in): this small default, raised on the completion and update routes.
+    app = FastAPI(title="dirl serve", lifespan=lifespan, max_body_size=SMALL_BODY_BYTES)
     app.state.dirl = state
     _install_error_handlers(app)
     _add_info_routes(app, state)
@@ -286,6 +328,7 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
         alive = state.batcher.alive
         body = {"status": "ok" if alive else "error", "model": state.name,
                 "weight_version": state.batcher.weight_version, "queue": state.batcher.queue_size,
+                "running_jobs": state.batcher.running_jobs,
                 "updates_enabled": state.cfg.allow_updates, **state.batcher.stats}
         return JSONResponse(body, status_code=200 if alive else 503)
 
@@ -298,35 +341,37 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
 
 
 def _add_completion_routes(app: FastAPI, state: ServerState) -> None:
-    async def respond(req: SamplingFields, prompts, params, chat: bool):
-        body = await state.complete(req, prompts, params, chat)
+    async def respond(req: SamplingFields, prompts, params, chat: bool, request: Request):
+        body = await state.complete(req, prompts, params, chat, request)
         if req.stream:
             return StreamingResponse(sse_chunks(body, chat, req.include_usage_in_stream()),
                                      media_type="text/event-stream")
         return JSONResponse(body)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", max_body_size=state.max_body_bytes)
     async def completions(req: CompletionRequest, request: Request):
         _guard(state, request)
         state.check_model(req.model)
         params = state.sampling_params(req, req.max_tokens)
-        return await respond(req, state.completion_prompts(req, params.max_new_tokens), params, chat=False)
+        prompts = await run_in_threadpool(state.completion_prompts, req, params)  # tokenizing: off the loop
+        return await respond(req, prompts, params, chat=False, request=request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", max_body_size=state.max_body_bytes)
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         _guard(state, request)
         state.check_model(req.model)
         params = state.sampling_params(req, req.token_limit())
-        return await respond(req, [state.chat_prompt(req, params.max_new_tokens)], params, chat=True)
+        prompt = await run_in_threadpool(state.chat_prompt, req, params)
+        return await respond(req, [prompt], params, chat=True, request=request)
 
 
 def _add_weight_routes(app: FastAPI, state: ServerState) -> None:
-    @app.post("/update_weights")
+    @app.post("/update_weights", max_body_size=state.max_update_bytes)
     async def update_weights(request: Request):
         if not state.cfg.allow_updates:
             raise ApiError(403, "weight updates are disabled on this server (--no-updates)", "permission_error")
         state.check_key(request)
-        body = await read_capped(request, state.max_update_bytes)
+        body = await request.body()  # capped by the route's max_body_size
         start = time.perf_counter()
         try:
             tensors = await run_in_threadpool(prepare_update, state.live, body)

@@ -13,6 +13,11 @@ Weight updates travel through the same queue and act as barriers: jobs queued
 before an update run on the old weights, jobs after it on the new ones, and the
 copy happens between two engine calls on this very thread -- so a request runs
 wholly on one weight version, and the version it ran on is returned with it.
+
+A job whose client went away is cancelled (:meth:`GenerateJob.cancel`, any thread):
+if it is still queued it never runs; if its engine call is under way, the engine
+drops its rows before the next denoising step (``Engine.generate(is_cancelled=)``),
+and the jobs sharing that call finish unchanged.
 """
 
 from __future__ import annotations
@@ -37,16 +42,25 @@ class QueueFullError(RuntimeError):
     """The request queue is at capacity (the server answers 503)."""
 
 
+class RequestCancelled(RuntimeError):
+    """The job was cancelled (its client went away) before it finished."""
+
+
 @dataclass
 class GenerateJob:
     prompts: list[list[int]]
     seeds: list[int]
     params: SamplingParams
     future: Future
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     @property
     def rows(self) -> int:
         return len(self.prompts) * self.params.n
+
+    def cancel(self) -> None:
+        """Any thread: drop the job's rows; the engine stops them before its next step."""
+        self.cancelled.set()
 
 
 @dataclass
@@ -80,7 +94,8 @@ class Batcher:
         self.max_batch_rows = max_batch_rows
         self.batch_wait_s = batch_wait_s
         self.weight_version = 0
-        self.stats = {"engine_calls": 0, "jobs": 0, "updates": 0}
+        self.running_jobs = 0  # jobs in the engine call under way (read by /health)
+        self.stats = {"engine_calls": 0, "jobs": 0, "updates": 0, "cancelled_jobs": 0}
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._run, name="dirl-batcher", daemon=True)
 
@@ -97,9 +112,12 @@ class Batcher:
     def queue_size(self) -> int:
         return self._queue.qsize()
 
-    def submit_generate(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams) -> Future:
-        """Queue a generation; the future resolves to a :class:`BatchResult`."""
-        return self._put(GenerateJob(prompts, seeds, params, Future()))
+    def submit_generate(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams) -> GenerateJob:
+        """Queue a generation; ``job.future`` resolves to a :class:`BatchResult` (or raises
+        :class:`RequestCancelled` after ``job.cancel()``)."""
+        job = GenerateJob(prompts, seeds, params, Future())
+        self._put(job)
+        return job
 
     def submit_update(self, tensors: dict[str, torch.Tensor]) -> Future:
         """Queue a validated weight update; the future resolves to the new weight version."""
@@ -156,8 +174,8 @@ class Batcher:
         self._run_generations(segment)
 
     def _run_generations(self, jobs: list[GenerateJob]) -> None:
-        # Drop jobs whose caller went away (a cancelled future) before spending compute on them.
-        jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        # Drop jobs whose caller went away before spending compute on them.
+        jobs = [job for job in jobs if job.future.set_running_or_notify_cancel() and not self._drop_if_cancelled(job)]
         groups: dict[tuple, list[GenerateJob]] = {}
         for job in jobs:
             groups.setdefault(params_key(job.params), []).append(job)
@@ -175,22 +193,36 @@ class Batcher:
         """One engine call for jobs with equal sampling params; split the rollouts back out."""
         prompts = [p for job in jobs for p in job.prompts]
         seeds = [s for job in jobs for s in job.seeds]
+        job_of_prompt = [job for job in jobs for _ in job.prompts]
+        self.running_jobs = len(jobs)
         try:
-            rollouts = self.engine.generate(prompts, jobs[0].params, seeds)
+            rollouts = self.engine.generate(prompts, jobs[0].params, seeds,
+                                            is_cancelled=lambda i: job_of_prompt[i].cancelled.is_set())
         except Exception as err:  # a failed call fails its requests, never the worker
             for job in jobs:
                 job.future.set_exception(err)
             return
+        finally:
+            self.running_jobs = 0
         self.stats["engine_calls"] += 1
         self.stats["jobs"] += len(jobs)
         offset, first_prompt = 0, 0
         for job in jobs:
             mine = rollouts[offset: offset + job.rows]
-            for rollout in mine:
-                rollout.prompt_index -= first_prompt
-            job.future.set_result(BatchResult(mine, self.weight_version))
             offset += job.rows
             first_prompt += len(job.prompts)
+            if self._drop_if_cancelled(job):  # its rollouts may be None (rows dropped mid-way)
+                continue
+            for rollout in mine:
+                rollout.prompt_index -= first_prompt - len(job.prompts)
+            job.future.set_result(BatchResult(mine, self.weight_version))
+
+    def _drop_if_cancelled(self, job: GenerateJob) -> bool:
+        if not job.cancelled.is_set():
+            return False
+        self.stats["cancelled_jobs"] += 1
+        job.future.set_exception(RequestCancelled("the client went away"))
+        return True
 
     def _apply(self, job: UpdateJob) -> None:
         if not job.future.set_running_or_notify_cancel():
