@@ -246,16 +246,6 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tu
     return from_dict(cls, data)
 
 
-def _merge(cls: type, base: dict[str, Any], top: dict[str, Any]) -> None:
-    """``top``'s keys over ``base`` (sections merged key by key, values and mappings replaced)."""
-    types_ = _field_types(cls)
-    for key, value in top.items():
-        if dataclasses.is_dataclass(types_[key]) and isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(types_[key], base[key], value)
-        else:
-            base[key] = value
-
-
 def load_on_top(cls: type[T], base: T, path: str | Path | None = None,
                 overrides: list[str] | tuple[str, ...] = ()) -> tuple[T, list[str]]:
     """A resumed run's config: ``base`` (the saved one) <- the YAML file's keys <- overrides.
@@ -263,7 +253,7 @@ def load_on_top(cls: type[T], base: T, path: str | Path | None = None,
     Returns the config and what changed, as ``key: old -> new`` lines."""
     data = to_dict(base)
     if path is not None:
-        _merge(cls, data, _read_yaml(cls, path))
+        data = _merged(data, _read_yaml(cls, path))
     _apply_overrides(data, cls, overrides)
     cfg = from_dict(cls, data)
     before, after = _flatten(to_dict(base)), _flatten(to_dict(cfg))

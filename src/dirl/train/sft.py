@@ -281,7 +281,8 @@ def _train(run: SFTRun, resumed: bool) -> Path:
             window.add(metrics)
             bar.update(1)
             # 4. log, eval, save
-            if run.step % cfg.log_every == 0 or run.step == last_step:
+            # Not at stop_at_step: the open window is saved and continues in the resumed run.
+            if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
                 _log(run, logger, bar, window.flush(run.skipped_steps))
             if cfg.eval_every > 0 and run.step % cfg.eval_every == 0 and task_of(cfg.data.source):
                 _log(run, logger, bar, _evaluate(run))
