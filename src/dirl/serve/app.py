@@ -8,9 +8,7 @@ partial state dict; header ``Authorization: Bearer <key>``; answers
 
 Text is handled here only (tokenize, chat template, decode, stop strings); the
 engine behind the :class:`~dirl.serve.batcher.Batcher` sees token ids. Every
-error is JSON ``{"error": {"message", "type", ...}}`` with a 4xx/5xx status (but
-a body whose Content-Length is over the route's cap gets Starlette's plain-text
-413 before a byte of it is read).
+error is JSON ``{"error": {"message", "type", ...}}`` with a 4xx/5xx status.
 
 Bounds on one request: a body cap on every route (``max_body_mb`` on the
 completion routes, ``max_update_mb`` on ``/update_weights``, 64 KiB elsewhere);
@@ -40,6 +38,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
@@ -90,6 +89,8 @@ class ServerState:
         self.block_size, self.vocab_size, self.context = mc.block_size, mc.vocab_size, mc.max_position_embeddings
         self.default_stops = set(tokenizer.stop_ids()) if tokenizer is not None else {mc.eos_token_id}
         self.max_body_bytes = int(cfg.max_body_mb * 2**20)
+        self.body_limits = {"/v1/completions": self.max_body_bytes, "/v1/chat/completions": self.max_body_bytes,
+                            "/update_weights": self.max_update_bytes}
         # A text longer than this cannot fit the context, so it is refused without tokenizing it.
         self.max_prompt_chars = max_prompt_chars(tokenizer, self.context) if tokenizer is not None else 0
 
@@ -272,6 +273,25 @@ def sse_chunks(body: dict, chat: bool, include_usage: bool):
     yield "data: [DONE]\n\n"
 
 
+class DeclaredSizeGuard:
+    """Refuse a body whose Content-Length is over its route's cap with the JSON 413, before a byte
+    of it is read (Starlette's limiter would answer in plain text). Bodies without a length are
+    counted by the routes' ``max_body_size`` while they stream in."""
+
+    def __init__(self, app, limits: dict[str, int]):
+        self.app, self.limits = app, limits
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            declared = Headers(scope=scope).get("content-length", "0")
+            limit = self.limits.get(scope["path"], SMALL_BODY_BYTES)
+            if not declared.isdigit() or int(declared) > limit:
+                body = error_body(f"request body of {declared} bytes exceeds this route's limit of {limit} bytes",
+                                  "request_too_large")
+                return await JSONResponse(body, status_code=413)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_, err: ApiError):
@@ -306,9 +326,12 @@ def create_app(model, tokenizer, cfg: ServeConfig, api_key: str | None = None) -
         yield
         state.batcher.close()
 
-    # Every route has a body cap (checked from Content-Length before a byte is read, and while
-    # the body streams in): this small default, raised on the completion and update routes.
-    app = FastAPI(title="dirl serve", lifespan=lifespan, max_body_size=SMALL_BODY_BYTES)
+    # Every route has a body cap: a declared Content-Length is checked before a byte is read
+    # (DeclaredSizeGuard; SMALL_BODY_BYTES for routes without their own), and the routes that read
+    # a body also count it while it streams in (FastAPI's max_body_size). Routes that never read
+    # their body leave it to uvicorn's flow control, which stops reading from the socket.
+    app = FastAPI(title="dirl serve", lifespan=lifespan)
+    app.add_middleware(DeclaredSizeGuard, limits=state.body_limits)
     app.state.dirl = state
     _install_error_handlers(app)
     _add_info_routes(app, state)
@@ -348,7 +371,7 @@ def _add_completion_routes(app: FastAPI, state: ServerState) -> None:
                                      media_type="text/event-stream")
         return JSONResponse(body)
 
-    @app.post("/v1/completions", max_body_size=state.max_body_bytes)
+    @app.post("/v1/completions", max_body_size=state.body_limits["/v1/completions"])
     async def completions(req: CompletionRequest, request: Request):
         _guard(state, request)
         state.check_model(req.model)
@@ -356,7 +379,7 @@ def _add_completion_routes(app: FastAPI, state: ServerState) -> None:
         prompts = await run_in_threadpool(state.completion_prompts, req, params)  # tokenizing: off the loop
         return await respond(req, prompts, params, chat=False, request=request)
 
-    @app.post("/v1/chat/completions", max_body_size=state.max_body_bytes)
+    @app.post("/v1/chat/completions", max_body_size=state.body_limits["/v1/chat/completions"])
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         _guard(state, request)
         state.check_model(req.model)
@@ -366,7 +389,7 @@ def _add_completion_routes(app: FastAPI, state: ServerState) -> None:
 
 
 def _add_weight_routes(app: FastAPI, state: ServerState) -> None:
-    @app.post("/update_weights", max_body_size=state.max_update_bytes)
+    @app.post("/update_weights", max_body_size=state.body_limits["/update_weights"])
     async def update_weights(request: Request):
         if not state.cfg.allow_updates:
             raise ApiError(403, "weight updates are disabled on this server (--no-updates)", "permission_error")
