@@ -9,6 +9,9 @@
 * ``abandon_to_idle_ms`` -- a client closes its heavy request: time until the server's engine
   is idle again (``running_jobs == 0``), next to ``heavy_step_ms``, the time of one engine step
   of that request (its first-step wall time over the steps it needs, measured in-process).
+* ``prompt_4mb_{text,ids}_*`` -- a prompt just under the 4 MB body cap, as text and as token
+  ids: its status (400: it cannot fit the context), the request's time, and the worst
+  ``/health`` latency meanwhile.
 * ``steps_after_cancel_max`` -- in-process, a job cancelled from another thread while its engine
   call runs: the most denoising steps that still ran after ``cancel()`` returned (over ``--trials``).
 
@@ -29,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -158,6 +162,29 @@ def measure_heavy(url: str, polls: int) -> dict:
     return out
 
 
+def measure_big_prompts(url: str, polls: int) -> dict:
+    """/health latency while a prompt just under the 4 MB cap is parsed and refused: as text
+    (too long for the context: refused before tokenizing) and as token ids (parsed, checked)."""
+    out = {}
+    cases = {"text": {"prompt": "ab " * ((4 << 20) // 3 - 100), "max_tokens": 4},
+             "ids": {"prompt": [5] * ((4 << 20) // 3 - 100), "max_tokens": 4}}
+    with httpx.Client() as client:
+        for name, body in cases.items():
+            data = json.dumps(body).encode()
+            statuses: list[int] = []
+            sender = threading.Thread(target=lambda: statuses.append(httpx.post(
+                f"{url}/v1/completions", content=data, headers={"Content-Type": "application/json"},
+                timeout=120).status_code))
+            start = time.perf_counter()
+            sender.start()
+            latencies = health_ms(client, url, polls)
+            sender.join()
+            out[f"prompt_4mb_{name}_status"] = statuses[0]
+            out[f"prompt_4mb_{name}_request_ms"] = 1000 * (time.perf_counter() - start)
+            out[f"prompt_4mb_{name}_health_ms_max"] = max(latencies)
+    return out
+
+
 def heavy_step_ms(ckpt: Path) -> float:
     """Wall time of one denoising step of the heavy request (uncached, its first 8 steps)."""
     from dirl.engine.engine import Engine, SamplingParams
@@ -220,7 +247,7 @@ def main() -> None:
         ckpt = init_checkpoint(InitConfig(preset="tiny"), Path(tmp) / "tiny")
         proc, url = start_server(ckpt)
         try:
-            results = {**measure_bodies(proc, url), **measure_heavy(url, polls)}
+            results = {**measure_bodies(proc, url), **measure_heavy(url, polls), **measure_big_prompts(url, polls)}
         finally:
             proc.terminate()
             proc.wait(timeout=30)
