@@ -34,14 +34,26 @@ start-up, +1 per successful ``/update_weights``): the weights it was decoded wit
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any, Optional, Union, get_type_hints
+from typing import Annotated, Any, Optional, Union, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model
 
 from dirl.rollout import SamplingSpec
 
-# Token-id prompts are matched before text so a list of ints is never read as text.
-PromptType = Union[list[list[int]], list[int], str, list[str]]
+
+def _prompt_kind(value: Any) -> str:
+    """Which prompt form ``value`` is, from its first element: a tagged union validates the one
+    form (a plain union tried every form on every element: 1.2 s for a 4 MB list of ids)."""
+    if isinstance(value, str):
+        return "text"
+    first = value[0] if isinstance(value, list) and value else None
+    return "text_batch" if isinstance(first, str) else "ids_batch" if isinstance(first, list) else "ids"
+
+
+# Text, token ids, or a batch of either.
+PromptType = Annotated[Union[Annotated[str, Tag("text")], Annotated[list[str], Tag("text_batch")],
+                             Annotated[list[int], Tag("ids")], Annotated[list[list[int]], Tag("ids_batch")]],
+                       Discriminator(_prompt_kind)]
 
 
 # The decoding fields are SamplingSpec's own, by name and type, all optional: a request that
