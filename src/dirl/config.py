@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import types
 import typing
 from pathlib import Path
@@ -18,45 +17,13 @@ from typing import Any, TypeVar
 
 import yaml
 
-from dirl.errors import UserError
+from dirl.errors import FieldError, UserError
 
 T = TypeVar("T")
 
 
 class ConfigError(UserError):
     """A config file or override names an unknown key or gives a bad value."""
-
-
-class FieldError(ValueError):
-    """Raised by a config dataclass's ``__post_init__``: field ``key`` holds a bad value.
-    :func:`from_dict` turns it into a :class:`ConfigError` naming the full dotted key."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key} {message}")
-        self.key, self.message = key, message
-
-
-# Value rules for :func:`check_fields`: (predicate, what the value must be). NaN fails them all.
-POSITIVE = (lambda v: v > 0, "> 0")
-NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
-FINITE_POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
-FINITE_NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
-UNIT_INTERVAL = (lambda v: 0 <= v <= 1, "in [0, 1]")
-OPEN_UNIT_INTERVAL = (lambda v: 0 < v <= 1, "in (0, 1]")
-
-
-def one_of(*choices) -> tuple:
-    return (lambda v: v in choices, f"one of {list(choices)}")
-
-
-def check_fields(obj, rules: dict[str, tuple]) -> None:
-    """Check ``obj``'s fields against ``{name: rule}`` (None values are skipped: "unset").
-
-    Meant for ``__post_init__``: raises :class:`FieldError` naming the field."""
-    for name, (ok, what) in rules.items():
-        value = getattr(obj, name)
-        if value is not None and not ok(value):
-            raise FieldError(name, f"must be {what}, got {value!r}")
 
 
 def _field_types(cls) -> dict[str, Any]:

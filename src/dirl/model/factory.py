@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dirl.config import POSITIVE, FieldError, check_fields, one_of
+from dirl.errors import POSITIVE, FieldError, check_fields, one_of
 from dirl.model.checkpoint import DTYPES, save_pretrained
 from dirl.model.config import PRESETS, ModelConfig, preset_config
 from dirl.model.tokenizer import Tokenizer, char_tokenizer, load_tokenizer

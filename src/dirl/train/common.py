@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dirl.config import (FINITE_NON_NEGATIVE, FINITE_POSITIVE, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, FieldError,
+from dirl.errors import (FINITE_NON_NEGATIVE, FINITE_POSITIVE, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, FieldError,
                          check_fields, one_of)
 
 

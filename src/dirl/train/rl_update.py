@@ -25,7 +25,7 @@ import torch
 from dirl.algo.advantages import ADVANTAGE_MODES
 from dirl.algo.likelihood import ESTIMATORS, EstimatorArgs, Plan, plan_estimator, score_plan
 from dirl.algo.losses import AGGREGATIONS, LossConfig, ScoredTokens, dipo_loss
-from dirl.config import FINITE_NON_NEGATIVE, NON_NEGATIVE, POSITIVE, check_fields, one_of
+from dirl.errors import FINITE_NON_NEGATIVE, NON_NEGATIVE, POSITIVE, check_fields, one_of
 from dirl.model.masks import TokenMeta
 from dirl.rollout import Rollout, SamplingSpec
 from dirl.train import dist as dist_lib

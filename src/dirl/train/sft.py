@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from dirl import config as config_lib
-from dirl.config import NON_NEGATIVE, POSITIVE
+from dirl.errors import NON_NEGATIVE, POSITIVE, check_fields, one_of
 from dirl.algo.nelbo import NOISE_EPS, NoiseDraw, draw_noise, response_counts, sft_nelbo
 from dirl.backends.evaluate import EvalSpec, evaluate_rows, held_out_metrics
 from dirl.data import load_prompt_rows, load_sft_rows, task_of
@@ -94,13 +94,13 @@ class SFTConfig:
     overwrite: bool = False           # a fresh run may replace a run already in `out`
 
     def __post_init__(self) -> None:
-        config_lib.check_fields(self, {
+        check_fields(self, {
             "max_steps": POSITIVE, "stop_at_step": NON_NEGATIVE, "batch_size": POSITIVE, "log_every": POSITIVE,
             "save_every": NON_NEGATIVE, "keep_last": POSITIVE, "eval_every": NON_NEGATIVE, "eval_num": POSITIVE,
             "eval_max_new_tokens": POSITIVE, "noise_eps": (lambda v: 0 <= v < 1, "in [0, 1)"),
-            "attn_impl": config_lib.one_of("auto", "sdpa", "flex"),
-            "param_dtype": config_lib.one_of("float32", "bfloat16", "float16")})
-        config_lib.check_fields(self.data, {"max_length": POSITIVE, "limit": NON_NEGATIVE})
+            "attn_impl": one_of("auto", "sdpa", "flex"),
+            "param_dtype": one_of("float32", "bfloat16", "float16")})
+        check_fields(self.data, {"max_length": POSITIVE, "limit": NON_NEGATIVE})
 
 
 # ---------------------------------------------------------------- 1. setup
