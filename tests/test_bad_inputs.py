@@ -8,6 +8,7 @@ working directory per case; the files a case needs are made by the ``files`` fix
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -43,6 +44,10 @@ CASES = {
     "rl-lr": ("rl optim.lr=-1e-3", "optim.lr must be a finite number > 0"),
     "rl-lr-nan": ("rl optim.lr=nan", "optim.lr"),
     "rl-group-size": ("rl rollout.group_size=0", "rollout.group_size must be > 0"),
+    "rl-max-new-tokens": ("rl rollout.sampling.max_new_tokens=-5", "rollout.sampling.max_new_tokens must be > 0"),
+    "rl-temperature": ("rl rollout.sampling.temperature=-1", "rollout.sampling.temperature must be"),
+    "rl-top-p": ("rl rollout.sampling.top_p=1.5", "rollout.sampling.top_p must be in (0, 1]"),
+    "rl-steps-per-block": ("rl rollout.sampling.steps_per_block=9", "rollout.sampling.steps_per_block must be in"),
     "rl-estimator": ("rl algo.estimator=bogus", "algo.estimator must be one of"),
     "rl-beta": ("rl algo.beta=-1", "algo.beta"),
     "rl-reward": ("rl rewards.nope=1", "unknown reward 'nope'"),
@@ -73,18 +78,21 @@ CASES = {
     "eval-empty-data": ("eval --model {good} --data {root}/empty.jsonl", "holds no rows"),
     "eval-not-utf8": ("eval --model {good} --data {root}/latin1.jsonl", "latin1.jsonl:2: not UTF-8"),
     "eval-reward": ("eval --model {good} --data task:arithmetic reward=nope", "unknown reward 'nope'"),
+    "eval-top-p": ("eval --model {good} --data task:arithmetic sampling.top_p=0", "sampling.top_p must be in"),
+    "eval-greedy-k": ("eval --model {good} --data task:arithmetic k=4", "temperature"),
     "eval-k": ("eval --model {good} --data task:arithmetic k=0", "k must be >= 1"),
     # generate
     "generate-missing-model": ("generate --model {root}/missing --prompt hi", "config.json"),
     "generate-truncated-model": ("generate --model {truncated} --prompt hi", "model.safetensors"),
     "generate-max-new-tokens": ("generate --model {good} --prompt hi max_new_tokens=-5", "max_new_tokens"),
-    "generate-temperature": ("generate --model {good} --prompt hi temperature=-1", "temperature"),
+    "generate-temperature": ("generate --model {good} --prompt hi temperature=-1", "temperature must be"),
+    "generate-top-p": ("generate --model {good} --prompt hi top_p=2", "top_p must be in (0, 1]"),
     # serve (all refused before the server starts)
     "serve-missing-model": ("serve --no-updates --model {root}/missing", "config.json"),
     "serve-truncated-model": ("serve --no-updates --model {truncated}", "model.safetensors"),
     "serve-port": ("serve --no-updates --model {good} --port 70000", "port must be a port"),
     "serve-max-n": ("serve --no-updates --model {good} max_n=0", "max_n must be > 0"),
-    "serve-dtype": ("serve --no-updates --model {good} dtype=float64", "dtype must be one of"),
+    "serve-dtype": ("serve --no-updates --model {good} param_dtype=float64", "param_dtype must be one of"),
     # init, show-config, demo
     "init-preset": ("init --out {root}/x preset=nope", "preset must be one of"),
     "init-model-field": ("init --out {root}/x model.hiden_size=8", "model.hiden_size is not a model config field"),
@@ -118,3 +126,14 @@ def test_debug_shows_the_traceback(files, monkeypatch):
         main(["--debug", "rl", "max_steps=-3"])
     with pytest.raises(ConfigError, match="keep_last"):
         main(["sft", "keep_last=0", "--debug"])
+
+
+def test_the_readme_eval_example_with_k_4_runs(files, tmp_path, monkeypatch, capsys):
+    """README: ``dirl eval ... k=4 sampling.temperature=1.0`` (greedy k=4 is the error above)."""
+    monkeypatch.setattr(sys, "argv", ["dirl"])
+    monkeypatch.chdir(tmp_path)
+    argv = ["eval", "--model", str(files["good"]), "--data", "task:arithmetic", "--reward", "math", "k=4",
+            "sampling.temperature=1.0", "limit=2", "sampling.max_new_tokens=8", "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["num_samples"] == 8

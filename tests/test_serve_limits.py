@@ -123,6 +123,8 @@ def test_budget_context_and_bad_text_are_400s(server):
     error = post("/v1/completions", json={"prompt": ["a"] * 16, "n": 64, "max_tokens": 256})
     assert error["type"] == "request_too_large" and "262144" in error["message"]
     assert "context" in post("/v1/completions", json={"prompt": [5] * 600, "max_tokens": 4})["message"]
+    assert post("/v1/completions", json={"prompt": "x", "temperature": -1})["param"] == "temperature"
+    assert post("/v1/completions", json={"prompt": "x", "top_p": 1.5})["param"] == "top_p"
     raw = {"headers": {"Content-Type": "application/json"}}
     assert "surrogate" in post("/v1/completions", content=b'{"prompt": "hi \\ud800"}', **raw)["message"]
     chat = b'{"messages": [{"role": "user", "content": "\\udc00"}]}'

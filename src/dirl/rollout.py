@@ -1,6 +1,6 @@
 """What a rollout is and how it is sampled: the one sampling spec, shared by every layer.
 
-A leaf module (stdlib only), so ``algo`` may type its inputs with :class:`Rollout` and the
+A leaf module (stdlib and the stdlib-only :mod:`dirl.errors`), so ``algo`` may type its inputs with :class:`Rollout` and the
 engine, backends, trainers, ``dirl eval`` and the server all read the same fields.
 
 The sampling settings are declared once, in three nested dataclasses (each adds fields,
@@ -18,6 +18,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from dirl.errors import (FINITE_NON_NEGATIVE, NON_NEGATIVE, OPEN_UNIT_INTERVAL, POSITIVE, UNIT_INTERVAL, UserError,
+                         check_fields, one_of)
+
 UNMASKING = ("dynamic", "static", "sequential")
 
 
@@ -29,6 +32,9 @@ class PolicyDist:
     top_k: int = 0                    # 0 = off
     top_p: float = 1.0
 
+    def __post_init__(self) -> None:  # range checks at construction: a config load names the key
+        check_fields(self, {"temperature": FINITE_NON_NEGATIVE, "top_k": NON_NEGATIVE, "top_p": OPEN_UNIT_INTERVAL})
+
 
 @dataclass
 class SamplingSpec(PolicyDist):
@@ -38,6 +44,12 @@ class SamplingSpec(PolicyDist):
     unmasking: str = "dynamic"        # dynamic | static | sequential
     threshold: float = 0.9            # dynamic: commit every position with confidence >= threshold
     steps_per_block: int = 4          # static: forwards per block
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # steps_per_block <= block size needs the model: validate() checks it (0: the server's "B").
+        check_fields(self, {"max_new_tokens": POSITIVE, "unmasking": one_of(*UNMASKING),
+                            "threshold": UNIT_INTERVAL, "steps_per_block": NON_NEGATIVE})
 
     def params(self, stop_ids=(), n: int = 1, seed: int = 0) -> SamplingParams:
         """This spec as the arguments of one engine call."""
@@ -51,6 +63,10 @@ class SamplingParams(SamplingSpec):
     stop_ids: list[int] = field(default_factory=list)
     n: int = 1                        # samples per prompt (they share the prompt's prefill)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_fields(self, {"n": POSITIVE})
 
     def validate(self, block_size: int) -> None:
         checks = [
@@ -67,6 +83,15 @@ class SamplingParams(SamplingSpec):
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+
+def check_sampling(spec: SamplingSpec, block_size: int, key: str) -> None:
+    """What only the model can tell (``steps_per_block`` <= its block size), as a user error
+    naming the config section ``key``: called once the model is known, before any decoding."""
+    try:
+        spec.params().validate(block_size)
+    except ValueError as err:
+        raise UserError(f"{key}.{err}") from None
 
 
 SPEC_FIELDS = tuple(f.name for f in fields(SamplingSpec))

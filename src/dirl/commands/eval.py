@@ -58,6 +58,7 @@ def write_run(out: Path, cfg, summary: dict, samples: list[dict]) -> None:
 def run(args) -> int:
     from dirl.data import build_prompt_ids
     from dirl.eval.evaluate import EvalConfig, default_out_dir, evaluate, load_eval_rows, resolve_defaults
+    from dirl.rollout import check_sampling
     from dirl.runtime import resolve_device
 
     flags = [f"{key}={getattr(args, flag)}" for flag, key in FLAG_KEYS.items()
@@ -66,10 +67,10 @@ def run(args) -> int:
     cfg = resolve_defaults(cfg)  # unknown reward names fail here, before any loading
     rows = load_eval_rows(cfg)
     model, tokenizer = _load_model(cfg, resolve_device(cfg.device))
-    try:  # sampling values the engine would reject (e.g. steps_per_block > block size)
-        cfg.sampling.params().validate(model.config.block_size)
+    check_sampling(cfg.sampling, model.config.block_size, "sampling")  # e.g. steps_per_block > block size
+    try:
         build_prompt_ids(tokenizer, rows[:1], cfg.prompt_template, cfg.chat)
-    except ValueError as err:
+    except ValueError as err:  # chat=true without a chat template
         if isinstance(err, UserError):
             raise
         raise config_lib.ConfigError(str(err)) from None

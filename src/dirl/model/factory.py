@@ -25,7 +25,7 @@ class InitConfig:
     model: dict[str, Any] = field(default_factory=dict)  # any ModelConfig field, e.g. num_hidden_layers
 
     def __post_init__(self) -> None:
-        check_fields(self, {"preset": one_of(*PRESETS), "dtype": one_of(*DTYPES), "block_size": POSITIVE,
+        check_fields(self, {"preset": one_of(*PRESETS), "param_dtype": one_of(*DTYPES), "block_size": POSITIVE,
                             "max_shard_mb": POSITIVE})
         known = {f.name for f in dataclasses.fields(ModelConfig)}
         for key in self.model:

@@ -42,6 +42,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
+from dirl.errors import FieldError
 from dirl.rollout import Rollout, SamplingParams
 from dirl.runtime import MAX_SEED, prompt_seed, prompt_seeds
 from dirl.serve import ServeConfig  # noqa: F401  (re-exported: the app's config)
@@ -188,11 +189,13 @@ class ServerState:
             raise ApiError(400, "stop_token_ids must be ids inside the vocabulary", param="stop_token_ids")
         stops = set(req.stop_token_ids) | (set() if req.ignore_eos else self.default_stops)
         given = {name: getattr(req, name) for name in DECODING_FIELDS if getattr(req, name) is not None}
-        spec = dataclasses.replace(cfg.sampling, **given, max_new_tokens=max_tokens)
-        spec.steps_per_block = spec.steps_per_block or self.block_size  # 0: one token per forward
-        params = spec.params(sorted(stops), n=req.n, seed=seed)
-        try:
+        try:  # the spec range-checks its fields when built; validate() adds the model's block size
+            spec = dataclasses.replace(cfg.sampling, **given, max_new_tokens=max_tokens)
+            spec.steps_per_block = spec.steps_per_block or self.block_size  # 0: one token per forward
+            params = spec.params(sorted(stops), n=req.n, seed=seed)
             params.validate(self.block_size)
+        except FieldError as err:
+            raise ApiError(400, str(err), param=err.key) from err
         except ValueError as err:
             raise ApiError(400, str(err)) from err
         return params

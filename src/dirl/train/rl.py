@@ -38,8 +38,7 @@ from dirl.data import build_prompt_ids, load_prompt_rows, task_of
 from dirl.errors import NON_NEGATIVE, POSITIVE, FieldError, check_fields, one_of
 from dirl.model.lora import LoraConfig
 from dirl.rewards import format_reward_spec, get_reward
-from dirl.rewards import format_reward_spec, get_reward
-from dirl.rollout import SamplingSpec
+from dirl.rollout import SamplingSpec, check_sampling
 from dirl.runtime import derived_seed, resolve_device, update_seed
 from dirl.train import dist as dist_lib
 from dirl.train.common import MetricsLogger, OptimConfig, build_optimizer, build_scheduler, format_metrics, set_seed
@@ -165,6 +164,7 @@ def build_run(cfg: RLConfig, resume: str | None = None) -> RLRun:
     eval_rows = load_prompt_rows(eval_data, limit=cfg.eval_limit, seed=derived_seed(cfg.seed, "held_out")) if (
         cfg.eval_every and eval_data) else []
     learner, tokenizer = _build_learner(cfg, device)
+    check_sampling(cfg.rollout.sampling, learner.model.config.block_size, "rollout.sampling")
     prompt_ids = build_prompt_ids(tokenizer, rows, template)
     start_step, cursor = 0, 0
     if resume:

@@ -45,7 +45,7 @@ from dirl.algo.nelbo import NOISE_EPS, NoiseDraw, draw_noise, response_counts, s
 from dirl.backends.evaluate import EvalSpec, evaluate_rows, held_out_metrics
 from dirl.data import load_prompt_rows, load_sft_rows, task_of
 from dirl.model.lora import LoraConfig
-from dirl.rollout import SamplingSpec
+from dirl.rollout import SamplingSpec, check_sampling
 from dirl.runtime import derived_seed, resolve_device
 from dirl.train import dist as dist_lib
 from dirl.train import state as state_lib
@@ -90,14 +90,13 @@ class SFTConfig:
     progress: bool = True
     dist: dist_lib.DistConfig = field(default_factory=dist_lib.DistConfig)  # torchrun only
     lora: LoraConfig = field(default_factory=LoraConfig)  # r > 0: train adapters on a frozen base
-
     overwrite: bool = False           # a fresh run may replace a run already in `out`
 
     def __post_init__(self) -> None:
         check_fields(self, {
             "max_steps": POSITIVE, "stop_at_step": NON_NEGATIVE, "batch_size": POSITIVE, "log_every": POSITIVE,
             "save_every": NON_NEGATIVE, "keep_last": POSITIVE, "eval_every": NON_NEGATIVE, "eval_num": POSITIVE,
-            "eval_max_new_tokens": POSITIVE, "noise_eps": (lambda v: 0 <= v < 1, "in [0, 1)"),
+            "noise_eps": (lambda v: 0 <= v < 1, "in [0, 1)"),
             "attn_impl": one_of("auto", "sdpa", "flex"),
             "param_dtype": one_of("float32", "bfloat16", "float16")})
         check_fields(self.data, {"max_length": POSITIVE, "limit": NON_NEGATIVE})
@@ -229,6 +228,8 @@ def build_run(cfg: SFTConfig, resume: str | Path | None = None) -> SFTRun:
                          f"{dist_lib.world_size()} ranks")
     check_lora(cfg.lora, cfg.dist.strategy)
     model, tokenizer = load_model_spec(cfg.model, device, cfg.param_dtype, cfg.seed, lora=cfg.lora)
+    if cfg.eval_every:
+        check_sampling(cfg.eval_sampling, model.config.block_size, "eval_sampling")
     examples = load_examples(cfg, tokenizer, model.config.block_size)  # validates every row first
     attn_impl = resolve_attn_impl(cfg.attn_impl, device)
     # Flex compiles per shape: give unpacked batches a fixed length too.
