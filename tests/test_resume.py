@@ -17,7 +17,7 @@ from dirl.cli import main
 from dirl.model.checkpoint import load_pretrained
 
 RL = ["model=init:tiny", "rewards={rl_rewards:digit_fraction: 1.0}", "rollout.num_prompts=2",
-      "rollout.group_size=2", "rollout.max_new_tokens=8", "optim.lr=1e-3", "log_every=0", "--no-progress"]
+      "rollout.group_size=2", "rollout.sampling.max_new_tokens=8", "optim.lr=1e-3", "log_every=0", "--no-progress"]
 SFT = ["model=init:tiny", "data.source=task:arithmetic", "data.max_length=64", "batch_size=4", "data.limit=32",
        "optim.lr=1e-3", "--no-progress"]
 TIMING = ("tokens_per_s",)
