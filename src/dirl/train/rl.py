@@ -34,7 +34,6 @@ from dirl.backends import make_backend
 from dirl.backends.base import BACKENDS
 from dirl.backends.evaluate import EvalSpec, evaluate_rows, greedy, held_out_metrics
 from dirl.data import build_prompt_ids, load_prompt_rows, task_of
-from dirl.data import build_prompt_ids, load_prompt_rows, task_of
 from dirl.errors import NON_NEGATIVE, POSITIVE, FieldError, check_fields, one_of
 from dirl.model.lora import LoraConfig
 from dirl.rewards import format_reward_spec, get_reward
