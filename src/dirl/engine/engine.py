@@ -3,13 +3,18 @@
 Blocks are absolute (``position // B``). A prompt's full blocks are prefilled
 into the KV cache (block-causal); its tail shares the first generated block and
 is never masked. Each denoising step runs the current block of every active row
-against the cache: sample every masked position, confidence = probability of the
-sampled token, commit by the unmasking rule. When a block is full its clean K/V
-is written to the cache -- fused into the next step's forward when every row
-finished its block together (the finished block rides along as clean tokens in
-front of the next, all-masked block, so committing costs no extra forward), and
-in a small forward over just those rows when rows are out of step. Sequences stop after the block that holds a
-stop token, or when ``max_new_tokens`` are generated; finished rows leave the batch.
+against the cache (:mod:`dirl.engine.kv_cache`, written in place): sample every
+masked position -- the LM head runs on those positions only --, confidence =
+probability of the sampled token, commit by the unmasking rule.
+
+The step is ragged: when some rows have just filled their block, their clean
+block rides along in front of their next, all-masked block and its clean K/V
+overwrites the block's slots (the fused commit), while the other rows keep
+denoising their current block, padded to the same width (padding writes to a
+scratch slot and is masked). So rows out of step never cost an extra forward,
+and a batch takes as many forwards as its slowest row. Sequences stop after the
+block that holds a stop token, or when ``max_new_tokens`` are generated;
+finished rows leave the batch and the cache.
 
 ``use_cache=False`` is the no-cache reference decoder: every step recomputes the
 whole sequence. Both share this loop and draw the same random numbers, so they
@@ -32,32 +37,37 @@ __all__ = ["Engine", "Rollout", "SamplingParams"]  # the sampling types live in 
 
 
 class _Batch:
-    """Decoding state of the active rows (tensors are (R, B))."""
+    """Decoding state of the active rows (tensors are (R, B) or (R,))."""
 
-    def __init__(self, prompts, seeds, params, block_size, mask_id, device):
+    def __init__(self, prompts, seeds, block_size, mask_id, device):
         self.rows = list(range(len(prompts)))              # index into the output list
         self.prompts = prompts
         self.seqs = [list(p) for p in prompts]             # prompt + finished blocks (reference mode)
         self.gens = [torch.Generator().manual_seed(s) for s in seeds]
         self.prompt_len = torch.tensor([len(p) for p in prompts], device=device)
         self.block_idx = self.prompt_len // block_size
-        offset = torch.arange(block_size, device=device)
-        pos = self.block_idx[:, None] * block_size + offset  # (R, B)
-        self.masked = pos >= self.prompt_len[:, None]
+        self.offsets = torch.arange(block_size, device=device)  # (B,)
+        self.masked = self.positions() >= self.prompt_len[:, None]
         tail = [p[(len(p) // block_size) * block_size:] for p in prompts]
         self.tokens = torch.tensor([t + [mask_id] * (block_size - len(t)) for t in tail], device=device)
         self.step_ids = torch.zeros_like(self.tokens)
         self.logps = torch.zeros(self.tokens.shape, device=device)
         self.pending = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # clean block not cached yet
+        self.any_pending = False
         self.prev_tokens = torch.zeros_like(self.tokens)
-        self.num_forwards = [0] * len(prompts)
+        self.num_forwards = torch.zeros(len(prompts), dtype=torch.long, device=device)
+
+    def positions(self) -> torch.Tensor:
+        """(R, B) positions of the current blocks."""
+        return self.block_idx[:, None] * len(self.offsets) + self.offsets
 
     def keep(self, keep: torch.Tensor) -> None:
         idx = keep.nonzero().squeeze(-1)
-        for name in ("prompt_len", "block_idx", "masked", "tokens", "step_ids", "logps", "pending", "prev_tokens"):
+        for name in ("prompt_len", "block_idx", "masked", "tokens", "step_ids", "logps", "pending",
+                     "prev_tokens", "num_forwards"):
             setattr(self, name, getattr(self, name).index_select(0, idx))
         pick = idx.tolist()
-        for name in ("rows", "prompts", "seqs", "gens", "num_forwards"):
+        for name in ("rows", "prompts", "seqs", "gens"):
             values = getattr(self, name)
             setattr(self, name, [values[i] for i in pick])
 
@@ -69,7 +79,8 @@ class Engine:
         self.model = model
         # Decoding shapes change every block (the cache grows), and FlexAttention compiles per
         # shape; the current block has only B queries, so SDPA's dense mask is tiny. Training
-        # forwards keep the model's own attn_impl.
+        # forwards keep the model's own attn_impl. The cached path is always SDPA (its mask is a
+        # prefix per query over the cache slots).
         self.attn_impl = attn_impl
         self.use_cache = use_cache
         self.max_batch_rows = max_batch_rows
@@ -109,10 +120,10 @@ class Engine:
         return out
 
     def _generate_chunk(self, prompts, seeds, params, first_index, is_cancelled=None) -> list[Rollout]:
-        n, size = params.n, self.block_size
+        n = params.n
         expanded = [p for p in prompts for _ in range(n)]
         row_seeds = [row_seed(s, j) for s in seeds for j in range(n)]
-        batch = _Batch(expanded, row_seeds, params, size, self.mask_id, self.device)
+        batch = _Batch(expanded, row_seeds, self.block_size, self.mask_id, self.device)
         cache = self._prefill(prompts, params) if self.use_cache else None
         if cache is not None:
             cache.repeat_interleave(n)
@@ -125,7 +136,7 @@ class Engine:
                         results[row] = results[row] if ok else None  # no partial rollouts
                     self._keep_rows(batch, cache, torch.tensor(alive, device=self.device))
                     continue
-            logits = self._forward(batch, cache)  # (R, B, V)
+            logits = self._forward(batch, cache)  # (N, V): the masked positions of the current blocks
             self._denoise_step(batch, logits, params)
             finished = self._finish_blocks(batch, params, results, first_index, n)
             if finished.any():
@@ -143,102 +154,83 @@ class Engine:
     def _prefill(self, prompts, params) -> KVCache:
         """Write every prompt's full blocks into a fresh cache (block-causal, clean)."""
         size = self.block_size
-        lengths = [(len(p) // size) * size for p in prompts]
-        capacity = max(len(p) for p in prompts) + params.max_new_tokens + 2 * size
-        cache = KVCache.for_model(self.model, len(prompts), capacity)
-        width = max(lengths)
+        lengths = torch.tensor([(len(p) // size) * size for p in prompts], device=self.device)
+        max_slots = max(len(p) for p in prompts) + params.max_new_tokens + 2 * size
+        cache = KVCache.for_model(self.model, len(prompts), max_slots)
+        width = int(lengths.max())
         if width == 0:
             return cache
-        ids = torch.tensor([p[:w] + [self.mask_id] * (width - w) for p, w in zip(prompts, lengths)],
+        ids = torch.tensor([p[:width] + [self.mask_id] * (width - len(p[:width])) for p in prompts],
                            device=self.device)
         pos = torch.arange(width, device=self.device).expand(len(prompts), width)
-        valid = pos < torch.tensor(lengths, device=self.device)[:, None]
-        out = self._run(ids, pos, TokenMeta.clean(pos, size, valid),
-                         logits_index=torch.empty(0, dtype=torch.long, device=self.device))
-        rows = torch.arange(len(prompts), device=self.device)
-        cache.write(out.new_kv, rows, slice(0, width), torch.zeros_like(rows))
-        cache.length = torch.tensor(lengths, device=self.device)
+        step = cache.step(pos, pos < lengths[:, None], self._limit(pos))
+        self._run(ids, pos, None, past_kv=step, logits_index=torch.empty(0, dtype=torch.long, device=self.device))
         return cache
+
+    def _limit(self, pos: torch.Tensor) -> torch.Tensor:
+        """Slots a query at ``pos`` sees: up to the end of its block (clean prefix + own block).
+
+        Padding queries get at least one block, so no SDPA row is empty (NaN); they are never read."""
+        size = self.block_size
+        return ((pos.div(size, rounding_mode="floor") + 1) * size).clamp_min(size)
 
     def _forward(self, batch: _Batch, cache: KVCache | None) -> torch.Tensor:
         return self._forward_cached(batch, cache) if cache is not None else self._forward_reference(batch)
 
-    def _current_block(self, batch: _Batch):
-        size = self.block_size
-        pos = batch.block_idx[:, None] * size + torch.arange(size, device=self.device)  # (R, B)
-        meta = TokenMeta.noisy_copy(pos, size, torch.zeros_like(pos))
-        return batch.tokens, pos, meta
+    def _masked_index(self, batch: _Batch, width: int) -> torch.Tensor:
+        """Flat indices (into R * width) of the masked positions of the current blocks, the last B."""
+        rows, cols = batch.masked.nonzero(as_tuple=True)
+        return rows * width + (width - self.block_size) + cols
 
     def _forward_cached(self, batch: _Batch, cache: KVCache) -> torch.Tensor:
-        ids, pos, meta = self._current_block(batch)
-        num_rows, size = ids.shape
-        pending = batch.pending.nonzero().squeeze(-1)
-        # Fuse the commit of the previous block into this forward only when every row has one:
-        # fusing doubles the width of *all* rows, so with rows out of step (prompts of different
-        # lengths) a separate commit forward over just the pending rows does far less work.
-        fuse = len(pending) == num_rows
-        if len(pending) and not fuse:
-            self._commit_pending(batch, cache, pending)
-        if fuse:
-            prev_pos = pos - size
-            ids = torch.cat([batch.prev_tokens, ids], dim=1)
-            pos = torch.cat([prev_pos, pos], dim=1)
-            meta = TokenMeta.clean(prev_pos, size).cat(meta)
-        width = ids.shape[1]
-        index = (torch.arange(num_rows, device=self.device)[:, None] * width
-                 + torch.arange(width - size, width, device=self.device)).reshape(-1)
-        out = self._run(ids, pos, meta, past_kv=cache.past(), past_meta=cache.meta(), logits_index=index)
-        if fuse:
-            cache.write(out.new_kv, pending, slice(0, size), (batch.block_idx - 1) * size)
-            batch.pending.zero_()
-        return out.logits.view(num_rows, size, -1)
-
-    def _commit_pending(self, batch: _Batch, cache: KVCache, rows: torch.Tensor) -> None:
-        """Write the clean K/V of the just-finished blocks of ``rows`` (a forward over those rows only)."""
-        size = self.block_size
-        start = (batch.block_idx.index_select(0, rows) - 1) * size  # (N,)
-        pos = start[:, None] + torch.arange(size, device=self.device)  # (N, B)
-        out = self._run(batch.prev_tokens.index_select(0, rows), pos, TokenMeta.clean(pos, size),
-                         past_kv=cache.past(rows), past_meta=cache.meta(rows),
-                         logits_index=torch.empty(0, dtype=torch.long, device=self.device))
-        cache.write(out.new_kv, rows, slice(0, size), start, src_rows=torch.arange(len(rows), device=self.device))
-        batch.pending.index_fill_(0, rows, False)
+        """One ragged forward: [clean just-finished block (pending rows; padding elsewhere), current block]."""
+        ids, pos, valid = batch.tokens, batch.positions(), None
+        if batch.any_pending:
+            size = self.block_size
+            ids = torch.cat([batch.prev_tokens, ids], dim=1)  # (R, 2B)
+            pos = torch.cat([pos - size, pos], dim=1)
+            valid = torch.cat([batch.pending[:, None].expand(-1, size), torch.ones_like(batch.masked)], dim=1)
+        step = cache.step(pos, valid, self._limit(pos))
+        out = self._run(ids, pos, None, past_kv=step, logits_index=self._masked_index(batch, ids.shape[1]))
+        batch.pending.zero_()
+        batch.any_pending = False
+        return out.logits
 
     def _forward_reference(self, batch: _Batch) -> torch.Tensor:
         """Recompute everything: clean prefix of finished blocks + the current block."""
         size = self.block_size
-        block_ids, block_pos, block_meta = self._current_block(batch)
+        block_pos = batch.positions()
         prefix = [seq[: int(b) * size] for seq, b in zip(batch.seqs, batch.block_idx)]
         width = max(len(p) for p in prefix)
         ids = torch.tensor([p + [self.mask_id] * (width - len(p)) for p in prefix], device=self.device,
                            dtype=torch.long).view(len(prefix), width)
         pos = torch.arange(width, device=self.device).expand(len(prefix), width)
         valid = pos < torch.tensor([len(p) for p in prefix], device=self.device)[:, None]
-        meta = TokenMeta.clean(pos, size, valid).cat(block_meta)
-        total = width + size
-        index = (torch.arange(len(prefix), device=self.device)[:, None] * total
-                 + torch.arange(width, total, device=self.device)).reshape(-1)
-        out = self._run(torch.cat([ids, block_ids], 1), torch.cat([pos, block_pos], 1), meta, logits_index=index)
-        return out.logits.view(len(prefix), size, -1)
+        meta = TokenMeta.clean(pos, size, valid).cat(TokenMeta.noisy_copy(block_pos, size, torch.zeros_like(block_pos)))
+        out = self._run(torch.cat([ids, batch.tokens], 1), torch.cat([pos, block_pos], 1), meta,
+                        logits_index=self._masked_index(batch, width + size))
+        return out.logits
 
     # -- sampling and bookkeeping ---------------------------------------------------------------------
 
     def _denoise_step(self, batch: _Batch, logits: torch.Tensor, params: SamplingParams) -> None:
-        num_rows, size, vocab = logits.shape
-        logp = policy_logprobs(logits, params.temperature, params.top_k, params.top_p, self.mask_id)  # (R, B, V)
+        """Sample every masked position (logits: (N, V) in row-major order of ``batch.masked``), commit."""
+        num_rows, size = batch.masked.shape
+        logp = policy_logprobs(logits, params.temperature, params.top_k, params.top_p, self.mask_id)  # (N, V)
+        # B uniforms per row and step whatever is masked: the draws depend on the row only.
         uniforms = torch.stack([torch.rand(size, generator=g) for g in batch.gens]).to(self.device)  # (R, B)
-        sampled = sample_from_logprobs(logp.view(-1, vocab), uniforms.view(-1), params.temperature == 0)
-        sampled = sampled.view(num_rows, size)
-        token_logp = logp.gather(-1, sampled[..., None]).squeeze(-1)  # (R, B)
-        commit = select_commits(token_logp.exp(), batch.masked, params.unmasking, params.threshold,
+        sampled = sample_from_logprobs(logp, uniforms[batch.masked], params.temperature == 0)  # (N,)
+        token_logp = logp.gather(-1, sampled[:, None]).squeeze(-1)  # (N,)
+        proposal = batch.tokens.masked_scatter(batch.masked, sampled)  # (R, B)
+        proposal_logp = batch.logps.masked_scatter(batch.masked, token_logp)
+        confidence = torch.zeros_like(batch.logps).masked_scatter(batch.masked, token_logp.exp())
+        commit = select_commits(confidence, batch.masked, params.unmasking, params.threshold,
                                 params.steps_per_block, size)
-        step = torch.tensor(batch.num_forwards, device=self.device)[:, None].expand(num_rows, size)
-        batch.tokens = torch.where(commit, sampled, batch.tokens)
-        batch.logps = torch.where(commit, token_logp, batch.logps)
-        batch.step_ids = torch.where(commit, step, batch.step_ids)
+        batch.tokens = torch.where(commit, proposal, batch.tokens)
+        batch.logps = torch.where(commit, proposal_logp, batch.logps)
+        batch.step_ids = torch.where(commit, batch.num_forwards[:, None], batch.step_ids)
         batch.masked &= ~commit
-        batch.num_forwards = [f + 1 for f in batch.num_forwards]
-
+        batch.num_forwards += 1
     def _finish_blocks(self, batch: _Batch, params, results, first_index, n) -> torch.Tensor:
         """Move full blocks to the outputs; return which rows finished (R,) bool."""
         size = self.block_size
@@ -258,7 +250,7 @@ class Engine:
             rollout.token_ids += tokens[first_gen:]
             rollout.steps += batch.step_ids[r, first_gen:].tolist()
             rollout.logps += batch.logps[r, first_gen:].tolist()
-            rollout.num_forwards = batch.num_forwards[r]
+            rollout.num_forwards = int(batch.num_forwards[r])
             batch.seqs[r] += tokens[first_gen:]
             stop_at = next((i for i, t in enumerate(tokens[first_gen:]) if t in stop_ids), None)
             if stop_at is not None and before + stop_at < params.max_new_tokens:
@@ -273,6 +265,7 @@ class Engine:
         if advance.any():
             batch.prev_tokens = torch.where(advance[:, None], batch.tokens, batch.prev_tokens)
             batch.pending |= advance
+            batch.any_pending = True
             batch.block_idx = batch.block_idx + advance.long()
             batch.tokens = torch.where(advance[:, None], torch.full_like(batch.tokens, self.mask_id), batch.tokens)
             batch.masked = batch.masked | advance[:, None]

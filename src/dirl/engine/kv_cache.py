@@ -1,83 +1,132 @@
-"""The engine's KV cache: clean keys/values of finished blocks, one row per sequence.
+"""The engine's KV cache: preallocated K/V slots written in place, one row per live sequence.
 
-Slot index = absolute position, so a row's cache always holds whole blocks
-(positions ``[0, length)``, a multiple of ``block_size``). The model never owns
-this object; the engine passes ``past()`` and ``meta()`` into each forward and
-writes the returned K/V back with :meth:`write`.
+Slot index = absolute position. A row's slots below its current block hold the
+clean K/V of its prompt and finished blocks; the current block's slots hold the
+noisy K/V of the block being denoised (rewritten every forward, and overwritten
+with the clean K/V when the block's commit rides along in the next forward).
+The last slot is scratch: padding tokens of a ragged forward write there and no
+query ever attends to it.
+
+Each forward writes its tokens' K/V into their slots and attends over a view of
+the slots in use, so no forward copies the past (the old layout concatenated
+the whole cache to the new keys in every layer). Because every slot below a
+query's limit is valid, the attention mask is a prefix per query
+(``slot < limit``), built once per forward -- no per-slot metadata.
+
+Memory follows the live rows (issue 19, design "compact when rows finish"):
+:meth:`select` drops finished rows and :meth:`reserve` grows the slot axis in
+chunks as the longest row needs it, both one layer at a time, so the transient
+overhead is one layer's worth and the resident size is the live rows' slots.
+The model never owns this object; the engine passes a :class:`CacheStep` into
+each forward.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dirl.model.masks import TokenMeta
+GROW_CHUNK = 512  # slots added per growth (a growth copies the cache once; 8k tokens -> 16 growths)
 
 
 class KVCache:
-    def __init__(self, num_layers: int, num_rows: int, num_kv_heads: int, capacity: int, head_dim: int,
-                 block_size: int, dtype: torch.dtype, device: torch.device):
-        shape = (num_rows, num_kv_heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.length = torch.zeros(num_rows, dtype=torch.long, device=device)  # (R,)
-        self.block_size = block_size
+    def __init__(self, num_layers: int, num_rows: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device, max_slots: int):
+        self.max_slots = max_slots  # the most positions any row can reach (prompt + generation + block)
+        self.capacity = 0           # usable slots per row; slot ``capacity`` is the scratch slot
+        self._shape = (num_rows, num_kv_heads, head_dim)
+        self._factory = dict(dtype=dtype, device=device)
+        self.keys: list[torch.Tensor] = [torch.empty(0, **self._factory)] * num_layers    # (R, Hkv, C + 1, D)
+        self.values: list[torch.Tensor] = [torch.empty(0, **self._factory)] * num_layers
 
     @classmethod
-    def for_model(cls, model, num_rows: int, capacity: int) -> "KVCache":
+    def for_model(cls, model, num_rows: int, max_slots: int) -> "KVCache":
         cfg = model.config
         param = next(model.parameters())
-        return cls(cfg.num_hidden_layers, num_rows, cfg.num_key_value_heads, capacity, cfg.head_dim,
-                   cfg.block_size, param.dtype, param.device)
+        return cls(cfg.num_hidden_layers, num_rows, cfg.num_key_value_heads, cfg.head_dim,
+                   param.dtype, param.device, max_slots)
 
-    def used(self) -> int:
-        return int(self.length.max()) if self.length.numel() else 0
+    @property
+    def scratch(self) -> int:
+        return self.capacity
 
-    def past(self, rows: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (R, Hkv, S, D) views over the slots in use (copies of ``rows`` only, if given)."""
-        used = self.used()
-        if rows is None:
-            return [(k[:, :, :used], v[:, :, :used]) for k, v in zip(self.keys, self.values)]
-        return [(k[:, :, :used].index_select(0, rows), v[:, :, :used].index_select(0, rows))
-                for k, v in zip(self.keys, self.values)]
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def meta(self, rows: torch.Tensor | None = None) -> TokenMeta:
-        """Mask metadata of the cached slots (clean, block-causal; unused slots are padding)."""
-        used = self.used()
-        length = self.length if rows is None else self.length.index_select(0, rows)
-        pos = torch.arange(used, device=length.device).expand(len(length), used)  # (R, S)
-        return TokenMeta.clean(pos, self.block_size, valid=pos < length[:, None])
-
-    def write(self, new_kv: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor,
-              token_slice: slice, start: torch.Tensor, src_rows: torch.Tensor | None = None) -> None:
-        """Store K/V of ``token_slice`` of the forward's tokens for ``rows`` at slots ``start[i] + j``.
-
-        new_kv: per layer (R', Hkv, T, D); rows, start: (N,) long; ``src_rows`` (N,) are
-        the matching rows of ``new_kv`` (default: ``rows``, when the forward covered the
-        whole cache). Lengths grow to the written end.
-        """
-        if rows.numel() == 0:
+    def reserve(self, end: int) -> None:
+        """Make slots ``[0, end)`` usable, growing by :data:`GROW_CHUNK` (capped at ``max_slots``)."""
+        if end <= self.capacity:
             return
-        src_rows = rows if src_rows is None else src_rows
-        width = token_slice.stop - token_slice.start
-        slots = start[:, None] + torch.arange(width, device=start.device)  # (N, W)
-        for (k_new, v_new), k_cache, v_cache in zip(new_kv, self.keys, self.values):
-            k_rows = k_new[src_rows, :, token_slice].transpose(1, 2)  # (N, W, Hkv, D)
-            v_rows = v_new[src_rows, :, token_slice].transpose(1, 2)
-            # Advanced indexing on dims 0 and 2 puts them first: target shape (N, W, Hkv, D).
-            k_cache[rows[:, None], :, slots] = k_rows
-            v_cache[rows[:, None], :, slots] = v_rows
-        self.length[rows] = torch.maximum(self.length[rows], start + width)
+        if end > self.max_slots:
+            raise ValueError(f"KV cache: position {end} is past the reserved maximum {self.max_slots}")
+        new_capacity = min(self.max_slots, max(end, self.capacity + GROW_CHUNK))
+        rows, heads, dim = self._shape
+        for cache in (self.keys, self.values):
+            for i, old in enumerate(cache):  # one layer at a time: the overhead is one layer
+                new = torch.zeros(rows, heads, new_capacity + 1, dim, **self._factory)
+                if self.capacity:
+                    new[:, :, : self.capacity] = old[:, :, : self.capacity]
+                cache[i] = new
+        self.capacity = new_capacity
 
     def select(self, rows: torch.Tensor) -> None:
-        """Keep only ``rows`` (finished sequences leave the batch)."""
-        self.keys = [k.index_select(0, rows) for k in self.keys]
-        self.values = [v.index_select(0, rows) for v in self.values]
-        self.length = self.length.index_select(0, rows)
+        """Keep only ``rows`` (finished sequences leave, and their memory with them)."""
+        self._reindex(lambda t: t.index_select(0, rows))
+        self._shape = (len(rows), *self._shape[1:])
 
     def repeat_interleave(self, n: int) -> None:
         """Give each row n copies (n samples per prompt share one prefill)."""
-        if n == 1:
+        if n > 1:
+            self._reindex(lambda t: t.repeat_interleave(n, dim=0))
+            self._shape = (self._shape[0] * n, *self._shape[1:])
+
+    def _reindex(self, fn) -> None:
+        if not self.capacity:
             return
-        self.keys = [k.repeat_interleave(n, dim=0) for k in self.keys]
-        self.values = [v.repeat_interleave(n, dim=0) for v in self.values]
-        self.length = self.length.repeat_interleave(n)
+        for cache in (self.keys, self.values):
+            for i, old in enumerate(cache):
+                cache[i] = fn(old)
+                del old
+
+    def step(self, positions: torch.Tensor, valid: torch.Tensor | None, limit: torch.Tensor) -> "CacheStep":
+        """The cache as one forward sees it.
+
+        positions: (R, T) of the input tokens (their slots); valid: (R, T) bool or None (all
+        valid) -- padding writes to the scratch slot; limit: (R, T), the query of token t
+        attends to slots ``[0, limit)`` (its row's clean prefix, plus its own block).
+        """
+        end = int(limit.max())
+        self.reserve(max(end, int(positions.max()) + 1))
+        slots = positions if valid is None else torch.where(valid, positions, self.scratch)
+        visible = torch.arange(end, device=limit.device) < limit[..., None]  # (R, T, S)
+        return CacheStep(self, slots, visible[:, None], end)
+
+
+class CacheStep:
+    """Per forward: where each token's K/V goes, and the (R, 1, T, S) mask over slots ``[0, S)``.
+
+    ``step[layer].update(k, v)`` is what :class:`~dirl.model.transformer.Attention`
+    calls: it writes this forward's K/V into their slots and returns the views
+    to attend over.
+    """
+
+    def __init__(self, cache: KVCache, slots: torch.Tensor, mask: torch.Tensor, end: int):
+        self.cache, self.mask, self.end = cache, mask, end
+        self.rows = torch.arange(slots.shape[0], device=slots.device)[:, None]  # (R, 1)
+        self.slots = slots
+
+    def __getitem__(self, layer: int) -> "_LayerSlots":
+        return _LayerSlots(self, layer)
+
+
+class _LayerSlots:
+    def __init__(self, step: CacheStep, layer: int):
+        self.step, self.layer = step, layer
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: (R, Hkv, T, D) of this forward's tokens -> (R, Hkv, S, D) views of the slots in use."""
+        step, cache = self.step, self.step.cache
+        keys, values = cache.keys[self.layer], cache.values[self.layer]
+        # Advanced indices on dims 0 and 2 put them first: the target is (R, T, Hkv, D).
+        keys[step.rows, :, step.slots] = k.transpose(1, 2)
+        values[step.rows, :, step.slots] = v.transpose(1, 2)
+        return keys[:, :, : step.end], values[:, :, : step.end]

@@ -78,8 +78,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, num_tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, D), (B, Hkv, T, D)
         new_kv = (k, v)
-        if past is not None:
+        if isinstance(past, tuple):  # K/V of earlier tokens: attend over them, then these
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        elif past is not None:  # an in-place cache: stores these K/V in their slots, returns the slots in use
+            k, v = past.update(k, v)  # (B, Hkv, S, D) views, no copy of the past
         out = attend(q, k, v, mask, impl)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(batch, num_tokens, -1)), new_kv
 
@@ -149,18 +151,24 @@ class SDARForCausalLM(nn.Module):
                 else:
                     param.copy_(torch.randn(param.shape, generator=gen) * std)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: TokenMeta,
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: TokenMeta | None,
                 past_kv: Sequence[KV] | None = None, past_meta: TokenMeta | None = None,
                 logits_index: torch.Tensor | None = None, attn_impl: str | None = None) -> ForwardOutput:
         """input_ids, position_ids: (B, T); meta: mask metadata of these tokens.
 
         past_kv / past_meta: cached clean keys (per layer (B, Hkv, P, D)) and their
-        metadata (B, P). logits_index: flat indices into B*T -- only those rows of
-        the LM head are computed (the vocabulary projection dominates at 150k).
+        metadata (B, P); or ``past_kv`` is an in-place cache step (the engine's
+        :class:`~dirl.engine.kv_cache.CacheStep`: ``past_kv[i].update(k, v)`` stores
+        layer i's K/V and returns the slots to attend over; ``past_kv.mask`` is the
+        SDPA mask over them, and ``meta`` is unused). logits_index: flat indices into
+        B*T -- only those rows of the LM head are computed (the vocabulary projection
+        dominates at 150k).
         """
         impl = attn_impl or self.attn_impl
-        k_meta = meta if past_meta is None else past_meta.cat(meta)
-        mask = build_mask(meta, k_meta, impl)
+        if hasattr(past_kv, "mask"):  # an in-place cache knows which of its slots each query sees
+            mask, impl = past_kv.mask, "sdpa"
+        else:
+            mask = build_mask(meta, meta if past_meta is None else past_meta.cat(meta), impl)
         hidden = self.model.embed_tokens(input_ids)  # (B, T, d)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
         new_kv: list[KV] = []
