@@ -14,21 +14,35 @@ measure a trained checkpoint instead.
 
     python benchmarks/engine.py [--quick]      # or: dirl bench engine [--quick]
 
+Issue 19's lines come after (:mod:`benchmarks._engine_scale`): ``long_gen_step_ratio``
+(time per token over the last vs the first ``--long-window`` tokens of a
+``--long-tokens`` generation at batch ``--long-batch``, with its peak memory
+against the cache's theoretical size), ``engine_vs_ar_speedup_b1`` / ``_b8``
+(tokens/s of dynamic decoding vs transformers' AR ``generate`` with a KV cache on
+the same weights: the shipped demo checkpoint, and a random ``small`` model with
+SDAR's real vocabulary of 151,936) and ``batch_forward_ratio`` (model calls for 8
+prompts together vs each alone, dynamic decoding on the demo checkpoint).
+
 Prints ``key=value`` lines; the headline is ``engine_speedup_vs_nocache``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from dirl.engine.engine import Engine
-from dirl.rollout import Rollout, SamplingParams
-from dirl.model.factory import InitConfig, init_model
-from dirl.model.tokenizer import char_tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling helper module, when run as a script
+import _engine_scale as scale  # noqa: E402
+
+from dirl.engine.engine import Engine  # noqa: E402
+from dirl.rollout import Rollout, SamplingParams  # noqa: E402
+from dirl.model.factory import InitConfig, init_model  # noqa: E402
+from dirl.model.tokenizer import char_tokenizer  # noqa: E402
 
 
 def make_prompts(count: int, min_len: int, max_len: int, vocab: tuple[int, int], seed: int) -> list[list[int]]:
@@ -97,6 +111,63 @@ def run_engine_benchmark(args) -> dict[str, float | bool | int | str]:
     return out
 
 
+DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "src" / "dirl" / "assets" / "demo-sft"
+REAL_VOCAB = 151_936  # SDAR-8B-Chat's tokenizer (/work/shared/sdar-8b-chat)
+
+
+def demo_prompts(tokenizer, count: int) -> list[list[int]]:
+    """Held-out prompts of the demo task, as the demo's RL sees them."""
+    from dirl.data import get_task
+    from dirl.data.templates import render_prompt
+    from dirl.train.demo import DemoConfig
+
+    task = get_task(DemoConfig().task, **DemoConfig().task_params)
+    return [tokenizer.encode(render_prompt("plain", row)) for row in task.generate("test", count)]
+
+
+def real_vocab_model(args):
+    """A random ``small`` model with SDAR's real vocabulary size and special ids."""
+    from dirl.model.config import preset_config
+    from dirl.model.transformer import SDARForCausalLM
+
+    cfg = preset_config(args.preset, vocab_size=REAL_VOCAB, mask_token_id=151669, eos_token_id=151643,
+                        pad_token_id=151643, bos_token_id=151643, block_size=args.block_size)
+    model = SDARForCausalLM(cfg)
+    model.init_weights(args.seed)
+    return model.eval()
+
+
+def run_scale_benchmark(args) -> dict[str, float | int | str]:
+    """Issue 19's lines: long generation, engine vs AR, batch forward ratio."""
+    from dirl.model.checkpoint import load_pretrained
+
+    out: dict[str, float | int | str] = {}
+    child = ["--preset", args.preset, "--block-size", str(args.block_size), "--threads", str(args.threads),
+             "--long-batch", str(args.long_batch), "--long-tokens", str(args.long_tokens),
+             "--long-window", str(args.long_window), "--long-prompt", str(args.long_prompt), "--seed", str(args.seed)]
+    # The long generation runs in a fresh interpreter, so its peak RSS is its own (quick: in-process).
+    long_gen = scale.long_generation_child(load_model(args), args.long_batch, args.long_prompt, args.long_tokens,
+                                           args.long_window) if args.quick else scale.long_generation(__file__, child)
+    for key, value in long_gen.items():
+        out[key if key == "long_gen_step_ratio" else f"long_gen_{key}"] = value
+    demo, tokenizer = load_pretrained(str(DEMO_CHECKPOINT))
+    demo = demo.eval()
+    prompts = demo_prompts(tokenizer, args.ar_prompts)
+    params = SamplingParams(max_new_tokens=args.ar_tokens, temperature=0.0, unmasking="dynamic", threshold=0.9)
+    for key, value in scale.batch_forward_ratio(demo, prompts[:8], params).items():
+        out["batch_forward_ratio" if key == "ratio" else f"batch_forward_{key}"] = value
+    models = [("", demo)] + ([] if args.quick else [("_real_vocab", real_vocab_model(args))])
+    for suffix, model in models:
+        if suffix:  # random prompts over the real vocabulary (ids of the byte-level range)
+            gen = torch.Generator().manual_seed(args.seed)
+            prompts = [torch.randint(1000, 50000, (len(p),), generator=gen).tolist() for p in prompts]
+        for batch, line in scale.engine_vs_ar(model, prompts, args.ar_tokens, repeats=args.repeats).items():
+            out[f"engine_vs_ar_speedup_{batch}{suffix}"] = line.pop("speedup")
+            for key, value in line.items():
+                out[f"{key}_{batch}{suffix}"] = value
+    return out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (tiny preset, 4 prompts, 32 tokens)")
@@ -115,9 +186,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="torch intra-op threads (0: torch default). 1 by default: on a shared 2-core "
                              "machine OpenMP barriers stall small matmuls (measured 12x slower with 2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--long-batch", type=int, default=8)
+    parser.add_argument("--long-tokens", type=int, default=4096, help="length of the long generation")
+    parser.add_argument("--long-window", type=int, default=512, help="tokens compared at its start and end")
+    parser.add_argument("--long-prompt", type=int, default=32)
+    parser.add_argument("--ar-tokens", type=int, default=64, help="tokens per prompt in the engine-vs-AR runs")
+    parser.add_argument("--ar-prompts", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2, help="engine-vs-AR runs: best of this many")
+    parser.add_argument("--skip-scale", action="store_true", help="only the cached-vs-reference lines")
+    parser.add_argument("--skip-reference", action="store_true", help="only issue 19's lines")
+    parser.add_argument("--long-gen-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.preset, args.batch, args.new_tokens, args.max_prompt = "tiny", 4, 32, 24
+        args.long_batch, args.long_tokens, args.long_window, args.ar_tokens = 2, 128, 32, 16
+        args.ar_prompts, args.repeats = 2, 1
     return args
 
 
@@ -125,10 +208,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = run_engine_benchmark(args)
+    if args.long_gen_child:
+        model = load_model(args)
+        print(json.dumps(scale.long_generation_child(model, args.long_batch, args.long_prompt, args.long_tokens,
+                                                     args.long_window)))
+        return 0
+    results = {} if args.skip_reference else run_engine_benchmark(args)
+    if not args.skip_scale:
+        results.update(run_scale_benchmark(args))
     for key, value in results.items():
         print(f"{key}={value}")
-    return 0 if results["outputs_identical"] else 1
+    return 0 if results.get("outputs_identical", True) else 1
 
 
 if __name__ == "__main__":

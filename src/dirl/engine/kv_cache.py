@@ -97,8 +97,10 @@ class KVCache:
         end = int(limit.max())
         self.reserve(max(end, int(positions.max()) + 1))
         slots = positions if valid is None else torch.where(valid, positions, self.scratch)
-        visible = torch.arange(end, device=limit.device) < limit[..., None]  # (R, T, S)
-        return CacheStep(self, slots, visible[:, None], end)
+        # Every query sees every slot in use (one row, no commit riding along): SDPA needs no mask.
+        mask = None if int(limit.min()) == end else \
+            (torch.arange(end, device=limit.device) < limit[..., None])[:, None]  # (R, 1, T, S)
+        return CacheStep(self, slots, mask, end)
 
 
 class CacheStep:
@@ -106,13 +108,18 @@ class CacheStep:
 
     ``step[layer].update(k, v)`` is what :class:`~dirl.model.transformer.Attention`
     calls: it writes this forward's K/V into their slots and returns the views
-    to attend over.
+    to attend over. ``mask`` None means every query sees every slot in use.
     """
 
-    def __init__(self, cache: KVCache, slots: torch.Tensor, mask: torch.Tensor, end: int):
+    def __init__(self, cache: KVCache, slots: torch.Tensor, mask: torch.Tensor | None, end: int):
         self.cache, self.mask, self.end = cache, mask, end
-        self.rows = torch.arange(slots.shape[0], device=slots.device)[:, None]  # (R, 1)
-        self.slots = slots
+        rows, heads, _ = cache._shape
+        slots_per_row = cache.capacity + 1
+        # Flat row index of every (row, kv head, token) in a (R * Hkv * (C + 1), D) view of a layer,
+        # computed once for all layers: one index_copy_ per layer writes the whole step.
+        base = (torch.arange(rows, device=slots.device)[:, None] * heads
+                + torch.arange(heads, device=slots.device)) * slots_per_row  # (R, Hkv)
+        self.flat_index = (base[:, :, None] + slots[:, None, :]).reshape(-1)  # (R * Hkv * T,)
 
     def __getitem__(self, layer: int) -> "_LayerSlots":
         return _LayerSlots(self, layer)
@@ -126,7 +133,7 @@ class _LayerSlots:
         """k, v: (R, Hkv, T, D) of this forward's tokens -> (R, Hkv, S, D) views of the slots in use."""
         step, cache = self.step, self.step.cache
         keys, values = cache.keys[self.layer], cache.values[self.layer]
-        # Advanced indices on dims 0 and 2 put them first: the target is (R, T, Hkv, D).
-        keys[step.rows, :, step.slots] = k.transpose(1, 2)
-        values[step.rows, :, step.slots] = v.transpose(1, 2)
+        dim = keys.shape[-1]
+        keys.view(-1, dim).index_copy_(0, step.flat_index, k.reshape(-1, dim))
+        values.view(-1, dim).index_copy_(0, step.flat_index, v.reshape(-1, dim))
         return keys[:, :, : step.end], values[:, :, : step.end]

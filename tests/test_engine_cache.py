@@ -1,0 +1,135 @@
+"""The engine at scale: the in-place KV cache, the ragged step, the LM head on masked rows, bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dirl.engine.engine import Engine
+from dirl.rollout import SamplingParams
+from dirl.engine.kv_cache import GROW_CHUNK, KVCache
+from dirl.engine.unmask import policy_logprobs
+from dirl.model.trace import pack_traces, trace_copies
+
+B = 4
+
+
+@pytest.fixture
+def peaky_model(tiny_model):
+    with torch.no_grad():
+        tiny_model.lm_head.weight.mul_(20.0)
+    return tiny_model
+
+
+def _prompts(lengths, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, 100, (n,), generator=gen).tolist() for n in lengths]
+
+
+def _count_calls(module) -> list[int]:
+    """Appends the number of input rows (B * T) of every call of ``module``."""
+    rows: list[int] = []
+    module.register_forward_pre_hook(lambda m, args: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    return rows
+
+
+# -- the in-place cache ---------------------------------------------------------------------------------
+
+
+def _cache(rows: int = 2, max_slots: int = 64) -> KVCache:
+    return KVCache(num_layers=2, num_rows=rows, num_kv_heads=2, head_dim=3, dtype=torch.float32,
+                   device=torch.device("cpu"), max_slots=max_slots)
+
+
+def test_cache_step_writes_slots_in_place_and_masks_a_prefix():
+    cache = _cache()
+    pos = torch.tensor([[4, 5, 6, 7], [0, 1, 2, 3]])
+    valid = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    limit = torch.tensor([[8, 8, 8, 8], [4, 4, 4, 4]])
+    step = cache.step(pos, valid, limit)
+    k = torch.arange(2 * 2 * 4 * 3, dtype=torch.float32).view(2, 2, 4, 3)  # (R, Hkv, T, D)
+    keys, values = step[1].update(k, -k)
+    assert keys.shape == (2, 2, 8, 3) and step.end == 8
+    # Views of the cache itself: nothing of the past is copied.
+    assert keys.untyped_storage().data_ptr() == cache.keys[1].untyped_storage().data_ptr()
+    torch.testing.assert_close(cache.keys[1][0, :, 4:8], k[0])
+    torch.testing.assert_close(cache.values[1][1, :, 0:2], -k[1, :, :2])
+    torch.testing.assert_close(cache.keys[1][1, :, 2:4], torch.zeros(2, 2, 3))  # padding went to scratch
+    assert cache.keys[0].abs().sum() == 0  # other layers untouched
+    expected = torch.arange(8)[None, None, :] < limit[:, :, None]
+    assert torch.equal(step.mask[:, 0], expected)
+
+
+def test_cache_step_without_ragged_rows_needs_no_mask():
+    step = _cache(rows=1).step(torch.tensor([[0, 1, 2, 3]]), None, torch.tensor([[4, 4, 4, 4]]))
+    assert step.mask is None
+
+
+def test_cache_grows_in_chunks_and_follows_the_live_rows():
+    cache = _cache(rows=3, max_slots=GROW_CHUNK + 100)
+    cache.reserve(10)
+    assert cache.capacity == GROW_CHUNK  # one chunk, not the whole generation up front
+    cache.keys[0][:, :, :10] = torch.arange(3.0)[:, None, None, None]
+    cache.reserve(GROW_CHUNK + 5)
+    assert cache.capacity == GROW_CHUNK + 100  # capped at the most any row can reach
+    full = cache.num_bytes()
+    cache.select(torch.tensor([2, 0]))
+    assert cache.num_bytes() == full * 2 // 3
+    assert cache.keys[0][:, 0, 0, 0].tolist() == [2.0, 0.0]  # contents kept through growth and compaction
+    with pytest.raises(ValueError, match="KV cache"):
+        cache.reserve(GROW_CHUNK + 101)
+
+
+# -- the ragged step -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_a_batch_takes_as_many_forwards_as_its_slowest_row(peaky_model, stop):
+    """Rows out of step (prompt lengths, dynamic commits, stops) share every forward: no commit forwards."""
+    calls = _count_calls(peaky_model.model.embed_tokens)
+    params = SamplingParams(max_new_tokens=24, temperature=1.0, threshold=0.3, seed=3)
+    prompts = _prompts((5, 8, 3, 12, 11, 6))
+    if stop:  # a token some rows generate and others don't: only some rows end early
+        free = [set(r.completion_ids[4:]) for r in Engine(peaky_model).generate(prompts, params)]
+        params.stop_ids = [next(t for t in sorted(set.union(*free)) if 0 < sum(t in f for f in free) < len(free))]
+        calls.clear()
+    rollouts = Engine(peaky_model).generate(prompts, params)
+    per_row = [r.num_forwards for r in rollouts]
+    assert min(per_row) < max(per_row)  # the rows really were out of step
+    assert len(calls) == 1 + max(per_row)  # the prefill, then one forward per step of the slowest row
+    if stop:
+        assert {r.finish_reason for r in rollouts} == {"stop", "length"}
+
+
+def test_lm_head_runs_on_masked_positions_only(peaky_model):
+    """Sequential decoding of block-aligned prompts: B, B-1, ..., 1 masked positions per block."""
+    rows = _count_calls(peaky_model.lm_head)
+    params = SamplingParams(max_new_tokens=2 * B, temperature=1.0, unmasking="sequential")
+    Engine(peaky_model).generate(_prompts((4, 8)), params)
+    assert rows == [0] + [2 * m for m in range(B, 0, -1)] * 2
+
+
+# -- bf16 ------------------------------------------------------------------------------------------------
+
+
+def test_bf16_engine_decodes_with_a_bf16_cache_and_fp32_logprobs(make_tiny_model, tokenizer, monkeypatch):
+    model = make_tiny_model().to(torch.bfloat16)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    dtypes = []
+    original = KVCache.reserve
+    monkeypatch.setattr(KVCache, "reserve", lambda self, end: (original(self, end), dtypes.append(self.keys[0].dtype)))
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, threshold=0.3, n=2, seed=5)
+    rollouts = Engine(model).generate(_prompts((5, 8, 3)), params)
+    assert set(dtypes) == {torch.bfloat16}
+    copies = [trace_copies(len(r.prompt_ids), r.steps, B) for r in rollouts]
+    pack = pack_traces([r.prompt_ids for r in rollouts], [r.token_ids for r in rollouts],
+                       [r.steps for r in rollouts], copies, B, tokenizer.mask_token_id, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(pack.input_ids, pack.position_ids, pack.meta, logits_index=pack.score_index).logits
+    logp = policy_logprobs(logits, params.temperature, mask_token_id=tokenizer.mask_token_id)
+    recomputed = logp.gather(-1, pack.target_ids[:, None]).squeeze(-1)
+    recorded = torch.tensor([rollouts[s].logps[i] for s, i in zip(pack.seq_index.tolist(), pack.token_index.tolist())])
+    assert recomputed.dtype == torch.float32 and torch.isfinite(recorded).all()
+    # bf16 rounds K/V and activations (8 bits of mantissa): the same states agree to bf16 precision.
+    torch.testing.assert_close(recomputed, recorded, atol=0.1, rtol=0)
