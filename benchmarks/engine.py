@@ -199,7 +199,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.preset, args.batch, args.new_tokens, args.max_prompt = "tiny", 4, 32, 24
-        args.long_batch, args.long_tokens, args.long_window, args.ar_tokens = 2, 128, 32, 16
+        args.long_batch, args.long_tokens, args.long_window, args.ar_tokens = 2, 64, 16, 8
         args.ar_prompts, args.repeats = 2, 1
     return args
 

@@ -113,7 +113,8 @@ def test_bench_engine_quick_runs(capsys, monkeypatch):
     lines = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines() if "=" in line)
     assert lines["outputs_identical"] == "True"
     for key in ("engine_speedup_vs_nocache", "engine_tokens_per_s", "nocache_tokens_per_s",
-                "tokens_per_forward_dynamic", "tokens_per_forward_static"):
+                "tokens_per_forward_dynamic", "tokens_per_forward_static", "long_gen_step_ratio",
+                "engine_vs_ar_speedup_b1", "engine_vs_ar_speedup_b8", "batch_forward_ratio"):
         assert float(lines[key]) > 0, key
 
 

@@ -217,9 +217,11 @@ class Engine:
         """Sample every masked position (logits: (N, V) in row-major order of ``batch.masked``), commit."""
         num_rows, size = batch.masked.shape
         logp = policy_logprobs(logits, params.temperature, params.top_k, params.top_p, self.mask_id)  # (N, V)
+        greedy = params.temperature == 0
         # B uniforms per row and step whatever is masked: the draws depend on the row only.
-        uniforms = torch.stack([torch.rand(size, generator=g) for g in batch.gens]).to(self.device)  # (R, B)
-        sampled = sample_from_logprobs(logp, uniforms[batch.masked], params.temperature == 0)  # (N,)
+        uniforms = None if greedy else torch.stack([torch.rand(size, generator=g) for g in batch.gens]
+                                                   ).to(self.device)[batch.masked]  # (N,)
+        sampled = sample_from_logprobs(logp, uniforms, greedy)  # (N,)
         token_logp = logp.gather(-1, sampled[:, None]).squeeze(-1)  # (N,)
         proposal = batch.tokens.masked_scatter(batch.masked, sampled)  # (R, B)
         proposal_logp = batch.logps.masked_scatter(batch.masked, token_logp)
@@ -235,6 +237,8 @@ class Engine:
         """Move full blocks to the outputs; return which rows finished (R,) bool."""
         size = self.block_size
         done = ~batch.masked.any(-1)
+        if not done.any():
+            return torch.zeros_like(done)
         finished = torch.zeros_like(done)
         stop_ids = set(params.stop_ids)
         for r in done.nonzero().squeeze(-1).tolist():

@@ -14,8 +14,8 @@ from dirl.model.policy import policy_logprobs  # noqa: F401  (re-exported: the e
 from dirl.rollout import UNMASKING
 
 
-def sample_from_logprobs(logp: torch.Tensor, uniforms: torch.Tensor, greedy: bool) -> torch.Tensor:
-    """Draw one token per row by inverse CDF. logp: (N, V), uniforms: (N,) in [0, 1) -> (N,) ids.
+def sample_from_logprobs(logp: torch.Tensor, uniforms: torch.Tensor | None, greedy: bool) -> torch.Tensor:
+    """Draw one token per row by inverse CDF. logp: (N, V), uniforms: (N,) in [0, 1) (unused if greedy) -> (N,) ids.
 
     Inverse-CDF sampling with externally drawn uniforms keeps every sequence's
     randomness in its own generator, so batch composition never changes a
