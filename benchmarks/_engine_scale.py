@@ -10,7 +10,9 @@
   each of its prompts alone.
 
 Model calls are counted and timed with forward pre-hooks, so the numbers need
-nothing from the engine beyond its public ``generate``.
+nothing from the engine beyond its public ``generate``. Times are CPU time of this
+process (``time.process_time``; one intra-op thread): on a machine shared with
+other jobs, wall time mostly measures their load, which drifts over a run.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class CallClock:
 
     def __init__(self, model):
         self.stamps: list[float] = []
-        self._handle = model.register_forward_pre_hook(lambda module, args: self.stamps.append(time.perf_counter()))
+        self._handle = model.register_forward_pre_hook(lambda module, args: self.stamps.append(time.process_time()))
 
     def reset(self) -> None:
         self.stamps.clear()
@@ -97,13 +99,13 @@ def engine_vs_ar(model, prompts: list[list[int]], new_tokens: int, batch_sizes=(
         groups = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
         t_engine = t_ar = float("inf")
         for _ in range(repeats):
-            start = time.perf_counter()
+            start = time.process_time()
             rollouts = [r for g in groups for r in engine.generate(g, params)]
-            t_engine = min(t_engine, time.perf_counter() - start)
-            start = time.perf_counter()
+            t_engine = min(t_engine, time.process_time() - start)
+            start = time.process_time()
             for g in groups:
                 ar_generate(hf, g, new_tokens)
-            t_ar = min(t_ar, time.perf_counter() - start)
+            t_ar = min(t_ar, time.process_time() - start)
         num_tokens = sum(r.num_tokens for r in rollouts)
         out[f"b{batch}"] = dict(
             speedup=round(t_ar / t_engine, 2), engine_tokens_per_s=round(num_tokens / t_engine, 1),
@@ -152,9 +154,9 @@ def long_generation_child(model, batch: int, prompt_len: int, new_tokens: int, w
     engine.generate(prompts, SamplingParams(max_new_tokens=2 * cfg.block_size, temperature=0.0))  # warm-up
     clock = CallClock(model)
     baseline = _rss_bytes()
-    start = time.perf_counter()
+    start = time.process_time()
     rollouts = engine.generate(prompts, params)
-    end = time.perf_counter()
+    end = time.process_time()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     stamps = clock.stamps[1:] + [end]  # decode forwards (the first call is the prefill)
     steps = [b - a for a, b in zip(stamps[:-1], stamps[1:])]

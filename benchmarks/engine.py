@@ -146,8 +146,13 @@ def run_scale_benchmark(args) -> dict[str, float | int | str]:
              "--long-batch", str(args.long_batch), "--long-tokens", str(args.long_tokens),
              "--long-window", str(args.long_window), "--long-prompt", str(args.long_prompt), "--seed", str(args.seed)]
     # The long generation runs in a fresh interpreter, so its peak RSS is its own (quick: in-process).
-    long_gen = scale.long_generation_child(load_model(args), args.long_batch, args.long_prompt, args.long_tokens,
-                                           args.long_window) if args.quick else scale.long_generation(__file__, child)
+    if args.skip_long:
+        long_gen = {}
+    elif args.quick:
+        long_gen = scale.long_generation_child(load_model(args), args.long_batch, args.long_prompt,
+                                               args.long_tokens, args.long_window)
+    else:
+        long_gen = scale.long_generation(__file__, child)
     for key, value in long_gen.items():
         out[key if key == "long_gen_step_ratio" else f"long_gen_{key}"] = value
     demo, tokenizer = load_pretrained(str(DEMO_CHECKPOINT))
@@ -195,6 +200,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="engine-vs-AR runs: best of this many")
     parser.add_argument("--skip-scale", action="store_true", help="only the cached-vs-reference lines")
     parser.add_argument("--skip-reference", action="store_true", help="only issue 19's lines")
+    parser.add_argument("--skip-long", action="store_true", help="without the long generation")
     parser.add_argument("--long-gen-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
