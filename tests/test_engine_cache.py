@@ -1,4 +1,4 @@
-"""The engine at scale: the in-place KV cache, the ragged step, the LM head on masked rows, bf16."""
+"""The engine at scale: the ragged step, the LM head on masked rows, bf16 decoding (the cache itself: test_kv_cache.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from dirl.engine.engine import Engine
 from dirl.rollout import SamplingParams
-from dirl.engine.kv_cache import GROW_CHUNK, KVCache
+from dirl.engine.kv_cache import KVCache
 from dirl.engine.unmask import policy_logprobs
 from dirl.model.trace import pack_traces, trace_copies
 
@@ -31,53 +31,6 @@ def _count_calls(module) -> list[int]:
     rows: list[int] = []
     module.register_forward_pre_hook(lambda m, args: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
     return rows
-
-
-# -- the in-place cache ---------------------------------------------------------------------------------
-
-
-def _cache(rows: int = 2, max_slots: int = 64) -> KVCache:
-    return KVCache(num_layers=2, num_rows=rows, num_kv_heads=2, head_dim=3, dtype=torch.float32,
-                   device=torch.device("cpu"), max_slots=max_slots)
-
-
-def test_cache_step_writes_slots_in_place_and_masks_a_prefix():
-    cache = _cache()
-    pos = torch.tensor([[4, 5, 6, 7], [0, 1, 2, 3]])
-    valid = torch.tensor([[True, True, True, True], [True, True, False, False]])
-    limit = torch.tensor([[8, 8, 8, 8], [4, 4, 4, 4]])
-    step = cache.step(pos, valid, limit)
-    k = torch.arange(2 * 2 * 4 * 3, dtype=torch.float32).view(2, 2, 4, 3)  # (R, Hkv, T, D)
-    keys, values = step[1].update(k, -k)
-    assert keys.shape == (2, 2, 8, 3) and step.end == 8
-    # Views of the cache itself: nothing of the past is copied.
-    assert keys.untyped_storage().data_ptr() == cache.keys[1].untyped_storage().data_ptr()
-    torch.testing.assert_close(cache.keys[1][0, :, 4:8], k[0])
-    torch.testing.assert_close(cache.values[1][1, :, 0:2], -k[1, :, :2])
-    torch.testing.assert_close(cache.keys[1][1, :, 2:4], torch.zeros(2, 2, 3))  # padding went to scratch
-    assert cache.keys[0].abs().sum() == 0  # other layers untouched
-    expected = torch.arange(8)[None, None, :] < limit[:, :, None]
-    assert torch.equal(step.mask[:, 0], expected)
-
-
-def test_cache_step_without_ragged_rows_needs_no_mask():
-    step = _cache(rows=1).step(torch.tensor([[0, 1, 2, 3]]), None, torch.tensor([[4, 4, 4, 4]]))
-    assert step.mask is None
-
-
-def test_cache_grows_in_chunks_and_follows_the_live_rows():
-    cache = _cache(rows=3, max_slots=GROW_CHUNK + 100)
-    cache.reserve(10)
-    assert cache.capacity == GROW_CHUNK  # one chunk, not the whole generation up front
-    cache.keys[0][:, :, :10] = torch.arange(3.0)[:, None, None, None]
-    cache.reserve(GROW_CHUNK + 5)
-    assert cache.capacity == GROW_CHUNK + 100  # capped at the most any row can reach
-    full = cache.num_bytes()
-    cache.select(torch.tensor([2, 0]))
-    assert cache.num_bytes() == full * 2 // 3
-    assert cache.keys[0][:, 0, 0, 0].tolist() == [2.0, 0.0]  # contents kept through growth and compaction
-    with pytest.raises(ValueError, match="KV cache"):
-        cache.reserve(GROW_CHUNK + 101)
 
 
 # -- the ragged step -----------------------------------------------------------------------------------
