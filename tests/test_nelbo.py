@@ -20,18 +20,21 @@ EPS = 1e-3
 
 
 class LogitsTable(torch.nn.Module):
-    """A stand-in model: the logits of a token are a fixed row chosen by its position."""
+    """A stand-in model: the logits of a token are a fixed row chosen by its position
+    (its hidden state is that row and its LM head the identity)."""
 
     def __init__(self, table: torch.Tensor, block_size: int = 4):
         super().__init__()
         self.table = table  # (L, V)
         self.config = SimpleNamespace(block_size=block_size)
+        self.lm_head = torch.nn.Linear(table.shape[1], table.shape[1], bias=False)
+        torch.nn.init.eye_(self.lm_head.weight)
         self.seen_input_ids = None
 
-    def forward(self, input_ids, position_ids, meta, logits_index=None, attn_impl=None):
+    def forward(self, input_ids, position_ids, meta, logits_index=None, attn_impl=None, return_hidden=False):
         self.seen_input_ids = input_ids
-        per_token = self.table[position_ids.reshape(-1)]  # (B*T, V)
-        return ForwardOutput(per_token[logits_index], [])
+        per_token = self.table[position_ids.reshape(-1)][logits_index]  # (N, V)
+        return ForwardOutput(None, [], per_token) if return_hidden else ForwardOutput(per_token, [])
 
 
 def _ce(row: list[float], target: int) -> float:
@@ -149,9 +152,9 @@ def test_nelbo_is_unbiased_for_constant_cross_entropy():
     for complementary in (False, True):
         noise = draw_noise(response, samples, torch.Generator().manual_seed(1), complementary=complementary)
         copy_idx, row_idx, _ = noise.masked.nonzero(as_tuple=True)
-        logits = torch.zeros(len(row_idx), vocab)
-        loss = nelbo_loss(logits, torch.zeros(len(row_idx), dtype=torch.long),
-                          noise.mask_prob[noise.masked], row_idx, counts, num_copies=noise.masked.shape[0])
+        target_logp = torch.full((len(row_idx),), -c)  # uniform logits: log p = -log V
+        loss = nelbo_loss(target_logp, noise.mask_prob[noise.masked], row_idx, counts,
+                          num_copies=noise.masked.shape[0])
         assert loss.item() == pytest.approx(c, rel=0.05)
 
 

@@ -23,12 +23,14 @@ the final block stay in the states as context.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from dirl.model.lm_head import head_logprobs
 from dirl.model.masks import TokenMeta
 from dirl.model.policy import policy_logprobs
 from dirl.model.trace import Copy, MaskCopy, TracePack, pack_traces, trace_copies
@@ -199,21 +201,22 @@ ESTIMATORS: dict[str, Callable[[EstimatorArgs], Plan]] = {
 }
 
 
+def policy_logp_fn(policy: PolicyDist, mask_token_id: int):
+    """logits (n, V) -> the sampler's policy log-probs (n, V), for the chunked head."""
+    return functools.partial(policy_logprobs, temperature=policy.temperature, top_k=policy.top_k,
+                             top_p=policy.top_p, mask_token_id=mask_token_id)
+
+
 def score_plan(model, plan: Plan, policy: PolicyDist, with_entropy: bool = False):
     """Policy log-probs of the plan's scored tokens: (N,) [and their entropies (N,), detached].
 
-    ``policy``: the rollouts' distribution (any :class:`~dirl.rollout.SamplingSpec` is one)."""
+    ``policy``: the rollouts' distribution (any :class:`~dirl.rollout.SamplingSpec` is one).
+    The LM head runs chunked (:func:`dirl.model.lm_head.head_logprobs`): no (N, V) tensor."""
     pack = plan.pack
     if pack.score_index.numel() == 0:
         empty = torch.zeros(0, device=pack.input_ids.device)
         return (empty, empty) if with_entropy else empty
-    out = model(pack.input_ids, pack.position_ids, pack.meta, logits_index=pack.score_index)
-    logp_all = policy_logprobs(out.logits, policy.temperature, policy.top_k, policy.top_p,
-                               model.config.mask_token_id)  # (N, V)
-    logp = logp_all.gather(-1, pack.target_ids[:, None]).squeeze(-1)
-    if not with_entropy:
-        return logp
-    with torch.no_grad():
-        probs = logp_all.exp()
-        entropy = -(probs * logp_all.masked_fill(probs == 0, 0)).sum(-1)
-    return logp, entropy
+    hidden = model(pack.input_ids, pack.position_ids, pack.meta, logits_index=pack.score_index,
+                   return_hidden=True).hidden  # (N, d)
+    return head_logprobs(model, hidden, pack.target_ids, policy_logp_fn(policy, model.config.mask_token_id),
+                         with_entropy)

@@ -26,7 +26,8 @@ Layout: one forward over ``[x_t^1 ; (x_t^2 ;) x_0]`` (BD3-LM's ``[x_t ; x_0]``,
 extended with a second noisy stream when complementary): a noisy block sees
 itself and the clean blocks before it (:func:`dirl.model.masks.visible`), the
 copies never see each other, and every stream shares the position ids. The LM
-head is evaluated only at masked noisy positions (``logits_index``).
+head is evaluated only at masked noisy positions (``logits_index``), through the
+chunked head (:mod:`dirl.model.lm_head`), so no (N, V) logits tensor is held.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from dirl.model.lm_head import head_logprobs
 from dirl.model.masks import TokenMeta, sft_meta
 
 NOISE_EPS = 1e-3
@@ -106,17 +107,18 @@ def response_counts(response_mask: torch.Tensor, sample_ids: torch.Tensor, num_s
     return torch.bincount(ids, minlength=num_samples)[:num_samples]
 
 
-def nelbo_loss(logits: torch.Tensor, targets: torch.Tensor, mask_prob: torch.Tensor, sample_index: torch.Tensor,
+def nelbo_loss(target_logp: torch.Tensor, mask_prob: torch.Tensor, sample_index: torch.Tensor,
                num_response: torch.Tensor, num_copies: int = 1) -> torch.Tensor:
-    """The NELBO from the logits at the masked positions only (all copies flattened).
+    """The NELBO from the clean tokens' log-probs at the masked positions only (all copies flattened).
 
-    logits: (N, V); targets, mask_prob, sample_index: (N,) -- the clean token, the
-    masking probability of its copy and its sample; num_response: (S,).
+    target_logp, mask_prob, sample_index: (N,) -- log p(x0_i | x_t) of the clean token
+    (so its CE is ``-target_logp``), the masking probability of its copy and its
+    sample; num_response: (S,).
     loss = mean over samples with responses of
            (1 / num_copies) * sum_copies sum_masked CE / p / n_resp.
     """
-    ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
-    n_resp = num_response.to(logits.device).clamp(min=1).to(torch.float32)  # (S,)
+    ce = -target_logp.float()  # (N,)
+    n_resp = num_response.to(ce.device).clamp(min=1).to(torch.float32)  # (S,)
     weight = 1.0 / (mask_prob.float() * n_resp[sample_index])  # (N,)
     per_sample = torch.zeros_like(n_resp).index_add(0, sample_index, ce * weight)  # (S,)
     num_with_response = int((num_response > 0).sum())
@@ -166,9 +168,11 @@ def sft_nelbo(model, batch: TokenBatch, noise: NoiseDraw, mask_token_id: int,
     # Flat index into (B, (C+1) L) of each masked noisy token; copy c occupies columns [cL, (c+1)L).
     copy_idx, row_idx, col_idx = masked.nonzero(as_tuple=True)  # (N,) each
     flat_index = row_idx * (num_copies + 1) * length + copy_idx * length + col_idx  # (N,)
-    logits = model(row_ids, row_positions, meta, logits_index=flat_index, attn_impl=attn_impl).logits  # (N, V)
+    hidden = model(row_ids, row_positions, meta, logits_index=flat_index, attn_impl=attn_impl,
+                   return_hidden=True).hidden  # (N, d)
+    target_logp = head_logprobs(model, hidden, input_ids[row_idx, col_idx])  # (N,), chunked: no (N, V)
     num_samples = int(sample_ids.max()) + 1 if sample_ids.numel() else 0
     num_response = response_counts(response_mask, sample_ids, num_samples)  # (S,)
-    loss = nelbo_loss(logits, input_ids[row_idx, col_idx], mask_prob[copy_idx, row_idx, col_idx],
-                      sample_ids[row_idx, col_idx], num_response, num_copies)
+    loss = nelbo_loss(target_logp, mask_prob[copy_idx, row_idx, col_idx], sample_ids[row_idx, col_idx],
+                      num_response, num_copies)
     return loss, {"num_masked": int(flat_index.numel()), "num_response": int(num_response.sum())}

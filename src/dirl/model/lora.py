@@ -122,6 +122,15 @@ class BaseModelView(nn.Module):
         with torch.no_grad(), adapters_disabled(self.lora_model):
             return self.lora_model(*args, **kwargs)
 
+    @property
+    def lm_head(self) -> nn.Module:
+        """The base LM head, for the chunked head after a ``return_hidden`` forward (lm_head.py)."""
+        return self.lora_model.lm_head
+
+    @property
+    def head_chunk_size(self) -> int:
+        return self.lora_model.head_chunk_size
+
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors under PEFT's file names (``base_model.model.<module>.lora_A.weight``)."""

@@ -21,9 +21,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dirl.model.attention import attend, build_mask
 from dirl.model.config import ModelConfig
+from dirl.model.lm_head import DEFAULT_CHUNK_SIZE
 from dirl.model.masks import TokenMeta
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (B, Hkv, T, D) each, keys already rotated
@@ -121,8 +123,9 @@ class Backbone(nn.Module):
 
 @dataclass
 class ForwardOutput:
-    logits: torch.Tensor           # (B, T, V), or (N, V) when logits_index is given
-    new_kv: list[KV]               # per layer, K/V of this forward's tokens only
+    logits: torch.Tensor | None    # (B, T, V), or (N, V) when logits_index is given; None with return_hidden
+    new_kv: list[KV]               # per layer, K/V of this forward's tokens only (empty when checkpointed)
+    hidden: torch.Tensor | None = None  # final-norm hidden states, same rows as logits, with return_hidden
 
 
 class SDARForCausalLM(nn.Module):
@@ -136,6 +139,11 @@ class SDARForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.attn_impl = "sdpa"
+        # Recompute each decoder layer in backward (torch.utils.checkpoint): only the layer
+        # inputs are kept, so activation memory is ~ num_layers x T x d instead of every
+        # intermediate. Set by the trainers from ``compute.activation_checkpointing``.
+        self.activation_checkpointing = False
+        self.head_chunk_size = DEFAULT_CHUNK_SIZE  # rows per chunk of the chunked head (lm_head.py)
 
     def init_weights(self, seed: int, std: float = 0.02) -> None:
         """Random init (normal(0, std) matrices, unit norms), reproducible from ``seed``."""
@@ -151,7 +159,8 @@ class SDARForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: TokenMeta | None,
                 past_kv: Sequence[KV] | None = None, past_meta: TokenMeta | None = None,
-                logits_index: torch.Tensor | None = None, attn_impl: str | None = None) -> ForwardOutput:
+                logits_index: torch.Tensor | None = None, attn_impl: str | None = None,
+                return_hidden: bool = False) -> ForwardOutput:
         """input_ids, position_ids: (B, T); meta: mask metadata of these tokens.
 
         past_kv / past_meta: cached clean keys (per layer (B, Hkv, P, D)) and their
@@ -161,6 +170,9 @@ class SDARForCausalLM(nn.Module):
         SDPA mask over them, and ``meta`` is unused). logits_index: flat indices into
         B*T -- only those rows of the LM head are computed (the vocabulary projection
         dominates at 150k).
+        return_hidden: skip the LM head and return the final-norm hidden states of
+        those rows, for the chunked head (:mod:`dirl.model.lm_head`) that never holds
+        their (N, V) logits.
         """
         impl = attn_impl or self.attn_impl
         if hasattr(past_kv, "mask"):  # an in-place cache knows which of its slots each query sees
@@ -169,12 +181,20 @@ class SDARForCausalLM(nn.Module):
             mask = build_mask(meta, meta if past_meta is None else past_meta.cat(meta), impl)
         hidden = self.model.embed_tokens(input_ids)  # (B, T, d)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
+        # Checkpointed layers keep only their input; their K/V are not kept either (a
+        # training forward never needs them, and holding them would undo the saving).
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and past_kv is None
         new_kv: list[KV] = []
         for i, layer in enumerate(self.model.layers):
             past = None if past_kv is None else past_kv[i]
+            if recompute:
+                hidden, _ = checkpoint(layer, hidden, cos, sin, mask, impl, past, use_reentrant=False)
+                continue
             hidden, kv = layer(hidden, cos, sin, mask, impl, past)
             new_kv.append(kv)
         hidden = self.model.norm(hidden)
         if logits_index is not None:
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, logits_index)  # (N, d)
+        if return_hidden:
+            return ForwardOutput(None, new_kv, hidden)
         return ForwardOutput(self.lm_head(hidden), new_kv)
