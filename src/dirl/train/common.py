@@ -7,7 +7,6 @@ DESIGN §10 robustness) applies to every trainer alike.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -134,19 +133,6 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
-
-# ---------------------------------------------------------------- devices
-
-
-def autocast_context(device: str | torch.device, dtype: str | torch.dtype | None = "bfloat16"):
-    """bf16 (or the given low-precision dtype) autocast on CUDA; a no-op on CPU, where
-    training stays fp32 so resume is bitwise reproducible."""
-    device = torch.device(device)
-    if device.type != "cuda" or dtype in (None, "float32", torch.float32):
-        return contextlib.nullcontext()
-    if isinstance(dtype, str):
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    return torch.autocast(device_type="cuda", dtype=dtype)
 
 
 # ---------------------------------------------------------------- logging

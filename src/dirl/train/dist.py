@@ -208,10 +208,13 @@ class _DDP(DistributedDataParallel):
             return getattr(self.module, name)
 
 
-def wrap(model: torch.nn.Module, strategy: str, device: torch.device, trainable: bool = True) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, strategy: str, device: torch.device, trainable: bool = True,
+         mp_policy=None) -> torch.nn.Module:
     """The model as trained under ``strategy``; unchanged on one rank.
 
     ``trainable=False`` (a frozen reference): sharded under fsdp, left whole under ddp.
+    ``mp_policy``: FSDP2's ``MixedPrecisionPolicy`` (bf16-mixed, :mod:`dirl.train.precision`);
+    ignored by ddp, whose forwards run under autocast instead.
     """
     if not is_distributed() or strategy == "none":
         return model
@@ -228,11 +231,14 @@ def wrap(model: torch.nn.Module, strategy: str, device: torch.device, trainable:
     # modifies them in place, so FSDP2's warning about returned views is noise.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (world_size(),))
+    policy = {} if mp_policy is None else {"mp_policy": mp_policy}
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True, **policy)
     # The root's own weights (embeddings, final norm, lm_head) are needed again at
-    # once by backward: keep them gathered after forward (FSDP2's usual choice).
-    return fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    # once by backward: keep them gathered after forward (FSDP2's usual choice) --
+    # which is also what lets the chunked head read the full lm_head weight after
+    # the forward (dirl.model.lm_head.head_logprobs).
+    return fully_shard(model, mesh=mesh, reshard_after_forward=False, **policy)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

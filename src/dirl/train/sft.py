@@ -50,9 +50,11 @@ from dirl.runtime import derived_seed, resolve_device
 from dirl.train import dist as dist_lib
 from dirl.train import state as state_lib
 from dirl.train.batching import SFTBatch, SFTLoader, tokenize_rows
-from dirl.train.common import (MetricsLogger, OptimConfig, autocast_context, build_optimizer, build_scheduler,
+from dirl.train import precision
+from dirl.train.common import (MetricsLogger, OptimConfig, build_optimizer, build_scheduler,
                                clip_and_step, format_metrics, set_seed)
 from dirl.train.models import check_lora, load_model_spec
+from dirl.train.precision import ComputeConfig
 
 
 @dataclass
@@ -85,8 +87,7 @@ class SFTConfig:
     noise_eps: float = NOISE_EPS
     attn_impl: str = "auto"           # auto (flex on CUDA, sdpa on CPU) | sdpa | flex
     device: str = "auto"
-    autocast_dtype: str = "bfloat16"  # autocast on CUDA; CPU always runs fp32
-    param_dtype: str = "float32"      # weights and optimizer state
+    compute: ComputeConfig = field(default_factory=ComputeConfig)  # precision, checkpointing, head chunks
     progress: bool = True
     dist: dist_lib.DistConfig = field(default_factory=dist_lib.DistConfig)  # torchrun only
     lora: LoraConfig = field(default_factory=LoraConfig)  # r > 0: train adapters on a frozen base
@@ -97,8 +98,7 @@ class SFTConfig:
             "max_steps": POSITIVE, "stop_at_step": NON_NEGATIVE, "batch_size": POSITIVE, "log_every": POSITIVE,
             "save_every": NON_NEGATIVE, "keep_last": POSITIVE, "eval_every": NON_NEGATIVE, "eval_num": POSITIVE,
             "noise_eps": (lambda v: 0 <= v < 1, "in [0, 1)"),
-            "attn_impl": one_of("auto", "sdpa", "flex"),
-            "param_dtype": one_of("float32", "bfloat16", "float16")})
+            "attn_impl": one_of("auto", "sdpa", "flex")})
         check_fields(self.data, {"max_length": POSITIVE, "limit": NON_NEGATIVE})
 
 
@@ -122,7 +122,7 @@ def resolve_attn_impl(name: str, device: torch.device) -> str:
 
 def compute_loss(run: "SFTRun", batch: SFTBatch, noise: NoiseDraw) -> tuple[torch.Tensor, dict]:
     """The NELBO of one micro-batch (a seam the NaN-guard test patches)."""
-    with autocast_context(run.device, run.cfg.autocast_dtype):
+    with precision.autocast(run.cfg.compute, run.device, sharded=dist_lib.is_sharded(run.model)):
         return sft_nelbo(run.model, batch, noise, run.tokenizer.mask_token_id, attn_impl=run.attn_impl)
 
 
@@ -227,7 +227,9 @@ def build_run(cfg: SFTConfig, resume: str | Path | None = None) -> SFTRun:
         raise ValueError(f"batch_size={cfg.batch_size} is the global batch: it must be >= the "
                          f"{dist_lib.world_size()} ranks")
     check_lora(cfg.lora, cfg.dist.strategy)
-    model, tokenizer = load_model_spec(cfg.model, device, cfg.param_dtype, cfg.seed, lora=cfg.lora)
+    model, tokenizer = load_model_spec(cfg.model, device, precision.param_dtype(cfg.compute, device), cfg.seed,
+                                       lora=cfg.lora)
+    precision.configure(model, cfg.compute)
     if cfg.eval_every:
         check_sampling(cfg.eval_sampling, model.config.block_size, "eval_sampling")
     examples = load_examples(cfg, tokenizer, model.config.block_size)  # validates every row first
@@ -235,7 +237,7 @@ def build_run(cfg: SFTConfig, resume: str | Path | None = None) -> SFTRun:
     # Flex compiles per shape: give unpacked batches a fixed length too.
     row_length = cfg.data.max_length if (cfg.pack or attn_impl == "flex") else None
     loader = SFTLoader(examples, cfg.batch_size, tokenizer.pad_token_id, cfg.seed, cfg.pack, row_length)
-    model = dist_lib.wrap(model, cfg.dist.strategy, device)
+    model = dist_lib.wrap(model, cfg.dist.strategy, device, mp_policy=precision.fsdp_policy(cfg.compute, device))
     optimizer = build_optimizer(dist_lib.unwrap(model), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps)
     noise_gen = torch.Generator().manual_seed(derived_seed(cfg.seed, "noise"))

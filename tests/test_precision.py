@@ -1,0 +1,116 @@
+"""Precision modes and activation checkpointing (dirl.train.precision, DESIGN §12)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dirl import config as config_lib
+from dirl.algo.nelbo import draw_noise, sft_nelbo
+from dirl.config import ConfigError
+from dirl.model.factory import InitConfig, init_model
+from dirl.model.tokenizer import char_tokenizer
+from dirl.train import precision
+from dirl.train.batching import collate, tokenize_example
+from dirl.train.precision import ComputeConfig
+from dirl.train.sft import SFTConfig, build_run, train_step
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer):
+    examples = [[tokenize_example([{"role": "user", "content": f"{a}*{a}="},
+                                   {"role": "assistant", "content": f"{a * a}"}], tokenizer, 4)]
+                for a in (12, 345, 6789, 24680)]
+    return collate(examples, tokenizer.pad_token_id)
+
+
+def _loss(model, batch, tokenizer, compute: ComputeConfig):
+    noise = draw_noise(batch.response_mask, batch.sample_ids, torch.Generator().manual_seed(0), complementary=True)
+    precision.configure(model, compute)
+    with precision.autocast(compute, CPU):
+        loss, _ = sft_nelbo(model, batch.input_ids, batch.position_ids, batch.doc_ids, batch.response_mask,
+                            batch.sample_ids, noise, tokenizer.mask_token_id)
+    return loss
+
+
+def _fraction_changed_by_one_step(mode: str, batch, tokenizer, lr: float = 1e-6) -> tuple[float, float]:
+    """(loss, fraction of the weights with a nonzero gradient that one AdamW step changes)."""
+    compute = ComputeConfig(precision=mode)
+    model = init_model(InitConfig(preset="tiny", seed=0, dtype=precision.param_dtype(compute, CPU)), tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = _loss(model, batch, tokenizer, compute)
+    loss.backward()
+    touched = {n: p.grad != 0 for n, p in model.named_parameters()}
+    torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0).step()
+    changed = sum(int(((p.detach() != before[n]) & touched[n]).sum()) for n, p in model.named_parameters())
+    total = sum(int(t.sum()) for t in touched.values())
+    return float(loss.detach()), changed / total
+
+
+def test_bf16_mixed_keeps_small_updates_and_pure_bf16_loses_them(batch, tokenizer):
+    loss32, changed32 = _fraction_changed_by_one_step("fp32", batch, tokenizer)
+    loss_mixed, changed_mixed = _fraction_changed_by_one_step("bf16-mixed", batch, tokenizer)
+    loss16, changed16 = _fraction_changed_by_one_step("bf16", batch, tokenizer)
+    assert changed32 >= 0.99 and changed_mixed >= 0.99, (changed32, changed_mixed)
+    assert changed16 < 0.2, changed16  # most lr-1e-6 updates are below half a bf16 ulp
+    assert loss_mixed == pytest.approx(loss32, rel=2e-2) and loss16 == pytest.approx(loss32, rel=5e-2)
+
+
+def test_fp32_master_weights_and_bf16_compute(batch, tokenizer):
+    model = init_model(InitConfig(preset="tiny", seed=0), tokenizer)
+    compute = ComputeConfig(precision="bf16-mixed")
+    seen = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    _loss(model, batch, tokenizer, compute).backward()
+    hook.remove()
+    assert seen == [torch.bfloat16]
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def _grads_and_saved_bytes(model, batch, tokenizer, checkpointing: bool):
+    saved = 0
+
+    def pack(tensor):
+        nonlocal saved
+        saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = _loss(model, batch, tokenizer, ComputeConfig(precision="fp32", activation_checkpointing=checkpointing))
+    loss.backward()
+    return float(loss), [p.grad.clone() for p in model.parameters()], saved
+
+
+def test_activation_checkpointing_same_gradients_less_saved_memory(batch, tokenizer):
+    model = init_model(InitConfig(preset="tiny", seed=0), tokenizer)
+    loss, grads, saved = _grads_and_saved_bytes(model, batch, tokenizer, False)
+    loss_ckpt, grads_ckpt, saved_ckpt = _grads_and_saved_bytes(model, batch, tokenizer, True)
+    assert abs(loss - loss_ckpt) <= 1e-6
+    assert max(float((a - b).abs().max()) for a, b in zip(grads, grads_ckpt)) <= 1e-6
+    assert saved_ckpt < 0.5 * saved, (saved_ckpt, saved)  # only each layer's input is kept
+
+
+def test_sft_step_with_bf16_mixed_and_checkpointing_changes_every_parameter(tmp_path):
+    cfg = config_lib.load(SFTConfig, None, [
+        "model=init:tiny", "data.source=task:arithmetic", "data.limit=32", "data.max_length=64", "batch_size=4",
+        "progress=false", f"out={tmp_path}", "compute.precision=bf16-mixed",
+        "compute.activation_checkpointing=true", "compute.head_chunk_size=16"])
+    run = build_run(cfg)
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    metrics = train_step(run)
+    assert metrics["loss"] > 0 and not metrics["skipped"]
+    unchanged = [n for n, p in run.model.named_parameters() if torch.equal(p.detach(), before[n])]
+    assert not unchanged and run.model.activation_checkpointing and run.model.head_chunk_size == 16
+
+
+def test_bad_precision_is_a_config_error_naming_the_key():
+    with pytest.raises(ConfigError, match="compute.*precision"):
+        config_lib.load(SFTConfig, None, ["compute.precision=fp16"])
