@@ -290,3 +290,43 @@ def test_sdpa_and_flex_agree_on_trace_pack_with_padding(tiny_model, tokenizer):
         sdpa = tiny_model(pack.input_ids, pack.position_ids, pack.meta, attn_impl="sdpa").logits
         flex = tiny_model(pack.input_ids, pack.position_ids, pack.meta, attn_impl="flex").logits
     torch.testing.assert_close(flex[real], sdpa[real], atol=1e-5, rtol=0)
+
+
+# -- the O(L) FlexAttention block mask ----------------------------------------------------------------
+
+
+def _random_meta(batch: int, length: int, seed: int) -> TokenMeta:
+    """Packed SFT-like rows: two documents and trailing padding, block size 4."""
+    gen = torch.Generator().manual_seed(seed)
+    half = length // 2
+    pos = torch.arange(half).repeat(batch, 1)
+    doc = torch.where(pos < half // 2, 0, 1)
+    doc[:, -int(torch.randint(1, 9, (1,), generator=gen)):] = -1
+    return sft_meta(pos, 4, doc)
+
+
+@pytest.mark.parametrize("length,max_elements", [(256, 1 << 24), (600, 1 << 24), (1000, 1 << 14)])
+def test_flex_block_mask_from_tiles_equals_torch_create_block_mask(length, max_elements, monkeypatch):
+    """The tile-by-tile BlockMask (no dense (Q, K) tensor) equals torch's create_block_mask, including
+    ragged last tiles and several query chunks."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from dirl.model import attention, masks
+    from dirl.model.masks import mask_mod_for
+
+    monkeypatch.setattr(attention, "tile_visibility",
+                        lambda q, k, tile: masks.tile_visibility(q, k, tile, max_elements=max_elements))
+    meta = _random_meta(2, length, seed=length)
+    ours = attention.flex_block_mask(meta, meta)
+    ref = create_block_mask(mask_mod_for(meta, meta), 2, None, length, length, device="cpu")
+    assert torch.equal(ours.to_dense(), ref.to_dense())
+    assert torch.equal(ours.kv_num_blocks, ref.kv_num_blocks)
+    assert torch.equal(ours.full_kv_num_blocks, ref.full_kv_num_blocks)
+    assert ours.seq_lengths == ref.seq_lengths
+
+
+def test_bucket_lengths_are_few_and_cover():
+    from dirl.model.attention import bucket_length
+    buckets = {bucket_length(n) for n in range(1, 16_385)}
+    assert sorted(buckets)[:6] == [128, 256, 384, 512, 768, 1024] and len(buckets) <= 16
+    assert all(n <= bucket_length(n) <= max(256, 1.5 * n) for n in range(1, 5000))  # <= 50% padding past 256

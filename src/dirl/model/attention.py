@@ -6,9 +6,16 @@ must give the same numbers (``tests/test_masks.py`` holds them equal).
 * ``sdpa`` -- works everywhere and supports backward on CPU; the mask is a
   dense (B, 1, Q, K) bool tensor built by broadcasting the mask rule.
 * ``flex`` -- ``torch.nn.attention.flex_attention`` under ``torch.compile``, the
-  GPU fast path (block-sparse, never materialises the mask). On CPU in torch
-  2.13 its forward compiles and runs but its backward raises, so CPU training
-  uses ``sdpa``.
+  GPU fast path (block-sparse, never materialises the mask). The ``BlockMask``
+  is built from the per-token vectors tile by tile (:func:`~dirl.model.masks.tile_visibility`):
+  O(L) memory, no dense (Q, K) tensor and no compile of the mask itself. Training
+  forwards pad their length to a few buckets (:func:`bucket_length`: powers of
+  two and 1.5x powers of two, >= 128), so the compiled kernel sees a bounded
+  number of shapes. On CPU in torch 2.13 its forward compiles and runs but its
+  backward raises, so CPU training uses ``sdpa``.
+
+The dense SDPA mask costs Q x K bytes plus the mask rule's broadcast temporaries
+(see README "Real scale" for the largest L it handles in 24 GB).
 """
 
 from __future__ import annotations
@@ -18,24 +25,60 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from dirl.model.masks import TokenMeta, dense_mask, mask_mod_for
+from dirl.model.masks import TokenMeta, dense_mask, mask_mod_for, tile_visibility
 
 ATTENTION_IMPLS = ("sdpa", "flex")
+
+
+FLEX_TILE = 128          # FlexAttention's sparse block size
+FLEX_RECOMPILE_LIMIT = 64  # shapes (length buckets x batch sizes) the compiled kernel may see
 
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
-    # dynamic=False: recompiling flex on a new length with dynamic shapes has failed in practice.
+    # dynamic=False: recompiling flex on a new length with dynamic shapes has failed in practice;
+    # lengths are bucketed instead, and the default limit of 8 shapes is raised to cover the buckets.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
     return torch.compile(flex_attention, dynamic=False)
 
 
+def bucket_length(length: int, minimum: int = FLEX_TILE) -> int:
+    """The smallest of {m 2^k, 1.5 m 2^k} >= length (m = ``minimum``): <= 33% padding,
+    about two shapes per doubling of the length."""
+    size = minimum
+    while size < length:
+        if size * 3 // 2 >= length and (size * 3 // 2) % minimum == 0:
+            return size * 3 // 2
+        size *= 2
+    return size
+
+
 def flex_block_mask(q_meta: TokenMeta, k_meta: TokenMeta):
-    """A FlexAttention BlockMask for the given metadata."""
-    from torch.nn.attention.flex_attention import create_block_mask
-    batch, num_q = q_meta.shape
-    return create_block_mask(mask_mod_for(q_meta, k_meta), batch, None, num_q, k_meta.shape[1],
-                             device=q_meta.doc.device)
+    """A FlexAttention BlockMask for the given metadata, built in O(L) memory."""
+    from torch.nn.attention.flex_attention import BlockMask
+    partial, full = tile_visibility(q_meta, k_meta, FLEX_TILE)  # (B, 1, nq, nk) each
+
+    def ordered(blocks):  # dense block flags -> (count per row, column indices, visible first)
+        flags = blocks.to(torch.int32)
+        return (flags.sum(-1).to(torch.int32),
+                torch.argsort(flags, dim=-1, descending=True, stable=True).to(torch.int32))
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=FLEX_TILE,
+                                    mask_mod=mask_mod_for(q_meta, k_meta),
+                                    seq_lengths=(q_meta.shape[1], k_meta.shape[1]))
+
+
+def pad_to_bucket(input_ids: torch.Tensor, position_ids: torch.Tensor, meta: TokenMeta):
+    """Right-pad (B, T) inputs to ``bucket_length(T)`` with invisible tokens (doc -1).
+
+    -> (input_ids, position_ids, meta), each (B, T'); the caller slices its outputs back to T."""
+    pad = bucket_length(input_ids.shape[1]) - input_ids.shape[1]
+    if pad == 0:
+        return input_ids, position_ids, meta
+    fill = (-1, 0, False, -1)  # doc, block, noisy, copy of a padding token
+    padded = TokenMeta(*(F.pad(f, (0, pad), value=v) for f, v in zip(meta.fields(), fill)))
+    return F.pad(input_ids, (0, pad)), F.pad(position_ids, (0, pad)), padded
 
 
 def build_mask(q_meta: TokenMeta, k_meta: TokenMeta, impl: str):

@@ -88,6 +88,37 @@ def dense_mask(q: TokenMeta, k: TokenMeta) -> torch.Tensor:
     return mask[:, None]
 
 
+def tile_visibility(q: TokenMeta, k: TokenMeta, tile: int = 128,
+                    max_elements: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which (tile x tile) blocks of the mask are partly / fully visible, without a (Q, K) tensor.
+
+    -> (partial, full): (B, 1, ceil(Q / tile), ceil(K / tile)) bool, partial = some but not
+    all pairs visible, full = every pair visible (FlexAttention then skips the mask_mod).
+    The rule is evaluated on a few query tiles at a time (at most ``max_elements`` pairs),
+    so memory is O(B x K x rows-per-chunk) + the O((Q K) / tile^2) block summary: O(L).
+    Positions past Q / K count as not visible, so a ragged last tile is never full.
+    """
+    batch, num_q = q.shape
+    num_k = k.shape[1]
+    q_tiles, k_tiles = -(-num_q // tile), -(-num_k // tile)
+    k_pad = k_tiles * tile - num_k
+    k_fields = [torch.nn.functional.pad(f, (0, k_pad), value=-1 if f.dtype != torch.bool else False)
+                for f in k.fields()]  # doc -1: padded keys are never visible
+    rows_per_chunk = max(tile, (max_elements // max(1, batch * k_tiles * tile)) // tile * tile)
+    any_parts, all_parts = [], []
+    for start in range(0, q_tiles * tile, rows_per_chunk):
+        end = min(start + rows_per_chunk, q_tiles * tile)
+        q_fields = [f[:, start:end] for f in q.fields()]
+        vis = visible(*(t[:, :, None] for t in q_fields), *(t[:, None, :] for t in k_fields))  # (B, r, Kp)
+        rows = vis.shape[1]
+        vis = torch.nn.functional.pad(vis, (0, 0, 0, end - start - rows))  # queries past Q: not visible
+        tiles = vis.view(batch, (end - start) // tile, tile, k_tiles, tile)
+        any_parts.append(tiles.any(dim=4).any(dim=2))
+        all_parts.append(tiles.all(dim=4).all(dim=2))
+    any_vis, all_vis = torch.cat(any_parts, dim=1), torch.cat(all_parts, dim=1)  # (B, q_tiles, k_tiles)
+    return (any_vis & ~all_vis)[:, None], all_vis[:, None]
+
+
 def mask_mod_for(q: TokenMeta, k: TokenMeta):
     """A FlexAttention ``mask_mod`` closing over the metadata tensors."""
     qd, qb, qn, qc = q.fields()

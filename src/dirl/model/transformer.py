@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dirl.model.attention import attend, build_mask
+from dirl.model.attention import attend, build_mask, pad_to_bucket
 from dirl.model.config import ModelConfig
 from dirl.model.lm_head import DEFAULT_CHUNK_SIZE
 from dirl.model.masks import TokenMeta
@@ -175,6 +175,9 @@ class SDARForCausalLM(nn.Module):
         their (N, V) logits.
         """
         impl = attn_impl or self.attn_impl
+        num_tokens = input_ids.shape[1]
+        if impl == "flex" and past_kv is None:  # a few padded lengths: a few compiled shapes
+            input_ids, position_ids, meta = pad_to_bucket(input_ids, position_ids, meta)
         if hasattr(past_kv, "mask"):  # an in-place cache knows which of its slots each query sees
             mask, impl = past_kv.mask, "sdpa"
         else:
@@ -191,8 +194,8 @@ class SDARForCausalLM(nn.Module):
                 hidden, _ = checkpoint(layer, hidden, cos, sin, mask, impl, past, use_reentrant=False)
                 continue
             hidden, kv = layer(hidden, cos, sin, mask, impl, past)
-            new_kv.append(kv)
-        hidden = self.model.norm(hidden)
+            new_kv.append((kv[0][:, :, :num_tokens], kv[1][:, :, :num_tokens]))
+        hidden = self.model.norm(hidden[:, :num_tokens])
         if logits_index is not None:
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, logits_index)  # (N, d)
         if return_hidden:
