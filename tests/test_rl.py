@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from dirl.algo.advantages import group_advantages
@@ -131,3 +132,41 @@ def test_dynamic_sampling_keeps_exactly_the_informative_groups(tmp_path):
     without.rewards, without.rollout.num_prompts = dict(cfg.rewards), 4
     plain, _ = gather_batch(build_run(without), step=0)
     assert len(plain.rollouts) == 16  # without dynamic sampling every group stays
+
+
+@pytest.mark.parametrize("estimator,agg", [("trace", "token_mean"), ("trace", "seq_mean_token_mean"),
+                                           ("coupled", "constant"), ("trace_mc", "token_mean")])
+def test_micro_batches_give_the_update_of_one_batch(tiny_model, estimator, agg):
+    """K micro-batches by token budget == one batch: same gradient (fp32 <= 1e-6), same metrics."""
+    params = SamplingParams(max_new_tokens=12, threshold=0.05, n=3, seed=0)
+    rollouts = Engine(tiny_model).generate([[5, 6, 7], [8, 9], [10, 11, 12, 13]], params)
+    adv = group_advantages(torch.tensor([float(len(set(r.completion_ids))) for r in rollouts]), 3)
+    ref = copy.deepcopy(tiny_model).eval().requires_grad_(False)
+    results = []
+    for budget in (0, 40, 1):  # one micro-batch; a few rows each; one row each
+        model = copy.deepcopy(tiny_model)
+        optimizer = _GradRecorder(model.parameters())
+        algo = AlgoConfig(estimator=estimator, agg=agg, beta=0.1, micro_batch_tokens=budget, num_minibatches=2)
+        learner = Learner(model, ref, optimizer, None, OptimConfig(schedule="constant", grad_clip=0.0), algo,
+                          SamplingSpec(max_new_tokens=12))
+        metrics = policy_update(learner, rollouts, adv, torch.Generator().manual_seed(0))
+        results.append((metrics, optimizer.grads))
+    (one, grads_one), *others = results
+    assert len(grads_one) == 2 * len(list(tiny_model.parameters()))  # two optimizer steps
+    scale = max(1.0, max(float(g.abs().max()) for g in grads_one))  # trace_mc weighs tokens by stratum sizes
+    for metrics, grads in others:
+        assert max(float((a - b).abs().max()) for a, b in zip(grads_one, grads)) <= 1e-6 * scale
+        for key in ("loss", "kl", "entropy", "ratio_mean"):
+            assert metrics[key] == pytest.approx(one[key], abs=1e-6), key
+    assert max(float(g.abs().max()) for g in grads_one) > 0
+
+
+class _GradRecorder(torch.optim.SGD):
+    """An optimizer that records the gradients it is stepped with and leaves the weights alone."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.0)
+        self.grads = []
+
+    def step(self, closure=None):
+        self.grads += [p.grad.clone() for group in self.param_groups for p in group["params"]]

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CHUNK_SIZE = 512  # rows per chunk: 512 x 151,936 x 4 B = 311 MB per fp32 (chunk, V) tensor
+DEFAULT_CHUNK_SIZE = 256  # rows per chunk: 256 x 151,936 x 4 B = 156 MB per fp32 (chunk, V) tensor
 
 LogpFn = Callable[[torch.Tensor], torch.Tensor]
 

@@ -135,3 +135,39 @@ def pack_traces(prompts: list[list[int]], token_ids: list[list[int]], steps: lis
     cols = torch.tensor(score_rows, dtype=torch.long).view(-1, 5).T
     meta = TokenMeta(doc, pos // block_size, noisy, copy).to(device)
     return TracePack(ids.to(device), pos.to(device), meta, *(c.to(device) for c in cols))
+
+
+def row_groups(pack: TracePack, budget: int) -> list[list[int]]:
+    """Consecutive rows of ``pack`` in groups of at most ``budget`` real (non-padding) tokens.
+
+    A row longer than the budget forms its own group (a row is never split: its copies
+    need its clean tokens). ``budget <= 0``: one group of every row."""
+    widths = (pack.meta.doc >= 0).sum(dim=1).tolist()  # (R,) real tokens per row
+    if budget <= 0:
+        return [list(range(len(widths)))]
+    groups, current, used = [], [], 0
+    for row, width in enumerate(widths):
+        if current and used + width > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(row)
+        used += width
+    return groups + ([current] if current else [])
+
+
+def select_rows(pack: TracePack, rows: list[int]) -> tuple[TracePack, torch.Tensor]:
+    """The sub-pack of ``rows`` (cut to their widest real row) and which of the pack's scores
+    it holds: -> (sub_pack, keep (N,) bool). ``seq_index`` becomes the position in ``rows``."""
+    device = pack.input_ids.device
+    row_ids = torch.tensor(rows, dtype=torch.long, device=device)
+    width = int((pack.meta.doc[row_ids] >= 0).sum(dim=1).max()) if rows else 0
+    total_width = pack.input_ids.shape[1]
+    score_row, score_col = pack.score_index // total_width, pack.score_index % total_width  # (N,) each
+    local_of = torch.full((pack.input_ids.shape[0],), -1, dtype=torch.long, device=device)
+    local_of[row_ids] = torch.arange(len(rows), device=device)
+    keep = local_of[score_row] >= 0  # (N,)
+    cut = lambda t: t[row_ids, :width]  # noqa: E731
+    sub = TracePack(cut(pack.input_ids), cut(pack.position_ids), TokenMeta(*(cut(f) for f in pack.meta.fields())),
+                    local_of[score_row[keep]] * width + score_col[keep], pack.target_ids[keep],
+                    local_of[pack.seq_index[keep]], pack.token_index[keep], pack.copy_index[keep])
+    return sub, keep

@@ -14,6 +14,15 @@ the whole mini-batch. A rank with nothing to score in a mini-batch still runs a
 zero-weighted forward/backward so the gradient collectives stay matched. Exact
 for the deterministic estimators (trace, trace_shrink, mean_field); the random
 ones (trace_mc, random_mask, coupled) draw per rank, equal in distribution.
+
+Micro-batches (DESIGN §12): each mini-batch's packed rows are scored and
+backpropagated in groups of at most ``micro_batch_tokens`` real tokens
+(a row -- one rollout and its copies -- is never split), gradients accumulate,
+and each micro-batch's loss is rescaled from its own normaliser to the global
+one exactly like a rank's, so K micro-batches give the update of one
+(``tests/test_rl.py``). Peak memory is then set by the budget, not by the number
+of rollouts per step. Every rank runs the same number of micro-batches (idle
+ones backprop zero), so FSDP2's per-layer collectives stay matched.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from dirl.algo.likelihood import ESTIMATORS, EstimatorArgs, Plan, plan_estimator
 from dirl.algo.losses import AGGREGATIONS, LossConfig, ScoredTokens, dipo_loss
 from dirl.errors import FINITE_NON_NEGATIVE, NON_NEGATIVE, POSITIVE, check_fields, one_of
 from dirl.model.masks import TokenMeta
+from dirl.model.trace import row_groups, select_rows
 from dirl.rollout import Rollout, SamplingSpec
 from dirl.train import dist as dist_lib
 from dirl.train.common import OptimConfig, clip_and_step
@@ -45,6 +55,7 @@ class AlgoConfig(LossConfig):
     max_refill_rounds: int = 3
     num_iterations: int = 1           # PPO epochs per rollout batch
     num_minibatches: int = 1          # optimizer steps per epoch
+    micro_batch_tokens: int = 8192    # packed tokens scored per forward/backward (0 = the whole mini-batch)
 
     def __post_init__(self) -> None:
         check_fields(self, {
@@ -73,20 +84,38 @@ def _minibatches(num_seqs: int, num_minibatches: int) -> list[list[int]]:
 
 
 @dataclass
-class _MiniBatch:
-    """This rank's part of one global mini-batch, with everything scored without grad."""
+class _MicroBatch:
+    """Some rows of one mini-batch's plan (at most ``micro_batch_tokens`` real tokens)."""
 
-    chunk: list[Rollout]             # its rollouts
-    plan: Plan                       # the estimator's scoring plan
+    plan: Plan                       # the rows' scoring plan
     tok_adv: torch.Tensor            # (N,) advantage of each scored token
     seq_lengths: torch.Tensor        # (S,) completion tokens per rollout
     logp_old: torch.Tensor | None = None
     logp_ref: torch.Tensor | None = None
 
+    @property
+    def num_scored(self) -> int:
+        return self.plan.pack.score_index.numel()
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lengths.numel()
+
+
+def _split(plan: Plan, tok_adv, seq_lengths, logp_old, budget: int) -> list[_MicroBatch]:
+    """The plan's rows in groups of at most ``budget`` real tokens, per-token tensors cut alike."""
+    micro = []
+    for rows in row_groups(plan.pack, budget):
+        pack, keep = select_rows(plan.pack, rows)
+        weight = None if plan.weight is None else plan.weight[keep]
+        micro.append(_MicroBatch(Plan(pack, weight, plan.exact), tok_adv[keep], seq_lengths[rows],
+                                 None if logp_old is None else logp_old[keep]))
+    return micro
+
 
 def _prepare(learner: Learner, rollouts: list[Rollout], adv: torch.Tensor, gen: torch.Generator,
-             positions: list[int], total: int) -> list[_MiniBatch | None]:
-    """Per global mini-batch: this rank's chunk and plan (None: no rollout of it here); for the
+             positions: list[int], total: int) -> list[list[_MicroBatch]]:
+    """Per global mini-batch: this rank's micro-batches (none: no rollout of it here); for the
     exact estimators logp_old is the engine's recorded log-prob (no forward needed)."""
     model, algo = dist_lib.unwrap(learner.model), learner.algo
     device = next(model.parameters()).device
@@ -95,29 +124,30 @@ def _prepare(learner: Learner, rollouts: list[Rollout], adv: torch.Tensor, gen: 
     for global_idx in _minibatches(total, algo.num_minibatches):
         idx = [local_of[g] for g in global_idx if g in local_of]
         if not idx:
-            prepared.append(None)
+            prepared.append([])
             continue
         chunk = [rollouts[i] for i in idx]
         plan = plan_estimator(algo.estimator, EstimatorArgs.for_model(model, chunk, gen, algo.shrink, algo.mc_steps))
         pack = plan.pack
-        item = _MiniBatch(chunk, plan, adv[idx].to(device)[pack.seq_index],
-                          torch.tensor([r.num_tokens for r in chunk], device=device))
+        logp_old = None
         if plan.exact:  # the sampler's own states: its recorded log-probs are logp_old
-            item.logp_old = torch.tensor([chunk[s].logps[t] for s, t in
-                                          zip(pack.seq_index.tolist(), pack.token_index.tolist())],
-                                         device=device, dtype=torch.float32)
-        prepared.append(item)
+            logp_old = torch.tensor([chunk[s].logps[t] for s, t in
+                                     zip(pack.seq_index.tolist(), pack.token_index.tolist())],
+                                    device=device, dtype=torch.float32)
+        seq_lengths = torch.tensor([r.num_tokens for r in chunk], device=device)
+        prepared.append(_split(plan, adv[idx].to(device)[pack.seq_index], seq_lengths, logp_old,
+                               algo.micro_batch_tokens))
     return prepared
 
 
 @torch.no_grad()
-def _score_without_grad(prepared: list[_MiniBatch | None], learner: Learner) -> None:
+def _score_without_grad(prepared: list[list[_MicroBatch]], learner: Learner) -> None:
     """logp_old (inexact estimators) with the policy, then logp_ref with the frozen reference.
 
     Under FSDP2 each model's full weights are gathered in turn (never both at once), and only
     when some rank needs them (the gather is a collective)."""
     model, ref_model = learner.model, learner.ref_model
-    items = [item for item in prepared if item is not None]
+    items = [micro for minibatch in prepared for micro in minibatch]
     need_old = any(item.logp_old is None for item in items)
     if dist_lib.all_reduce_max([float(need_old)])[0]:
         with dist_lib.full_params(model):
@@ -138,37 +168,51 @@ def _idle_backward(model) -> None:
     ids = torch.full((1, cfg.block_size), cfg.pad_token_id, dtype=torch.long, device=device)
     positions = torch.arange(cfg.block_size, device=device)[None]
     meta = TokenMeta.clean(positions, cfg.block_size, torch.ones_like(ids, dtype=torch.bool))
-    (model(ids, positions, meta).logits.sum() * 0.0).backward()
+    (model(ids, positions, meta).logits.sum() * 0.0).backward()  # a block of V logits: tiny
 
 
-def _minibatch_loss(learner: Learner, item: _MiniBatch | None) -> tuple[dict, float]:
-    """Forward + backward of this rank's part of one mini-batch. -> (metrics, scored tokens), with
-    metrics already global on one rank and token-weighted local sums (to reduce) otherwise."""
+STAT_KEYS = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "ratio_mean", "entropy")
+
+
+def _micro_loss(learner: Learner, item: _MicroBatch, scale: float) -> dict:
+    """Forward + backward of one micro-batch, its loss times ``scale`` (its share of the global
+    normaliser x world size). -> the share of the loss and token-weighted sums of the statistics."""
+    logp_new, entropy = score_plan(learner.model, item.plan, learner.sampling, with_entropy=True)
+    tokens = ScoredTokens(logp_new, item.logp_old, item.tok_adv, item.plan.pack.seq_index, item.num_seqs,
+                          weight=item.plan.weight, logp_ref=item.logp_ref, seq_lengths=item.seq_lengths)
+    # Dr. GRPO's constant normaliser is the rollouts' length budget.
+    loss, stats = dipo_loss(tokens, learner.algo, constant=float(learner.sampling.max_new_tokens))
+    (loss * scale).backward()
+    values = (stats.kl, stats.clipped_low_frac, stats.clipped_high_frac, stats.ratio_mean, float(entropy.mean()))
+    return {"loss": loss.item() * scale / dist_lib.world_size(),
+            **{k: v * item.num_scored for k, v in zip(STAT_KEYS, values)}}
+
+
+def _minibatch_loss(learner: Learner, micro: list[_MicroBatch]) -> tuple[dict, float]:
+    """Forward + backward of this rank's part of one mini-batch, micro-batch by micro-batch.
+    -> (metrics, scored tokens), with metrics already global on one rank and token-weighted
+    local sums (to reduce) otherwise."""
     model, algo = learner.model, learner.algo
     world = dist_lib.world_size()
-    chunk, plan = (item.chunk, item.plan) if item is not None else ([], None)
-    scored = plan.pack.score_index.numel() if plan is not None else 0
-    norm = scored if algo.agg == "token_mean" else len(chunk)  # dipo_loss's local normaliser
+    scored = sum(item.num_scored for item in micro)
+    norm_of = (lambda item: item.num_scored) if algo.agg == "token_mean" else (lambda item: item.num_seqs)
+    norm = sum(norm_of(item) for item in micro)  # dipo_loss's normaliser over this rank's micro-batches
     scored_all, norm_all = dist_lib.all_reduce_sum([scored, norm])
     if scored_all == 0:
         return {}, 0.0
-    if scored == 0:
-        _idle_backward(model)
-        return {"loss": 0.0, "kl": 0.0, "clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0,
-                "ratio_mean": 0.0, "entropy": 0.0}, 0.0
-    logp_new, entropy = score_plan(model, plan, learner.sampling, with_entropy=True)
-    tokens = ScoredTokens(logp_new, item.logp_old, item.tok_adv, plan.pack.seq_index, len(chunk),
-                          weight=plan.weight, logp_ref=item.logp_ref, seq_lengths=item.seq_lengths)
-    # Dr. GRPO's constant normaliser is the rollouts' length budget.
-    loss, stats = dipo_loss(tokens, algo, constant=float(learner.sampling.max_new_tokens))
-    share = norm / norm_all  # 1.0 on one rank (x * 1.0 is exact)
-    (loss * (share * world)).backward()
-    values = {"loss": loss.item() * share, "kl": stats.kl, "clip_ratio/low_mean": stats.clipped_low_frac,
-              "clip_ratio/high_mean": stats.clipped_high_frac, "ratio_mean": stats.ratio_mean,
-              "entropy": float(entropy.mean())}
-    if world > 1:  # token-weighted, to be summed over the ranks
-        values = {k: v if k == "loss" else v * scored for k, v in values.items()}
-    return values, float(scored)
+    num_micro = int(dist_lib.all_reduce_max([float(len(micro))])[0])
+    totals = {"loss": 0.0, **{k: 0.0 for k in STAT_KEYS}}
+    for i in range(num_micro):  # the same count on every rank: FSDP2 gathers per forward
+        with dist_lib.grad_sync(model, enabled=i == num_micro - 1):
+            if i >= len(micro) or micro[i].num_scored == 0:
+                _idle_backward(model)
+                continue
+            # x * 1.0 is exact: one micro-batch on one rank computes what it always did.
+            values = _micro_loss(learner, micro[i], norm_of(micro[i]) / norm_all * world)
+        totals = {k: totals[k] + values[k] for k in totals}
+    if world == 1:  # token-weighted sums -> means
+        totals = {k: v if k == "loss" else v / max(scored, 1) for k, v in totals.items()}
+    return totals, float(scored)
 
 
 def _reduce_step_metrics(values: dict, scored: float) -> dict:
