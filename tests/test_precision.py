@@ -114,3 +114,32 @@ def test_sft_step_with_bf16_mixed_and_checkpointing_changes_every_parameter(tmp_
 def test_bad_precision_is_a_config_error_naming_the_key():
     with pytest.raises(ConfigError, match="compute.*precision"):
         config_lib.load(SFTConfig, None, ["compute.precision=fp16"])
+
+
+def test_rl_step_in_bf16_mixed_decodes_from_a_bf16_copy_and_changes_the_weights(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from dirl.train.rl import RLConfig, build_rl_run, rl_step
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # rl_rewards
+    cfg = config_lib.load(RLConfig, None, [
+        "model=init:tiny", f"out={tmp_path}", "rollout.num_prompts=2", "rollout.group_size=4",
+        "rollout.max_new_tokens=8", "optim.lr=1e-3", "compute.precision=bf16-mixed",
+        "compute.activation_checkpointing=true", "algo.micro_batch_tokens=32", "algo.beta=0.1"])
+    cfg.rewards = {"rl_rewards:digit_fraction": 1.0}
+    run = build_rl_run(cfg)
+    decode = run.backend.decode_model
+    assert decode is not run.model and next(decode.parameters()).dtype == torch.bfloat16
+    assert next(run.model.parameters()).dtype == torch.float32  # the fp32 masters
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    metrics = rl_step(run, 0)
+    assert metrics["optimizer_steps"] == 1 and metrics["grad_norm"] > 0
+    assert all(not torch.equal(p.detach(), before[n]) for n, p in run.model.named_parameters())
+    # the engine's copy follows the update (cast to bf16)
+    assert all(torch.equal(d, p.detach().to(torch.bfloat16)) for d, p in zip(decode.parameters(), run.model.parameters()))
+
+
+def test_rl_rejects_grad_accum_naming_the_key():
+    from dirl.train.rl import RLConfig
+    with pytest.raises(ConfigError, match="optim.grad_accum.*micro_batch_tokens"):
+        config_lib.load(RLConfig, None, ["optim.grad_accum=2"])

@@ -48,10 +48,12 @@ def check_lora(lora: LoraConfig, strategy: str, backend: str = "native") -> None
                           "(the engine decodes with the adapters applied)")
 
 
-def reference_model(model: torch.nn.Module, lora: LoraConfig, strategy: str, device: torch.device):
+def reference_model(model: torch.nn.Module, lora: LoraConfig, strategy: str, device: torch.device,
+                    mp_policy=None):
     """DiPO's frozen reference, the starting policy: for LoRA the base with the adapters off
-    (no second copy of the weights), else a frozen copy of the model."""
+    (no second copy of the weights), else a frozen copy of the model (FSDP2: with the policy's
+    ``mp_policy``, :mod:`dirl.train.precision`)."""
     if lora.enabled:
         return BaseModelView(model)
     frozen = copy.deepcopy(model).eval().requires_grad_(False)
-    return dist_lib.wrap(frozen, strategy, device, trainable=False)
+    return dist_lib.wrap(frozen, strategy, device, trainable=False, mp_policy=mp_policy)

@@ -41,7 +41,9 @@ from dirl.rollout import SamplingSpec, check_sampling
 from dirl.runtime import derived_seed, resolve_device, update_seed
 from dirl.train import dist as dist_lib
 from dirl.train.common import MetricsLogger, OptimConfig, build_optimizer, build_scheduler, format_metrics, set_seed
+from dirl.train import precision
 from dirl.train.models import check_lora, load_model_spec, reference_model
+from dirl.train.precision import ComputeConfig
 from dirl.train.rl_rollouts import PromptSampler, gather_batch, rollout_metrics
 from dirl.train.rl_update import AlgoConfig, Learner, policy_update
 from dirl.train.state import (Trainable, load_checkpoint, prepare_run_dir, resolve_resume, save_checkpoint,
@@ -77,7 +79,7 @@ class RLConfig:
     max_steps: int = 20
     seed: int = 0
     device: str = "cpu"
-    param_dtype: str = "float32"      # weights and optimizer state
+    compute: ComputeConfig = field(default_factory=ComputeConfig)  # precision, checkpointing, head chunks
     attn_impl: str = "sdpa"
     log_every: int = 1
     save_every: int = 0               # 0 = only at the end
@@ -97,6 +99,10 @@ class RLConfig:
         for name, weight in self.rewards.items():
             if not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 raise FieldError(f"rewards.{name}", f"must be a finite number, got {weight!r}")
+        if self.optim.grad_accum != 1:
+            raise FieldError("optim.grad_accum", f"is {self.optim.grad_accum}, but RL accumulates gradients over "
+                             "micro-batches of algo.micro_batch_tokens packed tokens (one optimizer step per "
+                             "mini-batch, algo.num_minibatches per epoch); leave it at 1")
 
 
 def _task_defaults(cfg: RLConfig) -> tuple[str, dict[str, float], str]:
@@ -139,12 +145,15 @@ class RLRun:
 def _build_learner(cfg: RLConfig, device: torch.device) -> tuple[Learner, object]:
     """Policy, frozen reference (beta > 0), optimizer and schedule. -> (learner, tokenizer)."""
     check_lora(cfg.lora, cfg.dist.strategy, cfg.rollout.backend)
-    model, tokenizer = load_model_spec(cfg.model, device, cfg.param_dtype, seed=cfg.seed, lora=cfg.lora)
+    model, tokenizer = load_model_spec(cfg.model, device, precision.param_dtype(cfg.compute, device), seed=cfg.seed,
+                                       lora=cfg.lora)
     model.attn_impl = cfg.attn_impl
+    precision.configure(model, cfg.compute)
+    mp_policy = precision.fsdp_policy(cfg.compute, device)
     ref_model = None
     if cfg.algo.beta > 0:  # the frozen reference is the starting policy, never updated
-        ref_model = reference_model(model, cfg.lora, cfg.dist.strategy, device)
-    model = dist_lib.wrap(model, cfg.dist.strategy, device)
+        ref_model = reference_model(model, cfg.lora, cfg.dist.strategy, device, mp_policy=mp_policy)
+    model = dist_lib.wrap(model, cfg.dist.strategy, device, mp_policy=mp_policy)
     optimizer = build_optimizer(dist_lib.unwrap(model), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps * cfg.algo.num_iterations
                                 * cfg.algo.num_minibatches)
@@ -170,7 +179,8 @@ def build_run(cfg: RLConfig, resume: str | None = None) -> RLRun:
         state = load_checkpoint(resume, learner.model, learner.optimizer, learner.scheduler)
         start_step, cursor = state["step"], state["extra"]["prompt_cursor"]
     backend = make_backend(cfg.rollout.backend, dist_lib.unwrap(learner.model), tokenizer, url=cfg.rollout.url,
-                           api_key_env=cfg.rollout.api_key_env, max_batch_rows=cfg.rollout.max_batch_rows)
+                           api_key_env=cfg.rollout.api_key_env, max_batch_rows=cfg.rollout.max_batch_rows,
+                           decode_dtype=precision.compute_dtype(cfg.compute, device))
     run_dir = resolve_resume(resume).parent.parent if resume else Path(cfg.out)
     return RLRun(cfg, run_dir, learner, tokenizer, rows, prompt_ids, rewards,
                  PromptSampler(len(rows), cfg.seed, cursor), backend, eval_rows, held_out_spec(cfg), start_step)
@@ -192,8 +202,9 @@ def train_step(run: RLRun, step: int) -> dict:
         local = batch.local_rewards()
         adv = group_advantages(local, cfg.rollout.group_size, cfg.algo.adv_mode) if local.numel() else local
         gen = torch.Generator().manual_seed(update_seed(cfg.seed, step, dist_lib.rank()))
-        metrics.update(policy_update(run.learner, batch.rollouts, adv, gen, positions=batch.positions,
-                                     total=all_rewards.numel()))
+        with precision.autocast(cfg.compute, next(model.parameters()).device, sharded=dist_lib.is_sharded(model)):
+            metrics.update(policy_update(run.learner, batch.rollouts, adv, gen, positions=batch.positions,
+                                         total=all_rewards.numel()))
     metrics["timing/train"] = time.perf_counter() - t0
     # 4. Weight sync: free for the native backend, a real save + reload for `checkpoint`.
     t0 = time.perf_counter()
