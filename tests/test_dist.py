@@ -35,12 +35,15 @@ from dirl.train.sft import SFTConfig, train_sft
 TESTS = Path(__file__).resolve().parent
 SFT_ARGS = ["model=init:tiny", "data.source=task:arithmetic", "data.limit=200", "data.max_length=64",
             "batch_size=7", "optim.lr=1e-3", "complementary_masks=true", "progress=false", "log_every=1",
-            "save_every=2", "max_steps=3"]
+            "save_every=2", "max_steps=3", "compute.activation_checkpointing=true", "compute.head_chunk_size=7"]
 # 3 prompts x 4 samples; 3 mini-batches of 4 rollouts, so in each mini-batch one rank has
 # nothing to score (the idle forward/backward path); dynamic sampling refills with 1 prompt.
+# Micro-batches of one trace row each (ranks then run different numbers of them), checkpointed
+# layers and a chunked head: all must compose with FSDP2.
 RL_ARGS = ["model=init:tiny", "rewards.rl_rewards:digit_fraction=1.0", "rollout.num_prompts=3",
            "rollout.group_size=4", "rollout.sampling.max_new_tokens=8", "algo.beta=0.01", "algo.num_minibatches=3",
-           "algo.dynamic_sampling=true", "optim.lr=1e-3", "optim.schedule=constant", "save_every=1", "max_steps=2"]
+           "algo.dynamic_sampling=true", "optim.lr=1e-3", "optim.schedule=constant", "save_every=1", "max_steps=2",
+           "algo.micro_batch_tokens=16", "compute.activation_checkpointing=true", "compute.head_chunk_size=5"]
 WEIGHT_ATOL, METRIC_RTOL = 1e-5, 1e-5
 
 
