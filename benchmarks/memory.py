@@ -17,16 +17,17 @@ cause), and the ratios compare ``step_mb``. On CUDA the same numbers are
   row is ~5 L tokens); old = one micro-batch and the unchunked head, new = micro-
   batches of ``--budget`` packed tokens and the chunked head.
 
-Old-path sizes above ``--old-max`` scored tokens are not run (they need > 4 GB);
-their memory is extrapolated linearly from the two largest measured sizes (the
-head's memory is linear in N) and marked ``extrapolated``.
+The old path is run only at sizes that stay under ~4 GB (the machine is shared):
+N, L <= 2k for head and SFT, 8 x {64, 128} for RL. At larger sizes its memory is
+extrapolated linearly from the two largest measured sizes (the head's memory is
+linear in N) and marked ``extrapolated``.
 
 Prints ``sft_head_mem_ratio=`` (N = 4,096), ``rl_step_mem_ratio=`` (8 x 512),
 ``rl_rollouts_mem_spread=`` (new path, 8 / 16 / 32 rollouts at a fixed budget),
 ``sft_mem_exponent=`` / ``rl_mem_exponent=`` (log-log slope of step memory from
 L = 1k to 4k, resp. 256 to 1024 response tokens), and the 8B memory plan.
 
-    dirl bench memory [--quick] [--old-max 2048] [--budget 4096]
+    dirl bench memory [--quick] [--budget 4096]
 """
 
 from __future__ import annotations
@@ -178,29 +179,31 @@ def exponent(mem: dict[int, float]) -> float:
     return math.log(y1 / y0) / math.log(x1 / x0)
 
 
-def _old_new(kind: str, sizes: list[int], old_max: int, old_args, new_args, scored) -> dict:
-    rows = {}
-    old_measured: dict[int, float] = {}
-    for size in sizes:
-        new = run_child(kind, *new_args(size))
-        old = None
-        if scored(size) <= old_max:
-            old = run_child(kind, *old_args(size))
-            old_measured[size] = old["step_mb"]
-        rows[size] = {"new": new, "old": old}
-        old_txt = f"{old['step_mb']:9.1f}" if old else "        -"
-        print(f"{kind:5s} {size:6d}  old step_mb {old_txt}  new step_mb {new['step_mb']:8.1f}  "
-              f"new peak_mb {new['peak_mb']:8.1f}", flush=True)
-    for size in sizes:
-        if rows[size]["old"] is None:
-            rows[size]["old"] = {"step_mb": extrapolate(old_measured, size), "extrapolated": True}
+def _old_new(kind: str, new_sizes: list[int], old_sizes: list[int], old_args, new_args) -> dict:
+    """step_mb of the new path at ``new_sizes`` and of the old one at ``old_sizes`` (the rest
+    extrapolated linearly from the two largest old sizes)."""
+    rows = {size: {"new": run_child(kind, *new_args(size))} for size in new_sizes}
+    old = {size: run_child(kind, *old_args(size)) for size in old_sizes}
+    for size in sorted(set(new_sizes) | set(old_sizes)):
+        new_txt = f"{rows[size]['new']['step_mb']:8.1f} (peak {rows[size]['new']['peak_mb']:7.1f})" \
+            if size in rows else "       -"
+        old_txt = f"{old[size]['step_mb']:9.1f} (peak {old[size]['peak_mb']:7.1f})" if size in old else "        -"
+        print(f"{kind:5s} {size:6d}  old step_mb {old_txt}  new step_mb {new_txt}", flush=True)
+    measured = {size: r["step_mb"] for size, r in old.items()}
+    for size in new_sizes:
+        rows[size]["old"] = old.get(size) or {"step_mb": extrapolate(measured, size), "extrapolated": True}
     return rows
+
+
+def _ratio_line(name: str, rows: dict, size: int, label: str) -> str:
+    old, new = rows[size]["old"], rows[size]["new"]
+    note = " (old extrapolated from smaller sizes)" if old.get("extrapolated") else ""
+    return f"{name}={old['step_mb'] / new['step_mb']:.2f} at {label}{note}"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
-    parser.add_argument("--old-max", type=int, default=2048, help="largest old-path size run (scored tokens)")
     parser.add_argument("--budget", type=int, default=4096, help="RL micro-batch budget (packed tokens)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -210,25 +213,22 @@ def main() -> int:
             *[int(v) if v.lstrip("-").isdigit() else v == "True" for v in rest])
         return 0
     from dirl.model.lm_head import DEFAULT_CHUNK_SIZE as chunk
-    head_sizes = [256, 512] if args.quick else [1024, 2048, 4096]
-    sft_sizes = [256, 512] if args.quick else [1024, 2048, 4096]
-    rl_sizes = [64, 128] if args.quick else [256, 512, 1024]
-    head = _old_new("head", head_sizes, args.old_max, lambda n: (n, 0), lambda n: (n, chunk), lambda n: n)
-    sft = _old_new("sft", sft_sizes, args.old_max, lambda n: (n, 0, False), lambda n: (n, chunk, True),
-                   lambda n: n)
-    rl = _old_new("rl", rl_sizes, args.old_max, lambda n: (8, n, 0, 0), lambda n: (8, n, chunk, args.budget),
-                  lambda n: 8 * n)
-    spread_len = rl_sizes[1]
+    scale = 4 if args.quick else 1
+    lengths = [1024 // scale, 2048 // scale, 4096 // scale]
+    rl_lengths = [256 // scale, 512 // scale, 1024 // scale]
+    # Old paths only up to ~4 GB (the machine is shared): the rest is extrapolated linearly.
+    head = _old_new("head", lengths, lengths[:2], lambda n: (n, 0), lambda n: (n, chunk))
+    sft = _old_new("sft", lengths, lengths[:2], lambda n: (n, 0, False), lambda n: (n, chunk, True))
+    rl = _old_new("rl", rl_lengths, [64 // scale, 128 // scale], lambda n: (8, n, 0, 0),
+                  lambda n: (8, n, chunk, args.budget))
+    spread_len = rl_lengths[0]
     spread = {num: run_child("rl", num, spread_len, chunk, args.budget)["step_mb"] for num in (8, 16, 32)}
-    n_head, n_rl = head_sizes[-1], rl_sizes[1]
-    print(f"sft_head_mem_ratio={head[n_head]['old']['step_mb'] / head[n_head]['new']['step_mb']:.2f}"
-          f"{' (old extrapolated)' if head[n_head]['old'].get('extrapolated') else ''} at N={n_head}")
-    print(f"sft_step_mem_ratio={sft[sft_sizes[-1]]['old']['step_mb'] / sft[sft_sizes[-1]]['new']['step_mb']:.2f}"
-          f"{' (old extrapolated)' if sft[sft_sizes[-1]]['old'].get('extrapolated') else ''} at L={sft_sizes[-1]}")
-    print(f"rl_step_mem_ratio={rl[n_rl]['old']['step_mb'] / rl[n_rl]['new']['step_mb']:.2f}"
-          f"{' (old extrapolated)' if rl[n_rl]['old'].get('extrapolated') else ''} at 8x{n_rl}")
+    print(_ratio_line("sft_head_mem_ratio", head, lengths[-1], f"N={lengths[-1]}"))
+    print(_ratio_line("sft_step_mem_ratio", sft, lengths[-1], f"L={lengths[-1]}"))
+    print(_ratio_line("rl_step_mem_ratio", rl, rl_lengths[1], f"8x{rl_lengths[1]}"))
     print(f"rl_rollouts_mem_spread={max(spread.values()) / min(spread.values()) - 1:.3f} "
-          f"(step_mb at 8/16/32 rollouts x {spread_len}: {', '.join(f'{v:.0f}' for v in spread.values())})")
+          f"(step_mb at 8/16/32 rollouts x {spread_len}, budget {args.budget}: "
+          f"{', '.join(f'{v:.0f}' for v in spread.values())})")
     print(f"sft_mem_exponent={exponent({n: r['new']['step_mb'] for n, r in sft.items()}):.2f}")
     print(f"rl_mem_exponent={exponent({n: r['new']['step_mb'] for n, r in rl.items()}):.2f}")
     return 0
