@@ -92,7 +92,7 @@ def _child_head(n: int, chunk: int) -> None:
 def _child_sft(length: int, chunk: int, checkpointing: bool) -> None:
     import torch
 
-    from dirl.algo.nelbo import draw_noise, sft_nelbo
+    from dirl.algo.nelbo import TokenBatch, draw_noise, sft_nelbo
     model = _narrow_model(chunk, checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     prompt = 16
@@ -104,7 +104,7 @@ def _child_sft(length: int, chunk: int, checkpointing: bool) -> None:
     noise = draw_noise(response, samples, torch.Generator().manual_seed(0), complementary=True)
     _warm_optimizer(model, optimizer)
     before = _rss_mb()
-    loss, _ = sft_nelbo(model, ids, pos, docs, response, samples, noise, MASK_ID)
+    loss, _ = sft_nelbo(model, TokenBatch(ids, pos, docs, response, samples), noise, MASK_ID)
     loss.backward()
     optimizer.step()
     _report(before)
@@ -122,7 +122,7 @@ def synthetic_rollouts(num: int, length: int, prompt_len: int = 16, seed: int = 
     """``num`` rollouts of ``length`` tokens, one token committed per step (left to right in a block)."""
     import torch
 
-    from dirl.engine.engine import Rollout
+    from dirl.rollout import Rollout
     gen = torch.Generator().manual_seed(seed)
     out = []
     for s in range(num):
@@ -136,17 +136,18 @@ def synthetic_rollouts(num: int, length: int, prompt_len: int = 16, seed: int = 
 def _child_rl(num: int, length: int, chunk: int, budget: int) -> None:
     import torch
 
-    from dirl.algo.likelihood import PolicyDist
+    from dirl.rollout import SamplingSpec
     from dirl.train.common import OptimConfig
-    from dirl.train.rl_update import AlgoConfig, policy_update
+    from dirl.train.rl_update import AlgoConfig, Learner, policy_update
     model = _narrow_model(chunk)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     rollouts = synthetic_rollouts(num, length)
     adv = torch.linspace(-1, 1, num)
     _warm_optimizer(model, optimizer)
     before = _rss_mb()
-    policy_update(model, None, rollouts, adv, AlgoConfig(micro_batch_tokens=budget), PolicyDist(), optimizer,
-                  None, OptimConfig(lr=1e-6), torch.Generator().manual_seed(0), length)
+    learner = Learner(model, None, optimizer, None, OptimConfig(lr=1e-6), AlgoConfig(micro_batch_tokens=budget),
+                      SamplingSpec(max_new_tokens=length))
+    policy_update(learner, rollouts, adv, torch.Generator().manual_seed(0))
     _report(before)
 
 

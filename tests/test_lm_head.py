@@ -95,8 +95,7 @@ def test_sft_nelbo_chunked_equals_unchunked():
     for chunk_size in (0, 3):
         model.head_chunk_size = chunk_size
         model.zero_grad()
-        loss, _ = sft_nelbo(model, batch.input_ids, batch.position_ids, batch.doc_ids, batch.response_mask,
-                            batch.sample_ids, noise, tokenizer.mask_token_id)
+        loss, _ = sft_nelbo(model, batch, noise, tokenizer.mask_token_id)
         loss.backward()
         out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     assert abs(float(out[0][0] - out[1][0])) <= 1e-6

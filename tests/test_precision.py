@@ -35,15 +35,14 @@ def _loss(model, batch, tokenizer, compute: ComputeConfig):
     noise = draw_noise(batch.response_mask, batch.sample_ids, torch.Generator().manual_seed(0), complementary=True)
     precision.configure(model, compute)
     with precision.autocast(compute, CPU):
-        loss, _ = sft_nelbo(model, batch.input_ids, batch.position_ids, batch.doc_ids, batch.response_mask,
-                            batch.sample_ids, noise, tokenizer.mask_token_id)
+        loss, _ = sft_nelbo(model, batch, noise, tokenizer.mask_token_id)
     return loss
 
 
 def _fraction_changed_by_one_step(mode: str, batch, tokenizer, lr: float = 1e-6) -> tuple[float, float]:
     """(loss, fraction of the weights with a nonzero gradient that one AdamW step changes)."""
     compute = ComputeConfig(precision=mode)
-    model = init_model(InitConfig(preset="tiny", seed=0, dtype=precision.param_dtype(compute, CPU)), tokenizer)
+    model = init_model(InitConfig(preset="tiny", seed=0, param_dtype=precision.param_dtype(compute, CPU)), tokenizer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss = _loss(model, batch, tokenizer, compute)
     loss.backward()
@@ -120,23 +119,23 @@ def test_rl_step_in_bf16_mixed_decodes_from_a_bf16_copy_and_changes_the_weights(
     import sys
     from pathlib import Path
 
-    from dirl.train.rl import RLConfig, build_rl_run, rl_step
+    from dirl.train.rl import RLConfig, build_run, train_step
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # rl_rewards
     cfg = config_lib.load(RLConfig, None, [
         "model=init:tiny", f"out={tmp_path}", "rollout.num_prompts=2", "rollout.group_size=4",
-        "rollout.max_new_tokens=8", "optim.lr=1e-3", "compute.precision=bf16-mixed",
+        "rollout.sampling.max_new_tokens=8", "optim.lr=1e-3", "compute.precision=bf16-mixed",
         "compute.activation_checkpointing=true", "algo.micro_batch_tokens=32", "algo.beta=0.1"])
     cfg.rewards = {"rl_rewards:digit_fraction": 1.0}
-    run = build_rl_run(cfg)
+    run = build_run(cfg)
     decode = run.backend.decode_model
-    assert decode is not run.model and next(decode.parameters()).dtype == torch.bfloat16
-    assert next(run.model.parameters()).dtype == torch.float32  # the fp32 masters
-    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
-    metrics = rl_step(run, 0)
+    assert decode is not run.learner.model and next(decode.parameters()).dtype == torch.bfloat16
+    assert next(run.learner.model.parameters()).dtype == torch.float32  # the fp32 masters
+    before = {n: p.detach().clone() for n, p in run.learner.model.named_parameters()}
+    metrics = train_step(run, 0)
     assert metrics["optimizer_steps"] == 1 and metrics["grad_norm"] > 0
-    assert all(not torch.equal(p.detach(), before[n]) for n, p in run.model.named_parameters())
+    assert all(not torch.equal(p.detach(), before[n]) for n, p in run.learner.model.named_parameters())
     # the engine's copy follows the update (cast to bf16)
-    assert all(torch.equal(d, p.detach().to(torch.bfloat16)) for d, p in zip(decode.parameters(), run.model.parameters()))
+    assert all(torch.equal(d, p.detach().to(torch.bfloat16)) for d, p in zip(decode.parameters(), run.learner.model.parameters()))
 
 
 def test_rl_rejects_grad_accum_naming_the_key():
