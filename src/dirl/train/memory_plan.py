@@ -101,3 +101,33 @@ def largest_fitting(cfg: ModelConfig, work: Workload, field: str, candidates: li
     phase = "rollout" if field == "decode_rows" else "train"
     fitting = [v for v in candidates if fits(cfg, Workload(**{**work.__dict__, field: v}), device_gb, phase)]
     return max(fitting, default=0)
+
+
+PROMPT_TOKENS = 512  # planning allowance for a prompt (MATH prompts are shorter)
+WORST_COPIES_PER_TOKEN = 4  # block 4, one token per step: 4 copies of 4 tokens per block of 4
+
+
+def rl_workload(cfg, world: int, max_new_tokens: int | None = None) -> Workload:
+    """The workload of an :class:`~dirl.train.rl.RLConfig` (``max_new_tokens`` overrides the config's).
+
+    A trace row is worst-case ~5x its response (one token committed per step: 4 copies of
+    4 tokens per block of 4) and is never split, so a micro-batch holds at least one row."""
+    length = max_new_tokens or cfg.rollout.sampling.max_new_tokens
+    row = PROMPT_TOKENS + (1 + WORST_COPIES_PER_TOKEN) * length
+    tokens = max(cfg.algo.micro_batch_tokens or row * cfg.rollout.group_size, row)
+    return Workload(world=world, precision=cfg.compute.precision if cfg.compute.precision != "auto" else "bf16-mixed",
+                    tokens=tokens, scored=max(1, tokens // (1 + WORST_COPIES_PER_TOKEN)),
+                    checkpointing=cfg.compute.activation_checkpointing, head_chunk=cfg.compute.head_chunk_size,
+                    reference=cfg.algo.beta > 0, decode_rows=cfg.rollout.max_batch_rows,
+                    decode_len=PROMPT_TOKENS + length)
+
+
+def sft_workload(cfg, world: int, max_length: int | None = None) -> Workload:
+    """The workload of an :class:`~dirl.train.sft.SFTConfig`: ``batch_size / world`` packed rows of
+    ``max_length`` tokens, each laid out as 2 (3 with complementary masks) streams."""
+    length = max_length or cfg.data.max_length
+    rows = max(1, cfg.batch_size // max(1, world))
+    streams = 3 if cfg.complementary_masks else 2
+    return Workload(world=world, precision=cfg.compute.precision if cfg.compute.precision != "auto" else "bf16-mixed",
+                    tokens=rows * streams * length, scored=rows * length,
+                    checkpointing=cfg.compute.activation_checkpointing, head_chunk=cfg.compute.head_chunk_size)
