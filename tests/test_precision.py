@@ -85,7 +85,7 @@ def _grads_and_saved_bytes(model, batch, tokenizer, checkpointing: bool):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = _loss(model, batch, tokenizer, ComputeConfig(precision="fp32", activation_checkpointing=checkpointing))
     loss.backward()
-    return float(loss), [p.grad.clone() for p in model.parameters()], saved
+    return float(loss.detach()), [p.grad.clone() for p in model.parameters()], saved
 
 
 def test_activation_checkpointing_same_gradients_less_saved_memory(batch, tokenizer):
