@@ -1,7 +1,9 @@
 """Rule-based rewards for math reasoning RL (a leaf package: it imports nothing else from dirl).
 
-Every reward has the TRL-style signature ``fn(completions, **columns) -> list[float | None]``
-(columns are dataset columns aligned with ``completions``; None = not applicable). Registered:
+A reward is any callable returning ``list[float | None]`` (one score per completion; None = not
+applicable), called with TRL's keyword signature (``prompts``, ``completions``, ``completion_ids``,
+dataset columns by name, ``**kwargs``) or dirl's ``fn(completions, **columns)``
+(``dirl.rewards.scoring``). Registered:
 
 * ``math``      -- last ``\\boxed{}`` vs ``answer`` via math-verify (``dirl.rewards.math``)
 * ``gsm8k``     -- boxed or ``#### N`` number vs ``answer``, exact numeric match
@@ -14,14 +16,21 @@ Use ``compute_rewards(specs, completions, columns)`` for weighted, fault-isolate
 
 from dirl.rewards import countdown, math, sudoku  # noqa: F401 - imported to register the rewards
 from dirl.rewards.registry import (
-    RewardResult,
     available_rewards,
-    compute_rewards,
     format_reward_spec,
     get_reward,
     parse_reward_spec,
     register,
+    resolve_reward,
+)
+from dirl.rewards.scoring import (
+    RewardError,
+    RewardResult,
+    RewardSpecs,
+    completion_text,
+    compute_rewards,
 )
 
-__all__ = ["RewardResult", "available_rewards", "compute_rewards", "format_reward_spec", "get_reward",
-           "parse_reward_spec", "register"]
+__all__ = ["RewardError", "RewardResult", "RewardSpecs", "available_rewards", "completion_text",
+           "compute_rewards", "format_reward_spec", "get_reward", "parse_reward_spec", "register",
+           "resolve_reward"]

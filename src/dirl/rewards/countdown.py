@@ -25,6 +25,7 @@ from typing import Any
 
 from dirl.rewards.math import extract_last_boxed
 from dirl.rewards.registry import register
+from dirl.rewards.scoring import completion_text
 
 __all__ = [
     "countdown_reward",
@@ -136,7 +137,7 @@ def countdown_reward(
 ) -> list[float | None]:
     """1.0 if the completion's expression reaches ``target`` with each of ``numbers`` once."""
     return [
-        _score_countdown_completion(completion, row_numbers, row_target)
+        _score_countdown_completion(completion_text(completion), row_numbers, row_target)
         for completion, row_numbers, row_target in zip(completions, numbers, target, strict=True)
     ]
 

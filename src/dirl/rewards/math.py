@@ -28,6 +28,7 @@ from typing import Any
 from math_verify import parse, verify
 
 from dirl.rewards.registry import RewardTimeout, call_with_time_limit, register
+from dirl.rewards.scoring import completion_text
 
 __all__ = [
     "PER_ANSWER_TIME_LIMIT_S",
@@ -193,7 +194,8 @@ def _score_math_completion(completion: str, reference: Any) -> float | None:
 @register("math")
 def math_reward(completions: list[str], answer: list[Any], **_columns: Any) -> list[float | None]:
     """1.0 if the last boxed answer is math-equivalent to ``answer``, else 0.0 (None: no answer)."""
-    return [_score_math_completion(c, ref) for c, ref in zip(completions, answer, strict=True)]
+    return [_score_math_completion(completion_text(c), ref)
+            for c, ref in zip(completions, answer, strict=True)]
 
 
 # ----------------------------------------------------------------------------- gsm8k
@@ -251,4 +253,5 @@ def _score_gsm8k_completion(completion: str, reference: Any) -> float | None:
 @register("gsm8k")
 def gsm8k_reward(completions: list[str], answer: list[Any], **_columns: Any) -> list[float | None]:
     """1.0 if the boxed / ``####`` number equals ``answer`` numerically, else 0.0."""
-    return [_score_gsm8k_completion(c, ref) for c, ref in zip(completions, answer, strict=True)]
+    return [_score_gsm8k_completion(completion_text(c), ref)
+            for c, ref in zip(completions, answer, strict=True)]

@@ -1,13 +1,9 @@
-"""Reward registry, fault-isolated batch scoring and a per-call time limit.
+"""Reward registry and a per-call time limit.
 
-A reward function has the TRL-style signature ``fn(completions, **columns) -> list[float | None]``:
-every column is a list aligned with ``completions`` (e.g. ``answer=[...]``), unknown columns are
-accepted and ignored, and ``None`` means "not applicable to this row".
-
-``compute_rewards`` never lets a reward function's failure escape: a batch call that raises,
-returns something malformed or runs past its time limit is retried completion by completion, and
-a completion whose own call still fails or times out scores 0.0 and is counted in
-``rewards/<name>/errors``.
+A reward is any callable returning one score per completion (``list[float | None]``; None = not
+applicable to this row). ``get_reward`` resolves a registered name or ``package.module:function``;
+``resolve_reward`` also accepts the callable itself. How a reward is *called* (TRL's keyword
+signature or dirl's ``fn(completions, **columns)``) is decided in ``dirl.rewards.scoring``.
 
 Time limits (``call_with_time_limit``) work from any thread:
 
@@ -22,17 +18,12 @@ Time limits (``call_with_time_limit``) work from any thread:
 
 from __future__ import annotations
 
-import importlib
-
 import ctypes
-import logging
-import math
-import numbers
+import importlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from dirl.errors import UserError
@@ -41,16 +32,15 @@ __all__ = [
     "DEFAULT_TIME_LIMIT_S",
     "MAX_BATCH_TIME_LIMIT_S",
     "RewardFn",
-    "RewardResult",
     "RewardTimeout",
     "available_rewards",
     "call_with_time_limit",
-    "compute_rewards",
+    "format_reward_spec",
     "get_reward",
+    "parse_reward_spec",
     "register",
+    "resolve_reward",
 ]
-
-logger = logging.getLogger(__name__)
 
 RewardFn = Callable[..., list]
 _T = TypeVar("_T")
@@ -114,6 +104,20 @@ def get_reward(name: str) -> RewardFn:
         raise RewardError(
             f"unknown reward {name!r}; available: {', '.join(available_rewards()) or '(none)'}"
         ) from None
+
+
+def resolve_reward(spec: str | RewardFn) -> tuple[str, RewardFn]:
+    """``(name, function)`` of a reward given by name or as a callable.
+
+    A callable is named like TRL names it in its metrics: ``fn.__name__`` (a
+    ``functools.partial`` takes its function's name).
+    """
+    if isinstance(spec, str):
+        return spec, get_reward(spec)
+    if not callable(spec):
+        raise ValueError(f"a reward must be a name or a callable, got {type(spec).__name__}")
+    target = getattr(spec, "func", spec)  # functools.partial
+    return getattr(target, "__name__", type(spec).__name__), spec
 
 
 def available_rewards() -> list[str]:
@@ -221,126 +225,3 @@ def _raise_in_thread(thread: threading.Thread, exception: type[BaseException]) -
         ctypes.pythonapi.PyThreadState_SetAsyncExc(
             ctypes.c_ulong(thread.ident), ctypes.py_object(exception)
         )
-
-
-# ----------------------------------------------------------------------------- batch scoring
-
-
-@dataclass
-class RewardResult:
-    """Outcome of ``compute_rewards``.
-
-    ``total[i]`` is ``sum(weight * score)`` over the rewards whose score for completion ``i`` is
-    not None; a None (not applicable) contributes 0 to the sum. ``per_reward`` keeps the raw
-    scores (None where not applicable, 0.0 where the evaluation failed).
-
-    ``metrics`` holds, for every reward name: ``rewards/<name>/mean`` (mean over the non-None
-    scores, NaN if there are none) and ``rewards/<name>/errors`` (completions whose evaluation
-    raised or timed out), plus ``rewards/total/mean``.
-    """
-
-    total: list[float]
-    metrics: dict[str, float]
-    per_reward: dict[str, list[float | None]] = field(default_factory=dict)
-
-
-def compute_rewards(
-    specs: Mapping[str, float] | Sequence[str],
-    completions: Sequence[str],
-    columns: Mapping[str, Sequence[Any]] | None = None,
-    *,
-    time_limit_s: float | None = DEFAULT_TIME_LIMIT_S,
-) -> RewardResult:
-    """Score ``completions`` with the weighted rewards in ``specs``.
-
-    ``specs`` maps reward names to weights, or lists names (weight 1.0 each). ``columns`` are the
-    dataset columns, each a list aligned with ``completions``. ``time_limit_s`` is the limit per
-    completion (the batch call gets ``time_limit_s * len(completions)``, capped at
-    ``MAX_BATCH_TIME_LIMIT_S``). Unknown reward names and misaligned columns are caller bugs and
-    raise ``ValueError``; failures inside reward functions never propagate.
-    """
-    weights = dict(specs) if isinstance(specs, Mapping) else {name: 1.0 for name in specs}
-    functions = {name: get_reward(name) for name in weights}
-    completions = list(completions)
-    columns = {key: list(values) for key, values in (columns or {}).items()}
-    for key, values in columns.items():
-        if len(values) != len(completions):
-            raise ValueError(
-                f"column {key!r} has {len(values)} rows for {len(completions)} completions"
-            )
-
-    total = [0.0] * len(completions)
-    metrics: dict[str, float] = {}
-    per_reward: dict[str, list[float | None]] = {}
-    for name, weight in weights.items():
-        scores, errors = _score_isolated(name, functions[name], completions, columns, time_limit_s)
-        per_reward[name] = scores
-        for index, score in enumerate(scores):
-            if score is not None:
-                total[index] += float(weight) * score
-        metrics[f"rewards/{name}/mean"] = _mean([s for s in scores if s is not None])
-        metrics[f"rewards/{name}/errors"] = float(errors)
-    metrics["rewards/total/mean"] = _mean(total)
-    return RewardResult(total=total, metrics=metrics, per_reward=per_reward)
-
-
-def _score_isolated(
-    name: str,
-    fn: RewardFn,
-    completions: list[str],
-    columns: dict[str, list],
-    time_limit_s: float | None,
-) -> tuple[list[float | None], int]:
-    """Scores from one reward function and the number of completions whose evaluation failed.
-
-    One batch call first (fast path); if it fails in any way, every completion is re-scored on
-    its own so that a single bad row costs only that row.
-    """
-    count = len(completions)
-    if count == 0:
-        return [], 0
-    batch_limit = None if time_limit_s is None else min(time_limit_s * count,
-                                                        MAX_BATCH_TIME_LIMIT_S)
-    try:
-        return _checked_scores(call_with_time_limit(fn, batch_limit, completions, **columns),
-                               count), 0
-    except (Exception, RewardTimeout) as error:
-        logger.warning("reward %r failed on a batch of %d (%s: %s); retrying row by row",
-                       name, count, type(error).__name__, error)
-
-    scores: list[float | None] = []
-    errors = 0
-    for index, completion in enumerate(completions):
-        row_columns = {key: [values[index]] for key, values in columns.items()}
-        try:
-            raw = call_with_time_limit(fn, time_limit_s, [completion], **row_columns)
-            scores.append(_checked_scores(raw, 1)[0])
-        except (Exception, RewardTimeout) as error:
-            logger.debug("reward %r failed on row %d: %s: %s",
-                         name, index, type(error).__name__, error)
-            scores.append(0.0)
-            errors += 1
-    return scores, errors
-
-
-def _checked_scores(raw: Any, expected_length: int) -> list[float | None]:
-    """Validate a reward function's return value: a list of finite reals or None, right length."""
-    if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)):
-        raise TypeError(f"reward returned {type(raw).__name__}, expected a list")
-    if len(raw) != expected_length:
-        raise ValueError(f"reward returned {len(raw)} scores for {expected_length} completions")
-    scores: list[float | None] = []
-    for value in raw:
-        if value is None:
-            scores.append(None)
-        elif isinstance(value, numbers.Real) and math.isfinite(float(value)):
-            scores.append(float(value))
-        else:
-            # NaN/inf or non-numbers would silently poison the advantage computation downstream.
-            raise ValueError(f"reward returned an invalid score {value!r}")
-    return scores
-
-
-def _mean(values: Sequence[float]) -> float:
-    """Arithmetic mean, NaN for an empty sequence (a metric with no data, not a zero reward)."""
-    return sum(values) / len(values) if values else float("nan")

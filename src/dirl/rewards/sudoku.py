@@ -29,6 +29,7 @@ from typing import Any
 
 from dirl.rewards.math import extract_last_boxed
 from dirl.rewards.registry import register
+from dirl.rewards.scoring import completion_text
 
 __all__ = ["extract_sudoku_grid", "sudoku_cell_accuracy", "sudoku_is_valid", "sudoku_reward"]
 
@@ -105,6 +106,6 @@ def sudoku_reward(
 ) -> list[float | None]:
     """Fraction of the puzzle's empty cells the completion's grid fills correctly."""
     return [
-        _score_sudoku_completion(completion, row_puzzle, row_solution)
+        _score_sudoku_completion(completion_text(completion), row_puzzle, row_solution)
         for completion, row_puzzle, row_solution in zip(completions, puzzle, solution, strict=True)
     ]
