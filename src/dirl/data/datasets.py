@@ -8,7 +8,12 @@ Sources (nothing is ever downloaded; anything else is a ``DataError``):
 * ``*.parquet``;
 * a directory written by ``datasets.save_to_disk`` (a ``DatasetDict`` needs ``split`` unless it
   has exactly one split);
-* ``task:<name>[:<split>]`` - a built-in synthetic task from ``dirl.data.tasks``.
+* ``task:<name>[:<split>]`` - a built-in synthetic task from ``dirl.data.tasks``;
+* in memory: a list of dicts or a ``datasets.Dataset`` (rows are named ``row <i>``).
+
+Row formats (``dirl.data.chat``): ``question`` (+ ``answer``/``solution``/``response``), OpenAI
+``messages``, ShareGPT ``conversations`` (turned into ``messages`` on load) and TRL's ``prompt``
+(+ ``completion`` for SFT), each a string or a list of messages.
 
 Every row is validated before it is returned, so a bad file fails at load time with a message
 ``<file>:<where>: <problem with field>``, where ``<where>`` is the 1-based line number for JSON
@@ -22,21 +27,21 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dirl.data.chat import as_messages, normalize_row, validate_messages
 from dirl.data.tasks import SPLITS, get_task
 from dirl.data.templates import DataError, render_prompt
 
 __all__ = [
     "DataError", "load_rows", "load_sft_rows", "load_prompt_rows", "check_fields",
-    "validate_sft_row", "sft_response", "to_sft_messages", "to_prompt_messages", "parse_task_source",
-    "task_of",
+    "validate_sft_row", "validate_prompt_row", "sft_response", "to_sft_messages", "to_prompt_messages",
+    "reward_prompt", "parse_task_source", "task_of", "Source",
 ]
 
 TASK_PREFIX = "task:"
 SFT_RESPONSE_FIELDS = ("response", "solution", "answer")  # first present one is the SFT target
 PROMPT_FIELDS = ("question", "answer")  # RL and eval need the reference answer
-ROLES = ("system", "user", "assistant")
-
 RowCheck = Callable[[Mapping[str, Any], str], None]
+Source = str | Path | Sequence[Mapping[str, Any]] | Any  # a path / task:<name>, a list of dicts, a datasets.Dataset
 
 
 # ----------------------------------------------------------------------------- validation
@@ -65,23 +70,14 @@ def check_fields(row: Any, where: str, required: Sequence[str]) -> None:
         raise DataError(f"{where}: field 'question' must be a string, got {kind}")
 
 
-def _validate_messages(messages: Any, where: str) -> None:
-    """Check a chat ``messages`` list: {role, content} turns with at least one assistant turn."""
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}}")
-    for k, turn in enumerate(messages):
-        if not isinstance(turn, Mapping) or turn.get("role") not in ROLES:
-            raise DataError(f"{where}: field 'messages[{k}]' needs a role in {ROLES}")
-        if not isinstance(turn.get("content"), str):
-            raise DataError(f"{where}: field 'messages[{k}].content' must be a string")
-    if not any(t["role"] == "assistant" and t["content"].strip() for t in messages):
-        raise DataError(f"{where}: field 'messages' has no non-empty assistant turn")
-
-
 def validate_sft_row(row: Any, where: str) -> None:
-    """Check an SFT row: ``messages`` form, or ``question`` plus one of response/solution/answer."""
+    """Check an SFT row: ``messages``, ``prompt`` + ``completion``, or ``question`` plus one of
+    response/solution/answer."""
     if isinstance(row, Mapping) and "messages" in row:
-        _validate_messages(row["messages"], where)
+        validate_messages(row["messages"], where)
+        return
+    if isinstance(row, Mapping) and "prompt" in row and "completion" in row:
+        _prompt_completion_messages(row, where)
         return
     check_fields(row, where, ("question",))
     present = [f for f in SFT_RESPONSE_FIELDS if f in row]
@@ -93,6 +89,22 @@ def validate_sft_row(row: Any, where: str) -> None:
     _check_value(row[present[0]], present[0], where)
     if isinstance(row[present[0]], list) and not all(isinstance(x, str) for x in row[present[0]]):
         raise DataError(f"{where}: field '{present[0]}' must be a string or a list of strings")
+
+
+def validate_prompt_row(row: Any, where: str, required: Sequence[str] = ()) -> None:
+    """Check an RL / eval prompt row: a TRL ``prompt`` or ``messages`` row needs only a usable
+    prompt; a ``question`` row needs every ``required`` field."""
+    if isinstance(row, Mapping) and "question" not in row and ("prompt" in row or "messages" in row):
+        to_prompt_messages(row, "plain", where)
+        return
+    check_fields(row, where, required)
+
+
+def _prompt_completion_messages(row: Mapping[str, Any], where: str) -> list[dict[str, str]]:
+    messages = (as_messages(row["prompt"], "user", where, "prompt")
+                + as_messages(row["completion"], "assistant", where, "completion"))
+    validate_messages(messages, where, "completion")
+    return messages
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -112,26 +124,32 @@ def sft_response(row: Mapping[str, Any]) -> str:
 def to_sft_messages(row: Mapping[str, Any], template: str) -> list[dict[str, str]]:
     """Chat messages for SFT: [user prompt rendered with ``template``, assistant response].
 
-    Rows already in ``messages`` form are returned as copies of their turns (the template is not
-    applied: their user text is assumed final).
+    Rows already in ``messages`` (or ``prompt`` + ``completion``) form are returned as copies of
+    their turns (the template is not applied: their user text is assumed final).
     """
-    validate_sft_row(row, f"row {row.get('id', '?')}")
+    where = f"row {row.get('id', '?')}"
+    validate_sft_row(row, where)
     if "messages" in row:
         return [{"role": t["role"], "content": t["content"]} for t in row["messages"]]
+    if "prompt" in row and "completion" in row:
+        return _prompt_completion_messages(row, where)
     return [
         {"role": "user", "content": render_prompt(template, row)},
         {"role": "assistant", "content": sft_response(row)},
     ]
 
 
-def to_prompt_messages(row: Mapping[str, Any], template: str) -> list[dict[str, str]]:
+def to_prompt_messages(row: Mapping[str, Any], template: str, where: str | None = None) -> list[dict[str, str]]:
     """Chat messages for RL rollouts / eval: the prompt only, without any assistant turn.
 
-    For ``messages`` rows this is every turn before the first assistant turn.
+    A TRL ``prompt`` column is the prompt (a string: one user turn); for ``messages`` rows it is
+    every turn before the first assistant turn; ``question`` rows are rendered with ``template``.
     """
+    where = where or f"row {row.get('id', '?')}"
+    if "question" not in row and "prompt" in row:
+        return as_messages(row["prompt"], "user", where, "prompt")
     if "question" not in row and "messages" in row:
-        where = f"row {row.get('id', '?')}"
-        _validate_messages(row["messages"], where)
+        validate_messages(row["messages"], where, need_assistant=False)
         turns = []
         for t in row["messages"]:
             if t["role"] == "assistant":
@@ -141,6 +159,18 @@ def to_prompt_messages(row: Mapping[str, Any], template: str) -> list[dict[str, 
             raise DataError(f"{where}: field 'messages' starts with an assistant turn: no prompt")
         return turns
     return [{"role": "user", "content": render_prompt(template, row)}]
+
+
+def reward_prompt(row: Mapping[str, Any], template: str) -> str | list[dict[str, str]]:
+    """The ``prompts`` entry a TRL reward gets for ``row``: the row's own ``prompt`` (a string, or
+    messages for a conversational row), the prompt turns of a ``messages`` row, else the rendered
+    question text."""
+    if "question" not in row and "prompt" in row:
+        return row["prompt"]
+    messages = to_prompt_messages(row, template)
+    if "question" not in row and "messages" in row:
+        return messages
+    return "\n\n".join(m["content"] for m in messages)
 
 
 # ----------------------------------------------------------------------------- readers
@@ -305,15 +335,26 @@ def _iter_source(
 
 # ----------------------------------------------------------------------------- public loaders
 
-def _load(
-    source: str | Path, split: str | None, limit: int | None, seed: int, check: RowCheck
-) -> list[dict]:
+def _iter_memory(rows: Any) -> Iterator[tuple[str, Any]]:
+    """Rows of an in-memory source: a ``datasets.Dataset`` or a sequence of dicts."""
+    if hasattr(rows, "to_list") and hasattr(rows, "column_names"):  # datasets.Dataset
+        rows = rows.to_list()
+    if not isinstance(rows, Sequence) or isinstance(rows, (str, bytes)):
+        raise DataError(f"a dataset must be a path, task:<name>, a list of dicts or a datasets.Dataset, "
+                        f"got {type(rows).__name__}")
+    for i, row in enumerate(rows):
+        yield f"row {i}", row
+
+
+def _load(source: Source, split: str | None, limit: int | None, seed: int, check: RowCheck) -> list[dict]:
     """Read every row of ``source``, validate it with ``check``, then apply ``limit``."""
     if limit is not None and limit < 0:
         raise DataError(f"limit must be >= 0, got {limit}")
     rows: list[dict] = []
+    in_memory = not isinstance(source, (str, Path))
     # Validate the whole file (not only the first ``limit`` rows) so a broken file fails early.
-    for where, row in _iter_source(str(source), split, limit, seed):
+    for where, row in (_iter_memory(source) if in_memory else _iter_source(str(source), split, limit, seed)):
+        row = normalize_row(row, where)
         check(row, where)
         rows.append(dict(row))
     if not rows and limit != 0:
@@ -321,7 +362,7 @@ def _load(
     return rows if limit is None else rows[:limit]
 
 
-def load_rows(source: str | Path, *, split: str | None = None, limit: int | None = None,
+def load_rows(source: Source, *, split: str | None = None, limit: int | None = None,
               required: Sequence[str] = (), seed: int = 0) -> list[dict]:
     """Load validated rows from ``source`` (see the module docstring for the accepted sources).
 
@@ -334,13 +375,14 @@ def load_rows(source: str | Path, *, split: str | None = None, limit: int | None
     )
 
 
-def load_sft_rows(source: str | Path, *, split: str | None = None, limit: int | None = None,
+def load_sft_rows(source: Source, *, split: str | None = None, limit: int | None = None,
                   seed: int = 0) -> list[dict]:
     """Load rows usable for SFT: ``messages`` form or question + response/solution/answer."""
     return _load(source, split, limit, seed, validate_sft_row)
 
 
-def load_prompt_rows(source: str | Path, *, split: str | None = None, limit: int | None = None,
+def load_prompt_rows(source: Source, *, split: str | None = None, limit: int | None = None,
                      required: Sequence[str] = PROMPT_FIELDS, seed: int = 0) -> list[dict]:
-    """Load rows usable as RL / eval prompts: by default ``question`` and ``answer`` are required."""
-    return load_rows(source, split=split, limit=limit, required=required, seed=seed)
+    """Load rows usable as RL / eval prompts: ``question`` rows need the ``required`` fields
+    (by default ``question`` and ``answer``); TRL ``prompt`` and ``messages`` rows a usable prompt."""
+    return _load(source, split, limit, seed, lambda row, where: validate_prompt_row(row, where, required))

@@ -17,11 +17,13 @@ The engine never sees text; this wrapper is used by train/eval/serve only.
 
 from __future__ import annotations
 
+import functools
 import string
 from pathlib import Path
 
 MASK_TOKEN = "<|MASK|>"
 EOS_TOKEN = "<|endoftext|>"
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")  # ChatML / Qwen, Llama 3, Gemma
 CHAR_SPECIALS = [EOS_TOKEN, "<|user|>", "<|assistant|>", MASK_TOKEN]
 CHAR_ALPHABET = string.printable[:-5] + "\n"  # printable ASCII without \t\r\x0b\x0c, plus newline
 # Compact chat template for the char tokenizer: a small model reads every character.
@@ -71,13 +73,17 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
+    @functools.cached_property
+    def end_of_turn_id(self) -> int:
+        """The token the chat template closes an assistant turn with: ``<|im_end|>`` (Qwen /
+        SDAR, ChatML) or another known end-of-turn token in the vocabulary; else EOS (the char
+        tokenizer's template ends a turn with EOS)."""
+        vocab = self.hf.get_vocab()  # added tokens included
+        return next((vocab[token] for token in END_OF_TURN_TOKENS if token in vocab), self.eos_token_id)
+
     def stop_ids(self) -> list[int]:
         """Ids that end a completion: EOS and, for chat models, the end-of-turn token."""
-        ids = {self.eos_token_id}
-        im_end = self.hf.convert_tokens_to_ids("<|im_end|>")
-        if im_end is not None and im_end != self.hf.unk_token_id:
-            ids.add(im_end)
-        return sorted(ids)
+        return sorted({self.eos_token_id, self.end_of_turn_id})
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)

@@ -4,10 +4,19 @@ An example is ``prompt_ids + response_ids`` (DESIGN §6):
 
 * prompt = the chat template over every turn before the last assistant turn,
   with the generation prompt (``<|assistant|>`` / ``<|im_start|>assistant\\n``);
-* response = ``encode(last assistant turn) + [eos]``, then more EOS until the
-  whole example is a multiple of the block size. Those padding EOS are labelled
-  response tokens (masked and scored like any other), so the model learns to end
-  inside a block. Blocks are absolute from position 0 of the prompt.
+* response = ``encode(last assistant turn) + [end of turn]`` -- the chat
+  template's end-of-turn token (``<|im_end|>`` for Qwen / SDAR; the char
+  tokenizer's turns end with its EOS), so the model learns to stop where the
+  template closes a turn -- then EOS until the whole example is a multiple of the
+  block size. Those padding EOS are labelled response tokens (masked and scored
+  like any other), so the model learns to end inside a block. Blocks are absolute
+  from position 0 of the prompt.
+
+Multi-turn: by default only the last assistant turn is trained and earlier turns
+are context; ``assistant_turns="all"`` trains every assistant turn (each ends
+with the end-of-turn token; the user turns between them are context). The text
+is built turn by turn from the chat template, which must render earlier turns the
+same once later turns follow (checked; a template that does not is a DataError).
 
 Every row is tokenised and checked (length <= ``max_length``) before training
 starts, so a bad row fails the run at once, naming the row.
@@ -31,10 +40,18 @@ from dirl.data import DataError, to_sft_messages
 from dirl.runtime import epoch_seed
 
 
+ASSISTANT_TURNS = ("last", "all")
+
+
 @dataclass
 class SFTExample:
-    input_ids: list[int]  # prompt + response (+ EOS padding), length a multiple of the block size
-    prompt_len: int
+    input_ids: list[int]       # prompt + response (+ EOS padding), length a multiple of the block size
+    response_mask: list[bool]  # True on trained tokens (assistant turns, their end of turn, the padding)
+
+    @property
+    def prompt_len(self) -> int:
+        """Tokens before the first trained one."""
+        return self.response_mask.index(True)
 
 
 @dataclass
@@ -49,30 +66,38 @@ class SFTBatch(TokenBatch):
         return SFTBatch(**tensors, num_examples=self.num_examples, num_tokens=self.num_tokens)
 
 
-def split_conversation(messages: Sequence[Mapping[str, str]]) -> tuple[list[dict], str]:
-    """(turns before the last assistant turn, that turn's text). Only the last
-    assistant turn is trained; earlier turns are prompt context."""
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return [dict(m) for m in messages[:last]], messages[last]["content"]
-
-
-def tokenize_example(messages: Sequence[Mapping[str, str]], tokenizer, block_size: int) -> SFTExample:
-    prompt_turns, response = split_conversation(messages)
-    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(prompt_turns, add_generation_prompt=True))
-    response_ids = tokenizer.encode(response) + [tokenizer.eos_token_id]
-    total = len(prompt_ids) + len(response_ids)
-    response_ids += [tokenizer.eos_token_id] * (-total % block_size)
-    return SFTExample(prompt_ids + response_ids, len(prompt_ids))
+def tokenize_example(messages: Sequence[Mapping[str, str]], tokenizer, block_size: int,
+                     assistant_turns: str = "last") -> SFTExample:
+    """Token ids and trained-token mask of one conversation (see the module docstring)."""
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    trained = assistant if assistant_turns == "all" else assistant[-1:]
+    eot = tokenizer.end_of_turn_id
+    eot_text = tokenizer.decode([eot], skip_special_tokens=False)
+    input_ids: list[int] = []
+    mask: list[bool] = []
+    rendered = ""  # the text the ids so far stand for
+    for turn in trained:
+        context = tokenizer.apply_chat_template([dict(m) for m in messages[:turn]], add_generation_prompt=True)
+        if not context.startswith(rendered):
+            raise DataError("the chat template renders earlier turns differently once later turns follow; "
+                            "train the last assistant turn only (data.assistant_turns=last)")
+        context_ids = tokenizer.encode(context[len(rendered):])
+        response_ids = tokenizer.encode(messages[turn]["content"]) + [eot]
+        input_ids += context_ids + response_ids
+        mask += [False] * len(context_ids) + [True] * len(response_ids)
+        rendered = context + messages[turn]["content"] + eot_text
+    padding = -len(input_ids) % block_size
+    return SFTExample(input_ids + [tokenizer.eos_token_id] * padding, mask + [True] * padding)
 
 
 def tokenize_rows(rows: Sequence[Mapping], tokenizer, template: str, block_size: int, max_length: int,
-                  source: str = "data") -> list[SFTExample]:
+                  source: str = "data", assistant_turns: str = "last") -> list[SFTExample]:
     """Tokenise every row; a row that cannot be templated or is too long is a DataError naming it."""
     examples = []
     for index, row in enumerate(rows):
         where = f"{source}: row {index}" + (f" (id {row['id']})" if "id" in row else "")
         try:
-            example = tokenize_example(to_sft_messages(row, template), tokenizer, block_size)
+            example = tokenize_example(to_sft_messages(row, template), tokenizer, block_size, assistant_turns)
         except DataError as err:
             raise DataError(f"{where}: {err}") from None
         if len(example.input_ids) > max_length:
@@ -106,7 +131,7 @@ def collate(rows: list[list[SFTExample]], pad_id: int, row_length: int | None = 
             position_ids[r, span] = torch.arange(n)
             doc_ids[r, span] = doc
             sample_ids[r, span] = sample
-            response_mask[r, start + example.prompt_len:start + n] = True
+            response_mask[r, span] = torch.tensor(example.response_mask)
             start += n
             sample += 1
     return SFTBatch(input_ids, position_ids, doc_ids, response_mask, sample_ids,

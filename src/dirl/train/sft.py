@@ -49,7 +49,7 @@ from dirl.rollout import SamplingSpec, check_sampling
 from dirl.runtime import derived_seed, resolve_device
 from dirl.train import dist as dist_lib
 from dirl.train import state as state_lib
-from dirl.train.batching import SFTBatch, SFTLoader, tokenize_rows
+from dirl.train.batching import ASSISTANT_TURNS, SFTBatch, SFTLoader, tokenize_rows
 from dirl.train import precision
 from dirl.train.common import (MetricsLogger, OptimConfig, build_optimizer, build_scheduler,
                                clip_and_step, format_metrics, set_seed)
@@ -64,6 +64,11 @@ class SFTDataConfig:
     prompt_template: str = "plain"    # a dirl.data.PROMPT_TEMPLATES name or a literal "{question}" string
     limit: int | None = None          # use the first N rows (tasks: generate N)
     max_length: int = 256             # tokens per example (and per packed row); longer rows are an error
+    assistant_turns: str = "last"     # multi-turn rows: train the last assistant turn, or "all" of them
+
+    def __post_init__(self) -> None:
+        if self.assistant_turns not in ASSISTANT_TURNS:
+            raise ValueError(f"assistant_turns must be one of {ASSISTANT_TURNS}, got {self.assistant_turns!r}")
 
 
 @dataclass
@@ -108,7 +113,7 @@ class SFTConfig:
 def load_examples(cfg: SFTConfig, tokenizer, block_size: int):
     rows = load_sft_rows(cfg.data.source, split=cfg.data.split, limit=cfg.data.limit, seed=cfg.seed)
     return tokenize_rows(rows, tokenizer, cfg.data.prompt_template, block_size, cfg.data.max_length,
-                         source=cfg.data.source)
+                         source=cfg.data.source, assistant_turns=cfg.data.assistant_turns)
 
 
 def resolve_attn_impl(name: str, device: torch.device) -> str:
