@@ -7,17 +7,16 @@ DESIGN §10 robustness) applies to every trainer alike.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from dirl.errors import (FINITE_NON_NEGATIVE, FINITE_POSITIVE, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, FieldError,
                          check_fields, one_of)
+from dirl.train.tracking import MetricsLogger  # noqa: F401 - re-exported: the trainers' logger
 
 
 @dataclass
@@ -148,66 +147,3 @@ def format_metrics(metrics: dict) -> str:
             parts.append(f"{key}={value}")
     return " ".join(parts)
 
-
-class MetricsLogger:
-    """Append-only ``metrics.jsonl`` (one JSON object per logged step) + optional TensorBoard.
-
-    On resume the file is appended to; entries at or beyond the resume step from a
-    run killed after its last checkpoint are dropped first, so the file reads as one
-    uninterrupted run. A fresh run in a directory that already holds a
-    ``metrics.jsonl`` moves it to ``metrics.prev.jsonl`` (kept, not mixed in).
-    """
-
-    def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: int | None = None):
-        self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self._tb = None
-        if not enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            if resume_step is None:
-                self.path.replace(self.path.with_name("metrics.prev.jsonl"))
-            else:
-                self._truncate_after(resume_step)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
-        except Exception:  # tensorboard is optional  # noqa: BLE001
-            self._tb = None
-
-    def _truncate_after(self, step: int) -> None:
-        """Keep the rows up to ``step``; a torn row (a kill mid-write) and what follows it go."""
-        kept = []
-        for line in self.path.read_bytes().decode("utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError:
-                break
-            if isinstance(record, dict) and record.get("step", 0) <= step:
-                kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
-
-    def log(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-
-
-def _plain(value):
-    if isinstance(value, torch.Tensor):
-        return value.item()
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return value
