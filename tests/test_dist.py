@@ -125,7 +125,7 @@ def rl_runs(tmp_path_factory):
 
 def test_sft_two_fsdp_ranks_match_one_process(sft_runs):
     one, two, _ = sft_runs
-    _assert_same_metrics(_metrics(one), _metrics(two), ("loss", "grad_norm", "lr"))
+    _assert_same_metrics(_metrics(one), _metrics(two), ("loss", "grad_norm", "learning_rate"))
     _assert_same_weights(one / "final", two / "final")
 
 

@@ -1,10 +1,17 @@
-"""Where a trainer's starting model comes from: a checkpoint directory or ``init:<preset>``,
-with LoRA adapters injected when ``lora.r > 0``."""
+"""What a trainer starts from: a checkpoint directory or ``init:<preset>`` (LoRA adapters injected
+when ``lora.r > 0``), or objects in memory.
+
+``RunInputs`` carries what a Python caller hands a trainer besides its config (a model object
+and its tokenizer, rows in memory, reward callables, callbacks); the CLI passes none of them,
+so both go through the same trainer code.
+"""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -13,8 +20,20 @@ from dirl.model.checkpoint import CheckpointError, load_pretrained
 from dirl.model.factory import InitConfig, build_tokenizer, init_model
 from dirl.model.lora import BaseModelView, LoraConfig, apply_lora
 from dirl.train import dist as dist_lib
+from dirl.train.callbacks import CallbackList
 
 INIT_PREFIX = "init:"
+
+
+@dataclass
+class RunInputs:
+    """In-memory inputs of a run; each None falls back to the config's path / names."""
+
+    model: torch.nn.Module | None = None  # a dirl model (``load_model``); None: cfg.model
+    tokenizer: Any = None                 # its tokenizer, required with ``model``
+    train_rows: list[dict] | None = None  # None: the config's data source
+    reward_funcs: dict | None = None      # RL: {name or callable: weight}; None: cfg.rewards
+    callbacks: CallbackList = field(default_factory=CallbackList)
 
 
 def load_model_spec(spec: str, device: str | torch.device = "cpu", dtype: str = "float32", seed: int = 0,
@@ -34,6 +53,19 @@ def load_model_spec(spec: str, device: str | torch.device = "cpu", dtype: str = 
     if lora is not None and lora.enabled:
         model = apply_lora(model, lora, base=str(Path(spec).resolve()))
     return model, tokenizer
+
+
+def resolve_model(spec: str, inputs: RunInputs, device: torch.device, dtype: str, seed: int,
+                  lora: LoraConfig | None = None):
+    """``(model, tokenizer)``: the caller's objects (moved to ``device``) or ``load_model_spec``."""
+    if inputs.model is None:
+        return load_model_spec(spec, device, dtype, seed, lora=lora)
+    if inputs.tokenizer is None:
+        raise ValueError("a model object needs its tokenizer: pass tokenizer=... (load_model returns both)")
+    if lora is not None and lora.enabled:
+        raise ConfigError("lora with a model object is not supported: give the model as a checkpoint path "
+                          "(the adapters record their base directory)")
+    return inputs.model.to(device), inputs.tokenizer
 
 
 def check_lora(lora: LoraConfig, strategy: str, backend: str = "native") -> None:

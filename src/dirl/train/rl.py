@@ -210,7 +210,7 @@ def train_step(run: RLRun, step: int) -> dict:
     t0 = time.perf_counter()
     run.backend.sync_weights()
     metrics["timing/sync"] = time.perf_counter() - t0
-    metrics["lr"] = run.learner.scheduler.get_last_lr()[0]
+    metrics["learning_rate"] = run.learner.scheduler.get_last_lr()[0]
     # 5. Held-out eval: rank 0, on the full weights.
     done = step + 1
     if cfg.eval_every and run.eval_rows and (done % cfg.eval_every == 0 or done == cfg.max_steps):

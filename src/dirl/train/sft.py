@@ -53,8 +53,9 @@ from dirl.train.batching import ASSISTANT_TURNS, SFTBatch, SFTLoader, tokenize_r
 from dirl.train import precision
 from dirl.train.common import (MetricsLogger, OptimConfig, build_optimizer, build_scheduler,
                                clip_and_step, format_metrics, set_seed)
-from dirl.train.models import check_lora, load_model_spec
+from dirl.train.models import RunInputs, check_lora, resolve_model
 from dirl.train.precision import ComputeConfig
+from dirl.train.tracking import check_report_to
 
 
 @dataclass
@@ -67,8 +68,7 @@ class SFTDataConfig:
     assistant_turns: str = "last"     # multi-turn rows: train the last assistant turn, or "all" of them
 
     def __post_init__(self) -> None:
-        if self.assistant_turns not in ASSISTANT_TURNS:
-            raise ValueError(f"assistant_turns must be one of {ASSISTANT_TURNS}, got {self.assistant_turns!r}")
+        check_fields(self, {"assistant_turns": one_of(*ASSISTANT_TURNS)})
 
 
 @dataclass
@@ -94,6 +94,7 @@ class SFTConfig:
     device: str = "auto"
     compute: ComputeConfig = field(default_factory=ComputeConfig)  # precision, checkpointing, head chunks
     progress: bool = True
+    report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # + wandb
     dist: dist_lib.DistConfig = field(default_factory=dist_lib.DistConfig)  # torchrun only
     lora: LoraConfig = field(default_factory=LoraConfig)  # r > 0: train adapters on a frozen base
     overwrite: bool = False           # a fresh run may replace a run already in `out`
@@ -105,15 +106,19 @@ class SFTConfig:
             "noise_eps": (lambda v: 0 <= v < 1, "in [0, 1)"),
             "attn_impl": one_of("auto", "sdpa", "flex")})
         check_fields(self.data, {"max_length": POSITIVE, "limit": NON_NEGATIVE})
+        check_report_to(self.report_to)
 
 
 # ---------------------------------------------------------------- 1. setup
 
 
-def load_examples(cfg: SFTConfig, tokenizer, block_size: int):
-    rows = load_sft_rows(cfg.data.source, split=cfg.data.split, limit=cfg.data.limit, seed=cfg.seed)
+def load_examples(cfg: SFTConfig, tokenizer, block_size: int, rows: list[dict] | None = None):
+    """Tokenised examples of ``rows`` (in memory) or of the config's data source."""
+    source = cfg.data.source if rows is None else rows
+    rows = load_sft_rows(source, split=cfg.data.split, limit=cfg.data.limit, seed=cfg.seed)
     return tokenize_rows(rows, tokenizer, cfg.data.prompt_template, block_size, cfg.data.max_length,
-                         source=cfg.data.source, assistant_turns=cfg.data.assistant_turns)
+                         source=cfg.data.source if source is cfg.data.source else "train_dataset",
+                         assistant_turns=cfg.data.assistant_turns)
 
 
 def resolve_attn_impl(name: str, device: torch.device) -> str:
@@ -173,7 +178,7 @@ def train_step(ctx: "SFTRun") -> dict:
         total_loss += float(loss.detach()) * weight / cfg.optim.grad_accum
     total_loss = dist_lib.all_reduce_sum([total_loss])[0]
     grad_norm, skipped = clip_and_step(ctx.model, ctx.optimizer, ctx.scheduler, cfg.optim)
-    return {"loss": total_loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "num_tokens": num_tokens,
+    return {"loss": total_loss, "learning_rate": lr, "grad_norm": grad_norm, "skipped": skipped, "num_tokens": num_tokens,
             "num_positions": num_positions}
 
 
@@ -223,7 +228,7 @@ class SFTRun:
                                          keep_last=self.cfg.keep_last)
 
 
-def build_run(cfg: SFTConfig, resume: str | Path | None = None) -> SFTRun:
+def build_run(cfg: SFTConfig, resume: str | Path | None = None, inputs: RunInputs | None = None) -> SFTRun:
     """Sections 1-2: model, data, optimizer, schedule; restored from ``resume`` if given."""
     set_seed(cfg.seed)
     device = dist_lib.local_device(resolve_device(cfg.device))
@@ -232,12 +237,13 @@ def build_run(cfg: SFTConfig, resume: str | Path | None = None) -> SFTRun:
         raise ValueError(f"batch_size={cfg.batch_size} is the global batch: it must be >= the "
                          f"{dist_lib.world_size()} ranks")
     check_lora(cfg.lora, cfg.dist.strategy)
-    model, tokenizer = load_model_spec(cfg.model, device, precision.param_dtype(cfg.compute, device), cfg.seed,
-                                       lora=cfg.lora)
+    inputs = inputs or RunInputs()
+    model, tokenizer = resolve_model(cfg.model, inputs, device, precision.param_dtype(cfg.compute, device), cfg.seed,
+                                     lora=cfg.lora)
     precision.configure(model, cfg.compute)
     if cfg.eval_every:
         check_sampling(cfg.eval_sampling, model.config.block_size, "eval_sampling")
-    examples = load_examples(cfg, tokenizer, model.config.block_size)  # validates every row first
+    examples = load_examples(cfg, tokenizer, model.config.block_size, inputs.train_rows)  # validates every row
     attn_impl = resolve_attn_impl(cfg.attn_impl, device)
     # Flex compiles per shape: give unpacked batches a fixed length too.
     row_length = cfg.data.max_length if (cfg.pack or attn_impl == "flex") else None
@@ -259,21 +265,25 @@ def build_run(cfg: SFTConfig, resume: str | Path | None = None) -> SFTRun:
     return run
 
 
-def train_sft(cfg: SFTConfig, resume: str | Path | None = None) -> Path:
-    """Run (or continue) SFT; returns the run directory. Under torchrun every rank calls it."""
+def train_sft(cfg: SFTConfig, resume: str | Path | None = None, inputs: RunInputs | None = None) -> Path:
+    """Run (or continue) SFT; returns the run directory. Under torchrun every rank calls it.
+
+    ``inputs`` holds what a Python caller gives besides the config (``dirl.SFTTrainer``)."""
+    inputs = inputs or RunInputs()
     run_dir = state_lib.resolve_resume(resume).parent.parent if resume is not None else Path(cfg.out)
     state_lib.prepare_run_dir(run_dir, resumed=resume is not None, overwrite=cfg.overwrite)  # before loading
     with dist_lib.process_group(cfg.dist, resolve_device(cfg.device)):
-        return _train(build_run(cfg, resume), resume is not None)
+        return _train(build_run(cfg, resume, inputs), resume is not None, inputs.callbacks)
 
 
-def _train(run: SFTRun, resumed: bool) -> Path:
+def _train(run: SFTRun, resumed: bool, callbacks) -> Path:
     """Sections 3-5: the loop (every rank), logging and files (rank 0)."""
     cfg, main = run.cfg, dist_lib.is_main()
     if main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         (run.run_dir / "config.yaml").write_text(config_lib.dump(cfg))
-    logger = MetricsLogger(run.run_dir, enabled=main, resume_step=run.step if resumed else None)
+    logger = MetricsLogger(run.run_dir, enabled=main, resume_step=run.step if resumed else None,
+                           report_to=cfg.report_to, config=config_lib.to_dict(cfg))
     last_step = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else cfg.max_steps
     bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not (cfg.progress and main), desc="sft",
                dynamic_ncols=True)
@@ -288,6 +298,8 @@ def _train(run: SFTRun, resumed: bool) -> Path:
             run.skipped_steps += int(metrics["skipped"])
             window.add(metrics)
             bar.update(1)
+            if main:
+                callbacks.on_step_end(run.step, metrics)
             # 4. log, eval, save
             # Not at stop_at_step: the open window is saved and continues in the resumed run.
             if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
@@ -296,17 +308,23 @@ def _train(run: SFTRun, resumed: bool) -> Path:
                 _log(run, logger, bar, _evaluate(run))
                 run.model.train()
             if cfg.save_every > 0 and run.step % cfg.save_every == 0:
-                run.save()
+                _save(run, callbacks)
                 saved_at = run.step
         # 5. the end
         if saved_at != run.step:
-            run.save()
+            _save(run, callbacks)
         if run.step >= cfg.max_steps:
             state_lib.save_model_dir(run.model, run.tokenizer, run.run_dir / "final")
     finally:
         bar.close()
         logger.close()
     return run.run_dir
+
+
+def _save(run: SFTRun, callbacks) -> None:
+    path = run.save()
+    if dist_lib.is_main():
+        callbacks.on_save(run.step, path)
 
 
 def _evaluate(run: SFTRun) -> dict:
@@ -328,11 +346,11 @@ class _Window:
         self.losses.append(metrics["loss"])
         self.norms.append(metrics["grad_norm"])
         self.tokens += metrics["num_tokens"]
-        self.lr = metrics["lr"]
+        self.lr = metrics["learning_rate"]
 
     def flush(self, skipped_steps: int) -> dict:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        out = {"loss": sum(self.losses) / len(self.losses), "lr": self.lr,
+        out = {"loss": sum(self.losses) / len(self.losses), "learning_rate": self.lr,
                "grad_norm": sum(self.norms) / len(self.norms), "tokens_per_s": self.tokens / elapsed,
                "skipped_steps": skipped_steps}
         self.__init__()
