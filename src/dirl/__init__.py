@@ -1,2 +1,53 @@
-"""dirl: post-training for blockwise diffusion language models."""
+"""dirl: post-training for blockwise diffusion language models.
+
+The Python API (names are imported on first use, so ``import dirl`` and the CLI stay fast):
+
+* trainers: ``SFTTrainer``, ``DiPOTrainer`` (RL with any estimator), ``TrainerCallback``;
+* configs: ``SFTConfig``, ``SFTDataConfig``, ``RLConfig``, ``RolloutConfig``, ``AlgoConfig``,
+  ``OptimConfig``, ``DistConfig``, and ``load_config`` (YAML + ``key=value`` overrides);
+* models and decoding: ``load_model`` (-> model, tokenizer), ``Engine``, ``SamplingParams``,
+  ``generate``;
+* rewards: ``compute_rewards``, ``register_reward``, ``available_rewards``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "SFTTrainer": ("dirl.train.trainers", "SFTTrainer"),
+    "DiPOTrainer": ("dirl.train.trainers", "DiPOTrainer"),
+    "TrainerCallback": ("dirl.train.callbacks", "TrainerCallback"),
+    "SFTConfig": ("dirl.train.sft", "SFTConfig"),
+    "SFTDataConfig": ("dirl.train.sft", "SFTDataConfig"),
+    "RLConfig": ("dirl.train.rl", "RLConfig"),
+    "RolloutConfig": ("dirl.train.rl", "RolloutConfig"),
+    "AlgoConfig": ("dirl.train.rl_update", "AlgoConfig"),
+    "OptimConfig": ("dirl.train.common", "OptimConfig"),
+    "DistConfig": ("dirl.train.dist", "DistConfig"),
+    "load_config": ("dirl.config", "load"),
+    "load_model": ("dirl.train.models", "load_model_spec"),
+    "Engine": ("dirl.engine.engine", "Engine"),
+    "SamplingParams": ("dirl.engine.engine", "SamplingParams"),
+    "generate": ("dirl.train.trainers", "generate"),
+    "compute_rewards": ("dirl.rewards", "compute_rewards"),
+    "register_reward": ("dirl.rewards", "register"),
+    "available_rewards": ("dirl.rewards", "available_rewards"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dirl' has no attribute {name!r}")
+    module, attr = _EXPORTS[name]
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

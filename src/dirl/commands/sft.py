@@ -31,10 +31,10 @@ def resolve_config(args):
 
 def run(args) -> int:
     from dirl.train import dist
-    from dirl.train.sft import train_sft
+    from dirl.train.trainers import SFTTrainer
 
     cfg, checkpoint = resolve_config(args)
-    run_dir = train_sft(cfg, resume=checkpoint)
+    run_dir = SFTTrainer(args=cfg).train(resume_from_checkpoint=checkpoint)
     if dist.is_main():
         print(f"run directory: {run_dir}")
     return 0

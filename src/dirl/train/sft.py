@@ -241,6 +241,7 @@ def build_run(cfg: SFTConfig, resume: str | Path | None = None, inputs: RunInput
     model, tokenizer = resolve_model(cfg.model, inputs, device, precision.param_dtype(cfg.compute, device), cfg.seed,
                                      lora=cfg.lora)
     precision.configure(model, cfg.compute)
+    inputs.model, inputs.tokenizer = model, tokenizer  # the caller's handle on what is trained
     if cfg.eval_every:
         check_sampling(cfg.eval_sampling, model.config.block_size, "eval_sampling")
     examples = load_examples(cfg, tokenizer, model.config.block_size, inputs.train_rows)  # validates every row

@@ -1,0 +1,117 @@
+"""The Python API's trainers: ``SFTTrainer`` and ``DiPOTrainer``, in TRL's shape.
+
+A trainer takes a model (a checkpoint path, ``init:<preset>`` or a model object with its
+tokenizer), a dataset (a path / ``task:<name>``, a list of dicts or a ``datasets.Dataset``),
+for RL reward functions (names or callables, TRL's signature), a config (``args``) and
+callbacks. ``train()`` runs the very code ``dirl sft`` / ``dirl rl`` run -- the CLI builds the
+same trainer from its YAML -- so a config gives the same metrics from either.
+
+Objects given in memory are not part of a config file: the run's ``config.yaml`` then names
+them ``<in-memory>`` (resume such a run from Python, giving the objects again).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dirl.train.callbacks import CallbackList, TrainerCallback
+from dirl.train.models import RunInputs
+from dirl.train.sft import SFTConfig, train_sft
+
+__all__ = ["IN_MEMORY", "SFTTrainer"]
+
+IN_MEMORY = "<in-memory>"
+ModelArg = str | Path | torch.nn.Module | None
+DatasetArg = str | Path | Sequence[Mapping[str, Any]] | Any
+
+
+def _model_inputs(model: ModelArg, tokenizer: Any) -> tuple[str | None, torch.nn.Module | None]:
+    """(config value, object): a path goes into the config, an object travels beside it."""
+    if model is None:
+        return None, None
+    if isinstance(model, (str, Path)):
+        return str(model), None
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a path, init:<preset> or a dirl model, got {type(model).__name__}")
+    if tokenizer is None:
+        raise ValueError("a model object needs its tokenizer: pass tokenizer=... (dirl.load_model returns both)")
+    return IN_MEMORY, model
+
+
+def _dataset_inputs(dataset: DatasetArg) -> tuple[str | None, list[dict] | None]:
+    """(config value, rows): a path / task source goes into the config, rows travel beside it."""
+    if dataset is None:
+        return None, None
+    if isinstance(dataset, (str, Path)):
+        return str(dataset), None
+    if hasattr(dataset, "to_list") and hasattr(dataset, "column_names"):  # datasets.Dataset
+        return IN_MEMORY, dataset.to_list()
+    return IN_MEMORY, [dict(row) for row in dataset]
+
+
+class SFTTrainer:
+    """Supervised fine-tuning with the blockwise NELBO (``dirl sft``).
+
+    >>> import tempfile
+    >>> from dirl import SFTConfig, SFTTrainer
+    >>> rows = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a in range(5) for b in range(5)]
+    >>> args = SFTConfig(out=tempfile.mkdtemp(), max_steps=2, batch_size=4, progress=False,
+    ...                  report_to=["jsonl"])
+    >>> trainer = SFTTrainer("init:tiny", train_dataset=rows, args=args)
+    >>> run_dir = trainer.train()  # doctest: +ELLIPSIS
+    step 2/2 loss=...
+    >>> (run_dir / "final" / "model.safetensors").exists()
+    True
+    """
+
+    def __init__(self, model: ModelArg = None, *, tokenizer: Any = None, train_dataset: DatasetArg = None,
+                 args: SFTConfig | None = None, callbacks: Iterable[TrainerCallback] = ()):
+        self.args = copy.deepcopy(args) if args is not None else SFTConfig()
+        model_value, model_obj = _model_inputs(model, tokenizer)
+        data_value, rows = _dataset_inputs(train_dataset)
+        if model_value is not None:
+            self.args.model = model_value
+        if data_value is not None:
+            self.args.data.source = data_value
+        self.inputs = RunInputs(model=model_obj, tokenizer=tokenizer, train_rows=rows,
+                                callbacks=CallbackList(callbacks))
+        self.run_dir: Path | None = None
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The model being trained (set once ``train`` has loaded it)."""
+        return self.inputs.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.inputs.tokenizer
+
+    def add_callback(self, callback: TrainerCallback) -> None:
+        self.inputs.callbacks = CallbackList([*self.inputs.callbacks.callbacks, callback])
+
+    def train(self, resume_from_checkpoint: str | Path | None = None) -> Path:
+        """Train for ``args.max_steps`` (or continue a run); returns the run directory."""
+        self.run_dir = train_sft(self.args, resume=resume_from_checkpoint, inputs=self.inputs)
+        return self.run_dir
+
+
+def as_reward_specs(reward_funcs: Any, reward_weights: Sequence[float] | None) -> dict[Any, float] | None:
+    """TRL's ``reward_funcs`` (one or a list of names / callables) and ``reward_weights`` as
+    ``{reward: weight}``; a mapping is taken as is."""
+    if reward_funcs is None:
+        return None
+    if isinstance(reward_funcs, Mapping):
+        return dict(reward_funcs)
+    funcs = [reward_funcs] if isinstance(reward_funcs, str) or callable(reward_funcs) else list(reward_funcs)
+    weights = [1.0] * len(funcs) if reward_weights is None else [float(w) for w in reward_weights]
+    if len(weights) != len(funcs):
+        raise ValueError(f"reward_weights has {len(weights)} values for {len(funcs)} reward functions")
+    return dict(zip(funcs, weights))
+
+
+RewardArg = str | Callable | Sequence[str | Callable] | Mapping[str | Callable, float] | None
