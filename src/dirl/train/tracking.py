@@ -100,8 +100,15 @@ class MetricsLogger:
             self._tb.close()
             self._tb = None
         if self._wandb is not None:
+            import wandb
+
             self._wandb.finish()
             self._wandb = None
+            # finish() can return before the W&B service has written the run file (seen in offline
+            # mode: the file still empty right after it); teardown waits for the service to flush.
+            # Only when no other run of the caller's is still open in this process.
+            if wandb.run is None:
+                wandb.teardown()
 
 
 def _tensorboard_writer(log_dir: Path):
