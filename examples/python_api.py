@@ -15,8 +15,9 @@ import dirl
 
 
 def answer_digits(prompts, completions, completion_ids, answer, **kwargs):
-    """TRL signature: the share of the completion's characters that are digits of the answer."""
-    return [sum(ch in str(ref) for ch in text) / max(len(ids), 1)
+    """TRL signature: 1 for the right answer, else the share of the completion that is digits
+    (a dense signal an untrained model already varies on)."""
+    return [1.0 if text.strip() == str(ref) else sum(ch.isdigit() for ch in text) / max(len(ids), 1)
             for text, ids, ref in zip(completions, completion_ids, answer)]
 
 
@@ -46,7 +47,7 @@ def main(out: str) -> float:
     printer = PrintRL()
     rl = dirl.DiPOTrainer(sft.model, tokenizer=sft.tokenizer, reward_funcs=[answer_digits],
                           train_dataset=prompts, args=rl_args, callbacks=[printer])
-    run_dir = rl.train()
+    run_dir = rl.train(progress=False)
     mean = sum(printer.rewards) / len(printer.rewards)
     print(f"python_api: rl run {run_dir}, mean TRL-reward {mean:.4f}")
     if not mean:

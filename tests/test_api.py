@@ -97,10 +97,86 @@ def test_wandb_offline_run_dir_holds_the_step_metrics(tmp_path, monkeypatch):
         assert h["loss"] == pytest.approx(r["loss"]) and h["learning_rate"] == pytest.approx(r["learning_rate"])
 
 
-@pytest.mark.parametrize("module", ["dirl.train.callbacks", "dirl.rewards.scoring"])
+@pytest.mark.parametrize("module", ["dirl.train.callbacks", "dirl.rewards.scoring", "dirl.train.trainers"])
 def test_docstring_examples_run(module, tmp_path, monkeypatch):
     import importlib
 
     monkeypatch.chdir(tmp_path)
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ----------------------------------------------------------------------------- RL
+
+RL_OVERRIDES = ["max_steps=2", "rollout.num_prompts=2", "rollout.group_size=4", "rollout.sampling.max_new_tokens=8",
+                "report_to=[jsonl]", "rewards.rl_rewards:digit_fraction=1.0"]
+
+
+def _rl_config(out: Path, *extra: str) -> dirl.RLConfig:
+    return config_lib.load(dirl.RLConfig, REPO / "configs" / "tiny-rl.yaml", [*RL_OVERRIDES, f"out={out}", *extra])
+
+
+def test_rl_cli_and_api_give_identical_metrics(tmp_path):
+    assert cli_main(["rl", "--config", str(REPO / "configs" / "tiny-rl.yaml"), *RL_OVERRIDES,
+                     f"out={tmp_path / 'cli'}", "--no-progress"]) == 0
+    recorder = Recorder()
+    api_dir = dirl.DiPOTrainer(args=_rl_config(tmp_path / "api"), callbacks=[recorder]).train(progress=False)
+    cli, api = _records(tmp_path / "cli"), _records(api_dir)
+    assert len(cli) == 2 and cli == api
+    for key in ("learning_rate", "reward", "reward_std", "rewards/rl_rewards:digit_fraction/std",
+                "completions/min_length", "completions/max_length", "completions/mean_terminated_length"):
+        assert key in api[0], key
+    assert api[0]["completions/min_length"] <= api[0]["completions/mean_length"] <= api[0]["completions/max_length"]
+    assert [s for s, _, _ in recorder.steps] == [1, 2] and recorder.saves == [(2, "step-000002")]
+
+
+def test_rl_with_trl_reward_callables_and_rows_in_memory(tmp_path):
+    seen = {}
+
+    def trl_reward(prompts, completions, completion_ids, task, **kwargs):  # TRL's signature
+        seen.update(prompts=list(prompts), lengths=[len(i) for i in completion_ids], task=list(task))
+        return [None if t == "skip" else sum(ch.isdigit() for ch in c) / max(len(c), 1) + 0.5
+                for c, t in zip(completions, task)]
+
+    rows = [{"prompt": "3+4=", "task": "add"}, {"prompt": "9-5=", "task": "skip"}]
+    trainer = dirl.DiPOTrainer("init:tiny", reward_funcs=[trl_reward], train_dataset=rows,
+                               args=_rl_config(tmp_path / "run", "rewards={}", "rollout.num_prompts=2"))
+    run_dir = trainer.train(progress=False)
+    (first, _) = _records(run_dir)
+    assert sorted(set(seen["prompts"])) == ["3+4=", "9-5="] and set(seen["task"]) == {"add", "skip"}
+    assert all(0 < n <= 8 for n in seen["lengths"])
+    assert first["rewards/trl_reward/mean"] >= 0.5 and first["rewards/trl_reward/errors"] == 0.0
+    # "skip" rows are not applicable: their total is 0, the applicable ones score >= 0.5
+    assert first["reward"] == pytest.approx(first["rewards/trl_reward/mean"] / 2, rel=1e-6)
+    assert config_lib.load(dirl.RLConfig, run_dir / "checkpoints" / "step-000002" / "config.yaml").data == "<in-memory>"
+
+
+def test_a_reward_failing_on_the_whole_first_step_stops_the_run(tmp_path):
+    def needs_truth(completions, ground_truth, **kwargs):
+        return [float(t in c) for c, t in zip(completions, ground_truth)]
+
+    def broken(completions, **kwargs):
+        raise KeyError("solution")
+
+    with pytest.raises(ValueError, match="reward 'needs_truth' needs argument 'ground_truth'"):
+        dirl.DiPOTrainer("init:tiny", reward_funcs=needs_truth, args=_rl_config(tmp_path / "a")).train(progress=False)
+    with pytest.raises(dirl.RewardError, match="reward 'broken' failed on all 8 completions.*KeyError"):
+        dirl.DiPOTrainer("init:tiny", reward_funcs=[broken, "rl_rewards:digit_fraction"],
+                         args=_rl_config(tmp_path / "b")).train(progress=False)
+    assert not (tmp_path / "b" / "final").exists()
+
+
+def test_reward_names_from_python_are_the_config_s(tmp_path):
+    trainer = dirl.DiPOTrainer(reward_funcs=["math", "rl_rewards:digit_fraction"], reward_weights=[0.5, 2.0],
+                               args=_rl_config(tmp_path))
+    assert trainer.args.rewards == {"math": 0.5, "rl_rewards:digit_fraction": 2.0}
+    assert trainer.inputs.reward_funcs is None
+    with pytest.raises(ValueError, match="reward_weights has 1 values for 2"):
+        dirl.DiPOTrainer(reward_funcs=["math", "gsm8k"], reward_weights=[1.0])
+
+
+def test_generate_decodes_text():
+    model, tokenizer = dirl.load_model("init:tiny")
+    spec = dirl.SamplingSpec(max_new_tokens=8, temperature=0)
+    one, both = dirl.generate(model, tokenizer, "12+34=", spec), dirl.generate(model, tokenizer, ["12+34=", "1+1="], spec)
+    assert isinstance(one, str) and both[0] == one and len(both) == 2

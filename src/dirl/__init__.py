@@ -5,9 +5,9 @@ The Python API (names are imported on first use, so ``import dirl`` and the CLI 
 * trainers: ``SFTTrainer``, ``DiPOTrainer`` (RL with any estimator), ``TrainerCallback``;
 * configs: ``SFTConfig``, ``SFTDataConfig``, ``RLConfig``, ``RolloutConfig``, ``AlgoConfig``,
   ``OptimConfig``, ``DistConfig``, and ``load_config`` (YAML + ``key=value`` overrides);
-* models and decoding: ``load_model`` (-> model, tokenizer), ``Engine``, ``SamplingParams``,
-  ``generate``;
-* rewards: ``compute_rewards``, ``register_reward``, ``available_rewards``.
+* models and decoding: ``load_model`` (-> model, tokenizer), ``Engine``, ``SamplingSpec``,
+  ``SamplingParams``, ``generate``;
+* rewards: ``compute_rewards``, ``register_reward``, ``available_rewards``, ``RewardError``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ _EXPORTS = {
     "load_config": ("dirl.config", "load"),
     "load_model": ("dirl.train.models", "load_model_spec"),
     "Engine": ("dirl.engine.engine", "Engine"),
-    "SamplingParams": ("dirl.engine.engine", "SamplingParams"),
+    "SamplingParams": ("dirl.rollout", "SamplingParams"),
+    "SamplingSpec": ("dirl.rollout", "SamplingSpec"),
+    "RewardError": ("dirl.rewards", "RewardError"),
     "generate": ("dirl.train.trainers", "generate"),
     "compute_rewards": ("dirl.rewards", "compute_rewards"),
     "register_reward": ("dirl.rewards", "register"),

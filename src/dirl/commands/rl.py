@@ -17,10 +17,11 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from dirl.train import dist
-    from dirl.train.rl import RLConfig, train_rl
+    from dirl.train.rl import RLConfig
+    from dirl.train.trainers import DiPOTrainer
 
     cfg, checkpoint = resolve_run_config(RLConfig, args, "rl")
-    run_dir = train_rl(cfg, resume=checkpoint, progress=not args.no_progress)
+    run_dir = DiPOTrainer(args=cfg).train(resume_from_checkpoint=checkpoint, progress=not args.no_progress)
     if dist.is_main():
         print(f"rl: done, run directory {run_dir}")
     return 0

@@ -29,11 +29,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dirl import config as config_lib
 from dirl.algo.advantages import group_advantages
 from dirl.backends import make_backend
 from dirl.backends.base import BACKENDS
 from dirl.backends.evaluate import EvalSpec, evaluate_rows, greedy, held_out_metrics
-from dirl.data import build_prompt_ids, load_prompt_rows, task_of
+from dirl.data import build_prompt_ids, load_prompt_rows, reward_prompt, task_of
 from dirl.errors import NON_NEGATIVE, POSITIVE, FieldError, check_fields, one_of
 from dirl.model.lora import LoraConfig
 from dirl.rewards import format_reward_spec, get_reward
@@ -42,12 +43,13 @@ from dirl.runtime import derived_seed, resolve_device, update_seed
 from dirl.train import dist as dist_lib
 from dirl.train.common import MetricsLogger, OptimConfig, build_optimizer, build_scheduler, format_metrics, set_seed
 from dirl.train import precision
-from dirl.train.models import check_lora, load_model_spec, reference_model
+from dirl.train.models import RunInputs, check_lora, reference_model, resolve_model
 from dirl.train.precision import ComputeConfig
 from dirl.train.rl_rollouts import PromptSampler, gather_batch, rollout_metrics
 from dirl.train.rl_update import AlgoConfig, Learner, policy_update
 from dirl.train.state import (Trainable, load_checkpoint, prepare_run_dir, resolve_resume, save_checkpoint,
                               save_model_dir)
+from dirl.train.tracking import check_report_to
 
 
 def _rollout_sampling() -> SamplingSpec:
@@ -76,6 +78,7 @@ class RLConfig:
     data: str = "task:arithmetic"     # prompt source: task:<name>[:split], .jsonl, .parquet, datasets dir
     prompt_template: str = ""         # default: the task's template, else dirl_math
     rewards: dict[str, float] = field(default_factory=dict)  # default: the task's reward, else {"math": 1}
+    report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # + wandb
     max_steps: int = 20
     seed: int = 0
     device: str = "cpu"
@@ -103,6 +106,7 @@ class RLConfig:
             raise FieldError("optim.grad_accum", f"is {self.optim.grad_accum}, but RL accumulates gradients over "
                              "micro-batches of algo.micro_batch_tokens packed tokens (one optimizer step per "
                              "mini-batch, algo.num_minibatches per epoch); leave it at 1")
+        check_report_to(self.report_to)
 
 
 def _task_defaults(cfg: RLConfig) -> tuple[str, dict[str, float], str]:
@@ -134,7 +138,8 @@ class RLRun:
     tokenizer: object
     rows: list[dict]
     prompt_ids: list[list[int]]
-    rewards: dict[str, float]
+    reward_prompts: list              # per row, the ``prompts`` entry of a TRL reward
+    rewards: dict                     # {name or callable: weight} of the rollouts' reward
     sampler: PromptSampler
     backend: object
     eval_rows: list[dict]
@@ -142,11 +147,12 @@ class RLRun:
     start_step: int = 0
 
 
-def _build_learner(cfg: RLConfig, device: torch.device) -> tuple[Learner, object]:
+def _build_learner(cfg: RLConfig, device: torch.device, inputs: RunInputs) -> tuple[Learner, object]:
     """Policy, frozen reference (beta > 0), optimizer and schedule. -> (learner, tokenizer)."""
     check_lora(cfg.lora, cfg.dist.strategy, cfg.rollout.backend)
-    model, tokenizer = load_model_spec(cfg.model, device, precision.param_dtype(cfg.compute, device), seed=cfg.seed,
-                                       lora=cfg.lora)
+    model, tokenizer = resolve_model(cfg.model, inputs, device, precision.param_dtype(cfg.compute, device), cfg.seed,
+                                     lora=cfg.lora)
+    inputs.model, inputs.tokenizer = model, tokenizer  # the caller's handle on what is trained
     model.attn_impl = cfg.attn_impl
     precision.configure(model, cfg.compute)
     mp_policy = precision.fsdp_policy(cfg.compute, device)
@@ -160,20 +166,25 @@ def _build_learner(cfg: RLConfig, device: torch.device) -> tuple[Learner, object
     return Learner(model, ref_model, optimizer, scheduler, cfg.optim, cfg.algo, cfg.rollout.sampling), tokenizer
 
 
-def build_run(cfg: RLConfig, resume: str | None = None) -> RLRun:
-    """1. Set-up: policy, frozen reference, optimizer, data, backend; restored from ``resume``."""
+def build_run(cfg: RLConfig, resume: str | None = None, inputs: RunInputs | None = None) -> RLRun:
+    """1. Set-up: policy, frozen reference, optimizer, data, backend; restored from ``resume``.
+
+    ``inputs``: a Python caller's model object, rows and reward callables (``dirl.DiPOTrainer``);
+    the held-out eval scores with the config's named rewards (or the task's)."""
+    inputs = inputs or RunInputs()
     set_seed(cfg.seed)
     device = dist_lib.local_device(resolve_device(cfg.device))
     dist_lib.init_from_env(cfg.dist, device)
     if dist_lib.world_size() > 1 and cfg.rollout.backend != "native":
         raise ValueError(f"rollout.backend={cfg.rollout.backend!r}: only native runs under torchrun")
     template, rewards, eval_data = _task_defaults(cfg)  # bad names and data fail before the model loads
-    rows = load_prompt_rows(cfg.data, seed=cfg.seed)
+    rows = load_prompt_rows(cfg.data if inputs.train_rows is None else inputs.train_rows, seed=cfg.seed)
     eval_rows = load_prompt_rows(eval_data, limit=cfg.eval_limit, seed=derived_seed(cfg.seed, "held_out")) if (
         cfg.eval_every and eval_data) else []
-    learner, tokenizer = _build_learner(cfg, device)
+    learner, tokenizer = _build_learner(cfg, device, inputs)
     check_sampling(cfg.rollout.sampling, learner.model.config.block_size, "rollout.sampling")
     prompt_ids = build_prompt_ids(tokenizer, rows, template)
+    reward_prompts = [reward_prompt(row, template) for row in rows]
     start_step, cursor = 0, 0
     if resume:
         state = load_checkpoint(resume, learner.model, learner.optimizer, learner.scheduler)
@@ -182,7 +193,7 @@ def build_run(cfg: RLConfig, resume: str | None = None) -> RLRun:
                            api_key_env=cfg.rollout.api_key_env, max_batch_rows=cfg.rollout.max_batch_rows,
                            decode_dtype=precision.compute_dtype(cfg.compute, device))
     run_dir = resolve_resume(resume).parent.parent if resume else Path(cfg.out)
-    return RLRun(cfg, run_dir, learner, tokenizer, rows, prompt_ids, rewards,
+    return RLRun(cfg, run_dir, learner, tokenizer, rows, prompt_ids, reward_prompts, inputs.reward_funcs or rewards,
                  PromptSampler(len(rows), cfg.seed, cursor), backend, eval_rows, held_out_spec(cfg), start_step)
 
 
@@ -221,21 +232,24 @@ def train_step(run: RLRun, step: int) -> dict:
     return metrics
 
 
-def train_rl(cfg: RLConfig, resume: str | None = None, progress: bool = True) -> Path:
+def train_rl(cfg: RLConfig, resume: str | None = None, progress: bool = True,
+             inputs: RunInputs | None = None) -> Path:
     """Run DiPO (or another estimator) for ``cfg.max_steps`` steps; return the run directory.
 
-    Under torchrun every rank calls it; rank 0 logs and writes."""
+    Under torchrun every rank calls it; rank 0 logs and writes. ``inputs``: what a Python
+    caller gives besides the config (``dirl.DiPOTrainer``)."""
     run_dir = resolve_resume(resume).parent.parent if resume else Path(cfg.out)
     prepare_run_dir(run_dir, resumed=bool(resume), overwrite=cfg.overwrite)  # before anything is loaded
     with dist_lib.process_group(cfg.dist, resolve_device(cfg.device)):
         # The run lives only inside _train_rl, so nothing holds the group at teardown.
-        return _train_rl(cfg, resume, progress)
+        return _train_rl(cfg, resume, progress, inputs or RunInputs())
 
 
-def _train_rl(cfg: RLConfig, resume: str | None, progress: bool) -> Path:
-    run = build_run(cfg, resume)
+def _train_rl(cfg: RLConfig, resume: str | None, progress: bool, inputs: RunInputs) -> Path:
+    run = build_run(cfg, resume, inputs)
     learner, main = run.learner, dist_lib.is_main()
-    logger = MetricsLogger(run.run_dir, enabled=main, resume_step=run.start_step if resume else None)
+    logger = MetricsLogger(run.run_dir, enabled=main, resume_step=run.start_step if resume else None,
+                           report_to=cfg.report_to, config=config_lib.to_dict(cfg))
     bar = tqdm(range(run.start_step, cfg.max_steps), desc="rl", disable=not (progress and main),
                initial=run.start_step, total=cfg.max_steps)
     for step in bar:
@@ -247,9 +261,12 @@ def _train_rl(cfg: RLConfig, resume: str | None, progress: bool) -> Path:
             if cfg.log_every and done % cfg.log_every == 0:
                 tqdm.write(f"step {done}: " + format_metrics({k: metrics[k] for k in _CONSOLE_KEYS
                                                               if k in metrics}))
+            inputs.callbacks.on_step_end(done, metrics)
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
             trainable = Trainable(learner.model, run.tokenizer, learner.optimizer, learner.scheduler)
-            save_checkpoint(run.run_dir, done, trainable, {"prompt_cursor": run.sampler.cursor}, cfg)
+            path = save_checkpoint(run.run_dir, done, trainable, {"prompt_cursor": run.sampler.cursor}, cfg)
+            if main:
+                inputs.callbacks.on_save(done, path)
     save_model_dir(learner.model, run.tokenizer, run.run_dir / "final")
     bar.close()
     run.backend.close()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dirl.algo.advantages import informative_groups
-from dirl.rewards import compute_rewards
+from dirl.rewards import RewardError, compute_rewards
 from dirl.rollout import Rollout
 from dirl.runtime import epoch_seed, rollout_seed
 from dirl.train import dist as dist_lib
@@ -70,9 +70,21 @@ def collect(run: RLRun, indices: list[int], step: int) -> tuple[list[Rollout], t
     texts = [tokenizer.decode(r.completion_ids) for r in rollouts]
     rows = run.rows
     columns = {key: [rows[i][key] for i in indices for _ in range(group)] for key in rows[indices[0] if indices else 0]}
-    result = compute_rewards(run.rewards, texts, columns)
+    prompts = [run.reward_prompts[i] for i in indices for _ in range(group)]
+    result = compute_rewards(run.rewards, texts, columns, prompts=prompts,
+                             completion_ids=[r.completion_ids for r in rollouts])
+    if step == run.start_step:
+        _stop_on_a_broken_reward(result)
     metrics = {"timing/rollout": t1 - t0, "timing/reward": time.perf_counter() - t1, **result.metrics}
     return rollouts, torch.tensor(result.total, dtype=torch.float32), metrics
+
+
+def _stop_on_a_broken_reward(result) -> None:
+    """A reward that failed on every completion of the run's first step is a bug, not a score of
+    0: stop (every rank, so none waits in a collective for the others)."""
+    if dist_lib.all_reduce_max([float(bool(result.failures))])[0]:
+        result.raise_if_all_failed()
+        raise RewardError("a reward failed on every completion of the first step on another rank")
 
 
 def _global_round(local_rewards: torch.Tensor, mine: list[int], count: int, group: int) -> torch.Tensor:
@@ -148,12 +160,19 @@ def gather_batch(run: RLRun, step: int) -> tuple[RolloutBatch, dict]:
 
 def rollout_metrics(rollouts: list[Rollout], rewards_t: torch.Tensor) -> dict:
     """``rollouts``: this rank's; ``rewards_t``: every kept rollout's reward (all ranks)."""
-    sums = [sum(r.num_tokens for r in rollouts), sum(r.num_forwards for r in rollouts), len(rollouts),
-            sum(r.finish_reason == "length" for r in rollouts)]
-    tokens, forwards, count, clipped = dist_lib.all_reduce_sum(sums)
+    lengths = [r.num_tokens for r in rollouts]
+    terminated = [r.num_tokens for r in rollouts if r.finish_reason != "length"]
+    sums = [sum(lengths), sum(r.num_forwards for r in rollouts), len(rollouts), len(rollouts) - len(terminated),
+            sum(terminated), len(terminated)]
+    tokens, forwards, count, clipped, terminated_tokens, num_terminated = dist_lib.all_reduce_sum(sums)
+    # min via the max of negatives; a rank without rollouts must not win either reduction
+    longest, neg_shortest = dist_lib.all_reduce_max([max(lengths, default=-1), -min(lengths, default=2**31)])
     return {"reward": float(rewards_t.mean()) if rewards_t.numel() else 0.0,
             "reward_std": float(rewards_t.std(unbiased=False)) if rewards_t.numel() else 0.0,
             "completions/mean_length": tokens / max(count, 1),
+            "completions/min_length": float(-neg_shortest) if count else 0.0,
+            "completions/max_length": float(longest) if count else 0.0,
+            "completions/mean_terminated_length": terminated_tokens / max(num_terminated, 1),
             "completions/clipped_ratio": clipped / max(count, 1),
             # as in `dirl eval`: completion tokens (not the positions after a stop) per forward
             "tokens_per_forward": tokens / max(forwards, 1)}
