@@ -23,14 +23,6 @@ SFT_OVERRIDES = ["max_steps=2", "batch_size=4", "data.limit=16", "log_every=1", 
 TIMING = ("tokens_per_s", "timing/")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _records(run_dir: Path) -> list[dict]:
     """metrics.jsonl without wall-clock values (the only thing two runs may differ in)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

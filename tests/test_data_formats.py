@@ -14,9 +14,6 @@ from dirl.data.datasets import reward_prompt
 from dirl.model.tokenizer import char_tokenizer, load_tokenizer
 from dirl.train.batching import tokenize_example, tokenize_rows
 
-SDAR = Path(__file__).resolve().parents[2] / "shared" / "sdar-8b-chat"
-if not SDAR.exists():
-    SDAR = Path("/work/shared/sdar-8b-chat")
 
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+1?"},
         {"role": "assistant", "content": "2"}, {"role": "user", "content": "and 2+2?"},
@@ -58,8 +55,8 @@ def test_in_memory_lists_and_datasets() -> None:
         load_prompt_rows([{"question": "Q"}])
 
 
-def test_sft_targets_end_with_the_templates_end_of_turn_token() -> None:
-    qwen = load_tokenizer(SDAR)
+def test_sft_targets_end_with_the_templates_end_of_turn_token(sdar_dir) -> None:
+    qwen = load_tokenizer(sdar_dir)
     example = tokenize_example(CHAT[:3], qwen, block_size=4)
     trained = [i for i, keep in zip(example.input_ids, example.response_mask) if keep]
     im_end, eos = qwen.hf.convert_tokens_to_ids("<|im_end|>"), qwen.eos_token_id
@@ -78,8 +75,8 @@ def test_sft_targets_end_with_the_templates_end_of_turn_token() -> None:
 
 
 @pytest.mark.parametrize("tokenizer_name", ["char", "qwen"])
-def test_multi_turn_trains_every_assistant_turn_on_request(tokenizer_name) -> None:
-    tok = char_tokenizer() if tokenizer_name == "char" else load_tokenizer(SDAR)
+def test_multi_turn_trains_every_assistant_turn_on_request(tokenizer_name, request) -> None:
+    tok = char_tokenizer() if tokenizer_name == "char" else load_tokenizer(request.getfixturevalue("sdar_dir"))
     last = tokenize_example(CHAT, tok, 4, "last")
     every = tokenize_example(CHAT, tok, 4, "all")
     assert every.input_ids == last.input_ids  # the same text, more of it trained
