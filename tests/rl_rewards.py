@@ -16,3 +16,8 @@ def informative_unless_even(completions, answer, **_):
     otherwise the completion's place in its group of 4, over 3 (a group that always varies).
     Deterministic, so a test knows exactly which groups dynamic sampling must drop."""
     return [1.0 if int(a) % 2 == 0 else (i % 4) / 3 for i, a in enumerate(answer)]
+
+
+def always_raises(prompts, completions, **_):
+    """A TRL-signature reward that fails on every completion (the first-step stop)."""
+    raise KeyError("solution")

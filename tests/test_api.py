@@ -143,7 +143,7 @@ def test_rl_with_trl_reward_callables_and_rows_in_memory(tmp_path):
     assert config_lib.load(dirl.RLConfig, run_dir / "checkpoints" / "step-000002" / "config.yaml").data == "<in-memory>"
 
 
-def test_a_reward_failing_on_the_whole_first_step_stops_the_run(tmp_path):
+def test_a_reward_failing_on_the_whole_first_step_stops_the_run(tmp_path, capsys):
     def needs_truth(completions, ground_truth, **kwargs):
         return [float(t in c) for c, t in zip(completions, ground_truth)]
 
@@ -156,6 +156,10 @@ def test_a_reward_failing_on_the_whole_first_step_stops_the_run(tmp_path):
         dirl.DiPOTrainer("init:tiny", reward_funcs=[broken, "rl_rewards:digit_fraction"],
                          args=_rl_config(tmp_path / "b")).train(progress=False)
     assert not (tmp_path / "b" / "final").exists()
+    # the CLI: one line naming the reward, exit 2
+    assert cli_main(["rl", "--config", str(REPO / "configs" / "tiny-rl.yaml"), *RL_OVERRIDES,
+                     "rewards.rl_rewards:always_raises=1.0", f"out={tmp_path / 'c'}", "--no-progress"]) == 2
+    assert "reward 'rl_rewards:always_raises' failed on all 8 completions" in capsys.readouterr().err
 
 
 def test_reward_names_from_python_are_the_config_s(tmp_path):

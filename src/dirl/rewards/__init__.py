@@ -16,6 +16,7 @@ Use ``compute_rewards(specs, completions, columns)`` for weighted, fault-isolate
 
 from dirl.rewards import countdown, math, sudoku  # noqa: F401 - imported to register the rewards
 from dirl.rewards.registry import (
+    RewardError,
     available_rewards,
     format_reward_spec,
     get_reward,
@@ -24,7 +25,6 @@ from dirl.rewards.registry import (
     resolve_reward,
 )
 from dirl.rewards.scoring import (
-    RewardError,
     RewardResult,
     RewardSpecs,
     completion_text,

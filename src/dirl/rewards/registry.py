@@ -31,6 +31,7 @@ from dirl.errors import UserError
 __all__ = [
     "DEFAULT_TIME_LIMIT_S",
     "MAX_BATCH_TIME_LIMIT_S",
+    "RewardError",
     "RewardFn",
     "RewardTimeout",
     "available_rewards",
@@ -83,7 +84,8 @@ def register(name: str, *, replace: bool = False) -> Callable[[RewardFn], Reward
 
 
 class RewardError(UserError):
-    """An unknown reward name, or a ``module:function`` that does not import."""
+    """A reward that cannot be used: an unknown name, a ``module:function`` that does not import,
+    a function needing an argument no one gives, or one that failed on every completion."""
 
 
 def get_reward(name: str) -> RewardFn:
@@ -115,7 +117,7 @@ def resolve_reward(spec: str | RewardFn) -> tuple[str, RewardFn]:
     if isinstance(spec, str):
         return spec, get_reward(spec)
     if not callable(spec):
-        raise ValueError(f"a reward must be a name or a callable, got {type(spec).__name__}")
+        raise RewardError(f"a reward must be a name or a callable, got {type(spec).__name__}")
     target = getattr(spec, "func", spec)  # functools.partial
     return getattr(target, "__name__", type(spec).__name__), spec
 

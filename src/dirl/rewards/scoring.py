@@ -6,7 +6,7 @@ Call forms (picked by inspecting the callable's signature, once per call of ``co
   ``completion_ids`` (also under TRL's newer name ``completions_ids``) and every dataset column
   by its name (``prompt`` excepted: it is ``prompts``). A function with ``**kwargs`` gets all of
   them; one without gets the ones it names. A named argument that is neither is a caller bug
-  (``ValueError`` naming it and the columns there are).
+  (``RewardError`` naming it and the columns there are).
 * **dirl** (legacy): a first parameter with another name takes the completions positionally,
   ``fn(texts, **columns)``.
 
@@ -38,22 +38,19 @@ from typing import Any
 from dirl.rewards.registry import (
     DEFAULT_TIME_LIMIT_S,
     MAX_BATCH_TIME_LIMIT_S,
+    RewardError,
     RewardFn,
     RewardTimeout,
     call_with_time_limit,
     resolve_reward,
 )
 
-__all__ = ["RewardError", "RewardResult", "RewardSpecs", "compute_rewards", "completion_text"]
+__all__ = ["RewardResult", "RewardSpecs", "compute_rewards", "completion_text"]
 
 logger = logging.getLogger(__name__)
 
 RewardSpecs = Mapping[Any, float] | Sequence[Any]  # {name or callable: weight} or [name or callable]
 TRAINER_ARGUMENTS = ("prompts", "completions", "completion_ids", "completions_ids")
-
-
-class RewardError(ValueError):
-    """A reward function cannot be used: it failed on every completion of a batch."""
 
 
 def completion_text(completion: Any) -> str:
@@ -120,7 +117,7 @@ class _CallForm:
         missing = [key for key in self.required if key not in available]
         if missing:
             columns = [key for key in available if key not in TRAINER_ARGUMENTS]
-            raise ValueError(f"reward {name!r} needs argument {missing[0]!r}, which is neither a "
+            raise RewardError(f"reward {name!r} needs argument {missing[0]!r}, which is neither a "
                              f"trainer argument {TRAINER_ARGUMENTS} nor a dataset column "
                              f"(columns: {', '.join(columns) or 'none'})")
         args = (available["completions"],) if self.positional else ()
@@ -144,8 +141,8 @@ def compute_rewards(
     ``columns`` are the dataset columns, each a list aligned with ``completions``; ``prompts``
     (strings, or message lists for a conversational dataset) and ``completion_ids`` are passed to
     the rewards that take them. ``time_limit_s`` is the limit per completion (the batch call gets
-    ``time_limit_s * len(completions)``, capped at ``MAX_BATCH_TIME_LIMIT_S``). Unknown names,
-    misaligned columns and missing arguments are caller bugs and raise ``ValueError``; failures
+    ``time_limit_s * len(completions)``, capped at ``MAX_BATCH_TIME_LIMIT_S``). Unknown names
+    and missing arguments are a ``RewardError``, misaligned columns a ``ValueError``; failures
     inside reward functions never propagate.
 
     >>> def reward_len(completions, **kwargs):  # TRL's quick-start reward
@@ -158,7 +155,7 @@ def compute_rewards(
     for spec, weight in weighted:
         name, fn = resolve_reward(spec)
         if name in functions:
-            raise ValueError(f"two rewards are named {name!r}; give one a different __name__")
+            raise RewardError(f"two rewards are named {name!r}; give one a different __name__")
         functions[name] = (fn, float(weight))
     available = _available(completions, columns, prompts, completion_ids)
 
