@@ -13,6 +13,7 @@ from dirl.data import DataError, load_prompt_rows, load_sft_rows, to_prompt_mess
 from dirl.data.datasets import reward_prompt
 from dirl.model.tokenizer import char_tokenizer, load_tokenizer
 from dirl.train.batching import tokenize_example, tokenize_rows
+from dirl.train.sft import SFTDataConfig
 
 
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+1?"},
@@ -100,5 +101,6 @@ def test_multi_turn_trains_every_assistant_turn_on_request(tokenizer_name, reque
     assert trained_text(every) == ["2", "4"]
     assert sum(every.response_mask) == sum(last.response_mask) + len(tok.encode("2")) + 1
     rows = [{"messages": CHAT}]
-    examples = tokenize_rows(rows, tok, "plain", 4, 256, assistant_turns="all")
+    examples = tokenize_rows(rows, tok, SFTDataConfig(prompt_template="plain", max_length=256,
+                                                      assistant_turns="all"), 4)
     assert examples[0].response_mask == every.response_mask

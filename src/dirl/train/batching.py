@@ -32,12 +32,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from dirl.algo.nelbo import TokenBatch
 from dirl.data import DataError, to_sft_messages
 from dirl.runtime import epoch_seed
+
+if TYPE_CHECKING:  # the config lives with the trainer that owns it
+    from dirl.train.sft import SFTDataConfig
 
 
 ASSISTANT_TURNS = ("last", "all")
@@ -90,14 +94,16 @@ def tokenize_example(messages: Sequence[Mapping[str, str]], tokenizer, block_siz
     return SFTExample(input_ids + [tokenizer.eos_token_id] * padding, mask + [True] * padding)
 
 
-def tokenize_rows(rows: Sequence[Mapping], tokenizer, template: str, block_size: int, max_length: int,
-                  source: str = "data", assistant_turns: str = "last") -> list[SFTExample]:
-    """Tokenise every row; a row that cannot be templated or is too long is a DataError naming it."""
-    examples = []
+def tokenize_rows(rows: Sequence[Mapping], tokenizer, data: "SFTDataConfig", block_size: int,
+                  source: str = "data") -> list[SFTExample]:
+    """Tokenise every row with ``data``'s template, length limit and assistant turns; a row that
+    cannot be templated or is too long is a DataError naming it."""
+    examples, max_length = [], data.max_length
     for index, row in enumerate(rows):
         where = f"{source}: row {index}" + (f" (id {row['id']})" if "id" in row else "")
         try:
-            example = tokenize_example(to_sft_messages(row, template), tokenizer, block_size, assistant_turns)
+            example = tokenize_example(to_sft_messages(row, data.prompt_template), tokenizer, block_size,
+                                       data.assistant_turns)
         except DataError as err:
             raise DataError(f"{where}: {err}") from None
         if len(example.input_ids) > max_length:

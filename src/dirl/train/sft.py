@@ -116,9 +116,8 @@ def load_examples(cfg: SFTConfig, tokenizer, block_size: int, rows: list[dict] |
     """Tokenised examples of ``rows`` (in memory) or of the config's data source."""
     source = cfg.data.source if rows is None else rows
     rows = load_sft_rows(source, split=cfg.data.split, limit=cfg.data.limit, seed=cfg.seed)
-    return tokenize_rows(rows, tokenizer, cfg.data.prompt_template, block_size, cfg.data.max_length,
-                         source=cfg.data.source if source is cfg.data.source else "train_dataset",
-                         assistant_turns=cfg.data.assistant_turns)
+    return tokenize_rows(rows, tokenizer, cfg.data, block_size,
+                         source=cfg.data.source if source is cfg.data.source else "train_dataset")
 
 
 def resolve_attn_impl(name: str, device: torch.device) -> str:
