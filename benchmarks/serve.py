@@ -40,17 +40,17 @@ KEY = "bench-serve-key"
 PROMPTS = ["Hello", "What is 12 + 30?", "The quick brown fox jumps over", "Q: name a prime.\nA:"]
 
 
-def start_server(ckpt: Path, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(ckpt: Path, *serve_args: str, env: dict | None = None,
+                 timeout_s: float = 120) -> tuple[subprocess.Popen, str]:
+    """``dirl serve --model CKPT SERVE_ARGS`` on a free loopback port; returns once /health is 200."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "DIRL_API_KEY": KEY}
-    cmd = [sys.executable, "-m", "dirl.cli", "serve", "--model", str(ckpt), "--port", str(port)]
-    if threads:
-        cmd.append(f"num_threads={threads}")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-m", "dirl.cli", "serve", "--model", str(ckpt), "--port", str(port), *serve_args]
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"dirl serve exited: {proc.stderr.read()}")
@@ -58,9 +58,15 @@ def start_server(ckpt: Path, threads: int) -> tuple[subprocess.Popen, str]:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return proc, url
         except httpx.TransportError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("dirl serve did not start in 120 s")
+    raise RuntimeError(f"dirl serve did not start in {timeout_s:.0f} s")
+
+
+def start_keyed_server(ckpt: Path, threads: int) -> tuple[subprocess.Popen, str]:
+    """The server this benchmark measures: weight updates on (API key ``KEY``)."""
+    return start_server(ckpt, *([f"num_threads={threads}"] if threads else []), env={"DIRL_API_KEY": KEY})
 
 
 def load_test(url: str, clients: int, requests: int, max_tokens: int) -> tuple[float, float]:
@@ -113,7 +119,7 @@ def update_latency(url: str, ckpt: Path, repeats: int, threads: int) -> dict[str
             load_pretrained(Path(tmp) / "ckpt", with_tokenizer=False)
             reloads.append(time.perf_counter() - start)
         start = time.perf_counter()
-        proc, _ = start_server(save_pretrained(model, tokenizer, Path(tmp) / "restart"), threads)
+        proc, _ = start_keyed_server(save_pretrained(model, tokenizer, Path(tmp) / "restart"), threads)
         restart = time.perf_counter() - start
         proc.terminate()
         proc.wait(timeout=30)
@@ -129,7 +135,7 @@ def run_benchmark(args) -> dict[str, float | int | str]:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = init_checkpoint(InitConfig(preset=args.preset), Path(tmp) / args.preset)
         params = sum(t.numel() for t in load_pretrained(ckpt, with_tokenizer=False)[0].state_dict().values())
-        proc, url = start_server(ckpt, args.threads)
+        proc, url = start_keyed_server(ckpt, args.threads)
         try:
             out: dict[str, float | int | str] = {"preset": args.preset, "params_millions": round(params / 1e6, 2),
                                                  "max_tokens": args.max_tokens, "requests_per_client": args.requests}

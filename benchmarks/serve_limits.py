@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import select
 import socket
 import statistics
@@ -40,6 +39,9 @@ import httpx
 import torch
 
 from dirl.model.factory import InitConfig, init_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark, when run as a script
+import serve as serve_bench  # noqa: E402
 
 HEAVY = {"prompt": [[5, 6, 7], [8, 9]], "n": 64, "max_tokens": 500, "ignore_eos": True, "unmasking": "sequential"}
 
@@ -96,26 +98,10 @@ def poll_health(url: str, done, timeout_s: float = 120, client: httpx.Client | N
     raise RuntimeError(f"the server never reached the expected state: {health}")
 
 
-def start_server(ckpt: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "dirl.cli", "serve", "--model", str(ckpt), "--port", str(port), "--no-updates",
-           "use_cache=false"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"dirl serve exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("dirl serve did not start")
+def start_limited_server(ckpt: Path) -> tuple[subprocess.Popen, str]:
+    """No weight updates; the no-cache engine makes one request heavy enough to measure."""
+    return serve_bench.start_server(ckpt, "--no-updates", "use_cache=false", env={"OMP_NUM_THREADS": "1"},
+                                    timeout_s=180)
 
 
 def health_ms(client: httpx.Client, url: str, polls: int) -> list[float]:
@@ -245,7 +231,7 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = init_checkpoint(InitConfig(preset="tiny"), Path(tmp) / "tiny")
-        proc, url = start_server(ckpt)
+        proc, url = start_limited_server(ckpt)
         try:
             results = {**measure_bodies(proc, url), **measure_heavy(url, polls), **measure_big_prompts(url, polls)}
         finally:
