@@ -77,7 +77,7 @@ class SamplingParams(SamplingSpec):
             (self.unmasking in UNMASKING, f"unmasking must be one of {UNMASKING}, got {self.unmasking!r}"),
             (0 <= self.threshold <= 1, f"threshold must be in [0, 1], got {self.threshold}"),
             (1 <= self.steps_per_block <= block_size,
-             f"steps_per_block must be in [1, {block_size}], got {self.steps_per_block}"),
+             f"steps_per_block must be in [1, {block_size}] (1 to the block size), got {self.steps_per_block}"),
             (self.n >= 1, f"n must be >= 1, got {self.n}"),
         ]
         for ok, message in checks:

@@ -29,6 +29,7 @@ class NativeBackend:
         self.model, self.decode_model = model, model
         if decode_dtype is not None and decode_dtype != next(model.parameters()).dtype and not _sharded(model):
             self.decode_model = copy.deepcopy(model).to(decode_dtype).eval().requires_grad_(False)
+            self.decode_model.config = model.config  # one config: a block-size change reaches the copy
         self.engine = Engine(self.decode_model, use_cache=use_cache, max_batch_rows=max_batch_rows)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,

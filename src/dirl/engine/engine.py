@@ -84,8 +84,12 @@ class Engine:
         self.attn_impl = attn_impl
         self.use_cache = use_cache
         self.max_batch_rows = max_batch_rows
-        self.block_size = model.config.block_size
         self.mask_id = model.config.mask_token_id
+
+    @property
+    def block_size(self) -> int:
+        """Read at every call: a run may change the model's block size (``block_size_schedule``)."""
+        return self.model.config.block_size
 
     def _run(self, *args, **kwargs):
         return self.model(*args, attn_impl=self.attn_impl, **kwargs)

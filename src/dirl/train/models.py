@@ -68,6 +68,27 @@ def resolve_model(spec: str, inputs: RunInputs, device: torch.device, dtype: str
     return inputs.model.to(device), inputs.tokenizer
 
 
+def set_block_size(model: torch.nn.Module, block_size: int | None, lora: LoraConfig | None = None,
+                   key: str = "block_size") -> None:
+    """Decode, mask, score and save with ``block_size`` from now on (None: keep the checkpoint's).
+
+    TraceRL (Wang et al. 2025) adapts a block-B model to larger blocks by RL, growing B step by
+    step. ``model.config.block_size`` is the one place the engine, the attention masks
+    (:class:`~dirl.model.masks.TokenMeta`), the trace packing and ``config.json`` read it from,
+    so setting it after the load changes them all together: no weight depends on B. ``key``
+    names the setting in errors."""
+    cfg = dist_lib.unwrap(model).config
+    if block_size is None or block_size == cfg.block_size:
+        return
+    if block_size > cfg.max_position_embeddings:
+        raise ConfigError(f"{key}={block_size} is more than the model's context, max_position_embeddings="
+                          f"{cfg.max_position_embeddings}")
+    if lora is not None and lora.enabled:
+        raise ConfigError(f"{key}={block_size} with lora.r={lora.r} is not supported: the adapters' base "
+                          f"checkpoint keeps block_size {cfg.block_size}; train the full model instead")
+    cfg.block_size = block_size
+
+
 def check_lora(lora: LoraConfig, strategy: str, backend: str = "native") -> None:
     """LoRA runs in one process or under DDP, with the in-process rollout engine."""
     if not lora.enabled:

@@ -35,7 +35,7 @@ from dirl.backends import make_backend
 from dirl.backends.base import BACKENDS
 from dirl.backends.evaluate import EvalSpec, evaluate_rows, greedy, held_out_metrics
 from dirl.data import build_prompt_ids, load_prompt_rows, reward_prompt, task_of
-from dirl.errors import NON_NEGATIVE, POSITIVE, FieldError, check_fields, one_of
+from dirl.errors import NON_NEGATIVE, POSITIVE, FieldError, UserError, check_fields, one_of
 from dirl.model.lora import LoraConfig
 from dirl.rewards import format_reward_spec, get_reward
 from dirl.rollout import SamplingSpec, check_sampling
@@ -43,7 +43,7 @@ from dirl.runtime import derived_seed, resolve_device, update_seed
 from dirl.train import dist as dist_lib
 from dirl.train.common import MetricsLogger, OptimConfig, build_optimizer, build_scheduler, format_metrics, set_seed
 from dirl.train import precision
-from dirl.train.models import RunInputs, check_lora, reference_model, resolve_model
+from dirl.train.models import RunInputs, check_lora, reference_model, resolve_model, set_block_size
 from dirl.train.precision import ComputeConfig
 from dirl.train.rl_rollouts import PromptSampler, gather_batch, rollout_metrics
 from dirl.train.rl_update import AlgoConfig, Learner, policy_update
@@ -74,6 +74,8 @@ class RolloutConfig:
 @dataclass
 class RLConfig:
     model: str = "init:tiny"          # checkpoint dir (or init:<preset> for a random model)
+    block_size: int | None = None     # decode / score / save with this block size; null = the model's
+    block_size_schedule: str = ""     # "0:4,100:8": B 4 from step 0, B 8 from step 100 (before: block_size)
     out: str = "runs/rl"
     data: str = "task:arithmetic"     # prompt source: task:<name>[:split], .jsonl, .parquet, datasets dir
     prompt_template: str = ""         # default: the task's template, else dirl_math
@@ -97,8 +99,8 @@ class RLConfig:
     overwrite: bool = False           # a fresh run may replace a run already in `out`
 
     def __post_init__(self) -> None:
-        check_fields(self, {"max_steps": POSITIVE, "log_every": NON_NEGATIVE, "save_every": NON_NEGATIVE,
-                            "eval_every": NON_NEGATIVE, "eval_limit": POSITIVE})
+        check_fields(self, {"block_size": POSITIVE, "max_steps": POSITIVE, "log_every": NON_NEGATIVE,
+                            "save_every": NON_NEGATIVE, "eval_every": NON_NEGATIVE, "eval_limit": POSITIVE})
         for name, weight in self.rewards.items():
             if not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 raise FieldError(f"rewards.{name}", f"must be a finite number, got {weight!r}")
@@ -107,6 +109,47 @@ class RLConfig:
                              "micro-batches of algo.micro_batch_tokens packed tokens (one optimizer step per "
                              "mini-batch, algo.num_minibatches per epoch); leave it at 1")
         check_report_to(self.report_to)
+        parse_block_schedule(self.block_size_schedule)  # a bad schedule fails at load, naming the key
+        if self.rollout.backend == "http" and (self.block_size or self.block_size_schedule):
+            raise FieldError("block_size", "cannot change with rollout.backend=http: the server decodes with its "
+                             "checkpoint's block size (serve a checkpoint saved with the new one)")
+
+    def block_size_at(self, step: int) -> int | None:
+        """The block size of (0-based) ``step``: the schedule's latest entry, else ``block_size``."""
+        sizes = [size for start, size in parse_block_schedule(self.block_size_schedule) if start <= step]
+        return sizes[-1] if sizes else self.block_size
+
+
+def parse_block_schedule(text: str) -> list[tuple[int, int]]:
+    """``"0:4,100:8"`` -> ``[(0, 4), (100, 8)]``: (first step, block size), steps increasing.
+
+    TraceRL's curriculum grows the block size step by step; an entry holds until the next."""
+    try:
+        pairs = [tuple(int(x) for x in item.split(":")) for item in text.split(",") if item.strip()]
+    except ValueError:
+        pairs = [()]
+    starts = [p[0] for p in pairs if len(p) == 2]
+    if len(starts) < len(pairs) or any(p[0] < 0 or p[1] < 1 for p in pairs) or starts != sorted(set(starts)):
+        raise FieldError("block_size_schedule", f"must look like '0:4,100:8' (step:block_size, steps >= 0 and "
+                         f"increasing, block sizes >= 1), got {text!r}")
+    return pairs
+
+
+def _check_block_sizes(cfg: RLConfig, model) -> None:
+    """Every block size the run will use, checked against the model and the sampling settings
+    before anything is decoded; the model keeps its own."""
+    config = dist_lib.unwrap(model).config
+    base, schedule = config.block_size, parse_block_schedule(cfg.block_size_schedule)
+    keyed = [("block_size_schedule", size) for _, size in schedule]
+    if not schedule or schedule[0][0] > 0:  # the steps before the schedule's first entry
+        keyed.insert(0, ("block_size", cfg.block_size))
+    for key, size in keyed:
+        set_block_size(model, size, cfg.lora, key)
+        try:
+            check_sampling(cfg.rollout.sampling, config.block_size, "rollout.sampling")
+        except UserError as err:
+            raise UserError(f"{err} (with {key}={size})" if size else str(err)) from None
+        config.block_size = base
 
 
 def _task_defaults(cfg: RLConfig) -> tuple[str, dict[str, float], str]:
@@ -182,13 +225,14 @@ def build_run(cfg: RLConfig, resume: str | None = None, inputs: RunInputs | None
     eval_rows = load_prompt_rows(eval_data, limit=cfg.eval_limit, seed=derived_seed(cfg.seed, "held_out")) if (
         cfg.eval_every and eval_data) else []
     learner, tokenizer = _build_learner(cfg, device, inputs)
-    check_sampling(cfg.rollout.sampling, learner.model.config.block_size, "rollout.sampling")
+    _check_block_sizes(cfg, learner.model)
     prompt_ids = build_prompt_ids(tokenizer, rows, template)
     reward_prompts = [reward_prompt(row, template) for row in rows]
     start_step, cursor = 0, 0
     if resume:
         state = load_checkpoint(resume, learner.model, learner.optimizer, learner.scheduler)
         start_step, cursor = state["step"], state["extra"]["prompt_cursor"]
+    set_block_size(learner.model, cfg.block_size_at(start_step), cfg.lora)  # before a backend copies the model
     backend = make_backend(cfg.rollout.backend, dist_lib.unwrap(learner.model), tokenizer, url=cfg.rollout.url,
                            api_key_env=cfg.rollout.api_key_env, max_batch_rows=cfg.rollout.max_batch_rows,
                            decode_dtype=precision.compute_dtype(cfg.compute, device))
@@ -200,6 +244,9 @@ def build_run(cfg: RLConfig, resume: str | None = None, inputs: RunInputs | None
 def train_step(run: RLRun, step: int) -> dict:
     """Steps 2-5 of one RL step (every rank); returns the step's metrics (global)."""
     cfg, model = run.cfg, run.learner.model
+    if cfg.block_size_at(step) != cfg.block_size_at(step - 1):  # the schedule's next block size
+        set_block_size(model, cfg.block_size_at(step))
+        run.backend.sync_weights()  # the checkpoint backend reloads with it
     # 2. Rollouts and rewards (the backend already holds the latest weights).
     model.eval()
     with dist_lib.full_params(model):

@@ -53,7 +53,7 @@ from dirl.train.batching import ASSISTANT_TURNS, SFTBatch, SFTLoader, tokenize_r
 from dirl.train import precision
 from dirl.train.common import (MetricsLogger, OptimConfig, build_optimizer, build_scheduler,
                                clip_and_step, format_metrics, set_seed)
-from dirl.train.models import RunInputs, check_lora, resolve_model
+from dirl.train.models import RunInputs, check_lora, resolve_model, set_block_size
 from dirl.train.precision import ComputeConfig
 from dirl.train.tracking import check_report_to
 
@@ -74,6 +74,7 @@ class SFTDataConfig:
 @dataclass
 class SFTConfig:
     model: str = "init:tiny"          # checkpoint dir, or init:<preset> (random weights, char tokenizer)
+    block_size: int | None = None     # train / decode / save with this block size; null = the model's
     out: str = "runs/sft"
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -101,7 +102,7 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, {
-            "max_steps": POSITIVE, "stop_at_step": NON_NEGATIVE, "batch_size": POSITIVE, "log_every": POSITIVE,
+            "block_size": POSITIVE, "max_steps": POSITIVE, "stop_at_step": NON_NEGATIVE, "batch_size": POSITIVE, "log_every": POSITIVE,
             "save_every": NON_NEGATIVE, "keep_last": POSITIVE, "eval_every": NON_NEGATIVE, "eval_num": POSITIVE,
             "noise_eps": (lambda v: 0 <= v < 1, "in [0, 1)"),
             "attn_impl": one_of("auto", "sdpa", "flex")})
@@ -239,6 +240,7 @@ def build_run(cfg: SFTConfig, resume: str | Path | None = None, inputs: RunInput
     inputs = inputs or RunInputs()
     model, tokenizer = resolve_model(cfg.model, inputs, device, precision.param_dtype(cfg.compute, device), cfg.seed,
                                      lora=cfg.lora)
+    set_block_size(model, cfg.block_size, cfg.lora)
     precision.configure(model, cfg.compute)
     inputs.model, inputs.tokenizer = model, tokenizer  # the caller's handle on what is trained
     if cfg.eval_every:
