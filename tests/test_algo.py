@@ -158,16 +158,21 @@ def test_packed_trace_equals_per_step_loop(tiny_model):
 
 
 def test_first_iteration_ratio_is_one(tiny_model):
-    """Trainer and engine agree: logp_new == the engine's logp_old for every token."""
+    """Trainer and engine agree: logp_new == the engine's logp_old for every token, and the
+    entropy the engine records (trace_mc's entropy sampling) == the trainer's recomputed one."""
     rollouts = _rollouts(tiny_model, PROMPTS, temperature=0.7, top_p=0.9, n=3)
     cfg = tiny_model.config
     plan = plan_estimator("trace", EstimatorArgs(rollouts, cfg.block_size, cfg.mask_token_id, cfg.pad_token_id))
     with torch.no_grad():
-        new = score_plan(tiny_model, plan, PolicyDist(0.7, 0, 0.9))
-    old = torch.tensor([rollouts[s].logps[t] for s, t in
-                        zip(plan.pack.seq_index.tolist(), plan.pack.token_index.tolist())])
+        new, entropy = score_plan(tiny_model, plan, PolicyDist(0.7, 0, 0.9), with_entropy=True)
+    index = list(zip(plan.pack.seq_index.tolist(), plan.pack.token_index.tolist()))
+    old = torch.tensor([rollouts[s].logps[t] for s, t in index])
     assert new.numel() == sum(r.num_tokens for r in rollouts)
     assert torch.exp(new - old).sub(1).abs().max() <= 1e-4
+    assert all(len(r.entropies) == len(r.token_ids) for r in rollouts)
+    recorded = torch.tensor([rollouts[s].entropies[t] for s, t in index])
+    assert recorded.min() > 0.01  # top-p 0.9 of a tiny untrained model: far from one-hot
+    torch.testing.assert_close(recorded, entropy, atol=1e-4, rtol=0)
 
 
 def test_trace_shrink_one_equals_trace(tiny_model):
@@ -191,13 +196,18 @@ def _grad_of_sum(model, plan):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-def test_trace_mc_is_unbiased_for_trace(tiny_model):
-    """Averaged over many stratified draws, the MC gradient converges to the exact one.
+@pytest.mark.parametrize("mc_sampling", ["stratified", "uniform", "entropy"])
+def test_trace_mc_is_unbiased_for_trace(tiny_model, mc_sampling):
+    """Averaged over many draws, the MC gradient converges to the exact one, in every mode.
 
     Tolerance: the mean of M = 100 draws must lie within 4 standard errors
     (sqrt(E||g_i - mean||^2 / M)) of the exact trace gradient, and that bound must
     be much tighter than a single draw's error, so a biased estimator fails it.
+    A sharper LM head makes the per-step entropies (and the tokens per step) differ, so
+    ``entropy`` really samples non-uniformly (the untrained head's are all ~log V).
     """
+    with torch.no_grad():
+        tiny_model.lm_head.weight.mul_(20.0)
     rollouts = _rollouts(tiny_model, PROMPTS[:2], n=2, max_new_tokens=8)
     cfg = tiny_model.config
     args = (rollouts, cfg.block_size, cfg.mask_token_id, cfg.pad_token_id)
@@ -207,8 +217,8 @@ def test_trace_mc_is_unbiased_for_trace(tiny_model):
         param.requires_grad_(name.startswith(("lm_head", "model.norm", "model.layers.1.mlp")))
     exact = _grad_of_sum(tiny_model, plan_estimator("trace", EstimatorArgs(*args)))
     gen = torch.Generator().manual_seed(0)
-    draws = torch.stack([_grad_of_sum(tiny_model, plan_estimator("trace_mc", EstimatorArgs(*args, gen=gen, mc_steps=2)))
-                         for _ in range(100)])
+    mc = EstimatorArgs(*args, gen=gen, mc_steps=2, mc_sampling=mc_sampling)
+    draws = torch.stack([_grad_of_sum(tiny_model, plan_estimator("trace_mc", mc)) for _ in range(100)])
     mean = draws.mean(0)
     std_error = ((draws - mean).pow(2).sum(1).mean() / len(draws)).sqrt()
     single_error = (draws[0] - exact).norm()

@@ -111,7 +111,11 @@ class Rollout:
     (the exact trace DiPO scores); ``num_tokens`` is the completion length (up to
     and including the stop token, at most ``max_new_tokens``). ``steps[i]`` is the
     per-sequence forward counter at which token i was committed (tokens committed
-    together share it); ``logps[i]`` its log-prob under the policy distribution.
+    together share it); ``logps[i]`` its log-prob under the policy distribution and
+    ``entropies[i]`` that distribution's entropy at the step it was committed (nats; the
+    distribution ``logps`` are taken under, so greedy decoding records the temperature-1
+    entropy). ``trace_mc``'s ``entropy`` sampling reads them; a rollout built elsewhere may
+    leave them empty.
     """
 
     prompt_ids: list[int]
@@ -123,6 +127,7 @@ class Rollout:
     num_forwards: int
     prompt_index: int = 0
     sample_index: int = 0
+    entropies: list[float] = field(default_factory=list)
 
     @property
     def completion_ids(self) -> list[int]:

@@ -10,10 +10,30 @@ old policy, so every ratio compares like with like.
 |----------------|------------------------------------------------|---------------------|
 | ``trace``      | every denoising step, exact (DiPO, DiRL §3)    | yes                 |
 | ``trace_shrink`` | s consecutive steps merged into one copy (TraceRL, Wang et al. 2025) | no |
-| ``trace_mc``   | k steps per response drawn stratified, weighted by stratum size (AGRPO-style, Zhan et al. 2025) | in expectation |
+| ``trace_mc``   | k steps per response, drawn by ``mc_sampling`` and importance-weighted (AGRPO, Zhan et al. 2025) | in expectation |
 | ``random_mask``| one random mask per block, ratio t ~ U(0,1) (ELBO surrogate, diffu-GRPO style) | no |
 | ``coupled``    | two complementary random masks per block; every token scored once | no |
 | ``mean_field`` | the whole response masked, one step (d1, Zhao et al. 2025) | no |
+
+``trace_mc``'s draws (``mc_sampling``), each unbiased for ``trace``:
+
+* ``stratified`` (default): the response's T steps cut into k contiguous strata, one step
+  drawn uniformly from each, weight = stratum size.
+* ``uniform``: k points (j + o) / k of [0, 1) mapped to steps through the uniform CDF --
+  systematic sampling, so k <= T distinct steps (without replacement), weight T / k.
+* ``entropy``: the same points through the CDF of p(step) = (1 - f) H_step / sum H + f / T,
+  H_step the summed rollout entropy of the tokens that step commits (``Rollout.entropies``)
+  and f = ``mc_floor``, AGRPO's floor that keeps every step reachable; weight 1 / (k p) =
+  (T / k) (1/T) / p, the uniform weight times AGRPO's importance ratio. A step hit twice is
+  scored once with the summed weight.
+
+Each point is marginally U(0, 1) whatever the offset's place in the batch, which is all the
+unbiasedness needs. The offsets are low-discrepancy across the responses of a plan (AGRPO's
+low-discrepancy draws): response s gets o_s = frac(u + vdc(s)), one shared u ~ U(0, 1) and
+vdc the base-2 van der Corput sequence, so any 2^m aligned consecutive responses (a prompt's
+group) -- and the whole batch when its size is one -- cover [0, 1) on an even grid.
+AGRPO draws timesteps of a continuous-time sampler; here the "steps" are the trace's
+denoising steps (one copy per block and forward), its departure.
 
 ``exact`` estimators score the sampler's own states, so the engine's recorded
 log-probs are their ``logp_old``; the others recompute ``logp_old`` on their plan.
@@ -25,7 +45,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -36,7 +56,7 @@ from dirl.model.policy import policy_logprobs
 from dirl.model.trace import Copy, MaskCopy, TracePack, pack_traces, trace_copies
 from dirl.rollout import PolicyDist, Rollout
 
-__all__ = ["ESTIMATORS", "EstimatorArgs", "Plan", "PolicyDist", "plan_estimator", "score_plan"]
+__all__ = ["ESTIMATORS", "MC_SAMPLING", "EstimatorArgs", "EstimatorOptions", "Plan", "PolicyDist", "plan_estimator", "score_plan"]
 
 
 @dataclass
@@ -50,8 +70,23 @@ def _default_generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
+MC_SAMPLING = ("stratified", "uniform", "entropy")
+
+
+@dataclass(kw_only=True)
+class EstimatorOptions:
+    """The estimators' user settings, declared once: ``AlgoConfig`` extends this (YAML keys
+    ``algo.shrink`` ...) and so does :class:`EstimatorArgs`. Keyword-only, so the subclasses'
+    own fields keep their positions."""
+
+    shrink: int = 2               # trace_shrink: denoising steps merged per copy
+    mc_steps: int = 2             # trace_mc: copies drawn per response
+    mc_sampling: str = "stratified"  # trace_mc: stratified | uniform | entropy (module docstring)
+    mc_floor: float = 0.1         # trace_mc entropy: the probability mass spread uniformly, in (0, 1]
+
+
 @dataclass
-class EstimatorArgs:
+class EstimatorArgs(EstimatorOptions):
     """The one argument of every estimator: the rollouts, the model's special ids, the options."""
 
     rollouts: Sequence[Rollout]
@@ -59,26 +94,28 @@ class EstimatorArgs:
     mask_id: int
     pad_id: int
     gen: torch.Generator = field(default_factory=_default_generator)  # the random estimators' draws
-    shrink: int = 2               # trace_shrink: denoising steps merged per copy
-    mc_steps: int = 2             # trace_mc: copies drawn per response
     device: torch.device | str = "cpu"
 
     @classmethod
-    def for_model(cls, model, rollouts: Sequence[Rollout], gen: torch.Generator, shrink: int = 2,
-                  mc_steps: int = 2) -> EstimatorArgs:
+    def for_model(cls, model, rollouts: Sequence[Rollout], gen: torch.Generator,
+                  options: EstimatorOptions | None = None) -> EstimatorArgs:
+        """``options``: e.g. the RL ``AlgoConfig``; None = the defaults."""
         cfg = model.config
-        return cls(rollouts, cfg.block_size, cfg.mask_token_id, cfg.pad_token_id, gen, shrink, mc_steps,
-                   next(model.parameters()).device)
+        chosen = {f.name: getattr(options, f.name) for f in fields(EstimatorOptions)} if options else {}
+        return cls(rollouts, cfg.block_size, cfg.mask_token_id, cfg.pad_token_id, gen,
+                   next(model.parameters()).device, **chosen)
+
+
+def _scored_tokens(rollout: Rollout, copy: Copy, block_size: int) -> list[int]:
+    """The completion tokens (indices into ``token_ids``) the copy scores."""
+    first = copy.block * block_size - len(rollout.prompt_ids)
+    return [first + offset for offset in range(block_size)
+            if 0 <= first + offset < rollout.num_tokens and copy.scores(offset, rollout.steps[first + offset])]
 
 
 def _scorable(rollout: Rollout, copy: Copy, block_size: int) -> bool:
     """Does the copy score at least one completion token?"""
-    prompt_len = len(rollout.prompt_ids)
-    for offset in range(block_size):
-        i = copy.block * block_size + offset - prompt_len
-        if 0 <= i < rollout.num_tokens and copy.scores(offset, rollout.steps[i]):
-            return True
-    return False
+    return bool(_scored_tokens(rollout, copy, block_size))
 
 
 def _stratified(copies: list[Copy], k: int, gen: torch.Generator) -> tuple[list[Copy], list[float]]:
@@ -90,6 +127,61 @@ def _stratified(copies: list[Copy], k: int, gen: torch.Generator) -> tuple[list[
         picked.append(copies[lo + int(torch.randint(hi - lo, (1,), generator=gen))])
         weights.append(float(hi - lo))
     return picked, weights
+
+
+def van_der_corput(n: int) -> float:
+    """The n-th point of the base-2 van der Corput sequence (bits of n mirrored after the point)."""
+    out, scale = 0.0, 0.5
+    while n:
+        out += scale * (n & 1)
+        n, scale = n >> 1, scale / 2
+    return out
+
+
+def systematic_draws(probs: torch.Tensor, k: int, offset: float) -> dict[int, float]:
+    """k systematic draws from ``probs`` (T,): the points (j + offset) / k, j < k, through the
+    inverse CDF. -> {step: weight}, weight 1 / (k p) per hit, summed over repeated hits.
+
+    With offset ~ U(0, 1) each point is marginally U(0, 1), each draw marginally ~ probs, so
+    sum(weight * f(step)) is unbiased for sum(f) (the draws are negatively correlated: that
+    is the variance they save over independent ones)."""
+    probs = probs.double()
+    cdf = probs.cumsum(0)  # (T,)
+    points = (torch.arange(k, dtype=torch.float64) + offset) / k * cdf[-1]  # (k,)
+    steps = torch.searchsorted(cdf, points, right=True).clamp_max(len(probs) - 1)  # (k,)
+    out: dict[int, float] = {}
+    for step in steps.tolist():
+        out[step] = out.get(step, 0.0) + float(1.0 / (k * probs[step]))
+    return out
+
+
+def _step_probs(args: EstimatorArgs, rollout: Rollout, copies: list[Copy]) -> torch.Tensor:
+    """p(step) (T,) of ``mc_sampling``: uniform, or entropy-proportional mixed with uniform."""
+    uniform = torch.full((len(copies),), 1.0 / len(copies), dtype=torch.float64)
+    if args.mc_sampling == "uniform":
+        return uniform
+    if len(rollout.entropies) < rollout.num_tokens:
+        raise ValueError("mc_sampling='entropy' needs the rollouts' per-token entropies (Rollout.entropies): "
+                         "decode with dirl's engine or a `dirl serve` that returns them")
+    entropy = torch.tensor([sum(rollout.entropies[i] for i in _scored_tokens(rollout, c, args.block_size))
+                            for c in copies], dtype=torch.float64).clamp_min(0)  # (T,)
+    if entropy.sum() <= 0:  # greedy-like rollouts: no entropy anywhere, sample uniformly
+        return uniform
+    return (1 - args.mc_floor) * entropy / entropy.sum() + args.mc_floor * uniform
+
+
+def _importance_draws(args: EstimatorArgs, full: list[list[Copy]]) -> tuple[list[list[Copy]], list[list[float]]]:
+    """``uniform`` / ``entropy``: systematic draws per response, offsets low-discrepancy across them."""
+    shared = float(torch.rand((), generator=args.gen))
+    copies, weights = [], []
+    for s, (rollout, options) in enumerate(zip(args.rollouts, full)):
+        drawn = {}
+        if options:
+            k = min(args.mc_steps, len(options))
+            drawn = systematic_draws(_step_probs(args, rollout, options), k, (shared + van_der_corput(s)) % 1.0)
+        copies.append([options[step] for step in sorted(drawn)])
+        weights.append([drawn[step] for step in sorted(drawn)])
+    return copies, weights
 
 
 def _random_mask_copies(rollout: Rollout, block_size: int, gen: torch.Generator, coupled: bool) -> list[Copy]:
@@ -151,9 +243,16 @@ def _trace_shrink(args: EstimatorArgs) -> Plan:
 
 
 def _trace_mc(args: EstimatorArgs) -> Plan:
+    if args.mc_sampling not in MC_SAMPLING:
+        raise ValueError(f"unknown mc_sampling {args.mc_sampling!r}; choose from {list(MC_SAMPLING)}")
+    if not 0 < args.mc_floor <= 1:  # a zero floor leaves zero-entropy steps undrawable: biased
+        raise ValueError(f"mc_floor must be in (0, 1], got {args.mc_floor!r}")
+    full = _trace_copies(args, 1)
+    if args.mc_sampling != "stratified":
+        return _plan_copies(args, *_importance_draws(args, full), exact=True)
     copies, weights = [], []
-    for full in _trace_copies(args, 1):
-        picked, w = _stratified(full, args.mc_steps, args.gen) if full else ([], [])
+    for options in full:
+        picked, w = _stratified(options, args.mc_steps, args.gen) if options else ([], [])
         copies.append(picked)
         weights.append(w)
     return _plan_copies(args, copies, weights, exact=True)

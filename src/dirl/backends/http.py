@@ -6,8 +6,8 @@ each request carries its prompt's seed, so the result equals the native
 engine's on the same weights (the server seeds every row as the engine does,
 and the stop ids are exactly ``params.stop_ids`` via ``ignore_eos``). The
 response's RL fields (``token_ids`` of whole blocks, ``num_tokens``, ``steps``,
-``logps``, ``num_forwards``) rebuild :class:`~dirl.engine.engine.Rollout`
-objects field for field.
+``logps``, ``num_forwards``; ``entropies`` when the server sends them) rebuild
+:class:`~dirl.engine.engine.Rollout` objects field for field.
 
 ``sync_weights`` serialises the trainer's full state dict with
 ``safetensors.torch.save`` and posts it to the authenticated ``/update_weights``;
@@ -129,7 +129,8 @@ class HttpBackend:
         return Rollout(prompt_ids=list(prompt), token_ids=choice["token_ids"], steps=choice["steps"],
                        logps=choice["logps"], num_tokens=choice["num_tokens"],
                        finish_reason=choice["finish_reason"], num_forwards=choice["num_forwards"],
-                       prompt_index=prompt_index, sample_index=sample_index)
+                       prompt_index=prompt_index, sample_index=sample_index,
+                       entropies=choice.get("entropies", []))
 
     @staticmethod
     def _json(response: httpx.Response) -> dict:

@@ -52,6 +52,7 @@ class _Batch:
         self.tokens = torch.tensor([t + [mask_id] * (block_size - len(t)) for t in tail], device=device)
         self.step_ids = torch.zeros_like(self.tokens)
         self.logps = torch.zeros(self.tokens.shape, device=device)
+        self.entropies = torch.zeros(self.tokens.shape, device=device)  # of the distribution logps are under
         self.pending = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # clean block not cached yet
         self.any_pending = False
         self.prev_tokens = torch.zeros_like(self.tokens)
@@ -63,7 +64,7 @@ class _Batch:
 
     def keep(self, keep: torch.Tensor) -> None:
         idx = keep.nonzero().squeeze(-1)
-        for name in ("prompt_len", "block_idx", "masked", "tokens", "step_ids", "logps", "pending",
+        for name in ("prompt_len", "block_idx", "masked", "tokens", "step_ids", "logps", "entropies", "pending",
                      "prev_tokens", "num_forwards"):
             setattr(self, name, getattr(self, name).index_select(0, idx))
         pick = idx.tolist()
@@ -227,13 +228,16 @@ class Engine:
                                                    ).to(self.device)[batch.masked]  # (N,)
         sampled = sample_from_logprobs(logp, uniforms, greedy)  # (N,)
         token_logp = logp.gather(-1, sampled[:, None]).squeeze(-1)  # (N,)
+        entropy = torch.special.entr(logp.exp()).sum(-1)  # (N,); entr(0) = 0 off the top-k / top-p support
         proposal = batch.tokens.masked_scatter(batch.masked, sampled)  # (R, B)
         proposal_logp = batch.logps.masked_scatter(batch.masked, token_logp)
+        proposal_entropy = batch.entropies.masked_scatter(batch.masked, entropy)
         confidence = torch.zeros_like(batch.logps).masked_scatter(batch.masked, token_logp.exp())
         commit = select_commits(confidence, batch.masked, params.unmasking, params.threshold,
                                 params.steps_per_block, size)
         batch.tokens = torch.where(commit, proposal, batch.tokens)
         batch.logps = torch.where(commit, proposal_logp, batch.logps)
+        batch.entropies = torch.where(commit, proposal_entropy, batch.entropies)
         batch.step_ids = torch.where(commit, batch.num_forwards[:, None], batch.step_ids)
         batch.masked &= ~commit
         batch.num_forwards += 1
@@ -258,6 +262,7 @@ class Engine:
             rollout.token_ids += tokens[first_gen:]
             rollout.steps += batch.step_ids[r, first_gen:].tolist()
             rollout.logps += batch.logps[r, first_gen:].tolist()
+            rollout.entropies += batch.entropies[r, first_gen:].tolist()
             rollout.num_forwards = int(batch.num_forwards[r])
             batch.seqs[r] += tokens[first_gen:]
             stop_at = next((i for i, t in enumerate(tokens[first_gen:]) if t in stop_ids), None)

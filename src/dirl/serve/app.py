@@ -232,7 +232,8 @@ class ServerState:
         if req.return_token_ids:
             out.update(prompt_token_ids=rollout.prompt_ids, token_ids=rollout.token_ids,
                        num_tokens=rollout.num_tokens, steps=rollout.steps, logps=rollout.logps,
-                       num_forwards=rollout.num_forwards, seed=prompt_seed(params.seed, rollout.prompt_index))
+                       entropies=rollout.entropies, num_forwards=rollout.num_forwards,
+                       seed=prompt_seed(params.seed, rollout.prompt_index))
         return out
 
     async def complete(self, req: SamplingFields, prompts: list[list[int]], params: SamplingParams, chat: bool,

@@ -25,7 +25,8 @@ Extensions:
   the trace DiPO scores), ``num_tokens`` (completion length inside
   ``token_ids``, up to and including the stop token), ``steps`` (per token, the
   forward at which it was unmasked), ``logps`` (per token, its log-prob under
-  the sampling distribution), ``num_forwards`` and ``seed``.
+  the sampling distribution), ``entropies`` (per token, that distribution's
+  entropy), ``num_forwards`` and ``seed``.
 
 Every completion response also carries a top-level ``weight_version`` (0 at
 start-up, +1 per successful ``/update_weights``): the weights it was decoded with.

@@ -32,9 +32,10 @@ from dataclasses import dataclass
 import torch
 
 from dirl.algo.advantages import ADVANTAGE_MODES
-from dirl.algo.likelihood import ESTIMATORS, EstimatorArgs, Plan, plan_estimator, score_plan
+from dirl.algo.likelihood import (ESTIMATORS, MC_SAMPLING, EstimatorArgs, EstimatorOptions, Plan, plan_estimator,
+                                  score_plan)
 from dirl.algo.losses import AGGREGATIONS, LossConfig, ScoredTokens, dipo_loss
-from dirl.errors import FINITE_NON_NEGATIVE, NON_NEGATIVE, POSITIVE, check_fields, one_of
+from dirl.errors import FINITE_NON_NEGATIVE, NON_NEGATIVE, OPEN_UNIT_INTERVAL, POSITIVE, check_fields, one_of
 from dirl.model.masks import TokenMeta
 from dirl.model.trace import row_groups, select_rows
 from dirl.rollout import Rollout, SamplingSpec
@@ -43,13 +44,12 @@ from dirl.train.common import OptimConfig, clip_and_step
 
 
 @dataclass
-class AlgoConfig(LossConfig):
+class AlgoConfig(LossConfig, EstimatorOptions):
     """The estimator, advantages, dynamic sampling and PPO schedule, plus the loss's settings
-    (clip_low, clip_high, beta, agg: :class:`~dirl.algo.losses.LossConfig`)."""
+    (clip_low, clip_high, beta, agg: :class:`~dirl.algo.losses.LossConfig`) and the estimators'
+    (shrink, mc_steps, mc_sampling, mc_floor: :class:`~dirl.algo.likelihood.EstimatorOptions`)."""
 
     estimator: str = "trace"          # trace | trace_shrink | trace_mc | random_mask | coupled | mean_field
-    shrink: int = 2                   # trace_shrink: denoising steps merged per copy
-    mc_steps: int = 2                 # trace_mc: copies drawn per response
     adv_mode: str = "zscore"          # zscore | mean | loo
     dynamic_sampling: bool = False    # drop groups with equal rewards and refill from more prompts
     max_refill_rounds: int = 3
@@ -60,7 +60,8 @@ class AlgoConfig(LossConfig):
     def __post_init__(self) -> None:
         check_fields(self, {
             "estimator": one_of(*ESTIMATORS), "adv_mode": one_of(*ADVANTAGE_MODES), "agg": one_of(*AGGREGATIONS),
-            "shrink": POSITIVE, "mc_steps": POSITIVE, "max_refill_rounds": NON_NEGATIVE,
+            "shrink": POSITIVE, "mc_steps": POSITIVE, "mc_sampling": one_of(*MC_SAMPLING),
+            "mc_floor": OPEN_UNIT_INTERVAL, "max_refill_rounds": NON_NEGATIVE,
             "clip_low": FINITE_NON_NEGATIVE, "clip_high": FINITE_NON_NEGATIVE, "beta": FINITE_NON_NEGATIVE,
             "num_iterations": POSITIVE, "num_minibatches": POSITIVE})
 
@@ -127,7 +128,7 @@ def _prepare(learner: Learner, rollouts: list[Rollout], adv: torch.Tensor, gen: 
             prepared.append([])
             continue
         chunk = [rollouts[i] for i in idx]
-        plan = plan_estimator(algo.estimator, EstimatorArgs.for_model(model, chunk, gen, algo.shrink, algo.mc_steps))
+        plan = plan_estimator(algo.estimator, EstimatorArgs.for_model(model, chunk, gen, algo))
         pack = plan.pack
         logp_old = None
         if plan.exact:  # the sampler's own states: its recorded log-probs are logp_old
