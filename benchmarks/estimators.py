@@ -7,6 +7,10 @@ is spent, so each estimator gets the same seconds (plus at most one chunk) and t
 steps it takes in them depend on its cost per step. ``--parallel`` processes share the
 cores (``OMP_NUM_THREADS`` = cores / parallel each), the same way for every estimator.
 
+A name ``<estimator>+value`` runs that estimator with TraceRL's value model
+(``rl.algo.critic=value``), e.g. ``--estimators trace,trace+value`` for the critic's gain
+at equal wall time.
+
 Prints one ``estimator_acc[<name>]=...`` line per estimator (mean over seeds) and a
 Markdown table (steps, RL seconds, accuracy per seed) for BENCHMARKS.md. The defaults
 (300 s, seeds 0 and 1, 2 at a time) made the table there: 12 runs, ~33 minutes on 2 cores.
@@ -30,6 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_one(out: Path, estimator: str, seed: int, wall: float, threads: int, extra: list[str]) -> dict:
     """One ``dirl demo`` process; returns its summary.json (raises with its stderr on failure)."""
+    estimator, plus, critic = estimator.partition("+")
+    extra = [*extra, f"rl.algo.critic={critic}"] if plus else extra
     cmd = [sys.executable, "-m", "dirl.cli", "demo", "--config", str(REPO / "configs/demo.yaml"),
            f"out={out}", f"seed={seed}", f"estimator={estimator}", f"rl_wall_s={wall}",
            "rl.max_steps=100000", "progress=false", *extra]
@@ -45,7 +51,7 @@ def main() -> None:
     parser.add_argument("--wall", type=float, default=300.0, help="RL seconds per estimator")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
     parser.add_argument("--parallel", type=int, default=2, help="demo processes at once")
-    parser.add_argument("--estimators", default=",".join(ESTIMATORS))
+    parser.add_argument("--estimators", default=",".join(ESTIMATORS), help="names; <name>+value adds the critic")
     parser.add_argument("--out", default="runs/bench-estimators")
     parser.add_argument("--quick", action="store_true", help="a few seconds each (checks the plumbing)")
     args = parser.parse_args()

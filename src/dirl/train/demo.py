@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from dirl import config as config_lib
+from dirl.algo.critic import ValueConfig
 from dirl.data import get_task
 from dirl.rollout import SamplingSpec
 from dirl.runtime import derived_seed
@@ -52,7 +53,8 @@ def _demo_rl() -> RLConfig:
         optim=OptimConfig(lr=3e-5, warmup_steps=5, schedule="constant", grad_clip=1.0),
         rollout=RolloutConfig(num_prompts=16, group_size=8, sampling=SamplingSpec(
             max_new_tokens=36, temperature=0.6, unmasking="dynamic", threshold=0.9)),
-        algo=AlgoConfig(estimator="trace", beta=0.0))
+        # The value model's lr (used with rl.algo.critic=value) is 5x the policy's, TraceRL's ratio.
+        algo=AlgoConfig(estimator="trace", beta=0.0, value=ValueConfig(lr=1.5e-4)))
 
 
 @dataclass
@@ -220,7 +222,8 @@ def print_table(summary: dict) -> None:
     from rich.table import Table
 
     st, acc, tpf = summary["stages_s"], summary, summary["tokens_per_forward"]
-    table = Table(title=f"dirl demo ({summary['task']}, estimator={summary['estimator']})")
+    critic = f", critic={summary['critic']}" if summary["critic"] != "none" else ""
+    table = Table(title=f"dirl demo ({summary['task']}, estimator={summary['estimator']}{critic})")
     for col in ("stage", "held-out accuracy", "tokens/forward", "wall s"):
         table.add_column(col, justify="right" if col != "stage" else "left")
     table.add_row("data", "", "", f"{st['data']:.1f}")
@@ -273,7 +276,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                "gain": rl_sum["accuracy"] - sft_sum["accuracy"], "wall_s": time.perf_counter() - start,
                "stages_s": stages, "rl_steps": steps, "eval_prompts": sft_sum["num_questions"],
                "tokens_per_forward": {"sft": sft_sum["tokens_per_forward"], "rl": rl_sum["tokens_per_forward"]},
-               "task": cfg.task, "estimator": cfg.estimator,
+               "task": cfg.task, "estimator": cfg.estimator, "critic": cfg.rl.algo.critic,
                "sft_source": cfg.sft if cfg.sft in ("shipped", "train") else "dir",
                "sft_checkpoint": sft_dir, "run_dir": str(run_dir)}
     _write_metrics(out / "metrics.jsonl", sft_sum, rows, rl_sum, summary)

@@ -45,6 +45,7 @@ from dirl.train.common import MetricsLogger, OptimConfig, build_optimizer, build
 from dirl.train import precision
 from dirl.train.models import RunInputs, check_lora, reference_model, resolve_model, set_block_size
 from dirl.train.precision import ComputeConfig
+from dirl.train.rl_critic import Critic, build_critic
 from dirl.train.rl_rollouts import PromptSampler, gather_batch, rollout_metrics
 from dirl.train.rl_update import AlgoConfig, Learner, policy_update
 from dirl.train.state import (Trainable, load_checkpoint, prepare_run_dir, resolve_resume, save_checkpoint,
@@ -188,6 +189,7 @@ class RLRun:
     eval_rows: list[dict]
     eval_spec: EvalSpec
     start_step: int = 0
+    critic: Critic | None = None      # algo.critic=value: the value model and its optimizer
 
 
 def _build_learner(cfg: RLConfig, device: torch.device, inputs: RunInputs) -> tuple[Learner, object]:
@@ -228,17 +230,21 @@ def build_run(cfg: RLConfig, resume: str | None = None, inputs: RunInputs | None
     _check_block_sizes(cfg, learner.model)
     prompt_ids = build_prompt_ids(tokenizer, rows, template)
     reward_prompts = [reward_prompt(row, template) for row in rows]
+    critic = build_critic(dist_lib.unwrap(learner.model), cfg.algo, cfg.optim, cfg.lora.r)
     start_step, cursor = 0, 0
     if resume:
         state = load_checkpoint(resume, learner.model, learner.optimizer, learner.scheduler)
         start_step, cursor = state["step"], state["extra"]["prompt_cursor"]
+        if critic is not None:
+            critic.load_state_dict(state["extra"].get("critic"))
     set_block_size(learner.model, cfg.block_size_at(start_step), cfg.lora)  # before a backend copies the model
     backend = make_backend(cfg.rollout.backend, dist_lib.unwrap(learner.model), tokenizer, url=cfg.rollout.url,
                            api_key_env=cfg.rollout.api_key_env, max_batch_rows=cfg.rollout.max_batch_rows,
                            decode_dtype=precision.compute_dtype(cfg.compute, device))
     run_dir = resolve_resume(resume).parent.parent if resume else Path(cfg.out)
     return RLRun(cfg, run_dir, learner, tokenizer, rows, prompt_ids, reward_prompts, inputs.reward_funcs or rewards,
-                 PromptSampler(len(rows), cfg.seed, cursor), backend, eval_rows, held_out_spec(cfg), start_step)
+                 PromptSampler(len(rows), cfg.seed, cursor), backend, eval_rows, held_out_spec(cfg), start_step,
+                 critic)
 
 
 def train_step(run: RLRun, step: int) -> dict:
@@ -261,8 +267,11 @@ def train_step(run: RLRun, step: int) -> dict:
         adv = group_advantages(local, cfg.rollout.group_size, cfg.algo.adv_mode) if local.numel() else local
         gen = torch.Generator().manual_seed(update_seed(cfg.seed, step, dist_lib.rank()))
         with precision.autocast(cfg.compute, next(model.parameters()).device, sharded=dist_lib.is_sharded(model)):
-            metrics.update(policy_update(run.learner, batch.rollouts, adv, gen, positions=batch.positions,
-                                         total=all_rewards.numel()))
+            value_batch = run.critic.advantages(batch.rollouts, local, adv) if run.critic else None
+            metrics.update(policy_update(run.learner, batch.rollouts, adv if value_batch is None else value_batch.adv,
+                                         gen, positions=batch.positions, total=all_rewards.numel()))
+            if value_batch is not None:
+                metrics.update(run.critic.update(value_batch))
     metrics["timing/train"] = time.perf_counter() - t0
     # 4. Weight sync: free for the native backend, a real save + reload for `checkpoint`.
     t0 = time.perf_counter()
@@ -311,7 +320,8 @@ def _train_rl(cfg: RLConfig, resume: str | None, progress: bool, inputs: RunInpu
             inputs.callbacks.on_step_end(done, metrics)
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
             trainable = Trainable(learner.model, run.tokenizer, learner.optimizer, learner.scheduler)
-            path = save_checkpoint(run.run_dir, done, trainable, {"prompt_cursor": run.sampler.cursor}, cfg)
+            extra = {"prompt_cursor": run.sampler.cursor, **({"critic": run.critic.state_dict()} if run.critic else {})}
+            path = save_checkpoint(run.run_dir, done, trainable, extra, cfg)
             if main:
                 inputs.callbacks.on_save(done, path)
     save_model_dir(learner.model, run.tokenizer, run.run_dir / "final")

@@ -27,11 +27,12 @@ ones backprop zero), so FSDP2's per-layer collectives stay matched.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from dirl.algo.advantages import ADVANTAGE_MODES
+from dirl.algo.critic import CRITICS, ValueConfig
 from dirl.algo.likelihood import (ESTIMATORS, MC_SAMPLING, EstimatorArgs, EstimatorOptions, Plan, plan_estimator,
                                   score_plan)
 from dirl.algo.losses import AGGREGATIONS, LossConfig, ScoredTokens, dipo_loss
@@ -56,10 +57,13 @@ class AlgoConfig(LossConfig, EstimatorOptions):
     num_iterations: int = 1           # PPO epochs per rollout batch
     num_minibatches: int = 1          # optimizer steps per epoch
     micro_batch_tokens: int = 8192    # packed tokens scored per forward/backward (0 = the whole mini-batch)
+    critic: str = "none"              # none | value: TraceRL's value model, GAE advantages (dirl.train.rl_critic)
+    value: ValueConfig = field(default_factory=ValueConfig)  # the value model's lr, clip, gamma, lam, outcome
 
     def __post_init__(self) -> None:
         check_fields(self, {
             "estimator": one_of(*ESTIMATORS), "adv_mode": one_of(*ADVANTAGE_MODES), "agg": one_of(*AGGREGATIONS),
+            "critic": one_of(*CRITICS),
             "shrink": POSITIVE, "mc_steps": POSITIVE, "mc_sampling": one_of(*MC_SAMPLING),
             "mc_floor": OPEN_UNIT_INTERVAL, "max_refill_rounds": NON_NEGATIVE,
             "clip_low": FINITE_NON_NEGATIVE, "clip_high": FINITE_NON_NEGATIVE, "beta": FINITE_NON_NEGATIVE,
@@ -136,8 +140,9 @@ def _prepare(learner: Learner, rollouts: list[Rollout], adv: torch.Tensor, gen: 
                                      zip(pack.seq_index.tolist(), pack.token_index.tolist())],
                                     device=device, dtype=torch.float32)
         seq_lengths = torch.tensor([r.num_tokens for r in chunk], device=device)
-        prepared.append(_split(plan, adv[idx].to(device)[pack.seq_index], seq_lengths, logp_old,
-                               algo.micro_batch_tokens))
+        seq_adv = adv[idx].to(device)  # (S,) per rollout, or (S, L) per token (a critic's GAE)
+        tok_adv = seq_adv[pack.seq_index] if seq_adv.dim() == 1 else seq_adv[pack.seq_index, pack.token_index]
+        prepared.append(_split(plan, tok_adv, seq_lengths, logp_old, algo.micro_batch_tokens))
     return prepared
 
 
@@ -229,7 +234,8 @@ def policy_update(learner: Learner, rollouts: list[Rollout], adv: torch.Tensor, 
                   positions: list[int] | None = None, total: int | None = None) -> dict:
     """Run the update; return averaged metrics (loss, kl, clip ratios, entropy, grad_norm, ...).
 
-    ``adv``: (len(rollouts),) advantages; ``gen`` draws the random estimators' states.
+    ``adv``: (len(rollouts),) advantages, or (len(rollouts), L) per generated token (a critic's);
+    ``gen`` draws the random estimators' states.
     ``positions``: each local rollout's index in the global batch of ``total`` rollouts
     (default: this rank holds the whole batch, in order)."""
     positions = list(range(len(rollouts))) if positions is None else positions
