@@ -11,6 +11,8 @@ Kept generic so every test module can reuse them:
 * ``ckpt_dir``       -- an empty-path (not yet created) checkpoint directory in tmp.
 * ``tiny_ckpt``      -- a session-wide ``dirl init`` checkpoint of the tiny preset (read-only).
 * ``one_thread``     -- autouse: every test runs torch on one intra-op thread.
+* the ``dirl serve`` processes of the server tests start as soon as collection ends
+  (``pytest_collection_finish``, tests/serve_procs.py).
 * ``SHARED`` / ``SDAR_DIR`` -- the shared data folder and the real SDAR-8B-Chat
   config/tokenizer folder (tests needing it skip when absent).
 """
@@ -23,6 +25,9 @@ import os
 # server or several ranks beside the test process otherwise oversubscribe the
 # cores badly (measured: up to 10x slower on 2 cores). Subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No fsync of checkpoints (dirl.model.checkpoint.fsync_enabled): the atomic renames still run, and
+# tests/test_checkpoint.py checks the fsyncs with it on. Subprocesses inherit it too.
+os.environ.setdefault("DIRL_FSYNC", "0")
 
 from pathlib import Path  # noqa: E402
 
@@ -99,3 +104,17 @@ def sdar_dir() -> Path:
     if not (SDAR_DIR / "config.json").exists():
         pytest.skip(f"{SDAR_DIR} not available")
     return SDAR_DIR
+
+
+def pytest_collection_finish(session):
+    """Launch the ``dirl serve`` processes the selected server tests need (tests/serve_procs.py):
+    their ~5 s of imports then overlap the tests that run before them."""
+    import serve_procs
+
+    serve_procs.start_early({item.module.__name__ for item in session.items if item.module is not None})
+
+
+def pytest_sessionfinish(session):
+    import serve_procs
+
+    serve_procs.stop_all()

@@ -148,3 +148,27 @@ def test_interrupted_save_keeps_previous_checkpoint(tiny_model, tiny_checkpoint,
     monkeypatch.setattr(checkpoint, "save_weights", real_save)
     save_pretrained(other, None, tiny_checkpoint)  # a later save still works
     assert torch.equal(_logits(load_pretrained(tiny_checkpoint)[0]), _logits(other))
+
+
+@pytest.mark.parametrize("enabled", ["1", "0"])
+def test_a_save_fsyncs_every_file_and_directory_unless_turned_off(tiny_model, tmp_path, monkeypatch, enabled):
+    """With fsync on (the default) every file of the new directory, the directory itself and its
+    parent are flushed before the save returns; ``DIRL_FSYNC=0`` (the test suite) flushes nothing."""
+    monkeypatch.setenv("DIRL_FSYNC", enabled)
+    synced = []
+    real_fsync = checkpoint.os.fsync
+
+    def record(fd):
+        synced.append(checkpoint.os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", record)
+    final = save_pretrained(tiny_model, None, tmp_path / "ckpt")
+    names = {p.name for p in final.iterdir()}
+    if enabled == "0":
+        assert synced == []
+        return
+    # the files and the directory were synced under the temporary name, then the parent
+    tmp_names = {checkpoint.Path(p).name for p in synced}
+    assert names <= tmp_names and len(names) >= 2, (names, synced)
+    assert str(tmp_path) in synced and any(".ckpt.tmp-" in checkpoint.Path(p).name for p in synced)

@@ -65,15 +65,14 @@ def test_held_out_prompts_are_disjoint_from_training(tmp_path):
 
 def test_demo_is_deterministic_and_wall_time_chunks_resume_exactly(tmp_path):
     """Two runs with the same seed print the same numbers; ``rl_wall_s`` (RL in chunks of
-    ``eval_every`` steps, each resumed from the last checkpoint) equals one uninterrupted run."""
+    ``eval_every`` steps, each resumed from the last checkpoint) equals one uninterrupted run.
+    (The second run is the chunked one: equal to the first, it shows both at once.)"""
     first = run_demo(_short(tmp_path / "a"))
-    again = run_demo(_short(tmp_path / "b"))
     chunked = run_demo(_short(tmp_path / "c", "rl_wall_s=1000"))
-    for other in (again, chunked):
-        assert (other["sft_acc"], other["rl_acc"], other["rl_steps"]) == (first["sft_acc"], first["rl_acc"], 2)
+    assert (chunked["sft_acc"], chunked["rl_acc"], chunked["rl_steps"]) == (first["sft_acc"], first["rl_acc"], 2)
     rewards = {name: [json.loads(x)["reward"] for x in (tmp_path / name / "rl" / "metrics.jsonl").read_text().splitlines()]
-               for name in "abc"}
-    assert rewards["a"] == rewards["b"] == rewards["c"]
+               for name in "ac"}
+    assert len(rewards["a"]) == 2 and rewards["a"] == rewards["c"]
     final = {name: load_file(tmp_path / name / "rl" / "final" / "model.safetensors") for name in "ac"}
     assert all(torch.equal(final["a"][k], final["c"][k]) for k in final["a"])
     shipped = load_file(SHIPPED_SFT / "model.safetensors")

@@ -1,7 +1,7 @@
 """``dirl serve`` as a real process on 127.0.0.1, and the ``http`` rollout backend against it.
 
 One server (tiny model) is started per module by ``dirl serve`` in a subprocess
-and killed at teardown. Tests share it, so each reads the current weight
+(launched as soon as collection ends: tests/serve_procs.py) and killed at teardown. Tests share it, so each reads the current weight
 version from ``/health`` and recomputes expected outputs locally with an
 :class:`Engine` on a model holding that version's weights (``server.versions``
 maps every version the tests pushed to its state dict). Every request loop is
@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,54 +25,8 @@ from dirl.backends.http import HttpBackend
 from dirl.engine.engine import Engine
 from dirl.rollout import SamplingParams, SamplingSpec
 from dirl.model.checkpoint import load_pretrained
-from dirl.model.factory import InitConfig, init_checkpoint
 
-KEY = "test-serve-key"
-KEY_ENV = "DIRL_TEST_SERVE_KEY"
-START_TIMEOUT_S = 90
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(ckpt, *flags, env_key: str | None = KEY):
-    """``dirl serve`` on a free loopback port; returns (process, base url)."""
-    port = free_port()
-    # One intra-op thread: a tiny model gains nothing from more, and on a busy 2-core box
-    # spinning OpenMP workers of two processes (server + tests) slow each other down badly.
-    env = {**{k: v for k, v in os.environ.items() if k != KEY_ENV}, "OMP_NUM_THREADS": "1"}
-    if env_key is not None:
-        env[KEY_ENV] = env_key
-    cmd = [sys.executable, "-m", "dirl.cli", "serve", "--model", str(ckpt), "--port", str(port),
-           "--api-key-env", KEY_ENV, *flags]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_healthy(proc, url: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"dirl serve exited with {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"dirl serve did not become healthy in {START_TIMEOUT_S}s")
-
-
-def stop_server(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=15)
+from serve_procs import KEY, KEY_ENV, start_server, stop_server, take
 
 
 @dataclass
@@ -124,10 +75,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    ckpt = init_checkpoint(InitConfig(preset="tiny"), tmp_path_factory.mktemp("serve") / "tiny")
-    proc, url = start_server(ckpt)
+    proc, url, ckpt = take("test_serve", tmp_path_factory.mktemp("serve"))
     try:
-        wait_healthy(proc, url)
         model, tokenizer = load_pretrained(ckpt)
         srv = Server(url, ckpt, model.eval(), tokenizer)
         srv.versions[0] = {k: v.clone() for k, v in model.state_dict().items()}

@@ -16,18 +16,15 @@ import httpx
 import pytest
 
 from dirl.engine.engine import Engine, SamplingParams
-from dirl.model.factory import InitConfig, init_checkpoint
 from dirl.serve.batcher import Batcher, RequestCancelled
 from dirl.serve.weights import live_tensors
-from test_serve import start_server, stop_server, wait_healthy
+from serve_procs import BODY_LIMIT_MB, stop_server, take
 
 REPO = Path(__file__).resolve().parents[1]
 # The attacker-style client (raw sockets) is shared with the benchmark that times these paths.
 _spec = importlib.util.spec_from_file_location("serve_limits", REPO / "benchmarks" / "serve_limits.py")
 limits = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(limits)
-
-BODY_LIMIT_MB = 1
 
 
 def _forward_counter(model, cancel_at: int | None = None, on_cancel=None) -> list:
@@ -88,10 +85,8 @@ def test_batcher_cancels_a_running_job_and_its_batch_neighbour_finishes(tiny_mod
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    ckpt = init_checkpoint(InitConfig(preset="tiny"), tmp_path_factory.mktemp("limits") / "tiny")
-    proc, url = start_server(ckpt, "--no-updates", f"max_body_mb={BODY_LIMIT_MB}", "use_cache=false")
+    proc, url, _ = take("test_serve_limits", tmp_path_factory.mktemp("limits"))
     try:
-        wait_healthy(proc, url)
         yield proc, url
     finally:
         stop_server(proc)

@@ -16,13 +16,14 @@ from dirl.data.datasets import (
     to_sft_messages,
     validate_sft_row,
 )
-from dirl.data.prompts import build_prompt_ids
+from dirl.data.prompts import PromptIds, build_prompt_ids
 from dirl.data.tasks import TASKS, Task, get_task, split_of
 from dirl.data.templates import PROMPT_TEMPLATES, DataError, render_prompt
 
 __all__ = [
     "DataError",
     "PROMPT_TEMPLATES",
+    "PromptIds",
     "TASKS",
     "Task",
     "build_prompt_ids",

@@ -77,6 +77,11 @@ class Task:
         """Generate ``num`` distinct problems of ``split``, deterministically for ``seed``."""
         if split not in SPLITS:
             raise ValueError(f"task '{self.name}': unknown split '{split}', use one of {SPLITS}")
+        # Fresh rows (dicts and their lists): callers may edit theirs; the cached ones stay as drawn.
+        return [{k: list(v) if isinstance(v, list) else v for k, v in row.items()}
+                for row in _generated(self, split, num, seed)]
+
+    def _draw(self, split: str, num: int, seed: int) -> list[dict[str, Any]]:
         # Seed from a string so the stream differs per task and split for the same seed.
         rng = random.Random(f"{self.name}/{split}/{seed}")
         rows: list[dict[str, Any]] = []
@@ -96,6 +101,21 @@ class Task:
             f"task '{self.name}': only {len(rows)} distinct {split} problems found in {max_draws} "
             f"draws (asked for {num}); the problem space is too small for these parameters"
         )
+
+
+_GENERATED: dict[tuple, tuple[dict[str, Any], ...]] = {}
+_GENERATED_MAX = 16
+
+
+def _generated(task: Task, split: str, num: int, seed: int) -> tuple[dict[str, Any], ...]:
+    """One generation per (task, parameters, split, size, seed) per process: the draws are
+    deterministic, and a run (or a test session) asks for the same 5,000 rows many times."""
+    key = (task.name, tuple(sorted(task.params.items())), split, num, seed)
+    if key not in _GENERATED:
+        if len(_GENERATED) >= _GENERATED_MAX:
+            _GENERATED.pop(next(iter(_GENERATED)))  # the oldest
+        _GENERATED[key] = tuple(task._draw(split, num, seed))
+    return _GENERATED[key]
 
 
 # ----------------------------------------------------------------------------- arithmetic
@@ -165,40 +185,57 @@ def _wrap(expr: str, op: str | None, parent: str, right: bool) -> str:
     return f"({expr})" if lower or same_right else expr
 
 
-def _solve_all(items: list[tuple[int, str, str | None, tuple[str, ...]]],
-               found: dict[int, tuple[str, tuple[str, ...]]]) -> None:
-    """Exhaustively combine numbers pairwise, recording the first solution for every value.
+def _solve_all(items: list[tuple[int, object]], found: dict[int, object]) -> None:
+    """Exhaustively combine numbers pairwise, recording the first node (DFS order) for every value.
 
-    ``items`` hold (value, expression, top operator, steps). Intermediates stay non-negative
-    integers (a-b only for a >= b, exact division only) so worked steps are easy to follow;
-    every number is used exactly once because we combine until one item is left.
+    ``items`` hold (value, node). Intermediates stay non-negative integers (a-b only for a >= b,
+    exact division only) so worked steps are easy to follow; every number is used exactly once
+    because we combine until one item is left.
     """
     if len(items) == 1:
-        value, expr, _op, steps = items[0]
-        found.setdefault(value, (expr, steps))
+        value, node = items[0]
+        if value not in found:
+            found[value] = node
         return
+    last = len(items) == 2  # the combined item is a leaf: record it here (no call, no list)
     for i in range(len(items)):
         for j in range(len(items)):
             if i == j:
                 continue
-            (a, ea, oa, sa), (b, eb, ob, sb) = items[i], items[j]
-            rest = [it for k, it in enumerate(items) if k not in (i, j)]
+            (a, na), (b, nb) = items[i], items[j]
+            rest = [it for k, it in enumerate(items) if k != i and k != j]
             for op in "+*-/":
                 if op in "+*" and (a < b or (a == b and i > j)):
                     continue  # commutative: each pair once, larger operand first ("6*1", not "1*6")
                 if (op == "-" and a < b) or (op == "/" and (b == 0 or a % b)):
                     continue
-                value = {"+": a + b, "*": a * b, "-": a - b, "/": a // b if b else 0}[op]
-                expr = f"{_wrap(ea, oa, op, False)}{op}{_wrap(eb, ob, op, True)}"
-                step = f"{a}{op}{b}={value}"
-                _solve_all(rest + [(value, expr, op, sa + sb + (step,))], found)
+                value = a + b if op == "+" else a * b if op == "*" else a - b if op == "-" else a // b
+                if last:
+                    if value not in found:
+                        found[value] = (op, na, nb)
+                    continue
+                rest.append((value, (op, na, nb)))
+                _solve_all(rest, found)
+                rest.pop()
+
+
+def _render(node) -> tuple[int, str, str | None, tuple[str, ...]]:
+    """(value, expression, top operator, worked steps: left's, right's, then this one)."""
+    if isinstance(node, int):
+        return node, str(node), None, ()
+    op, left, right = node
+    a, ea, oa, sa = _render(left)
+    b, eb, ob, sb = _render(right)
+    value = a + b if op == "+" else a * b if op == "*" else a - b if op == "-" else a // b
+    expr = f"{_wrap(ea, oa, op, False)}{op}{_wrap(eb, ob, op, True)}"
+    return value, expr, op, sa + sb + (f"{a}{op}{b}={value}",)
 
 
 def solve_countdown(numbers: list[int]) -> dict[int, tuple[str, tuple[str, ...]]]:
     """Map every reachable value to (expression, worked steps), using all numbers once each."""
-    found: dict[int, tuple[str, tuple[str, ...]]] = {}
-    _solve_all([(n, str(n), None, ()) for n in numbers], found)
-    return found
+    found: dict[int, object] = {}
+    _solve_all([(n, n) for n in numbers], found)
+    return {value: _render(node)[1::2] for value, node in found.items()}
 
 
 def _sample_countdown(rng: random.Random, p: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -68,8 +68,17 @@ def atomic_directory(final: Path, write) -> Path:
     return final
 
 
+def fsync_enabled() -> bool:
+    """``DIRL_FSYNC=0`` skips the fsyncs (the test suite sets it: ~1,300 of them cost ~9 s on a
+    busy disk). The renames stay, so a killed process still leaves the old checkpoint or the new
+    one; only a power loss or kernel crash could then leave a renamed, incomplete directory."""
+    return os.environ.get("DIRL_FSYNC", "1") != "0"
+
+
 def fsync_path(path: Path) -> None:
     """Flush one file or directory entry to disk."""
+    if not fsync_enabled():
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

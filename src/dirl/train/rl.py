@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from dirl.algo.advantages import group_advantages
 from dirl.backends import make_backend
 from dirl.backends.base import BACKENDS
 from dirl.backends.evaluate import EvalSpec, evaluate_rows, greedy, held_out_metrics
-from dirl.data import build_prompt_ids, load_prompt_rows, reward_prompt, task_of
+from dirl.data import PromptIds, load_prompt_rows, reward_prompt, task_of
 from dirl.errors import NON_NEGATIVE, POSITIVE, FieldError, UserError, check_fields, one_of
 from dirl.model.lora import LoraConfig
 from dirl.rewards import format_reward_spec, get_reward
@@ -181,7 +182,7 @@ class RLRun:
     learner: Learner                  # policy (DDP / FSDP2 under torchrun), reference, optimizer, schedule
     tokenizer: object
     rows: list[dict]
-    prompt_ids: list[list[int]]
+    prompt_ids: Sequence[list[int]]   # PromptIds: row i tokenized when first drawn
     reward_prompts: list              # per row, the ``prompts`` entry of a TRL reward
     rewards: dict                     # {name or callable: weight} of the rollouts' reward
     sampler: PromptSampler
@@ -228,7 +229,7 @@ def build_run(cfg: RLConfig, resume: str | None = None, inputs: RunInputs | None
         cfg.eval_every and eval_data) else []
     learner, tokenizer = _build_learner(cfg, device, inputs)
     _check_block_sizes(cfg, learner.model)
-    prompt_ids = build_prompt_ids(tokenizer, rows, template)
+    prompt_ids = PromptIds(tokenizer, rows, template)  # tokenized as the sampler draws them
     reward_prompts = [reward_prompt(row, template) for row in rows]
     critic = build_critic(dist_lib.unwrap(learner.model), cfg.algo, cfg.optim, cfg.lora.r)
     start_step, cursor = 0, 0

@@ -176,10 +176,8 @@ def save_checkpoint(run_dir: str | Path, step: int, trainable: Trainable, extra:
 def _write_latest(final: Path) -> None:
     latest = final.parent / LATEST
     tmp = latest.with_name(f".{LATEST}.tmp-{os.getpid()}")
-    with tmp.open("w") as fh:
-        fh.write(final.name + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    tmp.write_text(final.name + "\n")
+    fsync_path(tmp)
     os.replace(tmp, latest)
     fsync_path(latest.parent)
 
