@@ -68,7 +68,7 @@ def test_demo_is_deterministic_and_wall_time_chunks_resume_exactly(tmp_path):
     ``eval_every`` steps, each resumed from the last checkpoint) equals one uninterrupted run.
     (The second run is the chunked one: equal to the first, it shows both at once.)"""
     first = run_demo(_short(tmp_path / "a"))
-    chunked = run_demo(_short(tmp_path / "c", "rl_wall_s=1000"))
+    chunked = run_demo(_short(tmp_path / "c", "rl_wall_s=1000", "rl_clock=cpu"))
     assert (chunked["sft_acc"], chunked["rl_acc"], chunked["rl_steps"]) == (first["sft_acc"], first["rl_acc"], 2)
     rewards = {name: [json.loads(x)["reward"] for x in (tmp_path / name / "rl" / "metrics.jsonl").read_text().splitlines()]
                for name in "ac"}
@@ -82,6 +82,8 @@ def test_demo_is_deterministic_and_wall_time_chunks_resume_exactly(tmp_path):
 def test_bad_choices_are_named(tmp_path):
     with pytest.raises(config_lib.ConfigError, match="stop_after"):
         config_lib.load(DemoConfig, None, ["stop_after=everything"])
+    with pytest.raises(config_lib.ConfigError, match="rl_clock must be one of"):
+        config_lib.load(DemoConfig, None, ["rl_clock=sundial"])
     with pytest.raises(config_lib.ConfigError, match="estimator must be one of"):
         config_lib.load(DemoConfig, None, ["estimator=trace_typo"])
     # The shortcut and the full key name one estimator, whichever is given.

@@ -57,6 +57,9 @@ def _demo_rl() -> RLConfig:
         algo=AlgoConfig(estimator="trace", beta=0.0, value=ValueConfig(lr=1.5e-4)))
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"
@@ -74,12 +77,16 @@ class DemoConfig:
     sft_overrides: list[str] = field(default_factory=list)  # key=value applied to the recipe
     estimator: str = ""               # shortcut: sets rl.algo.estimator ("" = keep it)
     rl_wall_s: float = 0.0            # > 0: end RL after this many seconds (equal-time comparisons)
+    rl_clock: str = "wall"            # what rl_wall_s counts: wall | cpu (this process's CPU seconds:
+    #                                   equal compute for every run even on a machine shared with other jobs)
     progress: bool = True
     rl: RLConfig = field(default_factory=_demo_rl)
 
     def __post_init__(self) -> None:
         if self.stop_after not in STAGES:
             raise ValueError(f"stop_after must be one of {STAGES}, got {self.stop_after!r}")
+        if self.rl_clock not in CLOCKS:
+            raise ValueError(f"rl_clock must be one of {tuple(CLOCKS)}, got {self.rl_clock!r}")
         if self.eval_limit < 1 or self.num_train < 1:
             raise ValueError("eval_limit and num_train must be >= 1")
         from dirl.algo.likelihood import ESTIMATORS
@@ -166,15 +173,16 @@ def rl_config(cfg: DemoConfig, sft_dir: str, data: dict[str, Path], out: Path) -
 
 def rl_stage(cfg: DemoConfig, rl: RLConfig) -> tuple[Path, int]:
     """Run RL; with ``rl_wall_s`` in chunks of ``eval_every`` steps, resuming exactly,
-    until the budget is spent. Returns (run dir, steps done)."""
+    until the budget (on ``rl_clock``) is spent. Returns (run dir, steps done)."""
     from dirl.train.rl import train_rl
     from dirl.train.state import resolve_resume
 
     if cfg.rl_wall_s <= 0:  # one call: exactly the recipe, deterministic
         return train_rl(rl, progress=cfg.progress), rl.max_steps
     total, chunk = rl.max_steps, rl.eval_every or rl.max_steps
-    start, done, resume, run_dir = time.perf_counter(), 0, None, Path(rl.out)
-    while done < total and (done == 0 or time.perf_counter() - start < cfg.rl_wall_s):
+    clock = CLOCKS[cfg.rl_clock]
+    start, done, resume, run_dir = clock(), 0, None, Path(rl.out)
+    while done < total and (done == 0 or clock() - start < cfg.rl_wall_s):
         # The schedule is rebuilt per call: fine for the constant schedule RL uses.
         rl.max_steps = min(done + chunk, total)
         run_dir = train_rl(rl, resume=resume, progress=cfg.progress)
