@@ -163,12 +163,12 @@ def test_a_reward_failing_on_the_whole_first_step_stops_the_run(tmp_path, capsys
 
 
 def test_reward_names_from_python_are_the_config_s(tmp_path):
-    trainer = dirl.DiPOTrainer(reward_funcs=["math", "rl_rewards:digit_fraction"], reward_weights=[0.5, 2.0],
+    trainer = dirl.DiPOTrainer(reward_funcs={"math": 0.5, "rl_rewards:digit_fraction": 2},
                                args=_rl_config(tmp_path))
     assert trainer.args.rewards == {"math": 0.5, "rl_rewards:digit_fraction": 2.0}
     assert trainer.inputs.reward_funcs is None
-    with pytest.raises(ValueError, match="reward_weights has 1 values for 2"):
-        dirl.DiPOTrainer(reward_funcs=["math", "gsm8k"], reward_weights=[1.0])
+    unweighted = dirl.DiPOTrainer(reward_funcs=["math", "gsm8k"], args=_rl_config(tmp_path))
+    assert unweighted.args.rewards == {"math": 1.0, "gsm8k": 1.0}
 
 
 def test_generate_decodes_text():

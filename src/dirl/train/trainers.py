@@ -107,18 +107,16 @@ class SFTTrainer(_Trainer):
         return self.run_dir
 
 
-def as_reward_specs(reward_funcs: Any, reward_weights: Sequence[float] | None) -> dict[Any, float] | None:
-    """TRL's ``reward_funcs`` (one or a list of names / callables) and ``reward_weights`` as
-    ``{reward: weight}``; a mapping is taken as is."""
+def as_reward_specs(reward_funcs: Any) -> dict[Any, float] | None:
+    """TRL's ``reward_funcs`` (one or a list of names / callables, weight 1 each) as
+    ``{reward: weight}``; a mapping is taken as is (how to weight them: TRL keeps its
+    ``reward_weights`` in the config, dirl's config keeps ``rewards: {name: weight}``)."""
     if reward_funcs is None:
         return None
     if isinstance(reward_funcs, Mapping):
-        return dict(reward_funcs)
+        return {func: float(weight) for func, weight in reward_funcs.items()}
     funcs = [reward_funcs] if isinstance(reward_funcs, str) or callable(reward_funcs) else list(reward_funcs)
-    weights = [1.0] * len(funcs) if reward_weights is None else [float(w) for w in reward_weights]
-    if len(weights) != len(funcs):
-        raise ValueError(f"reward_weights has {len(weights)} values for {len(funcs)} reward functions")
-    return dict(zip(funcs, weights))
+    return dict.fromkeys(funcs, 1.0)
 
 
 RewardArg = str | Callable | Sequence[str | Callable] | Mapping[str | Callable, float] | None
@@ -128,8 +126,8 @@ class DiPOTrainer(_Trainer):
     """RL with DiPO (or any estimator: ``args.algo.estimator``), as ``dirl rl`` runs it.
 
     ``reward_funcs``: one or a list of reward names / callables (TRL's signature: ``prompts``,
-    ``completions``, ``completion_ids``, dataset columns by name, ``**kwargs``), weighted by
-    ``reward_weights`` (default 1 each), or a ``{reward: weight}`` mapping; None: ``args.rewards``
+    ``completions``, ``completion_ids``, dataset columns by name, ``**kwargs``), weight 1 each,
+    or a ``{reward: weight}`` mapping; None: ``args.rewards``
     (else the task's reward). Names go into the config; callables travel beside it. The held-out
     eval (``args.eval_every``) scores with the config's named rewards.
 
@@ -149,7 +147,7 @@ class DiPOTrainer(_Trainer):
 
     def __init__(self, model: ModelArg = None, reward_funcs: RewardArg = None, *, tokenizer: Any = None,
                  train_dataset: DatasetArg = None, args: RLConfig | None = None,
-                 callbacks: Iterable[TrainerCallback] = (), reward_weights: Sequence[float] | None = None):
+                 callbacks: Iterable[TrainerCallback] = ()):
         self.args = copy.deepcopy(args) if args is not None else RLConfig()
         model_value, model_obj = _model_inputs(model, tokenizer)
         data_value, rows = _dataset_inputs(train_dataset)
@@ -157,7 +155,7 @@ class DiPOTrainer(_Trainer):
             self.args.model = model_value
         if data_value is not None:
             self.args.data = data_value
-        specs = as_reward_specs(reward_funcs, reward_weights)
+        specs = as_reward_specs(reward_funcs)
         if specs is not None and all(isinstance(name, str) for name in specs):
             self.args.rewards, specs = dict(specs), None  # names only: a config like the CLI's
         self.inputs = RunInputs(model=model_obj, tokenizer=tokenizer, train_rows=rows, reward_funcs=specs,
