@@ -94,6 +94,23 @@ def test_rl_with_lora_reference_is_the_base_and_only_adapters_change(tiny_checkp
         load_pretrained(tmp_path / "final")
 
 
+def test_rl_with_lora_in_bf16_mixed_trains_fp32_adapters_on_a_bf16_base(tiny_checkpoint, tmp_path):
+    cfg = config_lib.load(RLConfig, None, [*RL_ARGS, f"model={tiny_checkpoint}", f"out={tmp_path}",
+                                           "compute.precision=bf16-mixed", "max_steps=1"])
+    run = build_rl_run(cfg)
+    model = run.learner.model
+    assert {str(p.dtype) for n, p in model.named_parameters() if "lora_" not in n} == {"torch.bfloat16"}
+    assert all(p.dtype == torch.float32 for g in run.learner.optimizer.param_groups for p in g["params"])
+    assert run.backend.decode_model is not model  # decodes bf16 adapters on the shared bf16 base
+    before = _split(model)
+    assert rl_step(run, 0)["kl"] >= 0
+    _assert_only_adapters_changed(before, model)  # the bf16 base bit-identical
+    from dirl.train.state import save_model_dir
+
+    adapters = _adapters(save_model_dir(model, run.tokenizer, tmp_path / "final"))
+    assert {t.dtype for t in adapters.values()} == {torch.float32}
+
+
 def test_lora_needs_a_checkpoint_and_refuses_fsdp_and_other_backends(monkeypatch, tiny_checkpoint):
     lora = config_lib.load(SFTConfig, None, ["lora.r=4"]).lora
     with pytest.raises(ConfigError, match="checkpoint directory"):

@@ -20,15 +20,21 @@ class NativeBackend:
     ``decode_dtype`` (bf16-mixed training): the engine decodes in the compute dtype
     from a copy of the fp32 master weights in that dtype, refreshed by
     :meth:`sync_weights` after every update -- 2 bytes per parameter of memory and one
-    cast-copy per update (README "Real scale" measures it). Not under FSDP2, whose
-    mixed-precision policy already gathers the weights in bf16 for decoding.
+    cast-copy per update (README "Real scale" measures it). Weights already in that
+    dtype (a LoRA run's bf16 base) are shared, not copied: only the adapters are.
+    Not under FSDP2, whose mixed-precision policy already gathers the weights in bf16.
     """
 
     def __init__(self, model, tokenizer=None, use_cache: bool = True, max_batch_rows: int = 256,
                  decode_dtype: torch.dtype | None = None, **_):
         self.model, self.decode_model = model, model
-        if decode_dtype is not None and decode_dtype != next(model.parameters()).dtype and not _sharded(model):
-            self.decode_model = copy.deepcopy(model).to(decode_dtype).eval().requires_grad_(False)
+        params = list(model.parameters())
+        if decode_dtype is not None and any(p.dtype != decode_dtype for p in params) and not _sharded(model):
+            shared = {id(p): p for p in params if p.dtype == decode_dtype}  # deepcopy's memo: kept as they are
+            self.decode_model = copy.deepcopy(model, shared).to(decode_dtype).eval()
+            for param in self.decode_model.parameters():
+                if id(param) not in shared:
+                    param.requires_grad_(False)
             self.decode_model.config = model.config  # one config: a block-size change reaches the copy
         self.engine = Engine(self.decode_model, use_cache=use_cache, max_batch_rows=max_batch_rows)
 
@@ -41,7 +47,8 @@ class NativeBackend:
         """Nothing to do when the engine and the trainer share the same tensors; else cast-copy."""
         if self.decode_model is not self.model:
             for target, source in zip(self.decode_model.parameters(), self.model.parameters()):
-                target.copy_(source)
+                if target is not source:
+                    target.copy_(source)
 
     def close(self) -> None:
         pass

@@ -8,6 +8,9 @@ One ``compute:`` section, shared by SFT and RL (:class:`ComputeConfig`):
       process (or DDP) the forward runs under ``torch.autocast(bf16)`` (CPU too);
       under torchrun FSDP2 it is ``MixedPrecisionPolicy(param_dtype=bf16,
       reduce_dtype=fp32)`` (all-gathers in bf16, gradients reduced in fp32).
+      With LoRA only the adapters are masters (fp32): the frozen base never steps,
+      so it is held in bf16 (:func:`load_dtype`), half the bytes and no bf16 decode
+      copy of it -- the usual practice (QLoRA and peft keep the base in 16 bits).
     - ``bf16``: the weights themselves are bf16 and AdamW steps them in bf16. At
       lr 1e-6 most updates round away (the ulp of a 0.02 weight is ~1.2e-4 in
       bf16); kept for memory-bound experiments and for comparison.
@@ -25,7 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
+from dirl.model.checkpoint import DTYPES
 from dirl.model.lm_head import DEFAULT_CHUNK_SIZE
+from dirl.model.lora import LoraConfig, has_adapters
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
 
@@ -51,8 +56,16 @@ def resolve(cfg: ComputeConfig, device: torch.device) -> str:
 
 
 def param_dtype(cfg: ComputeConfig, device: torch.device) -> str:
-    """dtype name of the stored weights (and so of the optimizer state)."""
+    """dtype name of the trained weights (and so of the optimizer state)."""
     return "bfloat16" if resolve(cfg, device) == "bf16" else "float32"
+
+
+def load_dtype(cfg: ComputeConfig, device: torch.device, lora: LoraConfig) -> str:
+    """dtype name the model is loaded in: :func:`param_dtype`, except that a LoRA run's frozen
+    base is bf16 under bf16-mixed too (:func:`configure` casts its adapters back to fp32)."""
+    if lora.enabled and resolve(cfg, device) == "bf16-mixed":
+        return "bfloat16"
+    return param_dtype(cfg, device)
 
 
 def compute_dtype(cfg: ComputeConfig, device: torch.device) -> torch.dtype:
@@ -77,7 +90,13 @@ def fsdp_policy(cfg: ComputeConfig, device: torch.device):
 
 
 def configure(model: torch.nn.Module, cfg: ComputeConfig) -> torch.nn.Module:
-    """Set the model's activation checkpointing and head chunk size from ``cfg``."""
+    """Set the model's activation checkpointing and head chunk size from ``cfg``; a LoRA model's
+    adapters (the trained weights) in :func:`param_dtype`, whatever its base is held in."""
     model.activation_checkpointing = cfg.activation_checkpointing
     model.head_chunk_size = cfg.head_chunk_size
+    if has_adapters(model):
+        dtype = DTYPES[param_dtype(cfg, next(model.parameters()).device)]
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != dtype:
+                param.data = param.data.to(dtype)  # in place: the optimizer is built after this
     return model

@@ -196,8 +196,8 @@ class RLRun:
 def _build_learner(cfg: RLConfig, device: torch.device, inputs: RunInputs) -> tuple[Learner, object]:
     """Policy, frozen reference (beta > 0), optimizer and schedule. -> (learner, tokenizer)."""
     check_lora(cfg.lora, cfg.dist.strategy, cfg.rollout.backend)
-    model, tokenizer = resolve_model(cfg.model, inputs, device, precision.param_dtype(cfg.compute, device), cfg.seed,
-                                     lora=cfg.lora)
+    model, tokenizer = resolve_model(cfg.model, inputs, device, precision.load_dtype(cfg.compute, device, cfg.lora),
+                                     cfg.seed, lora=cfg.lora)
     inputs.model, inputs.tokenizer = model, tokenizer  # the caller's handle on what is trained
     model.attn_impl = cfg.attn_impl
     precision.configure(model, cfg.compute)

@@ -238,8 +238,8 @@ def build_run(cfg: SFTConfig, resume: str | Path | None = None, inputs: RunInput
                          f"{dist_lib.world_size()} ranks")
     check_lora(cfg.lora, cfg.dist.strategy)
     inputs = inputs or RunInputs()
-    model, tokenizer = resolve_model(cfg.model, inputs, device, precision.param_dtype(cfg.compute, device), cfg.seed,
-                                     lora=cfg.lora)
+    model, tokenizer = resolve_model(cfg.model, inputs, device, precision.load_dtype(cfg.compute, device, cfg.lora),
+                                     cfg.seed, lora=cfg.lora)
     set_block_size(model, cfg.block_size, cfg.lora)
     precision.configure(model, cfg.compute)
     inputs.model, inputs.tokenizer = model, tokenizer  # the caller's handle on what is trained
