@@ -8,6 +8,18 @@ with the adapters off, gradients and moments for the adapters only). Each child
 reports its own peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``); a third
 child only imports dirl and loads the model, the fixed cost both pay.
 
+``--precision bf16-mixed`` runs both in bf16-mixed (``compute.precision``): full
+fine-tuning keeps fp32 masters (and the engine a bf16 decode copy), LoRA a bf16
+frozen base with fp32 adapters.
+
+The children run with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``,
+:data:`MMAP_THRESHOLD`): by default glibc raises it to the largest block freed, so
+the forward's multi-MB activation temporaries come from the heap and ~0.4 GB of
+freed blocks stays resident in *both* runs (measured: ``mallinfo2`` free-in-heap
+after the trace forward; ``malloc_trim`` hands it back). With the threshold fixed
+every large tensor is its own mapping, returned on free, so the peak RSS is what the
+run holds. ``--glibc-default`` measures without it.
+
 Prints ``name=value`` lines: ``rss_lora_over_full`` (total peak RSS ratio) and
 ``rss_above_baseline_lora_over_full`` (the same above the import + model
 baseline), the peaks, and the trainable fraction.
@@ -24,6 +36,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+MMAP_THRESHOLD = 128 * 1024  # glibc's default start value, held fixed
 
 
 def model_shape(hidden: int) -> list[str]:
@@ -44,7 +57,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def child(mode: str, base: str, out: str, rank: int) -> None:
+def child(mode: str, base: str, out: str, rank: int, precision: str) -> None:
     """One measured run in this (fresh) process; prints a JSON line."""
     import torch
 
@@ -59,7 +72,8 @@ def child(mode: str, base: str, out: str, rank: int) -> None:
         model, _ = load_model_spec(base)
         result["params"] = num_parameters(model)[1]
     else:
-        overrides = [*RL_SETTINGS, f"model={base}", f"out={out}", f"lora.r={rank if mode == 'lora' else 0}"]
+        overrides = [*RL_SETTINGS, f"model={base}", f"out={out}", f"lora.r={rank if mode == 'lora' else 0}",
+                     f"compute.precision={precision}"]
         train_rl(config_lib.load(RLConfig, None, overrides), progress=False)
         if mode == "lora":
             model, _ = load_model_spec(base, lora=config_lib.load(RLConfig, None, [f"lora.r={rank}"]).lora)
@@ -68,9 +82,12 @@ def child(mode: str, base: str, out: str, rank: int) -> None:
     print(json.dumps(result))
 
 
-def _run_child(mode: str, base: Path, out: Path, rank: int) -> dict:
+def _run_child(mode: str, base: Path, out: Path, args: argparse.Namespace) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, __file__, "--child", mode, "--base", str(base), "--out", str(out), "--rank", str(rank)]
+    if not args.glibc_default:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    cmd = [sys.executable, __file__, "--child", mode, "--base", str(base), "--out", str(out), "--rank", str(args.rank),
+           "--precision", args.precision]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"child {mode} failed:\n{proc.stderr[-3000:]}")
@@ -82,12 +99,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the small preset instead of the d-1024 model")
     parser.add_argument("--hidden", type=int, default=1024, help="model width (8 layers)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16-mixed"),
+                        help="compute.precision of both runs")
+    parser.add_argument("--glibc-default", action="store_true", help="leave glibc's dynamic mmap threshold on")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--base", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.base, args.out, args.rank)
+        child(args.child, args.base, args.out, args.rank, args.precision)
         return
     from dirl import config as config_lib
     from dirl.model.factory import InitConfig, init_checkpoint
@@ -96,9 +116,10 @@ def main() -> None:
         base = Path(tmp) / "base"
         shape = [] if args.quick else model_shape(args.hidden)
         init_checkpoint(config_lib.load(InitConfig, None, ["preset=small", *shape]), base)
-        runs = {mode: _run_child(mode, base, Path(tmp) / mode, args.rank) for mode in ("baseline", "full", "lora")}
+        runs = {mode: _run_child(mode, base, Path(tmp) / mode, args) for mode in ("baseline", "full", "lora")}
     floor, full, lora = (runs[m]["peak_rss_mb"] for m in ("baseline", "full", "lora"))
     print(f"model={'small' if args.quick else f'd{args.hidden}x8'} params={runs['baseline']['params']} lora_r={args.rank} "
+          f"precision={args.precision} malloc={'glibc-default' if args.glibc_default else 'mmap-threshold-fixed'} "
           f"settings={' '.join(RL_SETTINGS)}")
     print(f"trainable_fraction={runs['lora']['trainable'] / runs['lora']['params']:.4f}")
     print(f"peak_rss_full_mb={full:.0f} peak_rss_lora_mb={lora:.0f} baseline_rss_mb={floor:.0f}")

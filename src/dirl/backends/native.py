@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from dirl.engine.engine import Engine
 from dirl.rollout import Rollout, SamplingParams
@@ -30,11 +31,11 @@ class NativeBackend:
         self.model, self.decode_model = model, model
         params = list(model.parameters())
         if decode_dtype is not None and any(p.dtype != decode_dtype for p in params) and not _sharded(model):
-            shared = {id(p): p for p in params if p.dtype == decode_dtype}  # deepcopy's memo: kept as they are
-            self.decode_model = copy.deepcopy(model, shared).to(decode_dtype).eval()
-            for param in self.decode_model.parameters():
-                if id(param) not in shared:
-                    param.requires_grad_(False)
+            # deepcopy's memo: each weight cast straight into its copy (no transient full-precision
+            # copy), or kept as it is when already in decode_dtype.
+            memo = {id(p): p if p.dtype == decode_dtype else nn.Parameter(p.detach().to(decode_dtype), False)
+                    for p in params}
+            self.decode_model = copy.deepcopy(model, memo).to(decode_dtype).eval()  # .to: float buffers
             self.decode_model.config = model.config  # one config: a block-size change reaches the copy
         self.engine = Engine(self.decode_model, use_cache=use_cache, max_batch_rows=max_batch_rows)
 
