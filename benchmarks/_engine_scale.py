@@ -1,8 +1,9 @@
 """Engine at scale (issue 19), the measurements behind ``dirl bench engine``'s last lines.
 
 * :func:`long_generation` -- per-step cost over a long generation (first vs last
-  tokens) and the peak memory of that generation against the cache's theoretical
-  size; run in a child process so its peak RSS is its own.
+  tokens), that ratio over its floor set by attention's multiply-adds
+  (:func:`long_gen_flop_floor`), and the peak memory of that generation against the
+  cache's theoretical size; run in a child process so its peak RSS is its own.
 * :func:`engine_vs_ar` -- tokens/s of the engine (dynamic decoding) against
   transformers' ``Qwen3ForCausalLM.generate`` with its KV cache on the same weights
   (SDAR uses Qwen3's parameter names, so the state dict loads as-is).
@@ -82,36 +83,45 @@ def ar_generate(hf, prompts: list[list[int]], new_tokens: int) -> None:
                     do_sample=False, use_cache=True, pad_token_id=pad, eos_token_id=None)
 
 
-def engine_vs_ar(model, prompts: list[list[int]], new_tokens: int, batch_sizes=(1, 8), repeats: int = 2) -> dict:
+def engine_vs_ar(model, prompts: list[list[int]], new_tokens: int, batch_sizes=(1, 8), repeats: int = 2,
+                 compile: bool = False) -> dict:
     """Tokens/s of the engine (dynamic, tau 0.9, greedy) / tokens/s of AR generate, per batch size.
 
     Both decode exactly ``new_tokens`` per prompt (no stop token), so the ratio of
     tokens/s is the ratio of wall times. Batch 1 decodes the prompts one at a time.
-    The two alternate ``repeats`` times and each keeps its best time: on a shared
-    machine the minimum is the least disturbed run, and alternating exposes both to
-    the same load.
+    The contenders alternate ``repeats`` times and each keeps its best time: on a shared
+    machine the minimum is the least disturbed run, and alternating exposes all to the
+    same load. ``compile``: the engine with ``compile=True`` runs alongside (``*_compiled``
+    keys); its warm-up, which compiles every graph the runs need, is timed apart.
     """
-    engine, hf = Engine(model), qwen3_from(model)
+    hf = qwen3_from(model)
+    engines = {"": Engine(model)} | ({"_compiled": Engine(model, compile=True)} if compile else {})
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, unmasking="dynamic", threshold=0.9)
-    engine.generate(prompts[:1], params), ar_generate(hf, prompts[:1], 4)  # warm-up
-    out = {}
+    engines[""].generate(prompts[:1], params), ar_generate(hf, prompts[:1], 4)  # warm-up
+    out: dict = {}
+    if compile:
+        start = time.process_time()
+        for batch in batch_sizes:
+            engines["_compiled"].generate(prompts[:batch], params)
+        out["compile_seconds"] = round(time.process_time() - start, 1)
     for batch in batch_sizes:
         groups = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
-        t_engine = t_ar = float("inf")
+        best = dict.fromkeys([*engines, "ar"], float("inf"))
         for _ in range(repeats):
-            start = time.process_time()
-            rollouts = [r for g in groups for r in engine.generate(g, params)]
-            t_engine = min(t_engine, time.process_time() - start)
+            for name, engine in engines.items():
+                start = time.process_time()
+                rollouts = [r for g in groups for r in engine.generate(g, params)]
+                best[name] = min(best[name], time.process_time() - start)
             start = time.process_time()
             for g in groups:
                 ar_generate(hf, g, new_tokens)
-            t_ar = min(t_ar, time.process_time() - start)
+            best["ar"] = min(best["ar"], time.process_time() - start)
         num_tokens = sum(r.num_tokens for r in rollouts)
-        out[f"b{batch}"] = dict(
-            speedup=round(t_ar / t_engine, 2), engine_tokens_per_s=round(num_tokens / t_engine, 1),
-            ar_tokens_per_s=round(len(prompts) * new_tokens / t_ar, 1),
-            engine_tokens_per_forward=round(sum(len(r.token_ids) for r in rollouts)
-                                            / sum(r.num_forwards for r in rollouts), 3))
+        line = {f"speedup{name}": round(best["ar"] / best[name], 2) for name in engines}
+        line |= {f"engine{name}_tokens_per_s": round(num_tokens / best[name], 1) for name in engines}
+        out[f"b{batch}"] = dict(line, ar_tokens_per_s=round(len(prompts) * new_tokens / best["ar"], 1),
+                                engine_tokens_per_forward=round(sum(len(r.token_ids) for r in rollouts)
+                                                                / sum(r.num_forwards for r in rollouts), 3))
     return out
 
 
@@ -141,6 +151,27 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def multiply_adds_per_query(cfg, num_keys: float) -> float:
+    """Multiply-adds of one query position through the layers when it attends to ``num_keys`` keys.
+
+    Per layer: the q/k/v/o projections and the SwiGLU MLP (the same at every position), plus
+    q.k and the weighted sum of v over the keys (2 H D per key: what grows with the position).
+    The LM head is left out: it runs on masked positions only, the same number in every
+    window, so leaving it out raises the floor a little (V = 100 here: 0.3% of the layers)."""
+    hidden, heads, kv_heads, dim = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    dense = 2 * hidden * heads * dim + 2 * hidden * kv_heads * dim + 3 * hidden * cfg.intermediate_size
+    return cfg.num_hidden_layers * (dense + 2 * heads * dim * num_keys)
+
+
+def long_gen_flop_floor(cfg, prompt_len: int, new_tokens: int, window: int) -> float:
+    """The long-generation step ratio if time followed multiply-adds: the cost per token of
+    the last ``window`` tokens over the first (multiply-adds are linear in the keys, so a
+    window's mean is its cost at its mean position)."""
+    first = multiply_adds_per_query(cfg, prompt_len + window / 2)
+    last = multiply_adds_per_query(cfg, prompt_len + new_tokens - window / 2)
+    return last / first
+
+
 def long_generation_child(model, batch: int, prompt_len: int, new_tokens: int, window: int) -> dict:
     """Static decoding, 2 tokens per forward, equal block-aligned prompts: every forward is one step
     of every row, so forward i commits tokens [2i, 2i + 2) of each row and time per token over a
@@ -166,7 +197,9 @@ def long_generation_child(model, batch: int, prompt_len: int, new_tokens: int, w
     positions = sum(len(r.prompt_ids) + len(r.token_ids) for r in rollouts)
     kv_bytes_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * \
         next(model.parameters()).element_size()
-    return dict(long_gen_step_ratio=round(last / first, 3), first_ms_per_token=round(1e3 * first / per_forward / batch, 3),
+    floor = long_gen_flop_floor(cfg, prompt_len, new_tokens, window)
+    return dict(long_gen_step_ratio=round(last / first, 3), flop_floor=round(floor, 3),
+                long_gen_step_ratio_over_flop_floor=round(last / first / floor, 3), first_ms_per_token=round(1e3 * first / per_forward / batch, 3),
                 last_ms_per_token=round(1e3 * last / per_forward / batch, 3), model_calls=clock.calls,
                 seconds=round(end - start, 1), tokens_per_forward=round(per_forward, 3),
                 peak_extra_mb=round((peak - baseline) / 2**20, 1),

@@ -42,6 +42,14 @@ def test_cache_step_without_ragged_rows_needs_no_mask():
     assert step.mask is None
 
 
+def test_always_mask_builds_the_all_visible_mask_and_reads_its_end_from_it():
+    """What a compiled step gets: the same step with a mask of all True, and the slots in use
+    taken from the mask's shape."""
+    step = _cache(rows=1).step(torch.tensor([[4, 5, 6, 7]]), None, torch.tensor([[8, 8, 8, 8]]), always_mask=True)
+    assert step.mask.shape == (1, 1, 4, 8) and bool(step.mask.all())
+    assert step.end == 8
+
+
 def test_cache_grows_in_chunks_and_follows_the_live_rows():
     cache = _cache(rows=3, max_slots=GROW_CHUNK + 100)
     cache.reserve(10)

@@ -73,11 +73,43 @@ class _Batch:
             setattr(self, name, [values[i] for i in pick])
 
 
+COMPILE_RECOMPILE_LIMIT = 16  # graphs a compiled step may build (4 expected: rows and masked positions 1 or more)
+
+
+def compiled_forward(model) -> Callable:
+    """The model's cached forward under ``torch.compile``: ``(ids, pos, step, logits_index) -> output``.
+
+    Every size that changes between steps -- rows, tokens (4 or 8 with a commit riding
+    along), cache slots, masked positions -- is marked dynamic before the call, and the
+    step always carries its mask (:meth:`KVCache.step` ``always_mask``), so one graph serves
+    them all; torch specialises sizes 0 and 1, so one row and one masked position get their
+    own graphs. The recompile limit is raised to :data:`COMPILE_RECOMPILE_LIMIT`; past it
+    torch falls back to eager, which is slower but still exact.
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
+    forward = torch.compile(model.forward, dynamic=None)
+    mark = torch._dynamo.maybe_mark_dynamic
+
+    def run(ids, pos, step, logits_index):
+        for tensor in (ids, pos):
+            mark(tensor, 0), mark(tensor, 1)
+        mark(logits_index, 0)
+        step.mark_dynamic()
+        return forward(ids, pos, None, past_kv=step, logits_index=logits_index, attn_impl="sdpa")
+
+    return run
+
+
 class Engine:
     """Batched blockwise decoder over a model's own parameters (no copies)."""
 
-    def __init__(self, model, use_cache: bool = True, max_batch_rows: int = 256, attn_impl: str = "sdpa"):
+    def __init__(self, model, use_cache: bool = True, max_batch_rows: int = 256, attn_impl: str = "sdpa",
+                 compile: bool = False):
         self.model = model
+        # ``compile``: the cached denoising step runs the model under torch.compile (the prefill and
+        # the reference decoder stay eager). On a small model a step is mostly per-op overhead,
+        # which the compiled graph removes; see :func:`compiled_forward` for the shapes it covers.
+        self._step_forward = compiled_forward(model) if compile and use_cache else None
         # Decoding shapes change every block (the cache grows), and FlexAttention compiles per
         # shape; the current block has only B queries, so SDPA's dense mask is tiny. Training
         # forwards keep the model's own attn_impl. The cached path is always SDPA (its mask is a
@@ -195,8 +227,12 @@ class Engine:
             ids = torch.cat([batch.prev_tokens, ids], dim=1)  # (R, 2B)
             pos = torch.cat([pos - size, pos], dim=1)
             valid = torch.cat([batch.pending[:, None].expand(-1, size), torch.ones_like(batch.masked)], dim=1)
-        step = cache.step(pos, valid, self._limit(pos))
-        out = self._run(ids, pos, None, past_kv=step, logits_index=self._masked_index(batch, ids.shape[1]))
+        step = cache.step(pos, valid, self._limit(pos), always_mask=self._step_forward is not None)
+        logits_index = self._masked_index(batch, ids.shape[1])
+        if self._step_forward is None:
+            out = self._run(ids, pos, None, past_kv=step, logits_index=logits_index)
+        else:
+            out = self._step_forward(ids, pos, step, logits_index)
         batch.pending.zero_()
         batch.any_pending = False
         return out.logits

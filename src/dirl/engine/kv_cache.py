@@ -87,18 +87,21 @@ class KVCache:
                 cache[i] = fn(old)
                 del old
 
-    def step(self, positions: torch.Tensor, valid: torch.Tensor | None, limit: torch.Tensor) -> "CacheStep":
+    def step(self, positions: torch.Tensor, valid: torch.Tensor | None, limit: torch.Tensor,
+             always_mask: bool = False) -> "CacheStep":
         """The cache as one forward sees it.
 
         positions: (R, T) of the input tokens (their slots); valid: (R, T) bool or None (all
         valid) -- padding writes to the scratch slot; limit: (R, T), the query of token t
         attends to slots ``[0, limit)`` (its row's clean prefix, plus its own block).
+        always_mask: build the mask even when every query sees every slot (a compiled forward
+        then sees one kind of step, and reads the number of slots in use from the mask's shape).
         """
         end = int(limit.max())
         self.reserve(max(end, int(positions.max()) + 1))
         slots = positions if valid is None else torch.where(valid, positions, self.scratch)
         # Every query sees every slot in use (one row, no commit riding along): SDPA needs no mask.
-        mask = None if int(limit.min()) == end else \
+        mask = None if int(limit.min()) == end and not always_mask else \
             (torch.arange(end, device=limit.device) < limit[..., None])[:, None]  # (R, 1, T, S)
         return CacheStep(self, slots, mask, end)
 
@@ -112,7 +115,7 @@ class CacheStep:
     """
 
     def __init__(self, cache: KVCache, slots: torch.Tensor, mask: torch.Tensor | None, end: int):
-        self.cache, self.mask, self.end = cache, mask, end
+        self.cache, self.mask, self._end = cache, mask, end
         rows, heads, _ = cache._shape
         slots_per_row = cache.capacity + 1
         # Flat row index of every (row, kv head, token) in a (R * Hkv * (C + 1), D) view of a layer,
@@ -120,6 +123,24 @@ class CacheStep:
         base = (torch.arange(rows, device=slots.device)[:, None] * heads
                 + torch.arange(heads, device=slots.device)) * slots_per_row  # (R, Hkv)
         self.flat_index = (base[:, :, None] + slots[:, None, :]).reshape(-1)  # (R * Hkv * T,)
+
+    @property
+    def end(self) -> int:
+        """Slots in use, ``[0, end)``. Taken from the mask's shape when there is one: under
+        ``torch.compile`` that is a symbolic size, where the int would be a guard (a recompile
+        for every new length)."""
+        return self._end if self.mask is None else self.mask.shape[-1]
+
+    def mark_dynamic(self) -> None:
+        """Tell ``torch.compile`` which sizes change between steps (rows, tokens, slots), so
+        its first graph already covers them instead of recompiling once per new size."""
+        mark = torch._dynamo.maybe_mark_dynamic  # not an error where a size is 1 (compiled as a constant)
+        for tensors in (self.cache.keys, self.cache.values):
+            for tensor in tensors:  # (R, Hkv, C + 1, D)
+                mark(tensor, 0), mark(tensor, 2)
+        mark(self.flat_index, 0)
+        if self.mask is not None:  # (R, 1, T, S)
+            mark(self.mask, 0), mark(self.mask, 2), mark(self.mask, 3)
 
     def __getitem__(self, layer: int) -> "_LayerSlots":
         return _LayerSlots(self, layer)
