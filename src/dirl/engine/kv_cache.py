@@ -28,6 +28,15 @@ import torch
 GROW_CHUNK = 512  # slots added per growth (a growth copies the cache once; 8k tokens -> 16 growths)
 
 
+def _dynamic_rows_and_slots(layer: torch.Tensor) -> torch.Tensor:
+    """Mark a (R, Hkv, C + 1, D) layer's rows and slots as sizes that change, for a compiled
+    step (:meth:`CacheStep.mark_dynamic`); eager code never reads the mark. Done here, once
+    per new tensor, rather than on every step."""
+    torch._dynamo.maybe_mark_dynamic(layer, 0)
+    torch._dynamo.maybe_mark_dynamic(layer, 2)
+    return layer
+
+
 class KVCache:
     def __init__(self, num_layers: int, num_rows: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, max_slots: int):
@@ -65,7 +74,7 @@ class KVCache:
                 new = torch.zeros(rows, heads, new_capacity + 1, dim, **self._factory)
                 if self.capacity:
                     new[:, :, : self.capacity] = old[:, :, : self.capacity]
-                cache[i] = new
+                cache[i] = _dynamic_rows_and_slots(new)
         self.capacity = new_capacity
 
     def select(self, rows: torch.Tensor) -> None:
@@ -84,7 +93,7 @@ class KVCache:
             return
         for cache in (self.keys, self.values):
             for i, old in enumerate(cache):
-                cache[i] = fn(old)
+                cache[i] = _dynamic_rows_and_slots(fn(old))
                 del old
 
     def step(self, positions: torch.Tensor, valid: torch.Tensor | None, limit: torch.Tensor,
@@ -133,11 +142,9 @@ class CacheStep:
 
     def mark_dynamic(self) -> None:
         """Tell ``torch.compile`` which sizes change between steps (rows, tokens, slots), so
-        its first graph already covers them instead of recompiling once per new size."""
+        its first graph already covers them instead of recompiling once per new size (the
+        cache's own tensors are marked when they are made)."""
         mark = torch._dynamo.maybe_mark_dynamic  # not an error where a size is 1 (compiled as a constant)
-        for tensors in (self.cache.keys, self.cache.values):
-            for tensor in tensors:  # (R, Hkv, C + 1, D)
-                mark(tensor, 0), mark(tensor, 2)
         mark(self.flat_index, 0)
         if self.mask is not None:  # (R, 1, T, S)
             mark(self.mask, 0), mark(self.mask, 2), mark(self.mask, 3)
