@@ -194,6 +194,7 @@ class Engine:
         lengths = torch.tensor([(len(p) // size) * size for p in prompts], device=self.device)
         max_slots = max(len(p) for p in prompts) + params.max_new_tokens + 2 * size
         cache = KVCache.for_model(self.model, len(prompts), max_slots)
+        cache.for_compile = self._step_forward is not None
         width = int(lengths.max())
         if width == 0:
             return cache

@@ -28,15 +28,6 @@ import torch
 GROW_CHUNK = 512  # slots added per growth (a growth copies the cache once; 8k tokens -> 16 growths)
 
 
-def _dynamic_rows_and_slots(layer: torch.Tensor) -> torch.Tensor:
-    """Mark a (R, Hkv, C + 1, D) layer's rows and slots as sizes that change, for a compiled
-    step (:meth:`CacheStep.mark_dynamic`); eager code never reads the mark. Done here, once
-    per new tensor, rather than on every step."""
-    torch._dynamo.maybe_mark_dynamic(layer, 0)
-    torch._dynamo.maybe_mark_dynamic(layer, 2)
-    return layer
-
-
 class KVCache:
     def __init__(self, num_layers: int, num_rows: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, max_slots: int):
@@ -46,6 +37,10 @@ class KVCache:
         self._factory = dict(dtype=dtype, device=device)
         self.keys: list[torch.Tensor] = [torch.empty(0, **self._factory)] * num_layers    # (R, Hkv, C + 1, D)
         self.values: list[torch.Tensor] = [torch.empty(0, **self._factory)] * num_layers
+        # Set by a compiled engine: every new layer tensor gets its rows and slots marked as
+        # sizes that change (:meth:`CacheStep.mark_dynamic`). Off, torch._dynamo is never
+        # imported (~70 MB of RSS) by an eager engine.
+        self.for_compile = False
 
     @classmethod
     def for_model(cls, model, num_rows: int, max_slots: int) -> "KVCache":
@@ -74,8 +69,15 @@ class KVCache:
                 new = torch.zeros(rows, heads, new_capacity + 1, dim, **self._factory)
                 if self.capacity:
                     new[:, :, : self.capacity] = old[:, :, : self.capacity]
-                cache[i] = _dynamic_rows_and_slots(new)
+                cache[i] = self._made(new)
         self.capacity = new_capacity
+
+    def _made(self, layer: torch.Tensor) -> torch.Tensor:
+        """A new (R, Hkv, C + 1, D) layer tensor, marked once here rather than on every step."""
+        if self.for_compile:
+            torch._dynamo.maybe_mark_dynamic(layer, 0)
+            torch._dynamo.maybe_mark_dynamic(layer, 2)
+        return layer
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (finished sequences leave, and their memory with them)."""
@@ -93,7 +95,7 @@ class KVCache:
             return
         for cache in (self.keys, self.values):
             for i, old in enumerate(cache):
-                cache[i] = _dynamic_rows_and_slots(fn(old))
+                cache[i] = self._made(fn(old))
                 del old
 
     def step(self, positions: torch.Tensor, valid: torch.Tensor | None, limit: torch.Tensor,
