@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -125,32 +126,49 @@ def _estimator_accs(out: str) -> dict[str, float]:
 
 def test_bench_estimators_table_from_the_demo_summaries(capsys, monkeypatch, tmp_path):
     """The comparison's plumbing without the demo processes (their own test is test_demo.py):
-    one ``dirl demo`` command per (estimator, seed) with the quick settings, and a table and
-    ``estimator_acc`` lines that are exactly the means of the summaries the demos wrote."""
+    one ``dirl demo`` command per (variant, seed) with the quick settings, and a table, 95%
+    t-intervals and ``estimator_acc`` / ``diff`` lines computed by hand from the summaries."""
     import subprocess
 
-    fake = {("trace", "0"): 0.5, ("trace", "1"): 0.25, ("mean_field", "0"): 0.125, ("mean_field", "1"): 0.0}
+    fake = {"trace": (0.5, 0.25, 0.375), "mean_field": (0.125, 0.0, 0.125)}
     commands = []
 
     def fake_demo(cmd, **_):
         args = dict(a.split("=", 1) for a in cmd if "=" in a and not a.startswith("-"))
         commands.append(args)
-        acc = fake[(args["estimator"], args["seed"])]
+        acc = fake[args["estimator"]][int(args["seed"])]
         Path(args["out"]).mkdir(parents=True)
         (Path(args["out"]) / "summary.json").write_text(json.dumps(
-            {"rl_acc": acc, "gain": acc, "rl_steps": 7, "stages_s": {"rl": 5.0}}))
+            {"rl_acc": acc, "gain": acc, "rl_steps": 7, "stages_s": {"rl": 5.0}, "eval_prompts": 64}))
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(subprocess, "run", fake_demo)
     monkeypatch.setattr("sys.argv", ["dirl"])
-    assert cli.main(["bench", "estimators", "--quick", "--estimators", "trace,mean_field", "--seeds", "0,1",
-                     "--out", str(tmp_path)]) == 0
+    bench = ["bench", "estimators", "--quick", "--estimators", "trace,mean_field,trace+value", "--seeds", "0,1,2",
+             "--variant", "kl:estimator=trace,rl.algo.beta=0.5", "--pairs", "trace:mean_field",
+             "--eval-limit", "64", "--out", str(tmp_path)]
+    assert cli.main(bench) == 0
     out = capsys.readouterr().out
-    assert sorted((c["estimator"], c["seed"]) for c in commands) == sorted(fake)
-    assert all(c["rl_wall_s"] == "5.0" and c["eval_limit"] == "32" for c in commands)
-    assert "| trace | 7/7 | 5/5 | 0.500 | 0.250 | 0.375 | +0.375 |" in out
-    assert "| mean_field | 7/7 | 5/5 | 0.125 | 0.000 | 0.062 | +0.062 |" in out
-    assert _estimator_accs(out) == {"estimator_acc[trace]": 0.375, "estimator_acc[mean_field]": 0.0625}
+    assert sorted((c["estimator"], c["seed"]) for c in commands) == sorted(
+        (e, str(s)) for e in ("trace", "mean_field", "trace", "trace") for s in range(3))
+    assert all(c["rl_wall_s"] == "5.0" and c["eval_limit"] == "64" for c in commands)
+    assert sum(c.get("rl.algo.beta") == "0.5" for c in commands) == 3  # the variant's own overrides
+    assert sum(c.get("rl.algo.critic") == "value" for c in commands) == 3  # trace+value: trace with the critic
+    # trace: mean 0.375, sd 0.125 -> 4.303 * 0.125 / sqrt(3) = 0.311 (t_0.975 with 2 dof)
+    assert "| trace | 7/7/7 | 5/5/5 | 0.500 | 0.250 | 0.375 | 0.375 ± 0.311 | +0.375 |" in out
+    assert "| kl | 7/7/7 | 5/5/5 | 0.500 | 0.250 | 0.375 | 0.375 ± 0.311 | +0.375 |" in out
+    lines = {line.split("=", 1)[0]: float(line.split("=", 1)[1]) for line in out.splitlines()
+             if re.match(r"^\w+\[.+\]=", line)}
+    assert _estimator_accs(out) == {"estimator_acc[trace]": 0.375, "estimator_acc[mean_field]": 0.0833,
+                                    "estimator_acc[kl]": 0.375, "estimator_acc[trace+value]": 0.375}
+    # paired per seed: 0.375, 0.25, 0.25 -> mean 0.2917, sd 0.0722 -> 4.303 * 0.0722 / sqrt(3) = 0.1793
+    assert lines["diff[trace-mean_field]"] == pytest.approx(0.2917, abs=1e-4)
+    assert lines["diff_ci95[trace-mean_field]"] == pytest.approx(0.1793, abs=1e-4)
+    assert "paired trace - mean_field over 3 seeds: +0.2917 ± 0.1793 (95% t): resolved" in out
+    # --reuse: the finished runs are read back, no demo is started
+    commands.clear()
+    assert cli.main([*bench, "--reuse"]) == 0
+    assert commands == [] and "| trace | 7/7/7 |" in capsys.readouterr().out
 
 
 @pytest.mark.slow

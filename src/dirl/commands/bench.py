@@ -3,7 +3,8 @@
 Benchmarks live outside the package (``benchmarks/`` beside ``src/``), so this
 command finds that folder relative to the installed (editable) package and runs
 the script with :mod:`runpy`, passing the remaining arguments through
-(``dirl bench engine --quick``). ``dirl bench all`` runs every script in turn and
+(``dirl bench engine --quick``); a name may spell ``_`` as ``-`` (``dirl bench
+estimator-bias`` runs ``estimator_bias.py``). ``dirl bench all`` runs every script in turn and
 fails if any failed; ``dirl bench list`` prints the names.
 """
 
@@ -35,7 +36,7 @@ def available() -> dict[str, Path]:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("name", help="benchmark name (a file benchmarks/NAME.py), 'all' or 'list'")
+    parser.add_argument("name", help="benchmark name (a file benchmarks/NAME.py, '-' for '_'), 'all' or 'list'")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark (e.g. --quick)")
 
 
@@ -59,14 +60,15 @@ def run(args) -> int:
         print(f"dirl bench: no benchmarks found in {benchmarks_dir()} -- run from a source checkout "
               "(pip install -e .) or set DIRL_BENCHMARKS", file=sys.stderr)
         return 2
-    if args.name == "list":
+    wanted = args.name.replace("-", "_")
+    if wanted == "list":
         print("\n".join(scripts))
         return 0
-    if args.name != "all" and args.name not in scripts:
+    if wanted != "all" and wanted not in scripts:
         print(f"dirl bench: unknown benchmark {args.name!r}; available: {', '.join(scripts)}, all",
               file=sys.stderr)
         return 2
-    names = list(scripts) if args.name == "all" else [args.name]
+    names = list(scripts) if wanted == "all" else [wanted]
     failed = []
     for name in names:
         if len(names) > 1:
