@@ -18,8 +18,7 @@ constant N / S, S rollouts):
 exact gradient g* (and equals the training step's ``token_mean`` gradient). ``--agg
 token_mean`` instead divides each draw by its own scored-token count, as training does.
 
-Per estimator (the registry's, ``trace_mc`` once per ``mc_sampling`` mode when that option
-exists), M draws of g_hat over all parameters (one draw for the deterministic ones, found
+Per estimator (the registry's, ``trace_mc`` once per ``mc_sampling`` mode), M draws of g_hat over all parameters (one draw for the deterministic ones, found
 by comparing two plans drawn with different seeds), and:
 
 * relative bias ||mean g_hat - g*|| / ||g*||; for an unbiased estimator it is not 0 but
@@ -46,9 +45,8 @@ import time
 
 import torch
 
-from dirl.algo import likelihood
 from dirl.algo.advantages import group_advantages, informative_groups
-from dirl.algo.likelihood import ESTIMATORS, EstimatorArgs, plan_estimator, score_plan
+from dirl.algo.likelihood import ESTIMATORS, MC_SAMPLING, EstimatorArgs, plan_estimator, score_plan
 from dirl.algo.losses import LossConfig, ScoredTokens, dipo_loss
 
 STATS = ("rel_bias", "cosine", "rel_var")
@@ -56,14 +54,12 @@ STATS = ("rel_bias", "cosine", "rel_var")
 
 def variants(shrink: int, mc_steps: int) -> dict[str, dict]:
     """Row label -> estimator name and options: every registered estimator, ``trace_mc`` once
-    per ``mc_sampling`` mode when :class:`EstimatorArgs` has that option."""
-    modes = getattr(likelihood, "MC_SAMPLING", ()) if "mc_sampling" in {
-        f.name for f in dataclasses.fields(EstimatorArgs)} else ()
+    per ``mc_sampling`` mode (``trace_mc[entropy]`` ...)."""
     rows = {}
     for name in ESTIMATORS:
         options = {"shrink": shrink, "mc_steps": mc_steps}
-        if name == "trace_mc" and modes:
-            rows.update({f"{name}[{mode}]": {"name": name, **options, "mc_sampling": mode} for mode in modes})
+        if name == "trace_mc":
+            rows.update({f"{name}[{mode}]": {"name": name, **options, "mc_sampling": mode} for mode in MC_SAMPLING})
         else:
             rows[name] = {"name": name, **options}
     return rows

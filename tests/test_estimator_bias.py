@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dirl import cli
-from dirl.algo.likelihood import ESTIMATORS
+from dirl.algo.likelihood import ESTIMATORS, MC_SAMPLING
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("estimator_bias", REPO / "benchmarks" / "estimator_bias.py")
@@ -79,13 +79,15 @@ def test_quick_run_parses_and_the_exact_estimator_is_unbiased(capsys, monkeypatc
     for key in ("cosine", "rel_var", "rel_bias_se", "noise_floor", "bias_z"):
         assert set(stats[key]) == rows
     assert stats["rel_bias"]["mean_field"] > 0.1  # a different objective: visibly biased
+    assert {f"trace_mc[{mode}]" for mode in MC_SAMPLING} <= rows  # a row per sampling mode
 
 
 def test_trace_mc_with_every_step_drawn_is_exact(capsys):
     """mc_steps >= the steps of every response: one stratum per step, weight 1 -- the trace gradient
     through the importance-weighted path (and the token_mean normaliser equals the constant one)."""
-    label = next(label for label in bias.variants(2, 2) if label.startswith("trace_mc") and "entropy" not in label
-                 and "uniform" not in label)
-    results = bias.main(["--quick", "--mc-steps", "1000", "--estimators", f"trace,{label}", "--agg", "token_mean"])
+    labels = ["trace_mc[stratified]", "trace_mc[uniform]"]  # systematic points (j + u) / T: each step once
+    results = bias.main(["--quick", "--mc-steps", "1000", "--estimators", ",".join(["trace", *labels]),
+                         "--agg", "token_mean"])
     capsys.readouterr()
-    assert results[label]["rel_bias"] < 1e-5 and results[label]["draws"] == 1
+    for label in labels:
+        assert results[label]["rel_bias"] < 1e-5 and results[label]["draws"] == 1, label
