@@ -167,8 +167,9 @@ class DrawStats:
             out.update({f"{key}_se": 0.0 for key in STATS})
         out["noise_floor"] = math.sqrt(out["rel_var"] / self.num_draws)
         proj = torch.tensor(self.projections, dtype=torch.float64)
-        out["bias_z"] = float(proj.mean() / (proj.std() / math.sqrt(len(proj)))) if len(proj) > 1 and proj.std() > 0 \
-            else 0.0
+        # nan: too few draws for a t-statistic (and none for a deterministic estimator)
+        out["bias_z"] = float(proj.mean() / (proj.std() / math.sqrt(len(proj)))) if len(proj) >= 10 and proj.std() > 0 \
+            else math.nan
         return out
 
 
