@@ -16,7 +16,9 @@ constant N / S, S rollouts):
 
 ``trace`` scores every token at the state the sampler committed it in, so its g_hat is the
 exact gradient g* (and equals the training step's ``token_mean`` gradient). ``--agg
-token_mean`` instead divides each draw by its own scored-token count, as training does.
+token_mean`` runs the training step's normaliser: the rollouts' completion tokens, which
+is N again (before that fix it was each draw's own scored-token count, which scaled the
+sampling estimators up ~T/k).
 
 Per estimator (the registry's, ``trace_mc`` once per ``mc_sampling`` mode), M draws of g_hat over all parameters (one draw for the deterministic ones, found
 by comparing two plans drawn with different seeds), and:
@@ -113,8 +115,10 @@ def surrogate_grad(model, plan, batch: FixedBatch, agg: str) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
     logp = score_plan(model, plan, batch.policy)  # (N,)
     seq_index = plan.pack.seq_index
-    tokens = ScoredTokens(logp, logp.detach(), batch.adv[seq_index], seq_index, num_seqs, weight=plan.weight)
-    num_tokens = sum(r.num_tokens for r in batch.rollouts)
+    lengths = torch.tensor([r.num_tokens for r in batch.rollouts])  # as the training step passes them
+    tokens = ScoredTokens(logp, logp.detach(), batch.adv[seq_index], seq_index, num_seqs, weight=plan.weight,
+                          seq_lengths=lengths)
+    num_tokens = int(lengths.sum())
     loss, _ = dipo_loss(tokens, LossConfig(beta=0.0, agg=agg), constant=num_tokens / num_seqs)
     loss.backward()
     return torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())

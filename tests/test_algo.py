@@ -86,6 +86,9 @@ def test_aggregation_modes_by_hand():
     token_loss = torch.tensor([1.0, 2.0, 3.0, 6.0])
     seq = torch.tensor([0, 0, 0, 1])
     assert aggregate(token_loss, seq, 2, "token_mean").item() == pytest.approx(12 / 4)
+    # With the completion lengths (an estimator that scored 4 of 3 + 5 tokens): / 8, not / 4.
+    lengths = torch.tensor([3, 5])
+    assert aggregate(token_loss, seq, 2, "token_mean", seq_lengths=lengths).item() == pytest.approx(12 / 8)
     assert aggregate(token_loss, seq, 2, "seq_mean_token_mean").item() == pytest.approx((2 + 6) / 2)
     assert aggregate(token_loss, seq, 2, "constant", constant=10).item() == pytest.approx(12 / 20)
     with pytest.raises(ValueError):

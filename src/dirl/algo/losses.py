@@ -23,9 +23,13 @@ def aggregate(token_loss: torch.Tensor, seq_index: torch.Tensor, num_seqs: int, 
               seq_lengths: torch.Tensor | None = None, constant: float | None = None) -> torch.Tensor:
     """Reduce per-token losses (N,) to a scalar.
 
-    * ``token_mean`` (DAPO): sum / number of scored tokens. Every token weighs the
+    * ``token_mean`` (DAPO): sum / number of completion tokens (``seq_lengths.sum()``;
+      without ``seq_lengths``, the number of scored entries). Every token weighs the
       same, so long responses weigh more; the normaliser depends on the batch's
-      total length, a (mild) bias across batches.
+      total length, a (mild) bias across batches. An estimator that scores a sample
+      of the states with importance weights (``trace_mc``, ``random_mask``) is thereby
+      an unbiased estimate of ``trace``'s loss; dividing by its own scored count would
+      scale it up by ~T/k (measured 4-10x, BENCHMARKS "Estimator bias").
     * ``seq_mean_token_mean`` (original GRPO): mean over sequences of the mean over
       its tokens. Biased towards short responses: a short wrong answer is
       penalised more per token than a long wrong one (Dr. GRPO's length bias).
@@ -35,7 +39,8 @@ def aggregate(token_loss: torch.Tensor, seq_index: torch.Tensor, num_seqs: int, 
     (defaults to the count of scored tokens).
     """
     if mode == "token_mean":
-        return token_loss.sum() / max(token_loss.numel(), 1)
+        count = token_loss.numel() if seq_lengths is None else int(seq_lengths.sum())
+        return token_loss.sum() / max(count, 1)
     if mode == "seq_mean_token_mean":
         if seq_lengths is None:
             seq_lengths = torch.bincount(seq_index, minlength=num_seqs)

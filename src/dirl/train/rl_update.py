@@ -201,7 +201,8 @@ def _minibatch_loss(learner: Learner, micro: list[_MicroBatch]) -> tuple[dict, f
     model, algo = learner.model, learner.algo
     world = dist_lib.world_size()
     scored = sum(item.num_scored for item in micro)
-    norm_of = (lambda item: item.num_scored) if algo.agg == "token_mean" else (lambda item: item.num_seqs)
+    # token_mean divides by completion tokens (= scored tokens for the estimators that score each once)
+    norm_of = (lambda item: int(item.seq_lengths.sum())) if algo.agg == "token_mean" else (lambda item: item.num_seqs)
     norm = sum(norm_of(item) for item in micro)  # dipo_loss's normaliser over this rank's micro-batches
     scored_all, norm_all = dist_lib.all_reduce_sum([scored, norm])
     if scored_all == 0:
