@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from dirl.engine.engine import Engine, SamplingParams
+from dirl.serve import ServeConfig
 from dirl.serve.batcher import Batcher, RequestCancelled
 from dirl.serve.weights import live_tensors
 from serve_procs import BODY_LIMIT_MB, stop_server, take
@@ -63,7 +64,7 @@ def test_batcher_cancels_a_running_job_and_its_batch_neighbour_finishes(tiny_mod
     params = SamplingParams(max_new_tokens=64, n=8, seed=1)
     small = [[7, 8, 9]]
     expected = Engine(tiny_model).generate(small, params, seeds=[11])
-    batcher = Batcher(tiny_model, live_tensors(tiny_model), batch_wait_s=0.5)
+    batcher = Batcher(tiny_model, live_tensors(tiny_model), ServeConfig(batch_wait_ms=500))
     jobs = []
     calls = _forward_counter(tiny_model, cancel_at=6, on_cancel=lambda: jobs[0].cancel())
     batcher.start()

@@ -22,7 +22,7 @@ from typing import Any
 from dirl.data import build_prompt_ids
 from dirl.rewards import compute_rewards, parse_reward_spec
 from dirl.rewards.metrics import is_correct, summarize
-from dirl.rollout import SamplingSpec
+from dirl.rollout import EngineOptions, SamplingSpec
 from dirl.runtime import prompt_seeds
 
 DEFAULT_REWARD = "math"
@@ -34,7 +34,7 @@ def _greedy_eval_sampling() -> SamplingSpec:
 
 
 @dataclass
-class EvalSpec:
+class EvalSpec(EngineOptions):  # + compile
     """How held-out rows are prompted, decoded and scored. Empty strings: the defaults (math)."""
 
     reward: str = ""               # "math" | "math,format" | "math:1.0,format:0.1"
@@ -131,7 +131,7 @@ def evaluate_rows(model, tokenizer, rows: Sequence[Mapping[str, Any]], spec: Eva
     if backend is None:
         from dirl.backends.native import NativeBackend
 
-        backend = NativeBackend(model, use_cache=spec.use_cache)
+        backend = NativeBackend(model, use_cache=spec.use_cache, compile=spec.compile)
     was_training = bool(getattr(model, "training", False))
     if model is not None:
         model.eval()

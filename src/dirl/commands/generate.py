@@ -29,6 +29,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--chat", action="store_true", help="render the prompt with the chat template")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     parser.add_argument("--no-cache", action="store_true", help="use the no-cache reference decoder")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the cached step (~50 s of compiling first: for long generations)")
     parser.add_argument("--device", default="auto", help="cpu | cuda | auto (cuda when available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="weight dtype (default: float32)")
@@ -67,7 +69,7 @@ def run(args) -> int:
     prompt_ids = tokenizer.encode(text)
     if not prompt_ids:
         raise config_lib.ConfigError("--prompt: the prompt is empty")
-    rollout = Engine(model.eval(), use_cache=not args.no_cache).generate([prompt_ids], params)[0]
+    rollout = Engine(model.eval(), use_cache=not args.no_cache, compile=args.compile).generate([prompt_ids], params)[0]
     completion = tokenizer.decode(rollout.completion_ids)
     if args.json:
         n = rollout.num_tokens

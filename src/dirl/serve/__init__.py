@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dirl.errors import FINITE_NON_NEGATIVE, FINITE_POSITIVE, NON_NEGATIVE, POSITIVE, check_fields, one_of
-from dirl.rollout import SamplingSpec
+from dirl.rollout import EngineOptions, SamplingSpec
 
 
 def _serve_sampling() -> SamplingSpec:
@@ -23,8 +23,12 @@ def _serve_sampling() -> SamplingSpec:
 
 
 @dataclass
-class ServeConfig:
-    """Everything ``dirl serve`` reads (YAML / ``key=value`` overrides; the CLI flags set some)."""
+class ServeConfig(EngineOptions):
+    """Everything ``dirl serve`` reads (YAML / ``key=value`` overrides; the CLI flags set some).
+
+    ``compile`` (from :class:`~dirl.rollout.EngineOptions`): the engine's step compiles lazily,
+    so the first requests wait for it (~50 s of CPU in all); weight updates copy in place and
+    keep the compiled graphs."""
 
     model: str = ""                    # checkpoint directory
     host: str = "127.0.0.1"            # loopback by default: nothing else can reach the server

@@ -84,8 +84,7 @@ class ServerState:
         self.name = cfg.served_model_name or (cfg.model.rstrip("/").rsplit("/", 1)[-1] if cfg.model else "dirl")
         self.live = live_tensors(model)
         self.max_update_bytes = int(cfg.max_update_mb * 2**20) or 2 * state_dict_nbytes(self.live) + 2**20
-        self.batcher = Batcher(model, self.live, max_batch_rows=cfg.max_batch, use_cache=cfg.use_cache,
-                               batch_wait_s=cfg.batch_wait_ms / 1000, max_queue=cfg.max_queue)
+        self.batcher = Batcher(model, self.live, cfg)
         mc = model.config
         self.block_size, self.vocab_size, self.context = mc.block_size, mc.vocab_size, mc.max_position_embeddings
         self.default_stops = set(tokenizer.stop_ids()) if tokenizer is not None else {mc.eos_token_id}

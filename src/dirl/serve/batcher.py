@@ -33,6 +33,7 @@ import torch
 
 from dirl.engine.engine import Engine
 from dirl.rollout import Rollout, SamplingParams
+from dirl.serve import ServeConfig
 from dirl.serve.weights import apply_update
 
 _STOP = object()
@@ -87,16 +88,15 @@ def params_key(params: SamplingParams) -> tuple:
 class Batcher:
     """Owns an :class:`Engine` on ``model`` and serialises every use of it on one thread."""
 
-    def __init__(self, model, live: dict[str, torch.Tensor], max_batch_rows: int = 256,
-                 use_cache: bool = True, batch_wait_s: float = 0.002, max_queue: int = 4096):
-        self.engine = Engine(model, use_cache=use_cache, max_batch_rows=max_batch_rows)
+    def __init__(self, model, live: dict[str, torch.Tensor], cfg: ServeConfig):
+        self.engine = Engine(model, use_cache=cfg.use_cache, max_batch_rows=cfg.max_batch, compile=cfg.compile)
         self.live = live
-        self.max_batch_rows = max_batch_rows
-        self.batch_wait_s = batch_wait_s
+        self.max_batch_rows = cfg.max_batch
+        self.batch_wait_s = cfg.batch_wait_ms / 1000
         self.weight_version = 0
         self.running_jobs = 0  # jobs in the engine call under way (read by /health)
         self.stats = {"engine_calls": 0, "jobs": 0, "updates": 0, "cancelled_jobs": 0}
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._queue: queue.Queue = queue.Queue(maxsize=cfg.max_queue)
         self._thread = threading.Thread(target=self._run, name="dirl-batcher", daemon=True)
 
     # -- client side (any thread) ---------------------------------------------------------------------

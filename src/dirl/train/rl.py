@@ -39,7 +39,7 @@ from dirl.data import PromptIds, load_prompt_rows, reward_prompt, task_of
 from dirl.errors import NON_NEGATIVE, POSITIVE, FieldError, UserError, check_fields, one_of
 from dirl.model.lora import LoraConfig
 from dirl.rewards import format_reward_spec, get_reward
-from dirl.rollout import SamplingSpec, check_sampling
+from dirl.rollout import EngineOptions, SamplingSpec, check_sampling
 from dirl.runtime import derived_seed, resolve_device, update_seed
 from dirl.train import dist as dist_lib
 from dirl.train.common import MetricsLogger, OptimConfig, build_optimizer, build_scheduler, format_metrics, set_seed
@@ -59,7 +59,7 @@ def _rollout_sampling() -> SamplingSpec:
 
 
 @dataclass
-class RolloutConfig:
+class RolloutConfig(EngineOptions):  # + compile (native and checkpoint backends)
     backend: str = "native"           # native | checkpoint (the reload loop, for measurement) | http
     url: str = ""                     # http: base URL of `dirl serve`
     api_key_env: str = "DIRL_API_KEY"
@@ -241,6 +241,7 @@ def build_run(cfg: RLConfig, resume: str | None = None, inputs: RunInputs | None
     set_block_size(learner.model, cfg.block_size_at(start_step), cfg.lora)  # before a backend copies the model
     backend = make_backend(cfg.rollout.backend, dist_lib.unwrap(learner.model), tokenizer, url=cfg.rollout.url,
                            api_key_env=cfg.rollout.api_key_env, max_batch_rows=cfg.rollout.max_batch_rows,
+                           compile=cfg.rollout.compile,
                            decode_dtype=precision.compute_dtype(cfg.compute, device))
     run_dir = resolve_resume(resume).parent.parent if resume else Path(cfg.out)
     return RLRun(cfg, run_dir, learner, tokenizer, rows, prompt_ids, reward_prompts, inputs.reward_funcs or rewards,
