@@ -2,8 +2,9 @@
 
 Each (seed, variant) pair runs the demo pipeline (``configs/demo.yaml``: the shipped
 SFT checkpoint, then RL with that estimator) as its own ``dirl demo`` process with
-``rl_wall_s`` = ``--wall``: RL runs in chunks of ``rl.eval_every`` steps until the budget
-is spent, so each variant gets the same seconds (plus at most one chunk) and the
+``rl_wall_s`` = ``--wall`` (counted on ``--clock``: the run's CPU seconds by default, so a
+busy machine slows a run down without shortening its budget): RL runs in chunks of
+``rl.eval_every`` steps until the budget is spent, so each variant gets the same seconds (plus at most one chunk) and the
 steps it takes in them depend on its cost per step. ``--parallel`` processes share the
 cores (``OMP_NUM_THREADS`` = cores / parallel each), the same way for every variant.
 
@@ -146,6 +147,9 @@ def main() -> None:
     parser.add_argument("--wall", type=float, default=300.0, help="RL seconds per run")
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (>= 5 for the intervals)")
     parser.add_argument("--parallel", type=int, default=2, help="demo processes at once")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="what --wall counts: each run's CPU seconds (equal compute even while other jobs "
+                             "share the cores) or wall seconds")
     parser.add_argument("--estimators", default=",".join(ESTIMATORS), help="names; <name>+value adds the critic")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                         help="an extra variant: dirl demo overrides (repeatable)")
@@ -159,6 +163,7 @@ def main() -> None:
     pairs = [tuple(p.split(":", 1)) for p in args.pairs.split(",") if p]
     pairs = [(a, b) for a, b in pairs if a in variants and b in variants]
     extra = ["eval_limit=32", "rl.eval_every=2", "rl.rollout.num_prompts=4"] if args.quick else []
+    extra.append(f"rl_clock={args.clock}")
     if args.eval_limit:
         extra.append(f"eval_limit={args.eval_limit}")
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -151,7 +151,7 @@ def test_bench_estimators_table_from_the_demo_summaries(capsys, monkeypatch, tmp
     out = capsys.readouterr().out
     assert sorted((c["estimator"], c["seed"]) for c in commands) == sorted(
         (e, str(s)) for e in ("trace", "mean_field", "trace", "trace") for s in range(3))
-    assert all(c["rl_wall_s"] == "5.0" and c["eval_limit"] == "64" for c in commands)
+    assert all(c["rl_wall_s"] == "5.0" and c["eval_limit"] == "64" and c["rl_clock"] == "cpu" for c in commands)
     assert sum(c.get("rl.algo.beta") == "0.5" for c in commands) == 3  # the variant's own overrides
     assert sum(c.get("rl.algo.critic") == "value" for c in commands) == 3  # trace+value: trace with the critic
     # trace: mean 0.375, sd 0.125 -> 4.303 * 0.125 / sqrt(3) = 0.311 (t_0.975 with 2 dof)
