@@ -35,7 +35,7 @@ from dirl.model.value import ValueModel
 from dirl.rollout import Rollout
 from dirl.train import dist as dist_lib
 from dirl.train.common import OptimConfig, build_optimizer, clip_and_step
-from dirl.train.rl_update import AlgoConfig, _minibatches
+from dirl.train.rl_update import AlgoConfig, minibatch_indices
 
 
 @dataclass
@@ -69,7 +69,7 @@ class Critic:
     def _plans(self, rollouts: list[Rollout]) -> list[list[_ValueMicro]]:
         device = next(self.model.parameters()).device
         out = []
-        for idx in _minibatches(len(rollouts), self.algo.num_minibatches):
+        for idx in minibatch_indices(len(rollouts), self.algo.num_minibatches):
             chunk = [rollouts[i] for i in idx]
             pack = plan_estimator("trace", EstimatorArgs.for_model(self.model, chunk, torch.Generator())).pack
             global_ids = torch.tensor(idx, device=device)[pack.seq_index]  # (N,)

@@ -83,7 +83,9 @@ class Learner:
     sampling: SamplingSpec            # the rollouts' distribution (the scored PolicyDist) and length
 
 
-def _minibatches(num_seqs: int, num_minibatches: int) -> list[list[int]]:
+def minibatch_indices(num_seqs: int, num_minibatches: int) -> list[list[int]]:
+    """Rollout indices of each mini-batch: consecutive slices of near-equal size (the policy
+    update's and the value model's, so both step on the same rollouts)."""
     size = -(-num_seqs // max(1, num_minibatches))
     return [list(range(i, min(i + size, num_seqs))) for i in range(0, num_seqs, size)]
 
@@ -126,7 +128,7 @@ def _prepare(learner: Learner, rollouts: list[Rollout], adv: torch.Tensor, gen: 
     device = next(model.parameters()).device
     local_of = {position: i for i, position in enumerate(positions)}
     prepared = []
-    for global_idx in _minibatches(total, algo.num_minibatches):
+    for global_idx in minibatch_indices(total, algo.num_minibatches):
         idx = [local_of[g] for g in global_idx if g in local_of]
         if not idx:
             prepared.append([])
