@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench install clean
+.PHONY: demo test test-integration test-all bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+# End-to-end runs, other tools and tests that start processes: CI runs them after `make test`.
+test-integration: $(STAMP)
+	$(BIN)/pytest -m "integration and not slow and not gpu"
 
 test-all: $(STAMP)
 	$(BIN)/pytest -m "not gpu"

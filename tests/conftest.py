@@ -13,6 +13,8 @@ Kept generic so every test module can reuse them:
 * ``one_thread``     -- autouse: every test runs torch on one intra-op thread.
 * the ``dirl serve`` processes of the server tests start as soon as collection ends
   (``pytest_collection_finish``, tests/serve_procs.py).
+* ``sdar_tokenizer`` -- the real SDAR/Qwen tokenizer of ``SDAR_DIR``, loaded once per session
+  (~0.7 s a load): read-only.
 * ``SHARED`` / ``SDAR_DIR`` -- the shared data folder and the real SDAR-8B-Chat
   config/tokenizer folder (tests needing it skip when absent).
 """
@@ -104,6 +106,16 @@ def sdar_dir() -> Path:
     if not (SDAR_DIR / "config.json").exists():
         pytest.skip(f"{SDAR_DIR} not available")
     return SDAR_DIR
+
+
+@pytest.fixture(scope="session")
+def sdar_tokenizer():
+    """The real SDAR-8B-Chat tokenizer (151,936 ids), shared by the session: do not modify."""
+    if not (SDAR_DIR / "config.json").exists():
+        pytest.skip(f"{SDAR_DIR} not available")
+    from dirl.model.tokenizer import load_tokenizer
+
+    return load_tokenizer(SDAR_DIR)
 
 
 def pytest_collection_finish(session):

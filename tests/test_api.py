@@ -75,6 +75,7 @@ def test_sft_dataset_and_model_as_objects_match_paths(tmp_path):
         dirl.SFTTrainer(model)
 
 
+@pytest.mark.integration
 def test_wandb_offline_run_dir_holds_the_step_metrics(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path),

@@ -11,7 +11,7 @@ import pytest
 
 from dirl.data import DataError, load_prompt_rows, load_sft_rows, to_prompt_messages, to_sft_messages
 from dirl.data.datasets import reward_prompt
-from dirl.model.tokenizer import char_tokenizer, load_tokenizer
+from dirl.model.tokenizer import char_tokenizer
 from dirl.train.batching import tokenize_example, tokenize_rows
 from dirl.train.sft import SFTDataConfig
 
@@ -56,8 +56,8 @@ def test_in_memory_lists_and_datasets() -> None:
         load_prompt_rows([{"question": "Q"}])
 
 
-def test_sft_targets_end_with_the_templates_end_of_turn_token(sdar_dir) -> None:
-    qwen = load_tokenizer(sdar_dir)
+def test_sft_targets_end_with_the_templates_end_of_turn_token(sdar_tokenizer) -> None:
+    qwen = sdar_tokenizer
     example = tokenize_example(CHAT[:3], qwen, block_size=4)
     trained = [i for i, keep in zip(example.input_ids, example.response_mask) if keep]
     im_end, eos = qwen.hf.convert_tokens_to_ids("<|im_end|>"), qwen.eos_token_id
@@ -77,7 +77,7 @@ def test_sft_targets_end_with_the_templates_end_of_turn_token(sdar_dir) -> None:
 
 @pytest.mark.parametrize("tokenizer_name", ["char", "qwen"])
 def test_multi_turn_trains_every_assistant_turn_on_request(tokenizer_name, request) -> None:
-    tok = char_tokenizer() if tokenizer_name == "char" else load_tokenizer(request.getfixturevalue("sdar_dir"))
+    tok = char_tokenizer() if tokenizer_name == "char" else request.getfixturevalue("sdar_tokenizer")
     last = tokenize_example(CHAT, tok, 4, "last")
     every = tokenize_example(CHAT, tok, 4, "all")
     assert every.input_ids == last.input_ids  # the same text, more of it trained

@@ -26,6 +26,7 @@ def _short(out: Path, *extra: str) -> DemoConfig:
     return config_lib.load(DemoConfig, REPO / "configs/demo.yaml", [f"out={out}", *SHORT, *extra])
 
 
+@pytest.mark.integration
 def test_demo_cli_end_to_end_with_sft(tmp_path, capsys):
     """``dirl demo`` through ``dirl.cli.main`` (the console script's code path, in-process)."""
     out = tmp_path / "demo"
@@ -63,6 +64,7 @@ def test_held_out_prompts_are_disjoint_from_training(tmp_path):
     assert not questions["test"] & questions["sft"]
 
 
+@pytest.mark.integration
 def test_demo_is_deterministic_and_wall_time_chunks_resume_exactly(tmp_path):
     """Two runs with the same seed print the same numbers; ``rl_wall_s`` (RL in chunks of
     ``eval_every`` steps, each resumed from the last checkpoint) equals one uninterrupted run.

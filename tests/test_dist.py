@@ -32,6 +32,8 @@ from dirl.model.checkpoint import load_pretrained
 from dirl.train.rl import RLConfig, train_rl
 from dirl.train.sft import SFTConfig, train_sft
 
+pytestmark = pytest.mark.integration  # processes: deselected by default, CI runs them
+
 TESTS = Path(__file__).resolve().parent
 SFT_ARGS = ["model=init:tiny", "data.source=task:arithmetic", "data.limit=200", "data.max_length=64",
             "batch_size=7", "optim.lr=1e-3", "complementary_masks=true", "progress=false", "log_every=1",

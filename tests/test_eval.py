@@ -152,11 +152,9 @@ def test_patched_engine_with_gold_answers_k2(monkeypatch, tokenizer):
 
 
 @pytest.mark.skipif(not (MATH500.exists() and (SDAR / "vocab.json").exists()), reason="shared data absent")
-def test_math500_with_the_sdar_tokenizer_and_boxed_gold_answers():
+def test_math500_with_the_sdar_tokenizer_and_boxed_gold_answers(sdar_tokenizer):
     """The real recipe's path: Qwen chat template, dirl_math prompt, math-verify on \\boxed{}."""
-    from dirl.model.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(SDAR)
+    tok = sdar_tokenizer
     cfg = EvalConfig(data=str(MATH500), limit=12)
     rows = load_eval_rows(cfg)
     prompt = tok.decode(build_prompts(tok, rows[:1], "dirl_math", None)[0], skip_special_tokens=False)

@@ -96,6 +96,7 @@ def test_load_save_round_trip_is_faithful(sdar_like_dir, tmp_path):
     assert saved_tok["auto_map"] == source_tok["auto_map"]
 
 
+@pytest.mark.integration
 def test_saved_directory_loads_with_transformers_remote_code(sdar_like_dir, tmp_path):
     transformers = pytest.importorskip("transformers")
     model, tokenizer = load_pretrained(sdar_like_dir, dtype="float32")

@@ -131,6 +131,7 @@ def _cli_rank(rank: int, port: int, args: tuple[str, ...]) -> None:
     assert cli_main(list(args)) == 0
 
 
+@pytest.mark.integration
 def test_sft_with_lora_on_two_ddp_ranks_matches_one_process(tiny_checkpoint, tmp_path):
     args = [*SFT_ARGS, f"model={tiny_checkpoint}", "max_steps=3", "save_every=0", "batch_size=7"]
     assert cli_main(["sft", *args, f"out={tmp_path / 'one'}"]) == 0

@@ -58,7 +58,7 @@ def load_rows(name: str) -> list[dict]:
 
 # The default run checks every FULL_DATA_STRIDE-th row of the large benchmarks (a fixed, spread
 # sample: math-verify costs ~4 ms a row); ``-m slow`` checks every row.
-FULL_DATA_STRIDE = 5
+FULL_DATA_STRIDE = 10
 SAMPLED_OR_FULL = [pytest.param(FULL_DATA_STRIDE, id="sampled"), pytest.param(1, id="all", marks=pytest.mark.slow)]
 
 

@@ -28,6 +28,8 @@ from dirl.model.checkpoint import load_pretrained
 
 from serve_procs import KEY, KEY_ENV, start_server, stop_server, take
 
+pytestmark = pytest.mark.integration  # processes: deselected by default, CI runs them
+
 
 @dataclass
 class Server:

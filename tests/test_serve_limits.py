@@ -21,6 +21,8 @@ from dirl.serve.batcher import Batcher, RequestCancelled
 from dirl.serve.weights import live_tensors
 from serve_procs import BODY_LIMIT_MB, stop_server, take
 
+pytestmark = pytest.mark.integration  # processes: deselected by default, CI runs them
+
 REPO = Path(__file__).resolve().parents[1]
 # The attacker-style client (raw sockets) is shared with the benchmark that times these paths.
 _spec = importlib.util.spec_from_file_location("serve_limits", REPO / "benchmarks" / "serve_limits.py")

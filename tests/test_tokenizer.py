@@ -54,8 +54,8 @@ def test_missing_tokenizer_files_raise(tmp_path):
         load_tokenizer(tmp_path)
 
 
-def test_real_qwen_tokenizer(sdar_dir, tmp_path):
-    tok = load_tokenizer(sdar_dir)
+def test_real_qwen_tokenizer(sdar_tokenizer, tmp_path):
+    tok = sdar_tokenizer
     assert tok.mask_token_id == 151669
     assert tok.eos_token_id == 151643
     assert tok.stop_ids() == [151643, 151645]
