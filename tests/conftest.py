@@ -100,7 +100,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def sdar_dir() -> Path:
     """The real SDAR-8B-Chat config/tokenizer folder (skips the test when absent)."""
     if not (SDAR_DIR / "config.json").exists():
@@ -109,13 +109,11 @@ def sdar_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def sdar_tokenizer():
+def sdar_tokenizer(sdar_dir):
     """The real SDAR-8B-Chat tokenizer (151,936 ids), shared by the session: do not modify."""
-    if not (SDAR_DIR / "config.json").exists():
-        pytest.skip(f"{SDAR_DIR} not available")
     from dirl.model.tokenizer import load_tokenizer
 
-    return load_tokenizer(SDAR_DIR)
+    return load_tokenizer(sdar_dir)
 
 
 def pytest_collection_finish(session):
