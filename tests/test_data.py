@@ -261,9 +261,9 @@ def test_task_deterministic_and_seeded(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_task_splits_disjoint(name: str) -> None:
     task = get_task(name)
-    train = {r["question"] for seed in (0, 1) for r in task.generate("train", 2000, seed=seed)}
-    test = {r["question"] for seed in (0, 1) for r in task.generate("test", 500, seed=seed)}
-    assert len(train) > 2000 and len(test) > 500  # seeds overlap only partly
+    train = {r["question"] for seed in (0, 1) for r in task.generate("train", 1000, seed=seed)}
+    test = {r["question"] for seed in (0, 1) for r in task.generate("test", 250, seed=seed)}
+    assert len(train) > 1000 and len(test) > 250  # seeds overlap only partly
     assert not train & test
     assert {split_of(q) for q in test} == {"test"}
 
@@ -334,4 +334,4 @@ def test_task_params_and_errors() -> None:
     with pytest.raises(ValueError, match="no parameter"):
         get_task("sudoku", size=9)
     with pytest.raises(ValueError, match="too small"):
-        easy.generate("test", 500, seed=0)  # only 81 distinct d+d problems exist
+        easy.generate("test", 100, seed=0)  # only 81 distinct d+d problems exist

@@ -28,14 +28,31 @@ def wandb_history(run_dir):
     return [row for f in files for row in wandb_records.history(f)], files
 
 
-def test_every_tracker_gets_every_step(tmp_path, wandb_offline):
-    run = tmp_path / "run"
-    logger = MetricsLogger(run, report_to=["wandb", "tensorboard"], config={"lr": 0.1})
+def _log_three_steps(run, report_to):
+    logger = MetricsLogger(run, report_to=report_to, config={"lr": 0.1})
     for step in (1, 2, 3):
         logger.log(step, {"loss": 1.0 / step, "learning_rate": 0.1, "note": "text is jsonl-only"})
     logger.close()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+
+
+def test_jsonl_and_tensorboard_get_every_step(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    _log_three_steps(run, ["tensorboard"])
+    (events,) = (run / "tensorboard").iterdir()
+    board = EventAccumulator(str(events)).Reload()
+    assert [e.step for e in board.Scalars("loss")] == [1, 2, 3]
+    assert [e.value for e in board.Scalars("loss")] == pytest.approx([1.0, 0.5, 1 / 3])
+    assert "note" not in board.Tags()["scalars"]  # text stays in metrics.jsonl
+
+
+@pytest.mark.integration  # W&B runs a service process
+def test_wandb_gets_every_step_and_a_resume_keeps_the_run_id(tmp_path, wandb_offline):
+    run = tmp_path / "run"
+    _log_three_steps(run, ["wandb", "tensorboard"])
     history, files = wandb_history(run)
     assert len(files) == 1
     assert [(h["_step"], h["loss"], h["learning_rate"]) for h in history] == [(1, 1.0, 0.1), (2, 0.5, 0.1),

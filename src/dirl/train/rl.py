@@ -35,7 +35,7 @@ from dirl.algo.advantages import group_advantages
 from dirl.backends import make_backend
 from dirl.backends.base import BACKENDS
 from dirl.backends.evaluate import EvalSpec, evaluate_rows, greedy, held_out_metrics
-from dirl.data import PromptIds, load_prompt_rows, reward_prompt, task_of
+from dirl.data import PromptIds, load_prompt_rows, task_of
 from dirl.errors import NON_NEGATIVE, POSITIVE, FieldError, UserError, check_fields, one_of
 from dirl.model.lora import LoraConfig
 from dirl.rewards import format_reward_spec, get_reward
@@ -183,7 +183,7 @@ class RLRun:
     tokenizer: object
     rows: list[dict]
     prompt_ids: Sequence[list[int]]   # PromptIds: row i tokenized when first drawn
-    reward_prompts: list              # per row, the ``prompts`` entry of a TRL reward
+    template: str                     # renders a row's question (prompt ids; a TRL reward's ``prompts``)
     rewards: dict                     # {name or callable: weight} of the rollouts' reward
     sampler: PromptSampler
     backend: object
@@ -230,7 +230,6 @@ def build_run(cfg: RLConfig, resume: str | None = None, inputs: RunInputs | None
     learner, tokenizer = _build_learner(cfg, device, inputs)
     _check_block_sizes(cfg, learner.model)
     prompt_ids = PromptIds(tokenizer, rows, template)  # tokenized as the sampler draws them
-    reward_prompts = [reward_prompt(row, template) for row in rows]
     critic = build_critic(dist_lib.unwrap(learner.model), cfg.algo, cfg.optim, cfg.lora.r)
     start_step, cursor = 0, 0
     if resume:
@@ -244,7 +243,7 @@ def build_run(cfg: RLConfig, resume: str | None = None, inputs: RunInputs | None
                            compile=cfg.rollout.compile,
                            decode_dtype=precision.compute_dtype(cfg.compute, device))
     run_dir = resolve_resume(resume).parent.parent if resume else Path(cfg.out)
-    return RLRun(cfg, run_dir, learner, tokenizer, rows, prompt_ids, reward_prompts, inputs.reward_funcs or rewards,
+    return RLRun(cfg, run_dir, learner, tokenizer, rows, prompt_ids, template, inputs.reward_funcs or rewards,
                  PromptSampler(len(rows), cfg.seed, cursor), backend, eval_rows, held_out_spec(cfg), start_step,
                  critic)
 
