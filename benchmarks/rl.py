@@ -31,6 +31,7 @@ from dirl.engine.engine import Engine
 from dirl.rollout import SamplingParams, SamplingSpec
 from dirl.model.masks import sft_meta
 from dirl.model.policy import policy_logprobs
+from dirl.model.transformer import Readout
 from dirl.train.models import load_model_spec
 from dirl.train.rl import RLConfig, RolloutConfig, train_rl
 from dirl.train.rl_update import AlgoConfig
@@ -83,12 +84,12 @@ def bench_trace(model, prompts, max_new_tokens: int, steps_per_block: int, repea
 
     def expansion_step():
         model.zero_grad()
-        logits = model(ids, pos, meta, logits_index=index).logits
+        logits = model(ids, pos, meta, readout=Readout(index)).logits
         policy_logprobs(logits, mask_token_id=cfg.mask_token_id).gather(-1, targets[:, None]).sum().backward()
 
     with torch.no_grad():  # same states -> same log-probs (a correctness check of the baseline)
         trace_lp = score_plan(model, plan, PolicyDist())
-        exp_lp = policy_logprobs(model(ids, pos, meta, logits_index=index).logits,
+        exp_lp = policy_logprobs(model(ids, pos, meta, readout=Readout(index)).logits,
                                  mask_token_id=cfg.mask_token_id).gather(-1, targets[:, None])
         order = {(s, t): v for s, t, v in zip(seq.tolist(), tok.tolist(), exp_lp.squeeze(-1).tolist())}
         diff = max(abs(order[(s, t)] - v) for s, t, v in zip(plan.pack.seq_index.tolist(),

@@ -12,6 +12,7 @@ from dirl.engine.engine import Engine
 from dirl.rollout import Rollout, SamplingParams
 from dirl.engine.unmask import policy_logprobs
 from dirl.model.trace import pack_traces, trace_copies
+from dirl.model.transformer import Readout
 
 B = 4
 # Lengths 5, 3, 11 are not multiples of B = 4; 8 and 12 are.
@@ -129,12 +130,10 @@ def test_trace_logprobs_equal_engine_logprobs(peaky_model, tokenizer, name):
 
 def _assert_trace_logprobs(peaky_model, tokenizer, params: SamplingParams, engine: Engine) -> None:
     rollouts = engine.generate(_prompts(), params)
-    prompts = [r.prompt_ids for r in rollouts]
     copies = [trace_copies(len(r.prompt_ids), r.steps, B) for r in rollouts]
-    pack = pack_traces(prompts, [r.token_ids for r in rollouts], [r.steps for r in rollouts], copies, B,
-                       tokenizer.mask_token_id, tokenizer.pad_token_id)
+    pack = pack_traces(rollouts, copies, B, tokenizer.mask_token_id, tokenizer.pad_token_id)
     with torch.no_grad():
-        logits = peaky_model(pack.input_ids, pack.position_ids, pack.meta, logits_index=pack.score_index).logits
+        logits = peaky_model(pack.input_ids, pack.position_ids, pack.meta, readout=Readout(pack.score_index)).logits
     logp = policy_logprobs(logits, params.temperature, params.top_k, params.top_p,
                            tokenizer.mask_token_id)  # (N, V)
     recomputed = logp.gather(-1, pack.target_ids[:, None]).squeeze(-1)  # (N,)

@@ -10,6 +10,7 @@ from dirl.rollout import SamplingParams
 from dirl.engine.kv_cache import KVCache
 from dirl.engine.unmask import policy_logprobs
 from dirl.model.trace import pack_traces, trace_copies
+from dirl.model.transformer import Readout
 
 B = 4
 
@@ -76,10 +77,9 @@ def test_bf16_engine_decodes_with_a_bf16_cache_and_fp32_logprobs(make_tiny_model
     rollouts = Engine(model).generate(_prompts((5, 8, 3)), params)
     assert set(dtypes) == {torch.bfloat16}
     copies = [trace_copies(len(r.prompt_ids), r.steps, B) for r in rollouts]
-    pack = pack_traces([r.prompt_ids for r in rollouts], [r.token_ids for r in rollouts],
-                       [r.steps for r in rollouts], copies, B, tokenizer.mask_token_id, tokenizer.pad_token_id)
+    pack = pack_traces(rollouts, copies, B, tokenizer.mask_token_id, tokenizer.pad_token_id)
     with torch.no_grad():
-        logits = model(pack.input_ids, pack.position_ids, pack.meta, logits_index=pack.score_index).logits
+        logits = model(pack.input_ids, pack.position_ids, pack.meta, readout=Readout(pack.score_index)).logits
     logp = policy_logprobs(logits, params.temperature, mask_token_id=tokenizer.mask_token_id)
     recomputed = logp.gather(-1, pack.target_ids[:, None]).squeeze(-1)
     recorded = torch.tensor([rollouts[s].logps[i] for s, i in zip(pack.seq_index.tolist(), pack.token_index.tolist())])

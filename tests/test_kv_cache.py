@@ -7,15 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dirl.engine.kv_cache import GROW_CHUNK, KVCache
+from dirl.engine.kv_cache import GROW_CHUNK, CacheLayout, KVCache
 from dirl.model.masks import TokenMeta
+from dirl.model.transformer import Readout
 
 B = 4  # block size of the tiny model
 
 
 def _cache(rows: int = 2, max_slots: int = 64) -> KVCache:
-    return KVCache(num_layers=2, num_rows=rows, num_kv_heads=2, head_dim=3, dtype=torch.float32,
-                   device=torch.device("cpu"), max_slots=max_slots)
+    layout = CacheLayout(num_layers=2, num_kv_heads=2, head_dim=3, dtype=torch.float32, device=torch.device("cpu"))
+    return KVCache(layout, num_rows=rows, max_slots=max_slots)
 
 
 def test_cache_step_writes_slots_in_place_and_masks_a_prefix():
@@ -99,7 +100,7 @@ def test_cached_forward_equals_uncached_forward(tiny_model):
         full = tiny_model(ids, pos, clean.cat(noisy)).logits[0, 8:]  # (B, V)
         cache = KVCache.for_model(tiny_model, num_rows=1, max_slots=16)
         tiny_model(ids[:, prefix], pos[:, prefix], None, past_kv=cache.step(pos[:, prefix], None, limit[:, prefix]),
-                   logits_index=torch.empty(0, dtype=torch.long))
+                   readout=Readout(torch.empty(0, dtype=torch.long)))
         cached = tiny_model(ids[:, block], pos[:, block], None,
                             past_kv=cache.step(pos[:, block], None, limit[:, block])).logits[0]
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)

@@ -21,6 +21,7 @@ from dirl.model.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelView, Lor
                              apply_lora, num_parameters)
 from dirl.model.masks import TokenMeta
 from dirl.model.trace import pack_traces, trace_copies
+from dirl.model.transformer import Readout
 from dirl.train.state import save_model_dir
 
 pytest.importorskip("peft")
@@ -94,10 +95,9 @@ def test_engine_logprobs_equal_trainer_logprobs_with_lora(lora_model, tokenizer)
     prompts = [torch.randint(4, 100, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 8, 11)]
     rollouts = Engine(lora_model.eval()).generate(prompts, params)
     copies = [trace_copies(len(r.prompt_ids), r.steps, B) for r in rollouts]
-    pack = pack_traces([r.prompt_ids for r in rollouts], [r.token_ids for r in rollouts],
-                       [r.steps for r in rollouts], copies, B, tokenizer.mask_token_id, tokenizer.pad_token_id)
+    pack = pack_traces(rollouts, copies, B, tokenizer.mask_token_id, tokenizer.pad_token_id)
     with torch.no_grad():
-        logits = lora_model(pack.input_ids, pack.position_ids, pack.meta, logits_index=pack.score_index).logits
+        logits = lora_model(pack.input_ids, pack.position_ids, pack.meta, readout=Readout(pack.score_index)).logits
     logp = policy_logprobs(logits, params.temperature, params.top_k, params.top_p, tokenizer.mask_token_id)  # (N, V)
     recomputed = logp.gather(-1, pack.target_ids[:, None]).squeeze(-1)  # (N,)
     recorded = torch.tensor([rollouts[s].logps[i] for s, i in zip(pack.seq_index.tolist(),
@@ -105,7 +105,7 @@ def test_engine_logprobs_equal_trainer_logprobs_with_lora(lora_model, tokenizer)
     assert len(recorded) == sum(len(r.token_ids) for r in rollouts)
     assert (recomputed - recorded).abs().max() <= 1e-4
     with adapters_disabled(lora_model):  # and the adapters do matter for these log-probs
-        base = lora_model(pack.input_ids, pack.position_ids, pack.meta, logits_index=pack.score_index).logits
+        base = lora_model(pack.input_ids, pack.position_ids, pack.meta, readout=Readout(pack.score_index)).logits
     assert not torch.allclose(policy_logprobs(base, 1.0, mask_token_id=tokenizer.mask_token_id), logp, atol=1e-2)
 
 
@@ -151,10 +151,9 @@ def _consistency_gap(model, decoder, tokenizer, autocast) -> float:
     prompts = [torch.randint(4, 100, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 8, 11)]
     rollouts = decoder.generate(prompts, params)
     copies = [trace_copies(len(r.prompt_ids), r.steps, B) for r in rollouts]
-    pack = pack_traces([r.prompt_ids for r in rollouts], [r.token_ids for r in rollouts],
-                       [r.steps for r in rollouts], copies, B, tokenizer.mask_token_id, tokenizer.pad_token_id)
+    pack = pack_traces(rollouts, copies, B, tokenizer.mask_token_id, tokenizer.pad_token_id)
     with torch.no_grad(), autocast:
-        logits = model(pack.input_ids, pack.position_ids, pack.meta, logits_index=pack.score_index).logits
+        logits = model(pack.input_ids, pack.position_ids, pack.meta, readout=Readout(pack.score_index)).logits
     logp = policy_logprobs(logits.float(), params.temperature, params.top_k, params.top_p, tokenizer.mask_token_id)
     recomputed = logp.gather(-1, pack.target_ids[:, None]).squeeze(-1)  # (N,)
     recorded = torch.tensor([rollouts[s].logps[i] for s, i in zip(pack.seq_index.tolist(),

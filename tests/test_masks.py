@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dirl.model.masks import TokenMeta, dense_mask, mask_mod_for, sft_meta
-from dirl.model.trace import StepCopy, pack_traces, trace_copies
+from dirl.model.trace import StepCopy, Trace, pack_traces, trace_copies
 
 B = 4
 
@@ -178,7 +178,7 @@ def test_trace_pack_mask_and_contents_match_reference(tokenizer):
     prompts, tokens, steps = _example_traces()
     copies = [trace_copies(len(p), s, B) for p, s in zip(prompts, steps)]
     mask_id, pad_id = tokenizer.mask_token_id, tokenizer.pad_token_id
-    pack = pack_traces(prompts, tokens, steps, copies, B, mask_id, pad_id)
+    pack = pack_traces(list(map(Trace, prompts, tokens, steps)), copies, B, mask_id, pad_id)
     width = pack.input_ids.shape[1]
     got = dense_mask(pack.meta, pack.meta)
     scored = set()
@@ -221,7 +221,7 @@ def test_trace_logits_equal_direct_block_forward(tiny_model, tokenizer, prompt_l
     # A second, longer sequence in the same pack gives the first row padding at its end.
     other_steps = _random_steps(3, 21, gen)
     other_tokens = torch.randint(4, 90, (21,), generator=gen).tolist()
-    pack = pack_traces([prompt, prompt[:3]], [tokens, other_tokens], [steps, other_steps],
+    pack = pack_traces([Trace(prompt, tokens, steps), Trace(prompt[:3], other_tokens, other_steps)],
                        [copies, trace_copies(3, other_steps, B)], B, mask_id, tokenizer.pad_token_id)
     assert (pack.meta.doc[0] < 0).any()
     with torch.no_grad():
@@ -265,7 +265,8 @@ def test_flex_mask_mod_is_the_sdpa_mask_on_a_trace_pack(tokenizer):
     (padding rows differ by convention). The compiled forward itself is the slow test below."""
     prompts, tokens, steps = _example_traces()
     copies = [trace_copies(len(p), s, B) for p, s in zip(prompts, steps)]
-    pack = pack_traces(prompts, tokens, steps, copies, B, tokenizer.mask_token_id, tokenizer.pad_token_id)
+    pack = pack_traces(list(map(Trace, prompts, tokens, steps)), copies, B, tokenizer.mask_token_id,
+                       tokenizer.pad_token_id)
     rows, width = pack.input_ids.shape
     b = torch.arange(rows)[:, None, None]
     q_idx, kv_idx = torch.arange(width)[None, :, None], torch.arange(width)[None, None, :]
@@ -283,7 +284,8 @@ def test_sdpa_and_flex_agree_on_trace_pack_with_padding(tiny_model, tokenizer):
     pytest.importorskip("torch.nn.attention.flex_attention")
     prompts, tokens, steps = _example_traces()
     copies = [trace_copies(len(p), s, B) for p, s in zip(prompts, steps)]
-    pack = pack_traces(prompts, tokens, steps, copies, B, tokenizer.mask_token_id, tokenizer.pad_token_id)
+    pack = pack_traces(list(map(Trace, prompts, tokens, steps)), copies, B, tokenizer.mask_token_id,
+                       tokenizer.pad_token_id)
     real = pack.meta.doc >= 0  # (R, T): padding rows differ by convention (flex: zeros, sdpa: see-all)
     assert (~real).any(), "the example must contain padding"
     with torch.no_grad():

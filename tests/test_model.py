@@ -1,4 +1,4 @@
-"""The SDAR transformer: Qwen3 as an oracle, logits_index, the KV cache as an argument."""
+"""The SDAR transformer: Qwen3 as an oracle, readout rows, the KV cache as an argument."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dirl.model.masks import TokenMeta
+from dirl.model.transformer import CachedPrefix, Readout
 
 B = 4
 
@@ -59,7 +60,7 @@ def test_logits_index_equals_slicing_full_logits(tiny_model):
     index = torch.tensor([0, 7, 12, 29, 15])
     with torch.no_grad():
         full = tiny_model(ids, pos, meta).logits  # (3, 10, V)
-        picked = tiny_model(ids, pos, meta, logits_index=index).logits  # (5, V)
+        picked = tiny_model(ids, pos, meta, readout=Readout(index)).logits  # (5, V)
     assert picked.shape == (5, full.shape[-1])
     torch.testing.assert_close(picked, full.reshape(30, -1)[index], atol=1e-6, rtol=0)
 
@@ -80,7 +81,7 @@ def test_kv_cache_argument_equals_one_forward(tiny_model, suffix_meta):
     with torch.no_grad():
         whole = tiny_model(ids, pos, pre_meta.cat(suf_meta)).logits
         first = tiny_model(ids[:, :prefix_len], pre_pos, pre_meta)
-        second = tiny_model(ids[:, prefix_len:], suf_pos, suf_meta, past_kv=first.new_kv, past_meta=pre_meta)
+        second = tiny_model(ids[:, prefix_len:], suf_pos, suf_meta, past_kv=CachedPrefix(first.new_kv, pre_meta))
     cfg = tiny_model.config
     assert len(first.new_kv) == cfg.num_hidden_layers
     assert first.new_kv[0][0].shape == (2, cfg.num_key_value_heads, prefix_len, cfg.head_dim)

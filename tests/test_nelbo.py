@@ -12,7 +12,7 @@ from dirl.algo.nelbo import (FixedNoise, NoiseDraw, TokenBatch, draw_noise, mask
                              nelbo_loss, response_counts, sft_nelbo)
 from dirl.model.factory import InitConfig, init_model
 from dirl.model.masks import dense_mask
-from dirl.model.transformer import ForwardOutput
+from dirl.model.transformer import ForwardOutput, Readout
 from dirl.train.batching import collate, tokenize_example
 
 MASK_ID = 99
@@ -31,10 +31,10 @@ class LogitsTable(torch.nn.Module):
         torch.nn.init.eye_(self.lm_head.weight)
         self.seen_input_ids = None
 
-    def forward(self, input_ids, position_ids, meta, logits_index=None, attn_impl=None, return_hidden=False):
+    def forward(self, input_ids, position_ids, meta, readout=Readout(), attn_impl=None):
         self.seen_input_ids = input_ids
-        per_token = self.table[position_ids.reshape(-1)][logits_index]  # (N, V)
-        return ForwardOutput(None, [], per_token) if return_hidden else ForwardOutput(per_token, [])
+        per_token = self.table[position_ids.reshape(-1)][readout.index]  # (N, V)
+        return ForwardOutput(None, [], per_token) if readout.hidden else ForwardOutput(per_token, [])
 
 
 def _ce(row: list[float], target: int) -> float:

@@ -54,6 +54,7 @@ from dirl.model.lm_head import head_logprobs
 from dirl.model.masks import TokenMeta
 from dirl.model.policy import policy_logprobs
 from dirl.model.trace import Copy, MaskCopy, TracePack, pack_traces, trace_copies
+from dirl.model.transformer import Readout
 from dirl.rollout import PolicyDist, Rollout
 
 __all__ = ["ESTIMATORS", "MC_SAMPLING", "EstimatorArgs", "EstimatorOptions", "Plan", "PolicyDist", "plan_estimator", "score_plan"]
@@ -199,9 +200,7 @@ def _random_mask_copies(rollout: Rollout, block_size: int, gen: torch.Generator,
 
 def _plan_copies(args: EstimatorArgs, copies: list[list[Copy]], weights, exact: bool) -> Plan:
     rollouts = args.rollouts
-    pack = pack_traces([r.prompt_ids for r in rollouts], [r.token_ids for r in rollouts],
-                       [r.steps for r in rollouts], copies, args.block_size, args.mask_id, args.pad_id,
-                       args.device)
+    pack = pack_traces(rollouts, copies, args.block_size, args.mask_id, args.pad_id, args.device)
     pack = _drop_unscored(pack, rollouts)
     weight = None
     if weights is not None:
@@ -315,7 +314,7 @@ def score_plan(model, plan: Plan, policy: PolicyDist, with_entropy: bool = False
     if pack.score_index.numel() == 0:
         empty = torch.zeros(0, device=pack.input_ids.device)
         return (empty, empty) if with_entropy else empty
-    hidden = model(pack.input_ids, pack.position_ids, pack.meta, logits_index=pack.score_index,
-                   return_hidden=True).hidden  # (N, d)
+    hidden = model(pack.input_ids, pack.position_ids, pack.meta,
+                   readout=Readout(pack.score_index, hidden=True)).hidden  # (N, d)
     return head_logprobs(model, hidden, pack.target_ids, policy_logp_fn(policy, model.config.mask_token_id),
                          with_entropy)

@@ -26,7 +26,7 @@ Layout: one forward over ``[x_t^1 ; (x_t^2 ;) x_0]`` (BD3-LM's ``[x_t ; x_0]``,
 extended with a second noisy stream when complementary): a noisy block sees
 itself and the clean blocks before it (:func:`dirl.model.masks.visible`), the
 copies never see each other, and every stream shares the position ids. The LM
-head is evaluated only at masked noisy positions (``logits_index``), through the
+head is evaluated only at masked noisy positions (``readout.index``), through the
 chunked head (:mod:`dirl.model.lm_head`), so no (N, V) logits tensor is held.
 """
 
@@ -38,6 +38,7 @@ import torch
 
 from dirl.model.lm_head import head_logprobs
 from dirl.model.masks import TokenMeta, sft_meta
+from dirl.model.transformer import Readout
 
 NOISE_EPS = 1e-3
 
@@ -168,8 +169,8 @@ def sft_nelbo(model, batch: TokenBatch, noise: NoiseDraw, mask_token_id: int,
     # Flat index into (B, (C+1) L) of each masked noisy token; copy c occupies columns [cL, (c+1)L).
     copy_idx, row_idx, col_idx = masked.nonzero(as_tuple=True)  # (N,) each
     flat_index = row_idx * (num_copies + 1) * length + copy_idx * length + col_idx  # (N,)
-    hidden = model(row_ids, row_positions, meta, logits_index=flat_index, attn_impl=attn_impl,
-                   return_hidden=True).hidden  # (N, d)
+    hidden = model(row_ids, row_positions, meta, readout=Readout(flat_index, hidden=True),
+                   attn_impl=attn_impl).hidden  # (N, d)
     target_logp = head_logprobs(model, hidden, input_ids[row_idx, col_idx])  # (N,), chunked: no (N, V)
     num_samples = int(sample_ids.max()) + 1 if sample_ids.numel() else 0
     num_response = response_counts(response_mask, sample_ids, num_samples)  # (S,)

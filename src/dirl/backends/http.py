@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
 
 import httpx
 import torch
@@ -35,33 +36,48 @@ class HttpBackendError(RuntimeError):
     """The server answered an error (its JSON message is included) or an unexpected body."""
 
 
+@dataclass
+class HttpOptions:
+    """The settings of :class:`HttpBackend`."""
+
+    url: str = "http://127.0.0.1:8000"  # the server's root
+    api_key: str | None = None          # default: the environment variable ``api_key_env``
+    api_key_env: str = "DIRL_API_KEY"
+    timeout: float = 600.0              # seconds per request
+    max_concurrency: int = 64           # requests in flight
+    weights_dtype: str | None = None    # cast pushed tensors, e.g. "bfloat16" (server bf16, trainer fp32)
+    sync_on_init: bool = True           # push the trainer's weights at construction: the first rollouts use them
+
+    @classmethod
+    def pick(cls, options: dict) -> "HttpOptions":
+        """The options this backend reads; the rest belong to other backends (``make_backend``
+        passes the same keywords to every backend) and are ignored."""
+        return cls(**{f.name: options[f.name] for f in fields(cls) if f.name in options})
+
+
 class HttpBackend:
     """A :class:`~dirl.backends.base.RolloutBackend` that is a client of ``dirl serve``.
 
-    Options: ``url`` (the server's root), ``api_key`` (default: the environment
-    variable ``api_key_env``), ``timeout`` seconds per request, ``max_concurrency``
-    requests in flight, ``weights_dtype`` (cast pushed tensors, e.g. ``"bfloat16"``
-    when the server runs in bf16 and the trainer in fp32), ``sync_on_init``
-    (push the trainer's weights once at construction, so the first rollouts use them).
+    ``options``: the fields of :class:`HttpOptions` as keywords, e.g.
+    ``HttpBackend(model, tokenizer, url=..., timeout=60)``.
     """
 
-    def __init__(self, model, tokenizer=None, url: str = "http://127.0.0.1:8000", api_key: str | None = None,
-                 api_key_env: str = "DIRL_API_KEY", timeout: float = 600.0, max_concurrency: int = 64,
-                 weights_dtype: str | None = None, sync_on_init: bool = True, **_):
-        if not url:
+    def __init__(self, model, tokenizer=None, **options):
+        opts = HttpOptions.pick(options)
+        if not opts.url:
             raise ValueError("the http rollout backend needs the url of a running `dirl serve` "
                              "(rollout.url=http://127.0.0.1:8000)")
         self.model, self.tokenizer = model, tokenizer
-        self.url = url.rstrip("/")
-        self.api_key = api_key if api_key is not None else os.environ.get(api_key_env)
-        self.weights_dtype = getattr(torch, weights_dtype) if weights_dtype else None
+        self.url = opts.url.rstrip("/")
+        self.api_key = opts.api_key if opts.api_key is not None else os.environ.get(opts.api_key_env)
+        self.weights_dtype = getattr(torch, opts.weights_dtype) if opts.weights_dtype else None
         self.block_size = model.config.block_size
-        self.client = httpx.Client(base_url=self.url, timeout=timeout,
-                                   limits=httpx.Limits(max_connections=max_concurrency))
-        self.pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="dirl-http")
+        self.client = httpx.Client(base_url=self.url, timeout=opts.timeout,
+                                   limits=httpx.Limits(max_connections=opts.max_concurrency))
+        self.pool = ThreadPoolExecutor(max_workers=opts.max_concurrency, thread_name_prefix="dirl-http")
         self.weight_version: int | None = None  # returned by our last sync_weights
         self.last_weight_versions: list[int] = []
-        if sync_on_init:
+        if opts.sync_on_init:
             self.sync_weights()
 
     # -- weights ----------------------------------------------------------------------------------------

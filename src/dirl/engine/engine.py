@@ -30,6 +30,7 @@ import torch
 from dirl.engine.kv_cache import KVCache
 from dirl.engine.unmask import policy_logprobs, sample_from_logprobs, select_commits
 from dirl.model.masks import TokenMeta
+from dirl.model.transformer import Readout
 from dirl.rollout import Rollout, SamplingParams
 from dirl.runtime import prompt_seeds, row_seed
 
@@ -95,7 +96,7 @@ def compiled_forward(model) -> Callable:
             mark(tensor, 0), mark(tensor, 1)
         mark(logits_index, 0)
         step.mark_dynamic()
-        return forward(ids, pos, None, past_kv=step, logits_index=logits_index, attn_impl="sdpa")
+        return forward(ids, pos, None, past_kv=step, readout=Readout(logits_index), attn_impl="sdpa")
 
     return run
 
@@ -202,7 +203,7 @@ class Engine:
                            device=self.device)
         pos = torch.arange(width, device=self.device).expand(len(prompts), width)
         step = cache.step(pos, pos < lengths[:, None], self._limit(pos))
-        self._run(ids, pos, None, past_kv=step, logits_index=torch.empty(0, dtype=torch.long, device=self.device))
+        self._run(ids, pos, None, past_kv=step, readout=Readout(torch.empty(0, dtype=torch.long, device=self.device)))
         return cache
 
     def _limit(self, pos: torch.Tensor) -> torch.Tensor:
@@ -231,7 +232,7 @@ class Engine:
         step = cache.step(pos, valid, self._limit(pos), always_mask=self._step_forward is not None)
         logits_index = self._masked_index(batch, ids.shape[1])
         if self._step_forward is None:
-            out = self._run(ids, pos, None, past_kv=step, logits_index=logits_index)
+            out = self._run(ids, pos, None, past_kv=step, readout=Readout(logits_index))
         else:
             out = self._step_forward(ids, pos, step, logits_index)
         batch.pending.zero_()
@@ -250,7 +251,7 @@ class Engine:
         valid = pos < torch.tensor([len(p) for p in prefix], device=self.device)[:, None]
         meta = TokenMeta.clean(pos, size, valid).cat(TokenMeta.noisy_copy(block_pos, size, torch.zeros_like(block_pos)))
         out = self._run(torch.cat([ids, batch.tokens], 1), torch.cat([pos, block_pos], 1), meta,
-                        logits_index=self._masked_index(batch, width + size))
+                        readout=Readout(self._masked_index(batch, width + size)))
         return out.logits
 
     # -- sampling and bookkeeping ---------------------------------------------------------------------

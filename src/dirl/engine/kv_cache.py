@@ -23,20 +23,33 @@ each forward.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 GROW_CHUNK = 512  # slots added per growth (a growth copies the cache once; 8k tokens -> 16 growths)
 
 
+@dataclass(frozen=True)
+class CacheLayout:
+    """What the model fixes about a cache (layers, K/V heads and their size, dtype, device);
+    the rows and slots are :class:`KVCache`'s own, per generate call."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+
 class KVCache:
-    def __init__(self, num_layers: int, num_rows: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, max_slots: int):
+    def __init__(self, layout: CacheLayout, num_rows: int, max_slots: int):
         self.max_slots = max_slots  # the most positions any row can reach (prompt + generation + block)
         self.capacity = 0           # usable slots per row; slot ``capacity`` is the scratch slot
-        self._shape = (num_rows, num_kv_heads, head_dim)
-        self._factory = dict(dtype=dtype, device=device)
-        self.keys: list[torch.Tensor] = [torch.empty(0, **self._factory)] * num_layers    # (R, Hkv, C + 1, D)
-        self.values: list[torch.Tensor] = [torch.empty(0, **self._factory)] * num_layers
+        self._shape = (num_rows, layout.num_kv_heads, layout.head_dim)
+        self._factory = dict(dtype=layout.dtype, device=layout.device)
+        self.keys: list[torch.Tensor] = [torch.empty(0, **self._factory)] * layout.num_layers  # (R, Hkv, C + 1, D)
+        self.values: list[torch.Tensor] = [torch.empty(0, **self._factory)] * layout.num_layers
         # Set by a compiled engine: every new layer tensor gets its rows and slots marked as
         # sizes that change (:meth:`CacheStep.mark_dynamic`). Off, torch._dynamo is never
         # imported (~70 MB of RSS) by an eager engine.
@@ -46,8 +59,8 @@ class KVCache:
     def for_model(cls, model, num_rows: int, max_slots: int) -> "KVCache":
         cfg = model.config
         param = next(model.parameters())
-        return cls(cfg.num_hidden_layers, num_rows, cfg.num_key_value_heads, cfg.head_dim,
-                   param.dtype, param.device, max_slots)
+        layout = CacheLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, param.dtype, param.device)
+        return cls(layout, num_rows, max_slots)
 
     @property
     def scratch(self) -> int:

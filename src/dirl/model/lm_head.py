@@ -28,7 +28,7 @@ head matmul per chunk in backward.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -58,11 +58,22 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
+class _ChunkPlan(NamedTuple):
+    """The non-tensor inputs of :class:`_ChunkedLogprobs`, as one argument: ``forward``'s
+    ``ctx`` is dictated by torch, and this keeps it within six parameters (and backward
+    returns one ``None`` for the three settings)."""
+
+    logp_fn: LogpFn
+    chunk_size: int
+    with_entropy: bool
+
+
 class _ChunkedLogprobs(torch.autograd.Function):
     """Forward in chunks, keep only (h, W, targets); backward recomputes each chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, logp_fn, chunk_size, with_entropy):
+    def forward(ctx, hidden, weight, targets, plan: _ChunkPlan):
+        logp_fn, chunk_size, with_entropy = plan
         device_type = hidden.device.type
         ctx.autocast = _autocast_state(device_type)
         logps, entropies = [], []
@@ -100,7 +111,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 grad_weight += grads.pop(0)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None
 
 
 def _unchunked(hidden, weight, targets, logp_fn: LogpFn, with_entropy: bool):
@@ -128,7 +139,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     """
     if chunk_size <= 0:
         return _unchunked(hidden, weight, targets, logp_fn, with_entropy)
-    logp, entropy = _ChunkedLogprobs.apply(hidden, weight, targets, logp_fn, chunk_size, with_entropy)
+    logp, entropy = _ChunkedLogprobs.apply(hidden, weight, targets, _ChunkPlan(logp_fn, chunk_size, with_entropy))
     return (logp, entropy) if with_entropy else logp
 
 
@@ -136,7 +147,7 @@ def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, logp_fn: L
                   with_entropy: bool = False):
     """:func:`token_logprobs` through ``model``'s LM head at its ``head_chunk_size``.
 
-    hidden: (N, d) from ``model(..., logits_index=..., return_hidden=True).hidden``.
+    hidden: (N, d) from ``model(..., readout=Readout(index, hidden=True)).hidden``.
     Under FSDP2 the root's parameters (the head among them) stay unsharded after the
     forward (``dist.wrap``), so the head weight read here is the full one.
     """

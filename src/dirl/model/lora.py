@@ -124,7 +124,7 @@ class BaseModelView(nn.Module):
 
     @property
     def lm_head(self) -> nn.Module:
-        """The base LM head, for the chunked head after a ``return_hidden`` forward (lm_head.py)."""
+        """The base LM head, for the chunked head after a ``readout.hidden`` forward (lm_head.py)."""
         return self.lora_model.lm_head
 
     @property

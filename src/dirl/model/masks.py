@@ -26,18 +26,37 @@ The layouts built from it:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 
-def visible(q_doc, q_block, q_noisy, q_copy, k_doc, k_block, k_noisy, k_copy):
+class MaskFields(NamedTuple):
+    """The four mask vectors of one side -- the queries or the keys -- of :func:`visible`.
+
+    Any shapes that broadcast against the other side's: (B, Q, 1) against (B, 1, K) for
+    SDPA, scalars inside a FlexAttention ``mask_mod``. A NamedTuple, so ``torch.compile``
+    traces it as a plain tuple of tensors."""
+
+    doc: torch.Tensor
+    block: torch.Tensor
+    noisy: torch.Tensor
+    copy: torch.Tensor
+
+
+def visible(q: MaskFields, k: MaskFields) -> torch.Tensor:
     """The mask rule, written with tensor ops only so it serves both paths:
     broadcast over (B, Q, 1) x (B, 1, K) for SDPA, and scalar-indexed inside a
     FlexAttention ``mask_mod``."""
-    same_doc = (q_doc == k_doc) & (k_doc >= 0)
-    clean_key = ~k_noisy & ((k_block < q_block) | ((k_block == q_block) & ~q_noisy))
-    own_copy = k_noisy & q_noisy & (k_copy == q_copy)
+    same_doc = (q.doc == k.doc) & (k.doc >= 0)
+    clean_key = ~k.noisy & ((k.block < q.block) | ((k.block == q.block) & ~q.noisy))
+    own_copy = k.noisy & q.noisy & (k.copy == q.copy)
     return same_doc & (clean_key | own_copy)
+
+
+def _visible_pairs(q_fields, k_fields) -> torch.Tensor:
+    """:func:`visible` of every (query, key) pair: (B, Q) and (B, K) fields -> (B, Q, K)."""
+    return visible(MaskFields(*(t[:, :, None] for t in q_fields)), MaskFields(*(t[:, None, :] for t in k_fields)))
 
 
 @dataclass
@@ -57,8 +76,8 @@ class TokenMeta:
         """Concatenate along the sequence dimension (cache keys, then new tokens)."""
         return TokenMeta(*(torch.cat([a, b], dim=1) for a, b in zip(self.fields(), other.fields())))
 
-    def fields(self) -> tuple[torch.Tensor, ...]:
-        return (self.doc, self.block, self.noisy, self.copy)
+    def fields(self) -> MaskFields:
+        return MaskFields(self.doc, self.block, self.noisy, self.copy)
 
     def to(self, device) -> "TokenMeta":
         return TokenMeta(*(t.to(device) for t in self.fields()))
@@ -83,7 +102,7 @@ def dense_mask(q: TokenMeta, k: TokenMeta) -> torch.Tensor:
 
     A query that sees nothing (padding) is allowed to see every key: SDPA would
     return NaN for an all-False row, and those outputs are never read."""
-    mask = visible(*(t[:, :, None] for t in q.fields()), *(t[:, None, :] for t in k.fields()))  # (B, Q, K)
+    mask = _visible_pairs(q.fields(), k.fields())  # (B, Q, K)
     mask = mask | ~mask.any(dim=-1, keepdim=True)
     return mask[:, None]
 
@@ -109,7 +128,7 @@ def tile_visibility(q: TokenMeta, k: TokenMeta, tile: int = 128,
     for start in range(0, q_tiles * tile, rows_per_chunk):
         end = min(start + rows_per_chunk, q_tiles * tile)
         q_fields = [f[:, start:end] for f in q.fields()]
-        vis = visible(*(t[:, :, None] for t in q_fields), *(t[:, None, :] for t in k_fields))  # (B, r, Kp)
+        vis = _visible_pairs(q_fields, k_fields)  # (B, r, Kp)
         rows = vis.shape[1]
         vis = torch.nn.functional.pad(vis, (0, 0, 0, end - start - rows))  # queries past Q: not visible
         tiles = vis.view(batch, (end - start) // tile, tile, k_tiles, tile)
@@ -125,8 +144,8 @@ def mask_mod_for(q: TokenMeta, k: TokenMeta):
     kd, kb, kn, kc = k.fields()
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return visible(qd[b, q_idx], qb[b, q_idx], qn[b, q_idx], qc[b, q_idx],
-                       kd[b, kv_idx], kb[b, kv_idx], kn[b, kv_idx], kc[b, kv_idx])
+        return visible(MaskFields(qd[b, q_idx], qb[b, q_idx], qn[b, q_idx], qc[b, q_idx]),
+                       MaskFields(kd[b, kv_idx], kb[b, kv_idx], kn[b, kv_idx], kc[b, kv_idx]))
 
     return mask_mod
 

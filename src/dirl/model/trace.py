@@ -16,7 +16,7 @@ Cost grows with the number of copies, not with B x sequence length.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import NamedTuple, Sequence, Union
 
 import torch
 
@@ -57,6 +57,15 @@ class MaskCopy:
 Copy = Union[StepCopy, MaskCopy]  # one noisy copy of a block: which tokens it masks and scores
 
 
+class Trace(NamedTuple):
+    """What packing reads of one sampled response. A :class:`dirl.rollout.Rollout` has the
+    same three fields, so rollouts are packed as they are (this layer does not import it)."""
+
+    prompt_ids: Sequence[int]
+    token_ids: Sequence[int]  # every generated position, up to the end of the last block
+    steps: Sequence[int]      # the denoising step each generated token was committed at
+
+
 def trace_copies(prompt_len: int, steps: list[int], block_size: int, merge: int = 1) -> list[Copy]:
     """The copies of a response: one per denoising step of each block (``merge`` steps per copy)."""
     by_block: dict[int, list[int]] = {}
@@ -86,10 +95,11 @@ class TracePack:
     copy_index: torch.Tensor     # (N,) which copy (position in that sequence's copy list)
 
 
-def _pack_one(prompt, tokens, steps, copies, block_size, mask_id):
+def _pack_one(trace: Trace, copies: list[Copy], block_size: int, mask_id: int):
     """Token ids, positions, meta vectors and scores of one sequence (Python lists)."""
-    prompt_len = len(prompt)
-    clean = list(prompt) + list(tokens)
+    steps = trace.steps
+    prompt_len = len(trace.prompt_ids)
+    clean = list(trace.prompt_ids) + list(trace.token_ids)
     ids, pos = list(clean), list(range(len(clean)))
     noisy, copy_id = [False] * len(clean), [-1] * len(clean)
     scores = []  # (position in row, target, token index, copy number)
@@ -111,11 +121,11 @@ def _pack_one(prompt, tokens, steps, copies, block_size, mask_id):
     return ids, pos, noisy, copy_id, scores
 
 
-def pack_traces(prompts: list[list[int]], token_ids: list[list[int]], steps: list[list[int]],
-                copies: list[list[Copy]], block_size: int, mask_id: int, pad_id: int,
+def pack_traces(traces: Sequence[Trace], copies: Sequence[list[Copy]], block_size: int, mask_id: int, pad_id: int,
                 device: torch.device | str = "cpu") -> TracePack:
-    """Pack each sequence (one per row) with its copies; rows are right-padded."""
-    packed = [_pack_one(p, t, s, c, block_size, mask_id) for p, t, s, c in zip(prompts, token_ids, steps, copies)]
+    """Pack each sequence (one per row; a :class:`Trace` or a rollout) with its copies
+    (``copies[r]`` belong to ``traces[r]``); rows are right-padded."""
+    packed = [_pack_one(trace, row_copies, block_size, mask_id) for trace, row_copies in zip(traces, copies)]
     width = max(len(p[0]) for p in packed)
     rows = len(packed)
     ids = torch.full((rows, width), pad_id, dtype=torch.long)

@@ -16,7 +16,7 @@ the new tokens are returned, for the caller (the engine) to store.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -122,10 +122,30 @@ class Backbone(nn.Module):
 
 
 @dataclass
+class CachedPrefix:
+    """Clean keys of earlier tokens handed back to a forward explicitly (``past_kv``), with
+    their mask metadata -- the caller-held alternative to the engine's in-place cache."""
+
+    kv: Sequence[KV]   # per layer, (B, Hkv, P, D) each: an earlier forward's ``new_kv``
+    meta: TokenMeta    # (B, P)
+
+    def __getitem__(self, layer: int) -> KV:
+        return self.kv[layer]
+
+
+class Readout(NamedTuple):
+    """Which rows a forward returns, and as what. A NamedTuple, so ``torch.compile`` (the
+    engine's compiled step) sees its tensor as a plain input."""
+
+    index: torch.Tensor | None = None  # (N,) flat indices into B*T; None = every row, (B, T, ...)
+    hidden: bool = False               # True: final-norm hidden states instead of logits (no LM head)
+
+
+@dataclass
 class ForwardOutput:
-    logits: torch.Tensor | None    # (B, T, V), or (N, V) when logits_index is given; None with return_hidden
+    logits: torch.Tensor | None    # (B, T, V), or (N, V) when readout.index is given; None with readout.hidden
     new_kv: list[KV]               # per layer, K/V of this forward's tokens only (empty when checkpointed)
-    hidden: torch.Tensor | None = None  # final-norm hidden states, same rows as logits, with return_hidden
+    hidden: torch.Tensor | None = None  # final-norm hidden states, same rows as logits, with readout.hidden
 
 
 class SDARForCausalLM(nn.Module):
@@ -158,21 +178,19 @@ class SDARForCausalLM(nn.Module):
                     param.copy_(torch.randn(param.shape, generator=gen) * std)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: TokenMeta | None,
-                past_kv: Sequence[KV] | None = None, past_meta: TokenMeta | None = None,
-                logits_index: torch.Tensor | None = None, attn_impl: str | None = None,
-                return_hidden: bool = False) -> ForwardOutput:
+                past_kv: CachedPrefix | None = None, readout: Readout = Readout(),
+                attn_impl: str | None = None) -> ForwardOutput:
         """input_ids, position_ids: (B, T); meta: mask metadata of these tokens.
 
-        past_kv / past_meta: cached clean keys (per layer (B, Hkv, P, D)) and their
-        metadata (B, P); or ``past_kv`` is an in-place cache step (the engine's
-        :class:`~dirl.engine.kv_cache.CacheStep`: ``past_kv[i].update(k, v)`` stores
-        layer i's K/V and returns the slots to attend over; ``past_kv.mask`` is the
-        SDPA mask over them, and ``meta`` is unused). logits_index: flat indices into
-        B*T -- only those rows of the LM head are computed (the vocabulary projection
-        dominates at 150k).
-        return_hidden: skip the LM head and return the final-norm hidden states of
-        those rows, for the chunked head (:mod:`dirl.model.lm_head`) that never holds
-        their (N, V) logits.
+        past_kv: cached clean keys of earlier tokens, either a :class:`CachedPrefix` (per
+        layer (B, Hkv, P, D), with their metadata (B, P)) or an in-place cache step (the
+        engine's :class:`~dirl.engine.kv_cache.CacheStep`: ``past_kv[i].update(k, v)`` stores
+        layer i's K/V and returns the slots to attend over; ``past_kv.mask`` is the SDPA mask
+        over them, and ``meta`` is unused). readout.index: flat indices into B*T -- only
+        those rows of the LM head are computed (the vocabulary projection dominates at 150k).
+        readout.hidden: skip the LM head and return the final-norm hidden states of those
+        rows, for the chunked head (:mod:`dirl.model.lm_head`) that never holds their (N, V)
+        logits.
         """
         impl = attn_impl or self.attn_impl
         num_tokens = input_ids.shape[1]
@@ -181,7 +199,7 @@ class SDARForCausalLM(nn.Module):
         if hasattr(past_kv, "mask"):  # an in-place cache knows which of its slots each query sees
             mask, impl = past_kv.mask, "sdpa"
         else:
-            mask = build_mask(meta, meta if past_meta is None else past_meta.cat(meta), impl)
+            mask = build_mask(meta, meta if past_kv is None else past_kv.meta.cat(meta), impl)
         hidden = self.model.embed_tokens(input_ids)  # (B, T, d)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
         # Checkpointed layers keep only their input; their K/V are not kept either (a
@@ -196,8 +214,8 @@ class SDARForCausalLM(nn.Module):
             hidden, kv = layer(hidden, cos, sin, mask, impl, past)
             new_kv.append((kv[0][:, :, :num_tokens], kv[1][:, :, :num_tokens]))
         hidden = self.model.norm(hidden[:, :num_tokens])
-        if logits_index is not None:
-            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, logits_index)  # (N, d)
-        if return_hidden:
+        if readout.index is not None:
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, readout.index)  # (N, d)
+        if readout.hidden:
             return ForwardOutput(None, new_kv, hidden)
         return ForwardOutput(self.lm_head(hidden), new_kv)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from dirl.model.trace import TracePack
+from dirl.model.transformer import Readout
 
 
 class ValueModel(nn.Module):
@@ -53,6 +54,6 @@ class ValueModel(nn.Module):
         """The value of each scored token's state: (N,) fp32, N = ``pack.score_index``'s length."""
         if pack.score_index.numel() == 0:
             return torch.zeros(0, device=pack.input_ids.device)
-        hidden = self.backbone(pack.input_ids, pack.position_ids, pack.meta, logits_index=pack.score_index,
-                               return_hidden=True).hidden  # (N, d)
+        hidden = self.backbone(pack.input_ids, pack.position_ids, pack.meta,
+                               readout=Readout(pack.score_index, hidden=True)).hidden  # (N, d)
         return self.value_head(hidden).squeeze(-1).float()
