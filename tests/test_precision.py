@@ -9,18 +9,12 @@ from dirl import config as config_lib
 from dirl.algo.nelbo import draw_noise, sft_nelbo
 from dirl.config import ConfigError
 from dirl.model.factory import InitConfig, init_model
-from dirl.model.tokenizer import char_tokenizer
 from dirl.train import precision
 from dirl.train.batching import collate, tokenize_example
 from dirl.train.precision import ComputeConfig
 from dirl.train.sft import SFTConfig, build_run, train_step
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return char_tokenizer()
 
 
 @pytest.fixture(scope="module")

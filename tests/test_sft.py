@@ -72,16 +72,16 @@ def test_longer_training_learns_the_answer_format(tmp_path):
 
 @pytest.mark.parametrize("pack", [False, True])
 def test_resume_is_exact(tmp_path, pack):
-    common = ["max_steps=8", "data.limit=64", "complementary_masks=true", f"pack={str(pack).lower()}"]
+    common = ["max_steps=6", "data.limit=64", "complementary_masks=true", f"pack={str(pack).lower()}"]
     straight = train_sft(_cfg(tmp_path / "straight", *common))
     halves = _cfg(tmp_path / "halves", *common)
-    halves.stop_at_step = 4
+    halves.stop_at_step = 3  # after the 2 warm-up steps: the schedule and Adam's moments must resume
     train_sft(halves)
     assert not (tmp_path / "halves" / "final").exists()
     halves.stop_at_step = 0
     resumed = train_sft(halves, resume=tmp_path / "halves")
     assert _losses(straight) == _losses(resumed)
-    assert len(_losses(resumed)) == 8
+    assert len(_losses(resumed)) == 6
     a, b = _weights(straight / "final"), _weights(resumed / "final")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
