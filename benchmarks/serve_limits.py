@@ -188,8 +188,9 @@ def heavy_step_ms(ckpt: Path) -> float:
 def steps_after_cancel(ckpt: Path, trials: int) -> int:
     """A heavy job cancelled from this thread while the batcher's engine call runs: the most
     forwards that ran after ``cancel()`` returned."""
-    from dirl.engine.engine import SamplingParams
     from dirl.model.checkpoint import load_pretrained
+    from dirl.rollout import SamplingParams
+    from dirl.serve import ServeConfig
     from dirl.serve.batcher import Batcher, RequestCancelled
     from dirl.serve.weights import live_tensors
 
@@ -197,7 +198,7 @@ def steps_after_cancel(ckpt: Path, trials: int) -> int:
     model.eval()
     calls: list[int] = []
     model.register_forward_hook(lambda *_: calls.append(1))
-    batcher = Batcher(model, live_tensors(model))
+    batcher = Batcher(model, live_tensors(model), ServeConfig())  # the server's defaults
     batcher.start()
     worst = 0
     try:
