@@ -71,8 +71,10 @@ def collect(run: RLRun, indices: list[int], step: int) -> tuple[list[Rollout], t
     texts = [tokenizer.decode(r.completion_ids) for r in rollouts]
     rows = run.rows
     columns = {key: [rows[i][key] for i in indices for _ in range(group)] for key in rows[indices[0] if indices else 0]}
-    # Rendered for the drawn rows only: rendering a 5,000-row task up front was ~60 ms a run.
-    prompts = [prompt for i in indices for prompt in [reward_prompt(rows[i], run.template)] * group]
+    # Rendered for the drawn rows only (rendering a 5,000-row task up front was ~60 ms a run),
+    # once a row: its G rollouts share the prompt.
+    row_prompts = [reward_prompt(rows[i], run.template) for i in indices]
+    prompts = [prompt for prompt in row_prompts for _ in range(group)]
     result = compute_rewards(run.rewards, texts, columns, prompts=prompts,
                              completion_ids=[r.completion_ids for r in rollouts])
     if step == run.start_step:
