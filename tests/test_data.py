@@ -30,7 +30,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # Row counts stated in shared/data/README.md.
 SHARED_COUNTS = {
     "math500": 500, "gsm8k_test": 1319, "gsm8k_train": 7473, "math_train": 7497, "aime24": 30,
-    "aime25": 30, "olympiadbench": 675, "countdown_test": 256, "sudoku4x4_test": 500,
+    "aime25": 30, "olympiadbench": 675, "countdown_test": 256, "sudoku4x4_test": 500, "humaneval": 164,
 }
 # Length bounds documented in dirl/data/tasks.py for the default parameters.
 BOUNDS = {"arithmetic": (10, 40), "countdown": (40, 64), "sudoku": (16, 33)}
