@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.draws < 2 * cfg.batches or cfg.batches < 2:
         parser.error("need --batches >= 2 and --draws >= 2 * --batches")
     from dirl.train.demo import SHIPPED_SFT
-    from dirl.train.models import load_model_spec
+    from dirl.model.loading import load_model_spec
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model_spec(str(SHIPPED_SFT), seed=cfg.seed)

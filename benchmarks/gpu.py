@@ -37,9 +37,9 @@ ONE_B = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=12, num
 
 
 def build_model(device):
-    from dirl.model.config import ModelConfig
-    from dirl.model.transformer import SDARForCausalLM
-    cfg = ModelConfig(**ONE_B, vocab_size=VOCAB, mask_token_id=MASK_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    from dirl.model.sdar.config import SDARConfig
+    from dirl.model.sdar.modeling import SDARForCausalLM
+    cfg = SDARConfig(**ONE_B, vocab_size=VOCAB, mask_token_id=MASK_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
                       bos_token_id=EOS_ID, block_size=4)
     model = SDARForCausalLM(cfg)
     model.init_weights(0)

@@ -64,7 +64,7 @@ def child(mode: str, base: str, out: str, rank: int, precision: str) -> None:
     torch.set_num_threads(1)
     from dirl import config as config_lib
     from dirl.model.lora import num_parameters
-    from dirl.train.models import load_model_spec
+    from dirl.model.loading import load_model_spec
     from dirl.train.rl import RLConfig, train_rl
 
     result = {"mode": mode}

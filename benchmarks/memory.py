@@ -64,8 +64,8 @@ def _peak_mb() -> float:
 def _narrow_model(chunk: int, checkpointing: bool = False):
     import torch
 
-    from dirl.model.config import preset_config
-    from dirl.model.transformer import SDARForCausalLM
+    from dirl.model.sdar.config import preset_config
+    from dirl.model.sdar.modeling import SDARForCausalLM
     cfg = preset_config("tiny", vocab_size=VOCAB, mask_token_id=MASK_ID, eos_token_id=EOS_ID,
                         pad_token_id=PAD_ID, bos_token_id=EOS_ID, block_size=BLOCK,
                         max_position_embeddings=32_768)

@@ -25,14 +25,14 @@ from pathlib import Path
 
 import torch
 
-from dirl.algo.likelihood import EstimatorArgs, PolicyDist, plan_estimator, score_plan
+from dirl.algo.likelihood import EstimatorArgs, plan_estimator, score_plan
 from dirl.backends import make_backend
 from dirl.engine.engine import Engine
-from dirl.rollout import SamplingParams, SamplingSpec
+from dirl.rollout import PolicyDist, SamplingParams, SamplingSpec
 from dirl.model.masks import sft_meta
 from dirl.model.policy import policy_logprobs
-from dirl.model.transformer import Readout
-from dirl.train.models import load_model_spec
+from dirl.model.forward import Readout
+from dirl.model.loading import load_model_spec
 from dirl.train.rl import RLConfig, RolloutConfig, train_rl
 from dirl.train.rl_update import AlgoConfig
 

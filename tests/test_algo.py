@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from dirl.algo.advantages import group_advantages, informative_groups
-from dirl.algo.likelihood import EstimatorArgs, PolicyDist, plan_estimator, score_plan
+from dirl.algo.likelihood import EstimatorArgs, plan_estimator, score_plan
 from dirl.algo.losses import LossConfig, ScoredTokens, aggregate, dipo_loss
 from dirl.engine.engine import Engine
-from dirl.rollout import SamplingParams
+from dirl.rollout import PolicyDist, SamplingParams
 from dirl.model.masks import TokenMeta
 from dirl.model.policy import policy_logprobs
 

@@ -18,7 +18,8 @@ from dirl.algo.likelihood import EstimatorArgs, plan_estimator, score_plan
 from dirl.cli import main as cli_main
 from dirl.engine.engine import Engine
 from dirl.rollout import SamplingParams
-from dirl.train.models import load_model_spec, set_block_size
+from dirl.model.loading import load_model_spec
+from dirl.train.models import set_block_size
 from dirl.train.rl import RLConfig, build_run, parse_block_schedule, train_step
 from dirl.train.sft import SFTConfig
 from dirl.train.sft import build_run as build_sft_run

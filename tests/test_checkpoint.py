@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 
 import dirl.model.checkpoint as checkpoint
 from dirl.model.checkpoint import CheckpointError, load_config, load_pretrained, save_pretrained
-from dirl.model.config import ModelConfig
+from dirl.model.sdar.config import SDARConfig
 from dirl.model.masks import TokenMeta
-from dirl.model.transformer import SDARForCausalLM
+from dirl.model.sdar.modeling import SDARForCausalLM
 
 SHRUNK = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
               intermediate_size=128, vocab_size=160, mask_token_id=159, eos_token_id=150, pad_token_id=150,
@@ -77,7 +77,7 @@ def test_missing_directory_files_raise_checkpoint_error(tmp_path, tiny_checkpoin
 
 def test_shrunk_real_sdar_config_round_trips(sdar_dir, ckpt_dir):
     real = json.loads((sdar_dir / "config.json").read_text())
-    cfg = ModelConfig.from_hf_dict({**real, **SHRUNK})
+    cfg = SDARConfig.from_hf_dict({**real, **SHRUNK})
     model = SDARForCausalLM(cfg)
     model.init_weights(seed=3)
     save_pretrained(model, None, ckpt_dir, dtype="float32")  # asked for fp32 instead of the source's bf16
@@ -98,7 +98,7 @@ def test_real_sdar_config_fields_survive_load_save(sdar_dir):
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.mask_token_id) == (4096, 36, 151936, 151669)
     written = cfg.to_hf_dict()
     assert {k: written[k] for k in real} == real
-    assert ModelConfig.from_hf_dict(written) == cfg
+    assert SDARConfig.from_hf_dict(written) == cfg
 
 
 def test_meta_model_key_names_equal_real_sdar_index(sdar_dir):

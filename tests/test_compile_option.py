@@ -18,7 +18,7 @@ from dirl import config as config_lib
 from dirl.config import ConfigError
 from dirl.engine import engine as engine_mod
 from dirl.eval.evaluate import EvalConfig, evaluate_rows, load_eval_rows
-from dirl.model.transformer import Readout
+from dirl.model.forward import Readout
 from dirl.rollout import SamplingSpec
 from dirl.serve import ServeConfig
 from dirl.serve.app import create_app
@@ -37,7 +37,7 @@ def compiled(monkeypatch) -> list:
 
         def step(ids, pos, step, logits_index):
             record.append("step")
-            return model.forward(ids, pos, None, past_kv=step, readout=Readout(logits_index), attn_impl="sdpa")
+            return model.forward(ids, pos, None, cache=step, readout=Readout(logits_index), attn_impl="sdpa")
         return step
 
     monkeypatch.setattr(engine_mod, "compiled_forward", stand_in)

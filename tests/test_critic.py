@@ -18,7 +18,7 @@ from dirl.engine.engine import Engine
 from dirl.model.checkpoint import load_pretrained
 from dirl.rollout import Rollout, SamplingParams, SamplingSpec
 from dirl.train.common import OptimConfig
-from dirl.train.models import load_model_spec
+from dirl.model.loading import load_model_spec
 from dirl.train.rl import RLConfig, RolloutConfig, train_rl
 from dirl.train.rl_critic import build_critic
 from dirl.train.rl_update import AlgoConfig

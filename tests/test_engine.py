@@ -10,9 +10,9 @@ from torch import nn
 
 from dirl.engine.engine import Engine
 from dirl.rollout import Rollout, SamplingParams
-from dirl.engine.unmask import policy_logprobs
+from dirl.model.policy import policy_logprobs
 from dirl.model.trace import pack_traces, trace_copies
-from dirl.model.transformer import Readout
+from dirl.model.forward import Readout
 
 B = 4
 # Lengths 5, 3, 11 are not multiples of B = 4; 8 and 12 are.

@@ -8,9 +8,9 @@ import torch
 from dirl.engine.engine import Engine
 from dirl.rollout import SamplingParams
 from dirl.engine.kv_cache import KVCache
-from dirl.engine.unmask import policy_logprobs
+from dirl.model.policy import policy_logprobs
 from dirl.model.trace import pack_traces, trace_copies
-from dirl.model.transformer import Readout
+from dirl.model.forward import Readout
 
 B = 4
 

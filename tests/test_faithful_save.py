@@ -17,8 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dirl.model.checkpoint import load_pretrained, save_pretrained
-from dirl.model.config import ModelConfig
-from dirl.model.transformer import SDARForCausalLM
+from dirl.model.sdar.config import SDARConfig
+from dirl.model.sdar.modeling import SDARForCausalLM
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, head_dim=16)
@@ -63,7 +63,7 @@ def sdar_like_dir(sdar_dir, tmp_path):
         (src / name).write_text(code)
     config = {**json.loads((sdar_dir / "config.json").read_text()), **TINY}
     (src / "config.json").write_text(json.dumps(config, indent=2))
-    model = SDARForCausalLM(ModelConfig.from_hf_dict(config))
+    model = SDARForCausalLM(SDARConfig.from_hf_dict(config))
     model.init_weights(seed=0)
     state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})

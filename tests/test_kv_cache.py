@@ -9,7 +9,7 @@ import torch
 
 from dirl.engine.kv_cache import GROW_CHUNK, CacheLayout, KVCache
 from dirl.model.masks import TokenMeta
-from dirl.model.transformer import Readout
+from dirl.model.forward import Readout
 
 B = 4  # block size of the tiny model
 
@@ -99,8 +99,8 @@ def test_cached_forward_equals_uncached_forward(tiny_model):
     with torch.no_grad():
         full = tiny_model(ids, pos, clean.cat(noisy)).logits[0, 8:]  # (B, V)
         cache = KVCache.for_model(tiny_model, num_rows=1, max_slots=16)
-        tiny_model(ids[:, prefix], pos[:, prefix], None, past_kv=cache.step(pos[:, prefix], None, limit[:, prefix]),
+        tiny_model(ids[:, prefix], pos[:, prefix], None, cache=cache.step(pos[:, prefix], None, limit[:, prefix]),
                    readout=Readout(torch.empty(0, dtype=torch.long)))
         cached = tiny_model(ids[:, block], pos[:, block], None,
-                            past_kv=cache.step(pos[:, block], None, limit[:, block])).logits[0]
+                            cache=cache.step(pos[:, block], None, limit[:, block])).logits[0]
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)

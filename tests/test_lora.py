@@ -14,14 +14,14 @@ from dirl import config as config_lib
 from dirl.cli import main as cli_main
 from dirl.engine.engine import Engine
 from dirl.rollout import SamplingParams
-from dirl.engine.unmask import policy_logprobs
+from dirl.model.policy import policy_logprobs
 from dirl.model.checkpoint import load_pretrained
 from dirl.model.factory import InitConfig, init_model
 from dirl.model.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelView, LoraConfig, adapters_disabled,
                              apply_lora, num_parameters)
 from dirl.model.masks import TokenMeta
 from dirl.model.trace import pack_traces, trace_copies
-from dirl.model.transformer import Readout
+from dirl.model.forward import Readout
 from dirl.train.state import save_model_dir
 
 pytest.importorskip("peft")
@@ -60,7 +60,7 @@ class Holder:
 def test_lora_keys_are_checked():
     cfg = config_lib.load(Holder, None, ["lora.r=8", "lora.target_modules=[q,v_proj]", "lora.dropout=0.1"])
     assert (cfg.lora.r, cfg.lora.target_modules, cfg.lora.enabled) == (8, ["q", "v_proj"], True)
-    assert not LoraConfig().enabled and LoraConfig().target_modules == ["q", "k", "v", "o", "gate", "up", "down"]
+    assert not LoraConfig().enabled and LoraConfig().target_modules == []  # empty: every target of the family
     with pytest.raises(config_lib.ConfigError, match="target_modules"):
         config_lib.load(Holder, None, ["lora.r=8", "lora.target_modules=[q,lm_head]"])
 
@@ -167,7 +167,7 @@ def test_bf16_mixed_lora_holds_the_base_in_bf16_shared_with_the_engine(tiny_chec
     what the trainer scores under autocast, within bf16 rounding."""
     from dirl.backends.native import NativeBackend
     from dirl.train import precision
-    from dirl.train.models import load_model_spec
+    from dirl.model.loading import load_model_spec
 
     compute, lora = precision.ComputeConfig(precision="bf16-mixed"), LoraConfig(r=4, alpha=8)
     assert precision.load_dtype(compute, "cpu", LoraConfig()) == "float32"  # full fine-tuning: fp32 masters

@@ -16,6 +16,7 @@ from dirl import config as config_lib
 from dirl.cli import main as cli_main
 from dirl.config import ConfigError
 from dirl.model.checkpoint import CheckpointError, load_pretrained
+from dirl.model.loading import load_model_spec
 from dirl.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelView, adapter_state
 from dirl.train import models as models_lib
 from dirl.train.rl import RLConfig
@@ -114,7 +115,7 @@ def test_rl_with_lora_in_bf16_mixed_trains_fp32_adapters_on_a_bf16_base(tiny_che
 def test_lora_needs_a_checkpoint_and_refuses_fsdp_and_other_backends(monkeypatch, tiny_checkpoint):
     lora = config_lib.load(SFTConfig, None, ["lora.r=4"]).lora
     with pytest.raises(ConfigError, match="checkpoint directory"):
-        models_lib.load_model_spec("init:tiny", lora=lora)
+        load_model_spec("init:tiny", lora=lora)
     with pytest.raises(ConfigError, match="rollout.backend"):
         models_lib.check_lora(lora, "fsdp", backend="http")
     monkeypatch.setattr(models_lib.dist_lib, "world_size", lambda: 2)
@@ -147,6 +148,6 @@ def test_sft_with_lora_on_two_ddp_ranks_matches_one_process(tiny_checkpoint, tmp
 
 
 def test_adapter_state_names_follow_peft(tiny_checkpoint):
-    model, _ = models_lib.load_model_spec(str(tiny_checkpoint), lora=config_lib.load(SFTConfig, None, ["lora.r=2"]).lora)
+    model, _ = load_model_spec(str(tiny_checkpoint), lora=config_lib.load(SFTConfig, None, ["lora.r=2"]).lora)
     names = list(adapter_state(model))
     assert names and all(n.startswith("base_model.model.model.layers.") for n in names)

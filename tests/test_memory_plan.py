@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 
 from dirl import config as config_lib
-from dirl.model.config import ModelConfig, preset_config
+from dirl.model.sdar.config import SDARConfig, preset_config
 from dirl.train.memory_plan import GB, Workload, fits, plan, rl_workload, sft_workload
 from dirl.train.rl import RLConfig
 from dirl.train.sft import SFTConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SDAR_8B = ModelConfig()
+SDAR_8B = SDARConfig()
 # `dirl bench memory` (BENCHMARKS.md "Memory"): step memory of the chunked head + backward at
 # N = 1k..4k scored tokens, V = 151,936, chunk 256, on CPU (max RSS above the pre-step RSS).
 MEASURED_HEAD_MB = 526.0

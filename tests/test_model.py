@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dirl.engine.kv_cache import KVCache
+from dirl.model.forward import Readout
 from dirl.model.masks import TokenMeta
-from dirl.model.transformer import CachedPrefix, Readout
 
 B = 4
 
@@ -67,25 +68,31 @@ def test_logits_index_equals_slicing_full_logits(tiny_model):
 
 @pytest.mark.parametrize("suffix_meta", ["clean", "noisy"])
 def test_kv_cache_argument_equals_one_forward(tiny_model, suffix_meta):
-    """[prefix] then [suffix with past_kv] = one forward of the whole sequence."""
+    """[prefix] into the engine's in-place cache, then [suffix over the cache] = one forward of
+    the whole sequence (the cache is an argument: a CacheStep per forward, never model state)."""
     gen = torch.Generator().manual_seed(2)
     prefix_len, suffix_len = 8, 4 if suffix_meta == "noisy" else 7
-    ids = torch.randint(0, 100, (2, prefix_len + suffix_len), generator=gen)
-    pos = torch.arange(prefix_len + suffix_len).expand(2, -1)
+    total = prefix_len + suffix_len
+    ids = torch.randint(0, 100, (2, total), generator=gen)
+    pos = torch.arange(total).expand(2, -1)
     pre_pos, suf_pos = pos[:, :prefix_len], pos[:, prefix_len:]
     pre_meta = TokenMeta.clean(pre_pos, B)
     if suffix_meta == "clean":
         suf_meta = TokenMeta.clean(suf_pos, B)
     else:  # the decoding layout: one bidirectional noisy block on top of the cache
         suf_meta = TokenMeta.noisy_copy(suf_pos, B, torch.zeros_like(suf_pos))
+    limit = ((pos // B + 1) * B).clamp_max(total)  # a query sees up to the end of its own block
+    cache = KVCache.for_model(tiny_model, num_rows=2, max_slots=total)
     with torch.no_grad():
         whole = tiny_model(ids, pos, pre_meta.cat(suf_meta)).logits
-        first = tiny_model(ids[:, :prefix_len], pre_pos, pre_meta)
-        second = tiny_model(ids[:, prefix_len:], suf_pos, suf_meta, past_kv=CachedPrefix(first.new_kv, pre_meta))
-    cfg = tiny_model.config
-    assert len(first.new_kv) == cfg.num_hidden_layers
-    assert first.new_kv[0][0].shape == (2, cfg.num_key_value_heads, prefix_len, cfg.head_dim)
-    assert second.new_kv[0][0].shape[2] == suffix_len  # only this forward's tokens come back
+        first = tiny_model(ids[:, :prefix_len], pre_pos, None,
+                           cache=cache.step(pre_pos, None, limit[:, :prefix_len]))
+        second = tiny_model(ids[:, prefix_len:], suf_pos, None,
+                            cache=cache.step(suf_pos, None, limit[:, prefix_len:]))
+    arch = tiny_model.arch
+    assert len(cache.keys) == arch.num_layers
+    assert cache.keys[0].shape == (2, arch.num_kv_heads, cache.capacity + 1, arch.head_dim)
+    assert second.logits.shape == (2, suffix_len, arch.vocab_size)  # only this forward's tokens
     torch.testing.assert_close(first.logits, whole[:, :prefix_len], atol=1e-5, rtol=0)
     torch.testing.assert_close(second.logits, whole[:, prefix_len:], atol=1e-5, rtol=0)
 

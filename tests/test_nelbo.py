@@ -8,11 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dirl.algo.nelbo import (FixedNoise, NoiseDraw, TokenBatch, draw_noise, mask_probabilities, multi_copy_meta,
-                             nelbo_loss, response_counts, sft_nelbo)
+from dirl.algo.nelbo import (FixedNoise, NoiseDraw, TokenBatch, draw_noise, mask_probabilities, nelbo_loss,
+                             response_counts, sft_nelbo)
 from dirl.model.factory import InitConfig, init_model
+from dirl.model.forward import ForwardOutput, Readout
+from dirl.model.layout.block_causal import multi_copy_meta
 from dirl.model.masks import dense_mask
-from dirl.model.transformer import ForwardOutput, Readout
 from dirl.train.batching import collate, tokenize_example
 
 MASK_ID = 99
@@ -26,7 +27,7 @@ class LogitsTable(torch.nn.Module):
     def __init__(self, table: torch.Tensor, block_size: int = 4):
         super().__init__()
         self.table = table  # (L, V)
-        self.config = SimpleNamespace(block_size=block_size)
+        self.arch = SimpleNamespace(attention="block_causal", logit_shift=0, block_size=block_size)
         self.lm_head = torch.nn.Linear(table.shape[1], table.shape[1], bias=False)
         torch.nn.init.eye_(self.lm_head.weight)
         self.seen_input_ids = None
@@ -34,7 +35,7 @@ class LogitsTable(torch.nn.Module):
     def forward(self, input_ids, position_ids, meta, readout=Readout(), attn_impl=None):
         self.seen_input_ids = input_ids
         per_token = self.table[position_ids.reshape(-1)][readout.index]  # (N, V)
-        return ForwardOutput(None, [], per_token) if readout.hidden else ForwardOutput(per_token, [])
+        return ForwardOutput(None, per_token) if readout.hidden else ForwardOutput(per_token)
 
 
 def _ce(row: list[float], target: int) -> float:

@@ -17,7 +17,7 @@ from dirl.engine.engine import Engine
 from dirl.model.checkpoint import load_pretrained
 from dirl.rollout import SamplingParams, SamplingSpec
 from dirl.train.common import OptimConfig, build_optimizer, build_scheduler
-from dirl.train.models import load_model_spec
+from dirl.model.loading import load_model_spec
 from dirl.train.rl import RLConfig, RolloutConfig, build_run, train_rl
 from dirl.train.rl_rollouts import PromptSampler, gather_batch
 from dirl.train.rl_update import AlgoConfig, Learner, policy_update

@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dirl.engine.engine import Engine, SamplingParams
+from dirl.engine.engine import Engine
+from dirl.rollout import SamplingParams
 from dirl.serve import ServeConfig
 from dirl.serve.batcher import Batcher, RequestCancelled
 from dirl.serve.weights import live_tensors

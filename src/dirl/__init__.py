@@ -28,7 +28,7 @@ _EXPORTS = {
     "OptimConfig": ("dirl.train.common", "OptimConfig"),
     "DistConfig": ("dirl.train.dist", "DistConfig"),
     "load_config": ("dirl.config", "load"),
-    "load_model": ("dirl.train.models", "load_model_spec"),
+    "load_model": ("dirl.model.loading", "load_model_spec"),
     "Engine": ("dirl.engine.engine", "Engine"),
     "SamplingParams": ("dirl.rollout", "SamplingParams"),
     "SamplingSpec": ("dirl.rollout", "SamplingSpec"),

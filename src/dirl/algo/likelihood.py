@@ -50,14 +50,15 @@ from typing import Callable
 
 import torch
 
+from dirl.model.forward import Readout
+from dirl.model.layout import readout_rows
 from dirl.model.lm_head import head_logprobs
 from dirl.model.masks import TokenMeta
 from dirl.model.policy import policy_logprobs
 from dirl.model.trace import Copy, MaskCopy, TracePack, pack_traces, trace_copies
-from dirl.model.transformer import Readout
 from dirl.rollout import PolicyDist, Rollout
 
-__all__ = ["ESTIMATORS", "MC_SAMPLING", "EstimatorArgs", "EstimatorOptions", "Plan", "PolicyDist", "plan_estimator", "score_plan"]
+__all__ = ["ESTIMATORS", "MC_SAMPLING", "EstimatorArgs", "EstimatorOptions", "Plan", "plan_estimator", "score_plan"]
 
 
 @dataclass
@@ -96,15 +97,16 @@ class EstimatorArgs(EstimatorOptions):
     pad_id: int
     gen: torch.Generator = field(default_factory=_default_generator)  # the random estimators' draws
     device: torch.device | str = "cpu"
+    logit_shift: int = 0          # the model's (Arch.logit_shift): where a scored token's logits are
 
     @classmethod
     def for_model(cls, model, rollouts: Sequence[Rollout], gen: torch.Generator,
                   options: EstimatorOptions | None = None) -> EstimatorArgs:
         """``options``: e.g. the RL ``AlgoConfig``; None = the defaults."""
-        cfg = model.config
+        arch = model.arch
         chosen = {f.name: getattr(options, f.name) for f in fields(EstimatorOptions)} if options else {}
-        return cls(rollouts, cfg.block_size, cfg.mask_token_id, cfg.pad_token_id, gen,
-                   next(model.parameters()).device, **chosen)
+        return cls(rollouts, arch.block_size, arch.mask_token_id, arch.pad_token_id, gen,
+                   next(model.parameters()).device, arch.logit_shift, **chosen)
 
 
 def _scored_tokens(rollout: Rollout, copy: Copy, block_size: int) -> list[int]:
@@ -200,7 +202,7 @@ def _random_mask_copies(rollout: Rollout, block_size: int, gen: torch.Generator,
 
 def _plan_copies(args: EstimatorArgs, copies: list[list[Copy]], weights, exact: bool) -> Plan:
     rollouts = args.rollouts
-    pack = pack_traces(rollouts, copies, args.block_size, args.mask_id, args.pad_id, args.device)
+    pack = pack_traces(rollouts, copies, args.block_size, args.mask_id, args.pad_id, args.device, args.logit_shift)
     pack = _drop_unscored(pack, rollouts)
     weight = None
     if weights is not None:
@@ -283,6 +285,7 @@ def _mean_field(args: EstimatorArgs) -> Plan:
         scores += [(s * width + p + i, r.token_ids[i], s, i, 0) for i in range(r.num_tokens)]
     pos = torch.arange(width).expand(len(rollouts), width)
     cols = torch.tensor(scores, dtype=torch.long).view(-1, 5).T
+    cols[0] = readout_rows(cols[0], args.logit_shift)
     device = args.device
     meta = TokenMeta.clean(pos, args.block_size, valid).to(device)
     pack = TracePack(ids.to(device), pos.to(device), meta, *(c.to(device) for c in cols))
@@ -316,5 +319,5 @@ def score_plan(model, plan: Plan, policy: PolicyDist, with_entropy: bool = False
         return (empty, empty) if with_entropy else empty
     hidden = model(pack.input_ids, pack.position_ids, pack.meta,
                    readout=Readout(pack.score_index, hidden=True)).hidden  # (N, d)
-    return head_logprobs(model, hidden, pack.target_ids, policy_logp_fn(policy, model.config.mask_token_id),
+    return head_logprobs(model, hidden, pack.target_ids, policy_logp_fn(policy, model.arch.mask_token_id),
                          with_entropy)

@@ -23,9 +23,10 @@ so both p and 1 - p lie in [eps, 1 - eps] (the 1/(1 - p) weight stays bounded,
 and the two copies have the same marginal distribution of p).
 
 Layout: one forward over ``[x_t^1 ; (x_t^2 ;) x_0]`` (BD3-LM's ``[x_t ; x_0]``,
-extended with a second noisy stream when complementary): a noisy block sees
-itself and the clean blocks before it (:func:`dirl.model.masks.visible`), the
-copies never see each other, and every stream shares the position ids. The LM
+extended with a second noisy stream when complementary), built by the model's
+layout (:mod:`dirl.model.layout`; block-causal: a noisy block sees itself and the
+clean blocks before it, the copies never see each other, and every stream shares
+the position ids). The LM
 head is evaluated only at masked noisy positions (``readout.index``), through the
 chunked head (:mod:`dirl.model.lm_head`), so no (N, V) logits tensor is held.
 """
@@ -36,9 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
+from dirl.model.forward import Readout
+from dirl.model.layout import get_layout
 from dirl.model.lm_head import head_logprobs
-from dirl.model.masks import TokenMeta, sft_meta
-from dirl.model.transformer import Readout
 
 NOISE_EPS = 1e-3
 
@@ -126,30 +127,6 @@ def nelbo_loss(target_logp: torch.Tensor, mask_prob: torch.Tensor, sample_index:
     return per_sample.sum() / (num_copies * max(1, num_with_response))
 
 
-def noisy_input_ids(input_ids: torch.Tensor, masked: torch.Tensor, mask_token_id: int) -> torch.Tensor:
-    """(B, L), (C, B, L) -> (C, B, L) with [MASK] where masked."""
-    return torch.where(masked, torch.full_like(input_ids, mask_token_id)[None], input_ids[None])
-
-
-def multi_copy_meta(position_ids: torch.Tensor, block_size: int, doc_ids: torch.Tensor,
-                    num_copies: int) -> TokenMeta:
-    """Metadata of ``[x_t^1 ; ... ; x_t^C ; x_0]``, each stream (B, L) -> (B, (C + 1) L).
-
-    Built from :func:`sft_meta`; the copy ids of noisy stream c are shifted so that
-    streams never see each other.
-    """
-    length = position_ids.shape[1]
-    base = sft_meta(position_ids, block_size, doc_ids)
-    noisy = TokenMeta(*(f[:, :length] for f in base.fields()))
-    clean = TokenMeta(*(f[:, length:] for f in base.fields()))
-    stride = int(noisy.copy.max()) + 1 if noisy.copy.numel() else 1
-    streams = [TokenMeta(noisy.doc, noisy.block, noisy.noisy, noisy.copy + c * stride) for c in range(num_copies)]
-    meta = streams[0]
-    for stream in streams[1:] + [clean]:
-        meta = meta.cat(stream)
-    return meta
-
-
 def sft_nelbo(model, batch: TokenBatch, noise: NoiseDraw, mask_token_id: int,
               attn_impl: str | None = None) -> tuple[torch.Tensor, dict]:
     """One forward of the ``[x_t ; x_0]`` layout and the NELBO of the batch.
@@ -157,23 +134,18 @@ def sft_nelbo(model, batch: TokenBatch, noise: NoiseDraw, mask_token_id: int,
     ``batch``: (B, L) fields (doc -1 = padding). Returns ``(loss, stats)`` with stats
     num_masked / num_response.
     """
-    input_ids, position_ids, doc_ids = batch.input_ids, batch.position_ids, batch.doc_ids
-    response_mask, sample_ids = batch.response_mask, batch.sample_ids
+    input_ids, response_mask, sample_ids = batch.input_ids, batch.response_mask, batch.sample_ids
     device = input_ids.device
     masked, mask_prob = noise.masked.to(device), noise.mask_prob.to(device)  # (C, B, L) each
-    num_copies, _, length = masked.shape
-    noisy = noisy_input_ids(input_ids, masked, mask_token_id)  # (C, B, L)
-    row_ids = torch.cat([*noisy, input_ids], dim=1)  # (B, (C+1) L)
-    row_positions = position_ids.repeat(1, num_copies + 1)  # (B, (C+1) L)
-    meta = multi_copy_meta(position_ids, model.config.block_size, doc_ids, num_copies)
-    # Flat index into (B, (C+1) L) of each masked noisy token; copy c occupies columns [cL, (c+1)L).
-    copy_idx, row_idx, col_idx = masked.nonzero(as_tuple=True)  # (N,) each
-    flat_index = row_idx * (num_copies + 1) * length + copy_idx * length + col_idx  # (N,)
-    hidden = model(row_ids, row_positions, meta, readout=Readout(flat_index, hidden=True),
-                   attn_impl=attn_impl).hidden  # (N, d)
+    num_copies = masked.shape[0]
+    arch = model.arch
+    inputs = get_layout(arch).sft(arch, input_ids, batch.position_ids, batch.doc_ids, masked, mask_token_id)
+    copy_idx, row_idx, col_idx = inputs.masked_at  # (N,) each
+    hidden = model(inputs.input_ids, inputs.position_ids, inputs.meta,
+                   readout=Readout(inputs.readout_index, hidden=True), attn_impl=attn_impl).hidden  # (N, d)
     target_logp = head_logprobs(model, hidden, input_ids[row_idx, col_idx])  # (N,), chunked: no (N, V)
     num_samples = int(sample_ids.max()) + 1 if sample_ids.numel() else 0
     num_response = response_counts(response_mask, sample_ids, num_samples)  # (S,)
     loss = nelbo_loss(target_logp, mask_prob[copy_idx, row_idx, col_idx], sample_ids[row_idx, col_idx],
                       num_response, num_copies)
-    return loss, {"num_masked": int(flat_index.numel()), "num_response": int(num_response.sum())}
+    return loss, {"num_masked": int(copy_idx.numel()), "num_response": int(num_response.sum())}

@@ -71,7 +71,7 @@ class HttpBackend:
         self.url = opts.url.rstrip("/")
         self.api_key = opts.api_key if opts.api_key is not None else os.environ.get(opts.api_key_env)
         self.weights_dtype = getattr(torch, opts.weights_dtype) if opts.weights_dtype else None
-        self.block_size = model.config.block_size
+        self.block_size = model.arch.block_size
         self.client = httpx.Client(base_url=self.url, timeout=opts.timeout,
                                    limits=httpx.Limits(max_connections=opts.max_concurrency))
         self.pool = ThreadPoolExecutor(max_workers=opts.max_concurrency, thread_name_prefix="dirl-http")

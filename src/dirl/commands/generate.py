@@ -60,7 +60,7 @@ def run(args) -> int:
     if not _stop_ids_given(args.config, args.overrides):
         params.stop_ids = tokenizer.stop_ids()
     try:
-        params.validate(model.config.block_size)
+        params.validate(model.arch.block_size)
     except ValueError as err:
         raise config_lib.ConfigError(str(err)) from None
     text = args.prompt

@@ -28,13 +28,14 @@ from collections.abc import Callable
 import torch
 
 from dirl.engine.kv_cache import KVCache
-from dirl.engine.unmask import policy_logprobs, sample_from_logprobs, select_commits
-from dirl.model.masks import TokenMeta
-from dirl.model.transformer import Readout
+from dirl.engine.unmask import sample_from_logprobs, select_commits
+from dirl.model.forward import Readout
+from dirl.model.layout import get_layout, readout_rows
+from dirl.model.policy import policy_logprobs
 from dirl.rollout import Rollout, SamplingParams
 from dirl.runtime import prompt_seeds, row_seed
 
-__all__ = ["Engine", "Rollout", "SamplingParams"]  # the sampling types live in dirl.rollout (a leaf)
+__all__ = ["Engine"]
 
 
 class _Batch:
@@ -96,7 +97,7 @@ def compiled_forward(model) -> Callable:
             mark(tensor, 0), mark(tensor, 1)
         mark(logits_index, 0)
         step.mark_dynamic()
-        return forward(ids, pos, None, past_kv=step, readout=Readout(logits_index), attn_impl="sdpa")
+        return forward(ids, pos, None, cache=step, readout=Readout(logits_index), attn_impl="sdpa")
 
     return run
 
@@ -118,12 +119,13 @@ class Engine:
         self.attn_impl = attn_impl
         self.use_cache = use_cache
         self.max_batch_rows = max_batch_rows
-        self.mask_id = model.config.mask_token_id
+        arch = model.arch
+        self.mask_id, self.logit_shift, self.layout = arch.mask_token_id, arch.logit_shift, get_layout(arch)
 
     @property
     def block_size(self) -> int:
         """Read at every call: a run may change the model's block size (``block_size_schedule``)."""
-        return self.model.config.block_size
+        return self.model.arch.block_size
 
     def _run(self, *args, **kwargs):
         return self.model(*args, attn_impl=self.attn_impl, **kwargs)
@@ -203,7 +205,7 @@ class Engine:
                            device=self.device)
         pos = torch.arange(width, device=self.device).expand(len(prompts), width)
         step = cache.step(pos, pos < lengths[:, None], self._limit(pos))
-        self._run(ids, pos, None, past_kv=step, readout=Readout(torch.empty(0, dtype=torch.long, device=self.device)))
+        self._run(ids, pos, None, cache=step, readout=Readout(torch.empty(0, dtype=torch.long, device=self.device)))
         return cache
 
     def _limit(self, pos: torch.Tensor) -> torch.Tensor:
@@ -217,9 +219,9 @@ class Engine:
         return self._forward_cached(batch, cache) if cache is not None else self._forward_reference(batch)
 
     def _masked_index(self, batch: _Batch, width: int) -> torch.Tensor:
-        """Flat indices (into R * width) of the masked positions of the current blocks, the last B."""
+        """Logits rows (into R * width) of the masked positions of the current blocks, the last B."""
         rows, cols = batch.masked.nonzero(as_tuple=True)
-        return rows * width + (width - self.block_size) + cols
+        return readout_rows(rows * width + (width - self.block_size) + cols, self.logit_shift)
 
     def _forward_cached(self, batch: _Batch, cache: KVCache) -> torch.Tensor:
         """One ragged forward: [clean just-finished block (pending rows; padding elsewhere), current block]."""
@@ -232,7 +234,7 @@ class Engine:
         step = cache.step(pos, valid, self._limit(pos), always_mask=self._step_forward is not None)
         logits_index = self._masked_index(batch, ids.shape[1])
         if self._step_forward is None:
-            out = self._run(ids, pos, None, past_kv=step, readout=Readout(logits_index))
+            out = self._run(ids, pos, None, cache=step, readout=Readout(logits_index))
         else:
             out = self._step_forward(ids, pos, step, logits_index)
         batch.pending.zero_()
@@ -249,7 +251,7 @@ class Engine:
                            dtype=torch.long).view(len(prefix), width)
         pos = torch.arange(width, device=self.device).expand(len(prefix), width)
         valid = pos < torch.tensor([len(p) for p in prefix], device=self.device)[:, None]
-        meta = TokenMeta.clean(pos, size, valid).cat(TokenMeta.noisy_copy(block_pos, size, torch.zeros_like(block_pos)))
+        meta = self.layout.decode_meta(pos, valid, block_pos, size)
         out = self._run(torch.cat([ids, batch.tokens], 1), torch.cat([pos, block_pos], 1), meta,
                         readout=Readout(self._masked_index(batch, width + size)))
         return out.logits

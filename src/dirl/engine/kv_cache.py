@@ -57,9 +57,9 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model, num_rows: int, max_slots: int) -> "KVCache":
-        cfg = model.config
+        arch = model.arch
         param = next(model.parameters())
-        layout = CacheLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, param.dtype, param.device)
+        layout = CacheLayout(arch.num_layers, arch.num_kv_heads, arch.head_dim, param.dtype, param.device)
         return cls(layout, num_rows, max_slots)
 
     @property
@@ -133,7 +133,7 @@ class KVCache:
 class CacheStep:
     """Per forward: where each token's K/V goes, and the (R, 1, T, S) mask over slots ``[0, S)``.
 
-    ``step[layer].update(k, v)`` is what :class:`~dirl.model.transformer.Attention`
+    ``step[layer].update(k, v)`` is what the model's attention (:func:`dirl.model.blocks.attention_core`)
     calls: it writes this forward's K/V into their slots and returns the views
     to attend over. ``mask`` None means every query sees every slot in use.
     """

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from dirl.model.policy import policy_logprobs  # noqa: F401  (re-exported: the engine samples from it)
 from dirl.rollout import UNMASKING
 
 

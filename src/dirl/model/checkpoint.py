@@ -30,10 +30,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from dirl.errors import UserError
-from dirl.model.config import ModelConfig
+from dirl.errors import FieldError, UserError
+from dirl.model.families import family_for_config, get_family
 from dirl.model.tokenizer import Tokenizer, load_tokenizer
-from dirl.model.transformer import SDARForCausalLM
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -174,7 +173,7 @@ def save_dtype(model, dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype] if isinstance(dtype, str) else dtype
 
 
-def save_pretrained(model: SDARForCausalLM, tokenizer: Tokenizer | None, directory: str | Path,
+def save_pretrained(model: torch.nn.Module, tokenizer: Tokenizer | None, directory: str | Path,
                     max_shard_bytes: int = 2 << 30, dtype: str | torch.dtype | None = None) -> Path:
     """Atomically write a self-contained, faithful checkpoint directory (module docstring).
 
@@ -228,8 +227,10 @@ def companion_files(directory: Path, config: dict) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in paths if p.exists()}
 
 
-def load_config(directory: str | Path) -> ModelConfig:
-    """The config of a checkpoint directory, carrying its :func:`companion_files`."""
+def load_config(directory: str | Path):
+    """The config of a checkpoint directory -- its family's config record, the family picked
+    from ``config.json`` (:func:`~dirl.model.families.family_for_config`) -- carrying its
+    :func:`companion_files`."""
     directory = Path(directory)
     path = directory / "config.json"
     if not path.exists() and (directory / "adapter_config.json").exists():
@@ -239,7 +240,9 @@ def load_config(directory: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path}: not found (is {directory} a checkpoint directory?)")
     try:
         data = json.loads(path.read_text())
-        cfg = ModelConfig.from_hf_dict(data)
+        cfg = family_for_config(data).config_cls.from_hf_dict(data)
+    except FieldError as err:  # an unknown model_type: one line naming it
+        raise CheckpointError(f"{path}: {err}") from err
     except (json.JSONDecodeError, TypeError, ValueError, KeyError) as err:  # incl. UnicodeDecodeError
         raise CheckpointError(f"{path}: {err!r}") from err
     cfg.companion_files = companion_files(directory, data)
@@ -301,19 +304,23 @@ def load_state_into(model: torch.nn.Module, directory: Path) -> None:
                 expected[name].copy_(f.get_tensor(name))
 
 
-def load_model(cfg: ModelConfig, directory: Path, dtype: str | torch.dtype | None = None,
-               device: str | torch.device = "cpu") -> SDARForCausalLM:
-    """A model of config ``cfg`` holding the weights of ``directory`` (validated)."""
+def build_model(cfg) -> torch.nn.Module:
+    """The family's model for config ``cfg`` (weights uninitialised unless the caller does so)."""
+    return get_family(cfg.arch.family).model_cls(cfg)
+
+
+def load_model(cfg, directory: Path, dtype: str | torch.dtype | None = None,
+               device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A model of config ``cfg`` (its family's class) holding the weights of ``directory`` (validated)."""
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     with torch.device("meta"):
-        model = SDARForCausalLM(cfg)
+        model = build_model(cfg)
     if dtype is not None:
         model = model.to(dtype)  # on meta: allocated once, in dtype, by to_empty
     model = model.to_empty(device=device)
     load_state_into(model, directory)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.tie_weights()  # to_empty untied a tied lm_head
     return model
 
 

@@ -32,13 +32,12 @@ from pathlib import Path
 
 import torch
 
-from dirl.model.checkpoint import DTYPES, CheckpointError, companion_files, load_model, save_pretrained
-from dirl.model.config import ModelConfig
+from dirl.model.checkpoint import DTYPES, CheckpointError, build_model, companion_files, load_model, save_pretrained
+from dirl.model.families import get_family
 from dirl.model.tokenizer import MASK_TOKEN, Tokenizer, load_hf_tokenizer
-from dirl.model.transformer import SDARForCausalLM
 
 SUPPORTED_MODEL_TYPES = ("qwen3",)
-SDAR_ARCHITECTURES = ["SDARForCausalLM"]
+TARGET_FAMILY = "sdar"  # a Qwen3 decoder is SDAR's decoder: its config and weights read as SDAR's
 
 
 @dataclass
@@ -50,7 +49,7 @@ class ConvertConfig:
     max_shard_mb: int = 2048
 
 
-def _source_config(directory: Path) -> ModelConfig:
+def _source_config(directory: Path):
     """The AR model's config (mask id 0 until the tokenizer says), carrying its companion files."""
     path = directory / "config.json"
     data = _read_json(path)
@@ -61,7 +60,7 @@ def _source_config(directory: Path) -> ModelConfig:
     if data.get("use_sliding_window"):
         raise CheckpointError(f"{path}: use_sliding_window is not supported")
     try:
-        cfg = ModelConfig.from_hf_dict({**data, "mask_token_id": data.get("mask_token_id", 0)})
+        cfg = get_family(TARGET_FAMILY).config_cls.from_hf_dict({**data, "mask_token_id": data.get("mask_token_id", 0)})
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: {err}") from err
     cfg.companion_files = companion_files(directory, data)
@@ -78,7 +77,7 @@ def mean_row_init(weight: torch.Tensor, num_existing: int, num_rows: int, new_id
     return grown
 
 
-def _with_vocab(model: SDARForCausalLM, num_existing: int, num_rows: int, new_ids: list[int]) -> SDARForCausalLM:
+def _with_vocab(model, num_existing: int, num_rows: int, new_ids: list[int]):
     """A model like ``model`` with ``num_rows`` vocabulary rows, new ids mean-initialised."""
     state = model.state_dict()
     grown_names = ["model.embed_tokens.weight"] + ([] if model.config.tie_word_embeddings else ["lm_head.weight"])
@@ -86,16 +85,15 @@ def _with_vocab(model: SDARForCausalLM, num_existing: int, num_rows: int, new_id
         state[name] = mean_row_init(state[name], num_existing, num_rows, new_ids)
     model.config.vocab_size = num_rows
     with torch.device("meta"):
-        grown = SDARForCausalLM(model.config)
+        grown = build_model(model.config)
     if model.config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     grown.load_state_dict(state, assign=True)
-    if model.config.tie_word_embeddings:
-        grown.lm_head.weight = grown.model.embed_tokens.weight
+    grown.tie_weights()
     return grown
 
 
-def _add_remote_code(model: SDARForCausalLM, remote_code: str) -> None:
+def _add_remote_code(model, remote_code: str) -> None:
     """Copy an SDAR checkpoint's ``auto_map`` and its remote-code files (for transformers)."""
     directory = Path(remote_code)
     data = _read_json(directory / "config.json")
@@ -135,7 +133,7 @@ def convert_checkpoint(source: str | Path, out: str | Path, cfg: ConvertConfig) 
         model.config.eos_token_id = tokenizer.eos_token_id
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.extra["architectures"] = SDAR_ARCHITECTURES
+    model.config.extra["architectures"] = list(get_family(TARGET_FAMILY).architectures)
     model.config.__post_init__()  # validate block_size and the mask id against the vocabulary
     if cfg.remote_code:
         _add_remote_code(model, cfg.remote_code)

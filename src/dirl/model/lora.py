@@ -1,12 +1,14 @@
-"""LoRA adapters on the SDAR model, through ``peft`` (``pip install dirl[lora]``).
+"""LoRA adapters on a dirl model of any family, through ``peft`` (``pip install dirl[lora]``).
 
 LoRA (Hu et al. 2021): each target linear map ``W`` becomes ``W + (alpha / r) B A``
 with ``A`` (r, d_in), ``B`` (d_out, r), ``B = 0`` at the start; only A and B
-train. The layers are injected into *our* :class:`SDARForCausalLM`
+train. The layers are injected into *our* model (its family's module tree)
 (``peft.inject_adapter_in_model``), so its forward -- with the KV cache as an
 argument -- is unchanged, the engine decodes with the adapters applied and the
 trainer scores the same function. ``adapters_disabled`` gives the base model
 back without a copy: DiPO's frozen reference is the policy with its adapters off.
+The target modules are the family's (``Family.lora_targets``, native names); a short name
+is a target without its ``_proj`` suffix (``q`` = ``q_proj``).
 
 Checkpoints hold the adapters in PEFT's format (``adapter_config.json`` naming
 the base in ``base_model_name_or_path``, ``adapter_model.safetensors`` with
@@ -30,9 +32,32 @@ from torch import nn
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel's prefix of the wrapped model's parameter names
-# Short names of SDAR's linear maps (the Qwen3 decoder's attention and MLP projections).
-TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-           "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+def short_name(target: str) -> str:
+    """``q_proj`` -> ``q``: the short spelling of a target in ``lora.target_modules``."""
+    return target.removesuffix("_proj")
+
+
+def known_targets() -> dict[str, str]:
+    """Every registered family's targets, by short and full name -> full name (config checks)."""
+    from dirl.model.families import all_families
+
+    names = {t: t for f in all_families() for t in f.lora_targets}
+    return {**{short_name(t): t for t in names}, **names}
+
+
+def family_targets(model: nn.Module, requested: list[str]) -> list[str]:
+    """``requested`` (short or full names; empty = all) as the model family's target names."""
+    from dirl.model.families import get_family
+
+    family = get_family(model.arch.family)
+    by_name = {**{short_name(t): t for t in family.lora_targets}, **{t: t for t in family.lora_targets}}
+    unknown = [m for m in requested if m not in by_name]
+    if unknown:
+        raise ValueError(f"lora.target_modules: {unknown} are not LoRA targets of the {family.name} family; "
+                         f"choose from {[short_name(t) for t in family.lora_targets]}")
+    return sorted({by_name[m] for m in requested} if requested else set(family.lora_targets))
 
 
 @dataclass
@@ -42,17 +67,18 @@ class LoraConfig:
     r: int = 0
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(TARGETS))
+    target_modules: list[str] = field(default_factory=list)  # short or full names; empty = all the family's
 
     def __post_init__(self) -> None:
         if self.r < 0:
             raise ValueError(f"lora.r must be >= 0, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-        unknown = [m for m in self.target_modules if m not in TARGETS and m not in TARGETS.values()]
-        if unknown or not self.target_modules:
-            raise ValueError(f"lora.target_modules: unknown {unknown or 'empty list'}; "
-                             f"choose from {list(TARGETS)} (or their *_proj names)")
+        known = known_targets()
+        unknown = [m for m in self.target_modules if m not in known]
+        if unknown:
+            raise ValueError(f"lora.target_modules: unknown {unknown}; choose from "
+                             f"{sorted(set(map(short_name, known.values())))} (or their *_proj names)")
 
     @property
     def enabled(self) -> bool:
@@ -72,7 +98,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, base: str) -> nn.Module:
     checkpoint (a directory or an ``init:`` spec) for the adapter directory."""
     peft = _peft()
     peft_config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                  target_modules=sorted({TARGETS.get(m, m) for m in cfg.target_modules}),
+                                  target_modules=family_targets(model, cfg.target_modules),
                                   base_model_name_or_path=base)
     return inject(model, peft_config)
 
@@ -118,6 +144,10 @@ class BaseModelView(nn.Module):
         object.__setattr__(self, "lora_model", model)  # not a submodule: no parameters here
         self.config = model.config
 
+    @property
+    def arch(self):
+        return self.lora_model.arch
+
     def forward(self, *args, **kwargs):
         with torch.no_grad(), adapters_disabled(self.lora_model):
             return self.lora_model(*args, **kwargs)
@@ -142,10 +172,6 @@ def save_adapter(model: nn.Module, directory: Path) -> None:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``directory``."""
     model.peft_config["default"].save_pretrained(str(directory))
     save_file(adapter_state(model), str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-
-
-def is_adapter_dir(directory: str | Path) -> bool:
-    return (Path(directory) / ADAPTER_CONFIG).exists()
 
 
 def read_adapter_config(directory: str | Path):

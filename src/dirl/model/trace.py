@@ -20,6 +20,7 @@ from typing import NamedTuple, Sequence, Union
 
 import torch
 
+from dirl.model.layout import readout_rows
 from dirl.model.masks import TokenMeta
 
 
@@ -88,7 +89,7 @@ class TracePack:
     input_ids: torch.Tensor      # (R, T)
     position_ids: torch.Tensor   # (R, T)
     meta: TokenMeta              # (R, T)
-    score_index: torch.Tensor    # (N,) flat index into R*T: where each scored token's logits are
+    score_index: torch.Tensor    # (N,) flat index into R*T: where each scored token's logits are (readout_rows)
     target_ids: torch.Tensor     # (N,) the committed token
     seq_index: torch.Tensor      # (N,) which sequence (row of the input list)
     token_index: torch.Tensor    # (N,) which generated token of that sequence
@@ -122,9 +123,10 @@ def _pack_one(trace: Trace, copies: list[Copy], block_size: int, mask_id: int):
 
 
 def pack_traces(traces: Sequence[Trace], copies: Sequence[list[Copy]], block_size: int, mask_id: int, pad_id: int,
-                device: torch.device | str = "cpu") -> TracePack:
+                device: torch.device | str = "cpu", logit_shift: int = 0) -> TracePack:
     """Pack each sequence (one per row; a :class:`Trace` or a rollout) with its copies
-    (``copies[r]`` belong to ``traces[r]``); rows are right-padded."""
+    (``copies[r]`` belong to ``traces[r]``); rows are right-padded. ``logit_shift``: the
+    model's (:func:`~dirl.model.layout.readout_rows`)."""
     packed = [_pack_one(trace, row_copies, block_size, mask_id) for trace, row_copies in zip(traces, copies)]
     width = max(len(p[0]) for p in packed)
     rows = len(packed)
@@ -143,6 +145,7 @@ def pack_traces(traces: Sequence[Trace], copies: Sequence[list[Copy]], block_siz
         copy[r, :n] = torch.tensor(row_copy)
         score_rows += [(r * width + at, target, r, i, c) for at, target, i, c in scores]
     cols = torch.tensor(score_rows, dtype=torch.long).view(-1, 5).T
+    cols[0] = readout_rows(cols[0], logit_shift)
     meta = TokenMeta(doc, pos // block_size, noisy, copy).to(device)
     return TracePack(ids.to(device), pos.to(device), meta, *(c.to(device) for c in cols))
 

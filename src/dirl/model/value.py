@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from dirl.model.trace import TracePack
-from dirl.model.transformer import Readout
+from dirl.model.forward import Readout
 
 
 class ValueModel(nn.Module):
@@ -42,13 +42,17 @@ class ValueModel(nn.Module):
         self.backbone.config = policy.config  # shared: a block-size change applies to both models
         self.backbone.requires_grad_(True)
         weight = next(self.backbone.parameters())
-        self.value_head = nn.Linear(policy.config.hidden_size, 1, device=weight.device, dtype=weight.dtype)
+        self.value_head = nn.Linear(policy.arch.hidden_size, 1, device=weight.device, dtype=weight.dtype)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
     @property
     def config(self):
         return self.backbone.config
+
+    @property
+    def arch(self):
+        return self.backbone.arch
 
     def forward(self, pack: TracePack) -> torch.Tensor:
         """The value of each scored token's state: (N,) fp32, N = ``pack.score_index``'s length."""

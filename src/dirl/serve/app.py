@@ -85,7 +85,7 @@ class ServerState:
         self.live = live_tensors(model)
         self.max_update_bytes = int(cfg.max_update_mb * 2**20) or 2 * state_dict_nbytes(self.live) + 2**20
         self.batcher = Batcher(model, self.live, cfg)
-        mc = model.config
+        mc = model.arch
         self.block_size, self.vocab_size, self.context = mc.block_size, mc.vocab_size, mc.max_position_embeddings
         self.default_stops = set(tokenizer.stop_ids()) if tokenizer is not None else {mc.eos_token_id}
         self.max_body_bytes = int(cfg.max_body_mb * 2**20)

@@ -148,7 +148,7 @@ def held_out(model_dir: str, rl: RLConfig, progress: bool) -> dict:
     (the RL run's own held-out eval, :func:`dirl.train.rl.held_out_spec`)."""
     from dirl.backends.evaluate import evaluate_rows
     from dirl.data import load_prompt_rows
-    from dirl.train.models import load_model_spec
+    from dirl.model.loading import load_model_spec
     from dirl.train.rl import held_out_spec
 
     model, tokenizer = load_model_spec(model_dir, seed=rl.seed)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -227,12 +226,9 @@ def wrap(model: torch.nn.Module, strategy: str, device: torch.device, trainable:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    # Our decoder layers return their K/V (views) beside the hidden state; nothing
-    # modifies them in place, so FSDP2's warning about returned views is noise.
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (world_size(),))
     policy = {} if mp_policy is None else {"mp_policy": mp_policy}
-    for layer in model.model.layers:
+    for layer in model.decoder_layers():
         fully_shard(layer, mesh=mesh, reshard_after_forward=True, **policy)
     # The root's own weights (embeddings, final norm, lm_head) are needed again at
     # once by backward: keep them gathered after forward (FSDP2's usual choice) --
@@ -242,7 +238,7 @@ def wrap(model: torch.nn.Module, strategy: str, device: torch.device, trainable:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The SDAR module itself (DDP's ``.module``; an FSDP2 module is its own)."""
+    """The model module itself (DDP's ``.module``; an FSDP2 module is its own)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dirl.model.config import ModelConfig
+from dirl.model.sdar.config import SDARConfig
 
 GB = 1024**3
 HEAD_TENSORS = 3.5          # fp32 (chunk, V) tensors alive at once in the head's backward (measured on CPU)
@@ -50,19 +50,19 @@ class Workload:
     decode_len: int = 0                # prompt + max_new_tokens
 
 
-def _layer_params(cfg: ModelConfig) -> int:
+def _layer_params(cfg: SDARConfig) -> int:
     h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     return h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size
 
 
-def layer_bytes_per_token(cfg: ModelConfig, compute_bytes: int) -> int:
+def layer_bytes_per_token(cfg: SDARConfig, compute_bytes: int) -> int:
     """Intermediates of one decoder layer per token (forward + their gradients in backward)."""
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     forward = 4 * cfg.hidden_size + 2 * q + 2 * kv + 3 * cfg.intermediate_size  # norms, q/k/v/out, gate/up/act
     return 2 * forward * compute_bytes
 
 
-def plan(cfg: ModelConfig, work: Workload) -> dict[str, float]:
+def plan(cfg: SDARConfig, work: Workload) -> dict[str, float]:
     """Per-rank peak memory (GB) by component, with ``train_peak`` and ``rollout_peak``."""
     params = cfg.num_parameters()
     compute = 4 if work.precision == "fp32" else 2
@@ -86,7 +86,7 @@ def plan(cfg: ModelConfig, work: Workload) -> dict[str, float]:
     return {k: v / GB for k, v in out.items()}
 
 
-def fits(cfg: ModelConfig, work: Workload, device_gb: float = 80.0, phase: str = "both") -> bool:
+def fits(cfg: SDARConfig, work: Workload, device_gb: float = 80.0, phase: str = "both") -> bool:
     """Does the plan stay under ``MARGIN`` of the device in ``phase`` (train | rollout | both)?"""
     result = plan(cfg, work)
     peaks = {"train": [result["train_peak"]], "rollout": [result["rollout_peak"]],
@@ -94,7 +94,7 @@ def fits(cfg: ModelConfig, work: Workload, device_gb: float = 80.0, phase: str =
     return max(peaks) <= device_gb * MARGIN
 
 
-def largest_fitting(cfg: ModelConfig, work: Workload, field: str, candidates: list[int],
+def largest_fitting(cfg: SDARConfig, work: Workload, field: str, candidates: list[int],
                     device_gb: float = 80.0) -> int:
     """The largest value of ``field`` (``tokens``: the train phase; ``decode_rows``: the
     rollout phase) among ``candidates`` whose plan fits (0 if none)."""

@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from dirl.config import ConfigError
-from dirl.model.checkpoint import CheckpointError, load_pretrained
-from dirl.model.factory import InitConfig, build_tokenizer, init_model
-from dirl.model.lora import BaseModelView, LoraConfig, apply_lora
+from dirl.model.loading import load_model_spec
+from dirl.model.lora import BaseModelView, LoraConfig
 from dirl.train import dist as dist_lib
 from dirl.train.callbacks import CallbackList
-
-INIT_PREFIX = "init:"
-
 
 @dataclass
 class RunInputs:
@@ -34,25 +29,6 @@ class RunInputs:
     train_rows: list[dict] | None = None  # None: the config's data source
     reward_funcs: dict | None = None      # RL: {name or callable: weight}; None: cfg.rewards
     callbacks: CallbackList = field(default_factory=CallbackList)
-
-
-def load_model_spec(spec: str, device: str | torch.device = "cpu", dtype: str = "float32", seed: int = 0,
-                    lora: LoraConfig | None = None):
-    """``(model, tokenizer)`` from a checkpoint dir, or a fresh random model for ``init:<preset>``
-    (char tokenizer) -- handy for tests and the demo. ``lora`` (enabled): adapters on a frozen base."""
-    if spec.startswith(INIT_PREFIX):
-        if lora is not None and lora.enabled:
-            raise ConfigError(f"lora.r={lora.r} needs a checkpoint directory as model, not {spec!r} "
-                              "(adapters on a random model that no file holds could not be merged)")
-        tokenizer = build_tokenizer("char")
-        model = init_model(InitConfig(preset=spec[len(INIT_PREFIX):], seed=seed, param_dtype=dtype), tokenizer)
-        return model.to(device), tokenizer
-    model, tokenizer = load_pretrained(spec, dtype=dtype, device=device)
-    if tokenizer is None:
-        raise CheckpointError(f"{spec}: the checkpoint has no tokenizer files")
-    if lora is not None and lora.enabled:
-        model = apply_lora(model, lora, base=str(Path(spec).resolve()))
-    return model, tokenizer
 
 
 def resolve_model(spec: str, inputs: RunInputs, device: torch.device, dtype: str, seed: int,
@@ -78,14 +54,15 @@ def set_block_size(model: torch.nn.Module, block_size: int | None, lora: LoraCon
     so setting it after the load changes them all together: no weight depends on B. ``key``
     names the setting in errors."""
     cfg = dist_lib.unwrap(model).config
-    if block_size is None or block_size == cfg.block_size:
+    arch = cfg.arch
+    if block_size is None or block_size == arch.block_size:
         return
-    if block_size > cfg.max_position_embeddings:
+    if block_size > arch.max_position_embeddings:
         raise ConfigError(f"{key}={block_size} is more than the model's context, max_position_embeddings="
-                          f"{cfg.max_position_embeddings}")
+                          f"{arch.max_position_embeddings}")
     if lora is not None and lora.enabled:
         raise ConfigError(f"{key}={block_size} with lora.r={lora.r} is not supported: the adapters' base "
-                          f"checkpoint keeps block_size {cfg.block_size}; train the full model instead")
+                          f"checkpoint keeps block_size {arch.block_size}; train the full model instead")
     cfg.block_size = block_size
 
 

@@ -1,4 +1,4 @@
-"""Model configuration with SDAR's field names, and the built-in size presets.
+"""SDAR's config record (its ``config.json`` schema), its ``.arch``, and the built-in size presets.
 
 The field names are exactly those of SDAR's ``config.json`` (a Qwen3 decoder plus
 ``block_size`` and ``mask_token_id``), so a real SDAR / TraDo / DiRL checkpoint
@@ -18,9 +18,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from dirl.model.arch import Arch
+
 
 @dataclass
-class ModelConfig:
+class SDARConfig:
     vocab_size: int = 151936
     hidden_size: int = 4096
     intermediate_size: int = 12288
@@ -57,6 +59,24 @@ class ModelConfig:
             raise ValueError(f"mask_token_id {self.mask_token_id} is outside the vocabulary "
                              f"(vocab_size {self.vocab_size})")
 
+    @property
+    def arch(self) -> Arch:
+        """The normalised record the rest of dirl reads (read afresh: ``block_size`` may change)."""
+        return Arch(family="sdar", attention="block_causal", logit_shift=0, block_size=self.block_size,
+                    num_layers=self.num_hidden_layers, hidden_size=self.hidden_size,
+                    num_heads=self.num_attention_heads, num_kv_heads=self.num_key_value_heads,
+                    head_dim=self.head_dim, vocab_size=self.vocab_size, mask_token_id=self.mask_token_id,
+                    eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                    max_position_embeddings=self.max_position_embeddings)
+
+    @classmethod
+    def for_init(cls, preset: dict[str, Any], *, vocab_size: int, mask_token_id: int, eos_token_id: int,
+                 pad_token_id: int, block_size: int, torch_dtype: str, **overrides: Any) -> "SDARConfig":
+        """The config of a random model (``dirl init``): a preset, the tokenizer's ids, native overrides."""
+        return cls(**{**preset, "vocab_size": vocab_size, "mask_token_id": mask_token_id,
+                      "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "bos_token_id": eos_token_id,
+                      "block_size": block_size, "torch_dtype": torch_dtype, **overrides})
+
     def to_hf_dict(self) -> dict[str, Any]:
         """The ``config.json`` content (SDAR's schema); unchanged fields exactly as they were read."""
         out = dict(self.extra)
@@ -77,7 +97,7 @@ class ModelConfig:
         return out
 
     @classmethod
-    def from_hf_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, data: dict[str, Any]) -> "SDARConfig":
         """Build from a ``config.json`` dict; unknown fields are preserved in ``extra``."""
         if data.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config.json: hidden_act {data['hidden_act']!r} is not supported (SDAR uses silu)")
@@ -113,8 +133,8 @@ _ABSENT = object()  # "the loaded config.json had no such field"
 
 
 def config_field_names() -> list[str]:
-    """The ModelConfig fields that are ``config.json`` fields."""
-    return [f.name for f in dataclasses.fields(ModelConfig) if f.name not in _NOT_HF_FIELDS]
+    """The SDARConfig fields that are ``config.json`` fields."""
+    return [f.name for f in dataclasses.fields(SDARConfig) if f.name not in _NOT_HF_FIELDS]
 
 
 _NOT_HF_FIELDS = ("extra", "companion_files", "loaded")
@@ -151,8 +171,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_config(name: str, **overrides: Any) -> ModelConfig:
-    """A ModelConfig from a preset name plus field overrides (vocab and special ids)."""
+def preset_config(name: str, **overrides: Any) -> SDARConfig:
+    """An SDARConfig from a preset name plus field overrides (vocab and special ids)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
-    return ModelConfig(**{**PRESETS[name], **overrides})
+    return SDARConfig(**{**PRESETS[name], **overrides})
