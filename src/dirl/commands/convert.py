@@ -1,5 +1,5 @@
 """``dirl convert SOURCE --out DIR [key=value ...]``: a Hugging Face Qwen3 (autoregressive)
-directory -> a block-diffusion starting checkpoint (:mod:`dirl.model.convert`)."""
+directory -> a block-diffusion starting checkpoint (:mod:`dirl.model.sdar.convert`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from dirl.model.checkpoint import CheckpointError
-    from dirl.model.convert import ConvertConfig, convert_checkpoint
+    from dirl.model.sdar.convert import ConvertConfig, convert_checkpoint
 
     cfg = config_lib.load(ConvertConfig, args.config, args.overrides)
     try:

@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 
 from dirl.model.checkpoint import DTYPES, CheckpointError, build_model, companion_files, load_model, save_pretrained
-from dirl.model.families import get_family
+from dirl.model.sdar.config import SDARConfig
 from dirl.model.tokenizer import MASK_TOKEN, Tokenizer, load_hf_tokenizer
 
 SUPPORTED_MODEL_TYPES = ("qwen3",)
-TARGET_FAMILY = "sdar"  # a Qwen3 decoder is SDAR's decoder: its config and weights read as SDAR's
+SDAR_ARCHITECTURES = ["SDARForCausalLM"]  # a Qwen3 decoder is SDAR's: its config and weights read as SDAR's
 
 
 @dataclass
@@ -60,7 +60,7 @@ def _source_config(directory: Path):
     if data.get("use_sliding_window"):
         raise CheckpointError(f"{path}: use_sliding_window is not supported")
     try:
-        cfg = get_family(TARGET_FAMILY).config_cls.from_hf_dict({**data, "mask_token_id": data.get("mask_token_id", 0)})
+        cfg = SDARConfig.from_hf_dict({**data, "mask_token_id": data.get("mask_token_id", 0)})
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: {err}") from err
     cfg.companion_files = companion_files(directory, data)
@@ -133,7 +133,7 @@ def convert_checkpoint(source: str | Path, out: str | Path, cfg: ConvertConfig) 
         model.config.eos_token_id = tokenizer.eos_token_id
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.extra["architectures"] = list(get_family(TARGET_FAMILY).architectures)
+    model.config.extra["architectures"] = SDAR_ARCHITECTURES
     model.config.__post_init__()  # validate block_size and the mask id against the vocabulary
     if cfg.remote_code:
         _add_remote_code(model, cfg.remote_code)
