@@ -93,11 +93,12 @@ def test_draws_cover_the_steps_evenly_across_the_batch():
 
 
 def test_options_reach_the_estimator_and_bad_values_are_named():
-    tiny_model = SimpleNamespace(config=SimpleNamespace(block_size=4, mask_token_id=MASK, pad_token_id=PAD),
+    tiny_model = SimpleNamespace(arch=SimpleNamespace(block_size=4, mask_token_id=MASK, pad_token_id=PAD, logit_shift=0),
                                  parameters=lambda: iter([torch.zeros(1)]))
     algo = AlgoConfig(estimator="trace_mc", mc_steps=3, mc_sampling="entropy", mc_floor=0.5)
     args = EstimatorArgs.for_model(tiny_model, [], torch.Generator(), algo)
     assert (args.mc_steps, args.mc_sampling, args.mc_floor, args.shrink) == (3, "entropy", 0.5, 2)
+    assert (args.block_size, args.mask_id, args.pad_id, args.logit_shift) == (4, MASK, PAD, 0)
     assert EstimatorArgs.for_model(tiny_model, [], torch.Generator()).mc_sampling == "stratified"
     rollouts = [_rollout([0, 1, 2, 3])]
     with pytest.raises(ValueError, match="unknown mc_sampling 'sobol'"):

@@ -32,7 +32,7 @@ class InitConfig:
         known = {f.name for f in dataclasses.fields(family.config_cls)}
         for key in self.model:
             if key not in known:
-                raise FieldError(f"model.{key}", f"is not a {family.name} config field; valid: "
+                raise FieldError(f"model.{key}", f"is not a model config field (family {family.name}); valid: "
                                                  f"{', '.join(sorted(known))}")
 
 
