@@ -63,8 +63,8 @@ def child(mode: str, base: str, out: str, rank: int, precision: str) -> None:
 
     torch.set_num_threads(1)
     from dirl import config as config_lib
-    from dirl.model.lora import num_parameters
     from dirl.model.loading import load_model_spec
+    from dirl.model.lora import num_parameters
     from dirl.train.rl import RLConfig, train_rl
 
     result = {"mode": mode}

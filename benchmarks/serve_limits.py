@@ -174,8 +174,8 @@ def measure_big_prompts(url: str, polls: int) -> dict:
 def heavy_step_ms(ckpt: Path) -> float:
     """Wall time of one denoising step of the heavy request (uncached, its first 8 steps)."""
     from dirl.engine.engine import Engine
-    from dirl.rollout import SamplingParams
     from dirl.model.checkpoint import load_pretrained
+    from dirl.rollout import SamplingParams
 
     model, _ = load_pretrained(ckpt)
     calls: list[float] = []

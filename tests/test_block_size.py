@@ -17,8 +17,8 @@ from dirl import config as config_lib
 from dirl.algo.likelihood import EstimatorArgs, plan_estimator, score_plan
 from dirl.cli import main as cli_main
 from dirl.engine.engine import Engine
-from dirl.rollout import SamplingParams
 from dirl.model.loading import load_model_spec
+from dirl.rollout import SamplingParams
 from dirl.train.models import set_block_size
 from dirl.train.rl import RLConfig, build_run, parse_block_schedule, train_step
 from dirl.train.sft import SFTConfig

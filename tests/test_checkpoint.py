@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 import dirl.model.checkpoint as checkpoint
 from dirl.model.checkpoint import CheckpointError, load_config, load_pretrained, save_pretrained
-from dirl.model.sdar.config import SDARConfig
 from dirl.model.masks import TokenMeta
+from dirl.model.sdar.config import SDARConfig
 from dirl.model.sdar.modeling import SDARForCausalLM
 
 SHRUNK = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from dirl.cli import main as cli_main
 from dirl.model.checkpoint import load_pretrained
-from dirl.model.sdar.convert import mean_row_init
 from dirl.model.masks import TokenMeta
+from dirl.model.sdar.convert import mean_row_init
 from dirl.model.tokenizer import CHAR_ALPHABET
 
 transformers = pytest.importorskip("transformers")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dirl.engine.kv_cache import GROW_CHUNK, CacheLayout, KVCache
-from dirl.model.masks import TokenMeta
 from dirl.model.forward import Readout
+from dirl.model.masks import TokenMeta
 
 B = 4  # block size of the tiny model
 

@@ -10,7 +10,6 @@ import torch
 
 from dirl.algo.nelbo import (FixedNoise, NoiseDraw, TokenBatch, draw_noise, mask_probabilities, nelbo_loss,
                              response_counts, sft_nelbo)
-from dirl.model.factory import InitConfig, init_model
 from dirl.model.forward import ForwardOutput, Readout
 from dirl.model.layout.block_causal import multi_copy_meta
 from dirl.model.masks import dense_mask

@@ -20,8 +20,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from dirl.model.checkpoint import CheckpointError, save_pretrained
-    from dirl.model.lora import inject, load_adapter_weights, merge_adapters, read_adapter_config
     from dirl.model.loading import load_model_spec
+    from dirl.model.lora import inject, load_adapter_weights, merge_adapters, read_adapter_config
 
     try:
         peft_config = read_adapter_config(args.adapter_dir)

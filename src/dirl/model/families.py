@@ -11,7 +11,8 @@ A family's ``config_cls`` provides ``from_hf_dict(dict)``, ``to_hf_dict()``, ``.
 ``extra`` / ``loaded`` / ``companion_files`` (faithful save), ``num_parameters()``, and
 ``for_init(preset, vocab_size=, mask_token_id=, eos_token_id=, pad_token_id=, block_size=,
 torch_dtype=, **native_overrides)`` -- the config of a random model for a tokenizer
-(``dirl init``). Its ``model_cls(config)`` has the forward of :mod:`dirl.model.forward`.
+(``dirl init``) -- and the Hugging Face fields ``torch_dtype`` and ``tie_word_embeddings``
+(what checkpoint saving reads). Its ``model_cls(config)`` follows :mod:`dirl.model.forward`.
 """
 
 from __future__ import annotations

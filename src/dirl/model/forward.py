@@ -6,6 +6,12 @@ with a cache), ``cache`` the engine's in-place :class:`~dirl.engine.kv_cache.Cac
 (``cache[i].update(k, v)`` stores layer i's K/V and returns the slots to attend over,
 ``cache.mask`` is the SDPA mask over them) or None. The KV cache is an argument, never
 model state, and a forward returns no K/V.
+
+Besides the forward, a family's model has ``config`` and ``arch`` (its
+:class:`~dirl.model.arch.Arch`), ``lm_head`` (an ``nn.Linear``), ``decoder_layers()`` (the
+FSDP wrap and activation-checkpointing units), ``init_weights(seed)``, ``tie_weights()``
+(re-point a tied head after a meta-device load), and the attributes the trainers set:
+``attn_impl``, ``activation_checkpointing``, ``head_chunk_size``.
 """
 
 from __future__ import annotations

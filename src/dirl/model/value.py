@@ -24,8 +24,8 @@ import copy
 import torch
 from torch import nn
 
-from dirl.model.trace import TracePack
 from dirl.model.forward import Readout
+from dirl.model.trace import TracePack
 
 
 class ValueModel(nn.Module):

@@ -20,6 +20,7 @@ from dirl.model.lora import BaseModelView, LoraConfig
 from dirl.train import dist as dist_lib
 from dirl.train.callbacks import CallbackList
 
+
 @dataclass
 class RunInputs:
     """In-memory inputs of a run; each None falls back to the config's path / names."""
