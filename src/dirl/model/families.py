@@ -33,7 +33,7 @@ DEFAULT_FAMILY = "sdar"
 class Family:
     name: str                         # "sdar"
     model_types: tuple[str, ...]      # config.json "model_type" values it reads, e.g. ("sdar",)
-    architectures: tuple[str, ...]    # e.g. ("SDARForCausalLM",)
+    architectures: tuple[str, ...]    # config.json "architectures" values it reads (the fallback)
     config_cls: type                  # see the module docstring
     model_cls: type                   # nn.Module, __init__(config)
     presets: dict[str, dict[str, Any]]  # "tiny" at least, plus the real shape (e.g. "sdar-8b")
