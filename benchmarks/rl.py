@@ -33,8 +33,9 @@ from dirl.model.masks import sft_meta
 from dirl.model.policy import policy_logprobs
 from dirl.model.transformer import Readout
 from dirl.train.models import load_model_spec
-from dirl.train.rl import RLConfig, RolloutConfig, train_rl
-from dirl.train.rl_update import AlgoConfig
+from dirl.train.rl.config import RLConfig, RolloutConfig
+from dirl.train.rl.loop import train_rl
+from dirl.train.rl.config import AlgoConfig
 
 
 def expansion_batch(rollouts, block_size: int, mask_id: int, pad_id: int):

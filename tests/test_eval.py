@@ -16,7 +16,7 @@ from dirl.data import load_prompt_rows
 from dirl.backends import native
 from dirl.eval.evaluate import EvalConfig, evaluate, load_eval_rows, resolve_defaults
 from dirl.model.factory import InitConfig, init_model
-from dirl.rewards.metrics import SUMMARY_KEYS, mean_pass_at_k, pass_at_k, summarize
+from dirl.eval.metrics import SUMMARY_KEYS, mean_pass_at_k, pass_at_k, summarize
 from dirl.rollout import Rollout, SamplingSpec
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -13,7 +13,7 @@ from dirl.algo.nelbo import (FixedNoise, NoiseDraw, TokenBatch, draw_noise, mask
 from dirl.model.factory import InitConfig, init_model
 from dirl.model.masks import dense_mask
 from dirl.model.transformer import ForwardOutput, Readout
-from dirl.train.batching import collate, tokenize_example
+from dirl.train.sft.data import collate, tokenize_example
 
 MASK_ID = 99
 EPS = 1e-3

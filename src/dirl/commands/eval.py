@@ -1,7 +1,7 @@
 """``dirl eval --model DIR --data FILE|task:<name>:test [--reward R] [--out D] [key=value ...]``.
 
 Loads the checkpoint and the rows, runs :func:`dirl.eval.evaluate.evaluate` (the shared eval
-path, :func:`dirl.backends.evaluate.evaluate_rows`), writes
+path, :func:`dirl.eval.heldout.evaluate_rows`), writes
 ``samples.jsonl``, ``summary.json`` and the resolved ``config.yaml`` into the run directory, and
 prints the summary as ONE line of JSON, the last line of stdout (progress goes to stderr), so
 scripts can read it with ``tail -n 1``. Precedence: dataclass defaults <- ``--config`` YAML <-

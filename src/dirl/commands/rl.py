@@ -17,7 +17,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from dirl.train import dist
-    from dirl.train.rl import RLConfig
+    from dirl.train.rl.config import RLConfig
     from dirl.train.trainers import DiPOTrainer
 
     cfg, checkpoint = resolve_run_config(RLConfig, args, "rl")

@@ -1,6 +1,6 @@
 """``dirl eval``'s configuration: what to evaluate (checkpoint, data source) on top of an :class:`EvalSpec`.
 
-The evaluation itself is :func:`dirl.backends.evaluate.evaluate_rows`, the one eval path (the
+The evaluation itself is :func:`dirl.eval.heldout.evaluate_rows`, the one eval path (the
 trainers and the demo call it too). This module adds what only a stand-alone eval needs: the
 checkpoint and data source, task-derived defaults, and :func:`evaluate` -- resolve the defaults,
 then call the shared function. ``dirl eval`` (:mod:`dirl.commands.eval`) loads the checkpoint and
@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from dirl.backends.evaluate import DEFAULT_REWARD, DEFAULT_TEMPLATE, EvalSpec, evaluate_rows
+from dirl.eval.heldout import DEFAULT_REWARD, DEFAULT_TEMPLATE, EvalSpec, evaluate_rows
 from dirl.data import DataError, load_prompt_rows, parse_task_source, task_of
 from dirl.rewards import parse_reward_spec
 
@@ -76,5 +76,5 @@ def load_eval_rows(cfg: EvalConfig) -> list[dict]:
 
 def evaluate(model, tokenizer, rows: Sequence[Mapping[str, Any]], cfg: EvalConfig,
              progress: bool = True, backend=None) -> tuple[dict[str, Any], list[dict]]:
-    """:func:`dirl.backends.evaluate.evaluate_rows` after the task-derived defaults of ``cfg``."""
+    """:func:`dirl.eval.heldout.evaluate_rows` after the task-derived defaults of ``cfg``."""
     return evaluate_rows(model, tokenizer, rows, resolve_defaults(cfg), backend, progress)

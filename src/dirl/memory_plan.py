@@ -46,7 +46,7 @@ class Workload:
     checkpointing: bool = True
     head_chunk: int = 256
     reference: bool = False            # RL with beta > 0: a frozen bf16 reference
-    decode_rows: int = 0               # rollout.max_batch_rows (0: no rollout phase, SFT)
+    decode_rows: int = 0               # rollout.<backend>.max_batch_rows (0: no rollout phase: SFT, http)
     decode_len: int = 0                # prompt + max_new_tokens
 
 
@@ -118,7 +118,7 @@ def rl_workload(cfg, world: int, max_new_tokens: int | None = None) -> Workload:
     return Workload(world=world, precision=cfg.compute.precision if cfg.compute.precision != "auto" else "bf16-mixed",
                     tokens=tokens, scored=max(1, tokens // (1 + WORST_COPIES_PER_TOKEN)),
                     checkpointing=cfg.compute.activation_checkpointing, head_chunk=cfg.compute.head_chunk_size,
-                    reference=cfg.algo.beta > 0, decode_rows=cfg.rollout.max_batch_rows,
+                    reference=cfg.algo.beta > 0, decode_rows=getattr(cfg.rollout.backend_options(), "max_batch_rows", 0),
                     decode_len=PROMPT_TOKENS + length)
 
 

@@ -9,7 +9,7 @@ Each row is rendered with its prompt template (and the tokenizer's chat template
 :func:`dirl.data.build_prompt_ids`), decoded ``k`` times (token ids in, token ids out; text only
 for the reward), and every completion is scored by :func:`dirl.rewards.compute_rewards` with the
 row's columns (``answer``, ``numbers``/``target``, ``puzzle``/``solution`` ...). See
-:mod:`dirl.rewards.metrics` for the correctness rule and the summary's definitions.
+:mod:`dirl.eval.metrics` for the correctness rule and the summary's definitions.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 from dirl.data import build_prompt_ids
 from dirl.rewards import compute_rewards, parse_reward_spec
-from dirl.rewards.metrics import is_correct, summarize
+from dirl.eval.metrics import is_correct, summarize
 from dirl.rollout import EngineOptions, SamplingSpec
 from dirl.runtime import prompt_seeds
 
