@@ -17,7 +17,8 @@ from dirl import cli
 from dirl import config as config_lib
 from dirl.config import ConfigError
 from dirl.engine import engine as engine_mod
-from dirl.eval.evaluate import EvalConfig, evaluate_rows, load_eval_rows
+from dirl.eval.config import EvalConfig, load_eval_rows
+from dirl.eval.heldout import evaluate_rows
 from dirl.model.transformer import Readout
 from dirl.rollout import SamplingSpec
 from dirl.serve import ServeConfig

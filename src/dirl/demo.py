@@ -37,10 +37,9 @@ from dirl.data import get_task
 from dirl.rollout import SamplingSpec
 from dirl.runtime import derived_seed
 from dirl.train.optim import OptimConfig
-from dirl.train.rl.config import RLConfig, RolloutConfig
-from dirl.train.rl.config import AlgoConfig
+from dirl.train.rl.config import AlgoConfig, RLConfig, RolloutConfig
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_SFT = ASSETS / "demo-sft"
 SHIPPED_RECIPE = SHIPPED_SFT / "recipe.yaml"   # a copy of configs/demo-sft.yaml
 STAGES = ("data", "sft", "all")
@@ -49,7 +48,7 @@ STAGES = ("data", "sft", "all")
 def _demo_rl() -> RLConfig:
     """The RL recipe (configs/demo.yaml repeats it; a test holds the two equal)."""
     return RLConfig(
-        max_steps=200, eval_every=20, log_every=10,
+        device="cpu", max_steps=200, eval_every=20, log_every=10,  # the demo is a CPU pipeline
         optim=OptimConfig(lr=3e-5, warmup_steps=5, schedule="constant", grad_clip=1.0),
         rollout=RolloutConfig(num_prompts=16, group_size=8, sampling=SamplingSpec(
             max_new_tokens=36, temperature=0.6, unmasking="dynamic", threshold=0.9)),

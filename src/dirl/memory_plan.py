@@ -94,19 +94,6 @@ def fits(cfg: ModelConfig, work: Workload, device_gb: float = 80.0, phase: str =
     return max(peaks) <= device_gb * MARGIN
 
 
-def largest_fitting(cfg: ModelConfig, work: Workload, field: str, candidates: list[int],
-                    device_gb: float = 80.0) -> int:
-    """The largest value of ``field`` (``tokens``: the train phase; ``decode_rows``: the
-    rollout phase) among ``candidates`` whose plan fits (0 if none)."""
-    phase = "rollout" if field == "decode_rows" else "train"
-    fitting = [v for v in candidates if fits(cfg, Workload(**{**work.__dict__, field: v}), device_gb, phase)]
-    return max(fitting, default=0)
-
-
-PROMPT_TOKENS = 512  # planning allowance for a prompt (MATH prompts are shorter)
-WORST_COPIES_PER_TOKEN = 4  # block 4, one token per step: 4 copies of 4 tokens per block of 4
-
-
 def rl_workload(cfg, world: int, max_new_tokens: int | None = None) -> Workload:
     """The workload of an :class:`~dirl.train.rl.RLConfig` (``max_new_tokens`` overrides the config's).
 

@@ -13,7 +13,7 @@ CONFIG_KINDS = {
     "init": "dirl.model.factory:InitConfig",
     "sft": "dirl.train.sft.config:SFTConfig",
     "rl": "dirl.train.rl.config:RLConfig",
-    "eval": "dirl.eval.evaluate:EvalConfig",
+    "eval": "dirl.eval.config:EvalConfig",
     "demo": "dirl.demo:DemoConfig",
 }
 

@@ -1,9 +1,9 @@
 """Held-out evaluation: decode question rows with a backend, score them, summarise. The one eval path.
 
-``dirl eval`` (:mod:`dirl.eval.evaluate`), the SFT and RL trainers' ``eval_every`` and the demo
-all call :func:`evaluate_rows`. It lives in the backends layer, below ``train``/``eval``/``serve``,
-because it is "rollouts through any backend, then rewards": the trainers reach it without
-importing ``dirl.eval`` (a sibling), and every caller reports the same numbers.
+``dirl eval`` (:mod:`dirl.commands.eval`), the SFT and RL trainers' ``eval_every`` and the demo
+all call :func:`evaluate_rows` -- "rollouts through any backend, then rewards" -- so every caller
+reports the same numbers. ``eval`` sits between ``backends`` (it decodes through one) and ``train``
+(the trainers import it).
 
 Each row is rendered with its prompt template (and the tokenizer's chat template,
 :func:`dirl.data.build_prompt_ids`), decoded ``k`` times (token ids in, token ids out; text only
