@@ -94,8 +94,12 @@ def fits(cfg: ModelConfig, work: Workload, device_gb: float = 80.0, phase: str =
     return max(peaks) <= device_gb * MARGIN
 
 
+PROMPT_TOKENS = 512  # planning allowance for a prompt (MATH prompts are shorter)
+WORST_COPIES_PER_TOKEN = 4  # block 4, one token per step: 4 copies of 4 tokens per block of 4
+
+
 def rl_workload(cfg, world: int, max_new_tokens: int | None = None) -> Workload:
-    """The workload of an :class:`~dirl.train.rl.RLConfig` (``max_new_tokens`` overrides the config's).
+    """The workload of an :class:`~dirl.train.rl.config.RLConfig` (``max_new_tokens`` overrides the config's).
 
     A trace row is worst-case ~5x its response (one token committed per step: 4 copies of
     4 tokens per block of 4) and is never split, so a micro-batch holds at least one row."""
@@ -110,7 +114,7 @@ def rl_workload(cfg, world: int, max_new_tokens: int | None = None) -> Workload:
 
 
 def sft_workload(cfg, world: int, max_length: int | None = None) -> Workload:
-    """The workload of an :class:`~dirl.train.sft.SFTConfig`: ``batch_size / world`` packed rows of
+    """The workload of an :class:`~dirl.train.sft.config.SFTConfig`: ``batch_size / world`` packed rows of
     ``max_length`` tokens, each laid out as 2 (3 with complementary masks) streams."""
     length = max_length or cfg.data.max_length
     rows = max(1, cfg.batch_size // max(1, world))
