@@ -27,6 +27,7 @@ import torch
 
 from dirl.algo.likelihood import EstimatorArgs, PolicyDist, plan_estimator, score_plan
 from dirl.backends import make_backend
+from dirl.backends.options import CheckpointOptions
 from dirl.engine.engine import Engine
 from dirl.rollout import SamplingParams, SamplingSpec
 from dirl.model.masks import sft_meta
@@ -111,7 +112,7 @@ def bench_sync(model, tokenizer, repeats: int) -> dict:
 
     t_copy = _time(copy_sync, repeats)
     with tempfile.TemporaryDirectory() as tmp:
-        reload = make_backend("checkpoint", model, tokenizer, workdir=tmp)
+        reload = make_backend("checkpoint", model, tokenizer, CheckpointOptions(workdir=tmp))
         t_reload = _time(reload.sync_weights, repeats)
     # Timer resolution bounds the native number; report against a 1 microsecond floor.
     return {"native_s": t_native, "copy_s": t_copy, "reload_s": t_reload,
