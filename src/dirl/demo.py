@@ -145,8 +145,8 @@ def sft_stage(cfg: DemoConfig, data: dict[str, Path], out: Path) -> str:
 def held_out(model_dir: str, rl: RLConfig, progress: bool) -> dict:
     """Greedy accuracy (and tokens per forward) on ``rl``'s held-out prompts, decoded as in RL
     (the RL run's own held-out eval, :func:`dirl.train.rl.held_out_spec`)."""
-    from dirl.eval.heldout import evaluate_rows
     from dirl.data import load_prompt_rows
+    from dirl.eval.heldout import evaluate_rows
     from dirl.train.models import load_model_spec
     from dirl.train.rl.config import held_out_spec
 

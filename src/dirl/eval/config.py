@@ -9,13 +9,11 @@ rows, evaluates them with the resolved config, and writes ``samples.jsonl`` + ``
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
 
-from dirl.eval.heldout import DEFAULT_REWARD, DEFAULT_TEMPLATE, EvalSpec
 from dirl.data import DataError, load_prompt_rows, parse_task_source, task_of
+from dirl.eval.heldout import DEFAULT_REWARD, DEFAULT_TEMPLATE, EvalSpec
 from dirl.rewards import parse_reward_spec
 
 __all__ = ["EvalConfig", "load_eval_rows", "resolve_defaults"]

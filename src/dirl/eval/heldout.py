@@ -20,8 +20,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dirl.data import build_prompt_ids
-from dirl.rewards import compute_rewards, parse_reward_spec
 from dirl.eval.metrics import is_correct, summarize
+from dirl.rewards import compute_rewards, parse_reward_spec
 from dirl.rollout import EngineOptions, SamplingSpec
 from dirl.runtime import prompt_seeds
 

@@ -55,7 +55,6 @@ from dirl.train.sft.config import SFTConfig
 from dirl.train.sft.data import SFTBatch, SFTLoader, tokenize_rows
 from dirl.train.tracking import MetricsLogger, format_metrics
 
-
 # ---------------------------------------------------------------- 1. setup
 
 
