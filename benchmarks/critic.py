@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from dirl import config as config_lib
-from dirl.train.demo import DemoConfig, rl_config, sft_stage, write_data
-from dirl.train.rl import build_run, train_step
+from dirl.demo import DemoConfig, rl_config, sft_stage, write_data
+from dirl.train.rl.loop import build_run, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def step_times(critic: str, steps: int, out: Path, overrides: list[str]) -> list
         start = time.process_time()
         train_step(run, step)
         times.append(time.process_time() - start)
-    run.backend.close()
+    run.collector.backend.close()
     return times[1:] if len(times) > 1 else times
 
 

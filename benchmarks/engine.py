@@ -119,7 +119,7 @@ def demo_prompts(tokenizer, count: int) -> list[list[int]]:
     """Held-out prompts of the demo task, as the demo's RL sees them."""
     from dirl.data import get_task
     from dirl.data.templates import render_prompt
-    from dirl.train.demo import DemoConfig
+    from dirl.demo import DemoConfig
 
     task = get_task(DemoConfig().task, **DemoConfig().task_params)
     return [tokenizer.encode(render_prompt("plain", row)) for row in task.generate("test", count)]

@@ -81,7 +81,7 @@ def fixed_batch(model, tokenizer, num_groups: int, group_size: int, seed: int) -
     from dirl.data import build_prompt_ids, get_task
     from dirl.engine.engine import Engine
     from dirl.rewards import compute_rewards
-    from dirl.train.demo import DemoConfig
+    from dirl.demo import DemoConfig
 
     demo = DemoConfig()
     task = get_task(demo.task, **demo.task_params)
@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
         cfg.draws, cfg.batches, cfg.groups, cfg.group_size = 4, 2, 1, 4
     if cfg.draws < 2 * cfg.batches or cfg.batches < 2:
         parser.error("need --batches >= 2 and --draws >= 2 * --batches")
+    from dirl.demo import SHIPPED_SFT
     from dirl.model.loading import load_model_spec
-    from dirl.train.demo import SHIPPED_SFT
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model_spec(str(SHIPPED_SFT), seed=cfg.seed)

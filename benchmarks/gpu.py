@@ -78,8 +78,9 @@ def rl_step_fn(model, optimizer, rl_length: int, budget: int):
     from memory import synthetic_rollouts
 
     from dirl.rollout import SamplingSpec
-    from dirl.train.common import OptimConfig
-    from dirl.train.rl_update import AlgoConfig, Learner, policy_update
+    from dirl.train.optim import OptimConfig
+    from dirl.train.rl.config import AlgoConfig
+    from dirl.train.rl.update import Learner, policy_update
     rollouts = synthetic_rollouts(8, rl_length)
     adv = torch.linspace(-1, 1, 8)
     learner = Learner(model, None, optimizer, None, OptimConfig(lr=1e-6), AlgoConfig(micro_batch_tokens=budget),

@@ -65,7 +65,8 @@ def child(mode: str, base: str, out: str, rank: int, precision: str) -> None:
     from dirl import config as config_lib
     from dirl.model.loading import load_model_spec
     from dirl.model.lora import num_parameters
-    from dirl.train.rl import RLConfig, train_rl
+    from dirl.train.rl.config import RLConfig
+    from dirl.train.rl.loop import train_rl
 
     result = {"mode": mode}
     if mode == "baseline":

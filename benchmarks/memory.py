@@ -137,8 +137,9 @@ def _child_rl(num: int, length: int, chunk: int, budget: int) -> None:
     import torch
 
     from dirl.rollout import SamplingSpec
-    from dirl.train.common import OptimConfig
-    from dirl.train.rl_update import AlgoConfig, Learner, policy_update
+    from dirl.train.optim import OptimConfig
+    from dirl.train.rl.config import AlgoConfig
+    from dirl.train.rl.update import Learner, policy_update
     model = _narrow_model(chunk)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     rollouts = synthetic_rollouts(num, length)

@@ -27,14 +27,16 @@ import torch
 
 from dirl.algo.likelihood import EstimatorArgs, plan_estimator, score_plan
 from dirl.backends import make_backend
+from dirl.backends.options import CheckpointOptions
 from dirl.engine.engine import Engine
 from dirl.rollout import PolicyDist, SamplingParams, SamplingSpec
 from dirl.model.masks import sft_meta
 from dirl.model.policy import policy_logprobs
 from dirl.model.forward import Readout
 from dirl.model.loading import load_model_spec
-from dirl.train.rl import RLConfig, RolloutConfig, train_rl
-from dirl.train.rl_update import AlgoConfig
+from dirl.train.rl.config import RLConfig, RolloutConfig
+from dirl.train.rl.loop import train_rl
+from dirl.train.rl.config import AlgoConfig
 
 
 def expansion_batch(rollouts, block_size: int, mask_id: int, pad_id: int):
@@ -110,7 +112,7 @@ def bench_sync(model, tokenizer, repeats: int) -> dict:
 
     t_copy = _time(copy_sync, repeats)
     with tempfile.TemporaryDirectory() as tmp:
-        reload = make_backend("checkpoint", model, tokenizer, workdir=tmp)
+        reload = make_backend("checkpoint", model, tokenizer, CheckpointOptions(workdir=tmp))
         t_reload = _time(reload.sync_weights, repeats)
     # Timer resolution bounds the native number; report against a 1 microsecond floor.
     return {"native_s": t_native, "copy_s": t_copy, "reload_s": t_reload,

@@ -21,7 +21,8 @@ import time
 import torch
 
 from dirl import config as config_lib
-from dirl.train.sft import SFTConfig, build_run, train_step
+from dirl.train.sft.config import SFTConfig
+from dirl.train.sft.loop import build_run, train_step
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 

@@ -56,7 +56,7 @@ CASES = {
     "rl-block-size-schedule": ("rl block_size_schedule=4:8,2:4", "block_size_schedule must look like '0:4,100:8'"),
     "rl-block-size-schedule-sampling": ("rl block_size_schedule=0:4,5:2 rollout.sampling.steps_per_block=3",
                                         "got 3 (with block_size_schedule=2)"),
-    "rl-block-size-http": ("rl rollout.backend=http rollout.url=http://127.0.0.1:9 block_size=8",
+    "rl-block-size-http": ("rl rollout.backend=http rollout.http.url=http://127.0.0.1:9 block_size=8",
                            "block_size cannot change with rollout.backend=http"),
     "rl-estimator": ("rl algo.estimator=bogus", "algo.estimator must be one of"),
     "rl-beta": ("rl algo.beta=-1", "algo.beta"),

@@ -19,10 +19,12 @@ from dirl.cli import main as cli_main
 from dirl.engine.engine import Engine
 from dirl.model.loading import load_model_spec
 from dirl.rollout import SamplingParams
+from dirl.model.loading import load_model_spec
 from dirl.train.models import set_block_size
-from dirl.train.rl import RLConfig, build_run, parse_block_schedule, train_step
-from dirl.train.sft import SFTConfig
-from dirl.train.sft import build_run as build_sft_run
+from dirl.train.rl.config import RLConfig, parse_block_schedule
+from dirl.train.rl.loop import build_run, train_step
+from dirl.train.sft.config import SFTConfig
+from dirl.train.sft.loop import build_run as build_sft_run
 
 TESTS = Path(__file__).resolve().parent
 PROMPT_LENGTHS = (5, 8, 3, 12, 11)  # 8 is a multiple of B = 8, the others are not
@@ -137,21 +139,21 @@ def test_schedule_grows_the_block_size_between_steps(tiny_checkpoint, tmp_path, 
                                            "block_size_schedule=1:8", f"rollout.backend={backend}"])
     run = build_run(cfg)
     seen = []
-    generate = run.backend.generate
+    generate = run.collector.backend.generate
 
     def recording(prompts, params, seeds=None):
         rollouts = generate(prompts, params, seeds)
         ends = [len(r.prompt_ids) + len(r.token_ids) for r in rollouts]
-        seen.append((run.backend.engine.block_size, all(end % 8 == 0 for end in ends)))
+        seen.append((run.collector.backend.engine.block_size, all(end % 8 == 0 for end in ends)))
         return rollouts
 
-    run.backend.generate = recording
+    run.collector.backend.generate = recording
     train_step(run, 0)
     assert run.learner.model.config.block_size == 4  # step 0: the checkpoint's
     train_step(run, 1)
     assert run.learner.model.config.block_size == 8
     assert seen[0][0] == 4 and seen[1] == (8, True)  # step 1's rollouts end on blocks of 8
-    run.backend.close()
+    run.collector.backend.close()
 
 
 def test_sft_at_b8_from_a_b4_checkpoint(tiny_checkpoint, tmp_path):

@@ -17,12 +17,14 @@ from dirl import cli
 from dirl import config as config_lib
 from dirl.config import ConfigError
 from dirl.engine import engine as engine_mod
-from dirl.eval.evaluate import EvalConfig, evaluate_rows, load_eval_rows
+from dirl.eval.config import EvalConfig, load_eval_rows
+from dirl.eval.heldout import evaluate_rows
 from dirl.model.forward import Readout
 from dirl.rollout import SamplingSpec
 from dirl.serve import ServeConfig
 from dirl.serve.app import create_app
-from dirl.train.rl import RLConfig, RolloutConfig, build_run
+from dirl.train.rl.config import RLConfig, RolloutConfig
+from dirl.train.rl.loop import build_run
 
 TESTS = Path(__file__).resolve().parent
 
@@ -48,13 +50,14 @@ def compiled(monkeypatch) -> list:
 def test_rollout_compile_reaches_the_backend_engine(tmp_path, monkeypatch, compiled, backend):
     monkeypatch.syspath_prepend(str(TESTS))  # rl_rewards
     cfg = config_lib.load(RLConfig, None, [f"out={tmp_path}", "rewards={rl_rewards:digit_fraction: 1.0}",
-                                           f"rollout.backend={backend}", "rollout.compile=true"])
+                                           f"rollout.backend={backend}", f"rollout.{backend}.compile=true"])
     run = build_run(cfg)
     try:
-        assert run.backend.engine._step_forward is not None and compiled == [run.backend.engine.model]
+        engine = run.collector.backend.engine
+        assert engine._step_forward is not None and compiled == [engine.model]
     finally:
-        run.backend.close()
-    assert RolloutConfig().compile is False
+        run.collector.backend.close()
+    assert RolloutConfig().native.compile is False and RolloutConfig().checkpoint.compile is False
 
 
 def test_serve_compile_reaches_the_batcher_engine(tiny_model, tokenizer, compiled):
@@ -81,7 +84,7 @@ def test_generate_compile_flag_gives_the_eager_tokens(tiny_checkpoint, compiled,
     assert json.loads(capsys.readouterr().out)["token_ids"] == eager["token_ids"]
 
 
-@pytest.mark.parametrize("cls, key", [(RLConfig, "rollout.compile"), (ServeConfig, "compile"),
+@pytest.mark.parametrize("cls, key", [(RLConfig, "rollout.native.compile"), (ServeConfig, "compile"),
                                       (EvalConfig, "compile")])
 def test_a_bad_compile_value_names_the_key(cls, key):
     with pytest.raises(ConfigError, match=f"^{key}: expected bool, got 'maybe'"):
@@ -89,5 +92,5 @@ def test_a_bad_compile_value_names_the_key(cls, key):
 
 
 def test_rl_cli_exits_2_on_a_bad_compile_value(capsys):
-    assert cli.main(["rl", "rollout.compile=2"]) == 2
-    assert "rollout.compile" in capsys.readouterr().err
+    assert cli.main(["rl", "rollout.native.compile=2"]) == 2
+    assert "rollout.native.compile" in capsys.readouterr().err

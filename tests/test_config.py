@@ -131,8 +131,8 @@ def test_repo_recipes_load():
 def test_a_partial_section_keeps_its_fields_own_defaults(tmp_path):
     """``RolloutConfig.sampling`` / ``EvalSpec.sampling`` defaults differ from ``SamplingSpec()``:
     overriding one key of the section (flag or YAML) must keep the others of the field's default."""
-    from dirl.eval.evaluate import EvalConfig
-    from dirl.train.rl import RLConfig
+    from dirl.eval.config import EvalConfig
+    from dirl.train.rl.config import RLConfig
 
     cfg = config.load(EvalConfig, None, ["sampling.max_new_tokens=16"])
     assert (cfg.sampling.max_new_tokens, cfg.sampling.temperature) == (16, 0.0)  # still greedy

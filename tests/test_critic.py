@@ -17,11 +17,12 @@ from dirl.cli import main as cli_main
 from dirl.engine.engine import Engine
 from dirl.model.checkpoint import load_pretrained
 from dirl.rollout import Rollout, SamplingParams, SamplingSpec
-from dirl.train.common import OptimConfig
+from dirl.train.optim import OptimConfig
 from dirl.model.loading import load_model_spec
-from dirl.train.rl import RLConfig, RolloutConfig, train_rl
-from dirl.train.rl_critic import build_critic
-from dirl.train.rl_update import AlgoConfig
+from dirl.train.rl.config import RLConfig, RolloutConfig
+from dirl.train.rl.loop import train_rl
+from dirl.train.rl.critic import build_critic
+from dirl.train.rl.config import AlgoConfig
 from dirl.train.state import TRAINER_STATE, resolve_resume
 
 REPO = Path(__file__).resolve().parents[1]

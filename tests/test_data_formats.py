@@ -12,8 +12,8 @@ import pytest
 from dirl.data import DataError, load_prompt_rows, load_sft_rows, to_prompt_messages, to_sft_messages
 from dirl.data.datasets import reward_prompt
 from dirl.model.tokenizer import char_tokenizer
-from dirl.train.batching import tokenize_example, tokenize_rows
-from dirl.train.sft import SFTDataConfig
+from dirl.train.sft.data import tokenize_example, tokenize_rows
+from dirl.train.sft.config import SFTDataConfig
 
 
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+1?"},

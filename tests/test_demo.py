@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from dirl import config as config_lib
 from dirl.cli import main as cli_main
-from dirl.train.demo import SHIPPED_RECIPE, SHIPPED_SFT, DemoConfig, run_demo, write_data
+from dirl.demo import SHIPPED_RECIPE, SHIPPED_SFT, DemoConfig, run_demo, write_data
 
 REPO = Path(__file__).resolve().parents[1]
 # A few seconds: 2 RL steps of 2 prompts x 4 samples, 8 held-out prompts.

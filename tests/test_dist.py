@@ -29,8 +29,10 @@ import torch.multiprocessing as mp
 from dirl import config as config_lib
 from dirl.cli import main as cli_main
 from dirl.model.checkpoint import load_pretrained
-from dirl.train.rl import RLConfig, train_rl
-from dirl.train.sft import SFTConfig, train_sft
+from dirl.train.rl.config import RLConfig
+from dirl.train.rl.loop import train_rl
+from dirl.train.sft.config import SFTConfig
+from dirl.train.sft.loop import train_sft
 
 pytestmark = pytest.mark.integration  # processes: deselected by default, CI runs them
 

@@ -14,9 +14,10 @@ from dirl.config import ConfigError
 from dirl.data import build_prompt_ids as build_prompts
 from dirl.data import load_prompt_rows
 from dirl.backends import native
-from dirl.eval.evaluate import EvalConfig, evaluate, load_eval_rows, resolve_defaults
+from dirl.eval.config import EvalConfig, load_eval_rows, resolve_defaults
+from dirl.eval.heldout import evaluate_rows
 from dirl.model.factory import InitConfig, init_model
-from dirl.rewards.metrics import SUMMARY_KEYS, mean_pass_at_k, pass_at_k, summarize
+from dirl.eval.metrics import SUMMARY_KEYS, mean_pass_at_k, pass_at_k, summarize
 from dirl.rollout import Rollout, SamplingSpec
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -102,7 +103,12 @@ def test_build_prompts_chat_and_plain(tokenizer):
     assert chat == "<|user|>1+2=<|assistant|>" and plain == "1+2="
 
 
-# ----------------------------------------------------------------------------- evaluate()
+# ----------------------------------------------------------------------------- evaluate_rows
+
+
+def evaluate(model, tokenizer, rows, cfg, progress=False, backend=None):
+    """What ``dirl eval`` runs: the shared eval path on the config with its task defaults."""
+    return evaluate_rows(model, tokenizer, rows, resolve_defaults(cfg), backend, progress)
 
 
 class OracleBackend:

@@ -12,7 +12,7 @@ from dirl.model.factory import InitConfig, init_model
 from dirl.model.lm_head import full_log_softmax, token_logprobs
 from dirl.model.policy import policy_logprobs
 from dirl.model.tokenizer import char_tokenizer
-from dirl.train.batching import collate, tokenize_example
+from dirl.train.sft.data import collate, tokenize_example
 
 NUM_ROWS, DIM, VOCAB = 37, 8, 50
 

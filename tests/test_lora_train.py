@@ -19,10 +19,11 @@ from dirl.model.checkpoint import CheckpointError, load_pretrained
 from dirl.model.loading import load_model_spec
 from dirl.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelView, adapter_state
 from dirl.train import models as models_lib
-from dirl.train.rl import RLConfig
-from dirl.train.rl import build_run as build_rl_run
-from dirl.train.rl import train_step as rl_step
-from dirl.train.sft import SFTConfig, build_run, train_step
+from dirl.train.rl.config import RLConfig
+from dirl.train.rl.loop import build_run as build_rl_run
+from dirl.train.rl.loop import train_step as rl_step
+from dirl.train.sft.config import SFTConfig
+from dirl.train.sft.loop import build_run, train_step
 
 pytest.importorskip("peft")
 TESTS = Path(__file__).resolve().parent
@@ -88,7 +89,7 @@ def test_rl_with_lora_reference_is_the_base_and_only_adapters_change(tiny_checkp
     merged = tmp_path / "merged"
     from dirl.train.state import save_model_dir
 
-    save_model_dir(run.learner.model, run.tokenizer, tmp_path / "final")
+    save_model_dir(run.learner.model, run.collector.tokenizer, tmp_path / "final")
     assert cli_main(["merge", str(tmp_path / "final"), "--out", str(merged)]) == 0
     assert json.loads((merged / "config.json").read_text())["model_type"] == "sdar"
     with pytest.raises(CheckpointError, match="dirl merge"):  # an adapter dir is not a model dir
@@ -102,13 +103,13 @@ def test_rl_with_lora_in_bf16_mixed_trains_fp32_adapters_on_a_bf16_base(tiny_che
     model = run.learner.model
     assert {str(p.dtype) for n, p in model.named_parameters() if "lora_" not in n} == {"torch.bfloat16"}
     assert all(p.dtype == torch.float32 for g in run.learner.optimizer.param_groups for p in g["params"])
-    assert run.backend.decode_model is not model  # decodes bf16 adapters on the shared bf16 base
+    assert run.collector.backend.decode_model is not model  # decodes bf16 adapters on the shared bf16 base
     before = _split(model)
     assert rl_step(run, 0)["kl"] >= 0
     _assert_only_adapters_changed(before, model)  # the bf16 base bit-identical
     from dirl.train.state import save_model_dir
 
-    adapters = _adapters(save_model_dir(model, run.tokenizer, tmp_path / "final"))
+    adapters = _adapters(save_model_dir(model, run.collector.tokenizer, tmp_path / "final"))
     assert {t.dtype for t in adapters.values()} == {torch.float32}
 
 

@@ -14,7 +14,7 @@ import torch
 
 from dirl.algo.likelihood import EstimatorArgs, plan_estimator, systematic_draws, van_der_corput
 from dirl.rollout import Rollout
-from dirl.train.rl_update import AlgoConfig
+from dirl.train.rl.config import AlgoConfig
 
 MASK, PAD = 3, 0
 

@@ -1,4 +1,4 @@
-"""The per-rank memory plan (dirl.train.memory_plan): hand-computed terms, the CPU measurement, the 8B configs."""
+"""The per-rank memory plan (dirl.memory_plan): hand-computed terms, the CPU measurement, the 8B configs."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 
 from dirl import config as config_lib
 from dirl.model.sdar.config import SDARConfig, preset_config
-from dirl.train.memory_plan import GB, Workload, fits, plan, rl_workload, sft_workload
-from dirl.train.rl import RLConfig
-from dirl.train.sft import SFTConfig
+from dirl.memory_plan import GB, Workload, fits, plan, rl_workload, sft_workload
+from dirl.train.rl.config import RLConfig
+from dirl.train.sft.config import SFTConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SDAR_8B = SDARConfig()
@@ -49,7 +49,7 @@ def test_checkpointing_cuts_activations_by_about_the_layer_count():
 def test_the_8b_rl_config_fits_8x80gb(max_new_tokens, max_batch_rows):
     cfg = config_lib.load(RLConfig, CONFIGS / "sdar-8b-rl.yaml", [])
     if max_batch_rows:
-        cfg.rollout.max_batch_rows = max_batch_rows  # the config's note for 8k responses
+        cfg.rollout.native.max_batch_rows = max_batch_rows  # the config's note for 8k responses
     assert fits(SDAR_8B, rl_workload(cfg, world=8, max_new_tokens=max_new_tokens), device_gb=80)
     assert cfg.compute.precision == "bf16-mixed" and cfg.compute.activation_checkpointing
 

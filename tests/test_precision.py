@@ -10,9 +10,10 @@ from dirl.algo.nelbo import draw_noise, sft_nelbo
 from dirl.config import ConfigError
 from dirl.model.factory import InitConfig, init_model
 from dirl.train import precision
-from dirl.train.batching import collate, tokenize_example
+from dirl.train.sft.data import collate, tokenize_example
 from dirl.train.precision import ComputeConfig
-from dirl.train.sft import SFTConfig, build_run, train_step
+from dirl.train.sft.config import SFTConfig
+from dirl.train.sft.loop import build_run, train_step
 
 CPU = torch.device("cpu")
 
@@ -113,7 +114,8 @@ def test_rl_step_in_bf16_mixed_decodes_from_a_bf16_copy_and_changes_the_weights(
     import sys
     from pathlib import Path
 
-    from dirl.train.rl import RLConfig, build_run, train_step
+    from dirl.train.rl.config import RLConfig
+    from dirl.train.rl.loop import build_run, train_step
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # rl_rewards
     cfg = config_lib.load(RLConfig, None, [
         "model=init:tiny", f"out={tmp_path}", "rollout.num_prompts=2", "rollout.group_size=4",
@@ -121,7 +123,7 @@ def test_rl_step_in_bf16_mixed_decodes_from_a_bf16_copy_and_changes_the_weights(
         "compute.activation_checkpointing=true", "algo.micro_batch_tokens=32", "algo.beta=0.1"])
     cfg.rewards = {"rl_rewards:digit_fraction": 1.0}
     run = build_run(cfg)
-    decode = run.backend.decode_model
+    decode = run.collector.backend.decode_model
     assert decode is not run.learner.model and next(decode.parameters()).dtype == torch.bfloat16
     assert next(run.learner.model.parameters()).dtype == torch.float32  # the fp32 masters
     before = {n: p.detach().clone() for n, p in run.learner.model.named_parameters()}
@@ -133,6 +135,6 @@ def test_rl_step_in_bf16_mixed_decodes_from_a_bf16_copy_and_changes_the_weights(
 
 
 def test_rl_rejects_grad_accum_naming_the_key():
-    from dirl.train.rl import RLConfig
+    from dirl.train.rl.config import RLConfig
     with pytest.raises(ConfigError, match="optim.grad_accum.*micro_batch_tokens"):
         config_lib.load(RLConfig, None, ["optim.grad_accum=2"])

@@ -16,11 +16,13 @@ from dirl.algo.likelihood import ESTIMATORS
 from dirl.engine.engine import Engine
 from dirl.model.checkpoint import load_pretrained
 from dirl.rollout import SamplingParams, SamplingSpec
-from dirl.train.common import OptimConfig, build_optimizer, build_scheduler
+from dirl.train.optim import OptimConfig, build_optimizer, build_scheduler
 from dirl.model.loading import load_model_spec
-from dirl.train.rl import RLConfig, RolloutConfig, build_run, train_rl
-from dirl.train.rl_rollouts import PromptSampler, gather_batch
-from dirl.train.rl_update import AlgoConfig, Learner, policy_update
+from dirl.train.rl.config import RLConfig, RolloutConfig
+from dirl.train.rl.loop import build_run, train_rl
+from dirl.train.rl.collect import PromptSampler, gather_batch
+from dirl.train.rl.config import AlgoConfig
+from dirl.train.rl.update import Learner, policy_update
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -117,20 +119,20 @@ def test_dynamic_sampling_keeps_exactly_the_informative_groups(tmp_path):
     cfg.rewards = {"rl_rewards:informative_unless_even": 1.0}
     cfg.rollout.num_prompts = 4
     run = build_run(cfg)
-    even = [int(row["answer"]) % 2 == 0 for row in run.rows]
-    first_round = PromptSampler(len(run.rows), cfg.seed).take(4)
-    batch, metrics = gather_batch(run, step=0)
-    drawn = PromptSampler(len(run.rows), cfg.seed).take(run.sampler.cursor)  # every prompt of every round
+    even = [int(row["answer"]) % 2 == 0 for row in run.collector.rows]
+    first_round = PromptSampler(len(run.collector.rows), cfg.seed).take(4)
+    batch, metrics = gather_batch(run.collector, step=0)
+    drawn = PromptSampler(len(run.collector.rows), cfg.seed).take(run.collector.sampler.cursor)  # every prompt of every round
     informative = [i for i in drawn if not even[i]]
     assert any(even[i] for i in first_round) and len(drawn) > 4, "the seed must exercise a refill"
     assert metrics["frac_reward_zero_std"] == sum(even[i] for i in first_round) / 4
     assert len(informative) <= 4 and len(batch.rollouts) == 4 * len(informative)
-    assert [r.prompt_ids for r in batch.rollouts[::4]] == [run.prompt_ids[i] for i in informative]
+    assert [r.prompt_ids for r in batch.rollouts[::4]] == [run.collector.prompt_ids[i] for i in informative]
     assert batch.positions == list(range(4 * len(informative)))
     assert torch.equal(batch.global_rewards(), torch.tensor([0, 1 / 3, 2 / 3, 1.0] * len(informative)))
     without = _cfg(tmp_path / "plain", max_steps=1)
     without.rewards, without.rollout.num_prompts = dict(cfg.rewards), 4
-    plain, _ = gather_batch(build_run(without), step=0)
+    plain, _ = gather_batch(build_run(without).collector, step=0)
     assert len(plain.rollouts) == 16  # without dynamic sampling every group stays
 
 

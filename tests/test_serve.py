@@ -327,22 +327,23 @@ def test_no_updates_mode_answers_403(server):
 def test_rl_through_the_server_matches_native(server, tmp_path, monkeypatch):
     """At a fixed seed, ``rollout.backend=http`` gives the same rewards and parameters
     after 2 RL steps as the in-process backend (DESIGN §8)."""
-    from dirl.train.common import OptimConfig
-    from dirl.train.rl import RLConfig, RolloutConfig, train_rl
-    from dirl.train.rl_update import AlgoConfig
+    from dirl.train.optim import OptimConfig
+    from dirl.backends.options import HttpOptions
+    from dirl.train.rl.config import AlgoConfig, RLConfig, RolloutConfig
+    from dirl.train.rl.loop import train_rl
 
     monkeypatch.setenv(KEY_ENV, KEY)
     monkeypatch.syspath_prepend(os.path.dirname(__file__))  # tests/rl_rewards.py
 
     def run(backend: str):
+        http = {"http": HttpOptions(url=server.url, api_key_env=KEY_ENV)} if backend == "http" else {}
         cfg = RLConfig(model="init:tiny", out=str(tmp_path / backend), max_steps=2, log_every=0,
                        rewards={"rl_rewards:digit_fraction": 1.0},
                        # eps=1e-3: Adam's first steps are ~lr * sign(g), so a 1e-7 wobble in the
                        # server's log-probs (its batching depends on request timing) could flip
                        # whole updates of near-zero gradients; a large eps keeps the step smooth in g.
                        optim=OptimConfig(lr=1e-3, schedule="constant", eps=1e-3),
-                       rollout=RolloutConfig(backend=backend, url=server.url, api_key_env=KEY_ENV,
-                                             num_prompts=2, group_size=4,
+                       rollout=RolloutConfig(backend=backend, num_prompts=2, group_size=4, **http,
                                              sampling=SamplingSpec(max_new_tokens=8)),
                        algo=AlgoConfig(beta=0.01))
         run_dir = train_rl(cfg, progress=False)

@@ -15,8 +15,9 @@ from dirl.data import DataError
 from dirl.model.checkpoint import load_pretrained
 from dirl.model.factory import InitConfig, init_model
 from dirl.model.tokenizer import char_tokenizer
-from dirl.train import sft as sft_lib
-from dirl.train.sft import SFTConfig, build_run, train_sft
+from dirl.train.sft import loop as sft_lib
+from dirl.train.sft.config import SFTConfig
+from dirl.train.sft.loop import build_run, train_sft
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["model=init:tiny", "data.source=task:arithmetic", "data.max_length=64", "batch_size=8",

@@ -1,4 +1,4 @@
-"""Checkpoints and resume plumbing (dirl.train.state) and the shared step helpers (dirl.train.common)."""
+"""Checkpoints and resume plumbing (dirl.train.state) and the shared step helpers (dirl.train.optim)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from dirl.model.checkpoint import CheckpointError, load_pretrained
 from dirl.model.factory import InitConfig, init_model
 from dirl.model.masks import TokenMeta
 from dirl.train import state as state_lib
-from dirl.train.common import (MetricsLogger, OptimConfig, build_optimizer, build_scheduler, clip_and_step,
-                               get_rng_state, lr_factor, set_rng_state)
+from dirl.train.optim import OptimConfig, build_optimizer, build_scheduler, clip_and_step, lr_factor
+from dirl.train.state import get_rng_state, set_rng_state
+from dirl.train.tracking import MetricsLogger
 
 
 @pytest.fixture

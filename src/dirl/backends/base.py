@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Protocol
 
+from dirl.backends.options import OPTIONS
 from dirl.rollout import Rollout, SamplingParams
 
-# name -> "module:Class"; each class takes (model, tokenizer, **options).
+# name -> "module:Class"; each class takes (model, tokenizer, **its options' fields, **runtime).
 BACKENDS = {
     "native": "dirl.backends.native:NativeBackend",
     "checkpoint": "dirl.backends.native:CheckpointBackend",
@@ -27,8 +29,15 @@ class RolloutBackend(Protocol):
         """Release resources."""
 
 
-def make_backend(name: str, model, tokenizer, **options) -> RolloutBackend:
+def make_backend(name: str, model, tokenizer, options=None, **runtime) -> RolloutBackend:
+    """Backend ``name`` built from its own options (:mod:`dirl.backends.options`; None: the
+    defaults) and what the trainer computes at run time (``decode_dtype`` for ``native``).
+    Options of another backend are a TypeError, never dropped."""
     if name not in BACKENDS:
         raise ValueError(f"unknown rollout backend {name!r}; choose from {sorted(BACKENDS)}")
+    options = OPTIONS[name]() if options is None else options
+    if type(options) is not OPTIONS[name]:
+        raise TypeError(f"rollout backend {name!r} takes {OPTIONS[name].__name__}, got {type(options).__name__}")
     module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)(model, tokenizer, **options)
+    fields = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+    return getattr(importlib.import_module(module), cls)(model, tokenizer, **fields, **runtime)

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
 
 import httpx
 import torch
 from safetensors.torch import save as save_safetensors
 
+from dirl.backends.options import HttpOptions
 from dirl.rollout import Rollout, SamplingParams, spec_fields
 from dirl.runtime import prompt_seeds
 
@@ -36,25 +36,6 @@ class HttpBackendError(RuntimeError):
     """The server answered an error (its JSON message is included) or an unexpected body."""
 
 
-@dataclass
-class HttpOptions:
-    """The settings of :class:`HttpBackend`."""
-
-    url: str = "http://127.0.0.1:8000"  # the server's root
-    api_key: str | None = None          # default: the environment variable ``api_key_env``
-    api_key_env: str = "DIRL_API_KEY"
-    timeout: float = 600.0              # seconds per request
-    max_concurrency: int = 64           # requests in flight
-    weights_dtype: str | None = None    # cast pushed tensors, e.g. "bfloat16" (server bf16, trainer fp32)
-    sync_on_init: bool = True           # push the trainer's weights at construction: the first rollouts use them
-
-    @classmethod
-    def pick(cls, options: dict) -> "HttpOptions":
-        """The options this backend reads; the rest belong to other backends (``make_backend``
-        passes the same keywords to every backend) and are ignored."""
-        return cls(**{f.name: options[f.name] for f in fields(cls) if f.name in options})
-
-
 class HttpBackend:
     """A :class:`~dirl.backends.base.RolloutBackend` that is a client of ``dirl serve``.
 
@@ -63,10 +44,10 @@ class HttpBackend:
     """
 
     def __init__(self, model, tokenizer=None, **options):
-        opts = HttpOptions.pick(options)
+        opts = HttpOptions(**options)
         if not opts.url:
             raise ValueError("the http rollout backend needs the url of a running `dirl serve` "
-                             "(rollout.url=http://127.0.0.1:8000)")
+                             "(rollout.http.url=http://127.0.0.1:8000)")
         self.model, self.tokenizer = model, tokenizer
         self.url = opts.url.rstrip("/")
         self.api_key = opts.api_key if opts.api_key is not None else os.environ.get(opts.api_key_env)

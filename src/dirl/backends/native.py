@@ -27,7 +27,7 @@ class NativeBackend:
     """
 
     def __init__(self, model, tokenizer=None, use_cache: bool = True, max_batch_rows: int = 256,
-                 decode_dtype: torch.dtype | None = None, compile: bool = False, **_):
+                 decode_dtype: torch.dtype | None = None, compile: bool = False):
         self.model, self.decode_model = model, model
         params = list(model.parameters())
         if decode_dtype is not None and any(p.dtype != decode_dtype for p in params) and not _sharded(model):
@@ -68,7 +68,7 @@ class CheckpointBackend:
     """
 
     def __init__(self, model, tokenizer=None, use_cache: bool = True, max_batch_rows: int = 256,
-                 workdir: str | None = None, compile: bool = False, **_):
+                 workdir: str | None = None, compile: bool = False):
         self.model, self.tokenizer = model, tokenizer
         # compile: each reload is a new model object, which may compile again
         self.options = dict(use_cache=use_cache, max_batch_rows=max_batch_rows, compile=compile)

@@ -11,7 +11,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from dirl.train.demo import DemoConfig, run_demo
+    from dirl.demo import DemoConfig, run_demo
 
     cfg = config_lib.load(DemoConfig, args.config, args.overrides)
     run_demo(cfg)

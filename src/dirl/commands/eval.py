@@ -1,7 +1,7 @@
 """``dirl eval --model DIR --data FILE|task:<name>:test [--reward R] [--out D] [key=value ...]``.
 
-Loads the checkpoint and the rows, runs :func:`dirl.eval.evaluate.evaluate` (the shared eval
-path, :func:`dirl.backends.evaluate.evaluate_rows`), writes
+Loads the checkpoint and the rows, runs the shared eval path
+(:func:`dirl.eval.heldout.evaluate_rows`), writes
 ``samples.jsonl``, ``summary.json`` and the resolved ``config.yaml`` into the run directory, and
 prints the summary as ONE line of JSON, the last line of stdout (progress goes to stderr), so
 scripts can read it with ``tail -n 1``. Precedence: dataclass defaults <- ``--config`` YAML <-
@@ -57,7 +57,8 @@ def write_run(out: Path, cfg, summary: dict, samples: list[dict]) -> None:
 
 def run(args) -> int:
     from dirl.data import build_prompt_ids
-    from dirl.eval.evaluate import EvalConfig, default_out_dir, evaluate, load_eval_rows, resolve_defaults
+    from dirl.eval.config import EvalConfig, default_out_dir, load_eval_rows, resolve_defaults
+    from dirl.eval.heldout import evaluate_rows
     from dirl.rollout import check_sampling
     from dirl.runtime import resolve_device
 
@@ -75,7 +76,7 @@ def run(args) -> int:
             raise
         raise config_lib.ConfigError(str(err)) from None
     out = Path(cfg.out or default_out_dir())
-    summary, samples = evaluate(model, tokenizer, rows, cfg, progress=not args.no_progress)
+    summary, samples = evaluate_rows(model, tokenizer, rows, cfg, progress=not args.no_progress)
     write_run(out, dataclasses.replace(cfg, out=str(out)), summary, samples)
     print(f"dirl eval: wrote {out}/samples.jsonl and summary.json", file=sys.stderr)
     print(json.dumps({**summary, "out": str(out)}), flush=True)

@@ -14,7 +14,6 @@ Prints the completion text, or with ``--json`` one JSON object: ``text``,
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import yaml

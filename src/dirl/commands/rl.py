@@ -17,11 +17,14 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from dirl.train import dist
-    from dirl.train.rl import RLConfig
+    from dirl.train.rl.config import RLConfig
     from dirl.train.trainers import DiPOTrainer
 
-    cfg, checkpoint = resolve_run_config(RLConfig, args, "rl")
-    run_dir = DiPOTrainer(args=cfg).train(resume_from_checkpoint=checkpoint, progress=not args.no_progress)
+    # stop_at_step belongs to the invocation that stopped, not to the one that continues.
+    cfg, checkpoint = resolve_run_config(RLConfig, args, "rl", reset={"stop_at_step": 0})
+    if args.no_progress:
+        cfg.progress = False
+    run_dir = DiPOTrainer(args=cfg).train(resume_from_checkpoint=checkpoint)
     if dist.is_main():
         print(f"rl: done, run directory {run_dir}")
     return 0

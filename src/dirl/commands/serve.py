@@ -1,6 +1,6 @@
 """``dirl serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key-env DIRL_API_KEY] [--no-updates]``.
 
-Every :class:`~dirl.serve.app.ServeConfig` field can also be set from a YAML
+Every :class:`~dirl.serve.ServeConfig` field can also be set from a YAML
 recipe (``--config``) or a ``key=value`` override (``max_n=32``); the flags win.
 The server refuses to start without an update key unless ``--no-updates``.
 """

@@ -20,7 +20,7 @@ def add_arguments(parser) -> None:
 
 
 def resolve_config(args):
-    from dirl.train.sft import SFTConfig
+    from dirl.train.sft.config import SFTConfig
 
     # stop_at_step belongs to the invocation that stopped, not to the one that continues.
     cfg, checkpoint = resolve_run_config(SFTConfig, args, "sft", reset={"stop_at_step": 0})

@@ -11,10 +11,10 @@ from dirl.commands import add_config_arguments
 # kind -> "module:ConfigClass"
 CONFIG_KINDS = {
     "init": "dirl.model.factory:InitConfig",
-    "sft": "dirl.train.sft:SFTConfig",
-    "rl": "dirl.train.rl:RLConfig",
-    "eval": "dirl.eval.evaluate:EvalConfig",
-    "demo": "dirl.train.demo:DemoConfig",
+    "sft": "dirl.train.sft.config:SFTConfig",
+    "rl": "dirl.train.rl.config:RLConfig",
+    "eval": "dirl.eval.config:EvalConfig",
+    "demo": "dirl.demo:DemoConfig",
 }
 
 

@@ -1,12 +1,8 @@
-"""Evaluation of a model on question/answer benchmarks (``dirl eval``).
+"""Evaluation on question/answer benchmarks: ``dirl eval`` and the trainers' held-out eval.
 
-* ``dirl.eval.evaluate`` -- ``EvalConfig`` (an :class:`~dirl.backends.evaluate.EvalSpec` plus
-  the checkpoint and data source), the task-derived defaults, and ``evaluate(model, tokenizer,
-  rows, cfg)``;
-* the evaluation itself is :func:`dirl.backends.evaluate.evaluate_rows`, the one eval path the
-  trainers and the demo share; the correctness rule, pass@k and the summary are
-  :mod:`dirl.rewards.metrics` (torch-free).
-
-Nothing is re-exported here: the function ``evaluate`` shares its name with its module, and a
-package attribute would shadow one or the other. Import from the submodules.
+* :mod:`~dirl.eval.heldout` -- ``EvalSpec`` and :func:`~dirl.eval.heldout.evaluate_rows`, the one
+  eval path (``dirl eval``, the SFT and RL trainers' ``eval_every`` and the demo all call it);
+* :mod:`~dirl.eval.metrics` -- the correctness rule, pass@k and the summary (torch-free);
+* :mod:`~dirl.eval.config` -- ``EvalConfig`` (an ``EvalSpec`` plus checkpoint and data source),
+  the task-derived defaults and the rows of ``dirl eval``.
 """

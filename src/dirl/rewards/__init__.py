@@ -11,7 +11,7 @@ dataset columns by name, ``**kwargs``) or dirl's ``fn(completions, **columns)``
 * ``sudoku``    -- cell accuracy vs ``solution`` on ``puzzle``'s blanks (``dirl.rewards.sudoku``)
 
 Use ``compute_rewards(specs, completions, columns)`` for weighted, fault-isolated scoring, and
-:mod:`dirl.rewards.metrics` for the correctness rule, pass@k and the eval summary.
+:mod:`dirl.eval.metrics` for the correctness rule, pass@k and the eval summary.
 """
 
 from dirl.rewards import countdown, math, sudoku  # noqa: F401 - imported to register the rewards

@@ -45,7 +45,7 @@ from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 from dirl.errors import FieldError
 from dirl.rollout import Rollout, SamplingParams
 from dirl.runtime import MAX_SEED, prompt_seed, prompt_seeds
-from dirl.serve import ServeConfig  # noqa: F401  (re-exported: the app's config)
+from dirl.serve import ServeConfig
 from dirl.serve.batcher import Batcher, QueueFullError
 from dirl.serve.schemas import (DECODING_FIELDS, ChatCompletionRequest, CompletionRequest, SamplingFields, error_body,
                                usage)

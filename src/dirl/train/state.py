@@ -35,10 +35,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -47,7 +49,6 @@ from dirl.model import lora as lora_lib
 from dirl.model.checkpoint import (CheckpointError, atomic_directory, fsync_path, load_state_into, param_dtype,
                                    remove_stale_tmp, save_pretrained)
 from dirl.train import dist as dist_lib
-from dirl.train.common import get_rng_state, set_rng_state
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -284,3 +285,38 @@ def _load_weights(model, path: Path) -> None:
     if model.config.tie_word_embeddings:  # not stored: it is the embedding
         view.tensors["lm_head.weight"] = view.tensors["model.embed_tokens.weight"]
     dist_lib.load_full_state(model, view.tensors)
+
+
+# ---------------------------------------------------------------- RNG
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def get_rng_state() -> dict:
+    """Every RNG the trainers touch, as tensors / primitives (``weights_only`` loadable)."""
+    py_version, py_internal, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": {"version": py_version, "state": list(py_internal), "gauss": py_gauss},
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

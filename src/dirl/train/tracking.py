@@ -144,3 +144,15 @@ def _plain(value):
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     return value
+
+
+def format_metrics(metrics: dict) -> str:
+    """``key=value`` pairs for the one-line console log (floats to 4 significant digits)."""
+    parts = []
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            parts.append(f"{key}={value:.4g}")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+

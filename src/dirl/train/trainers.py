@@ -21,10 +21,12 @@ import torch
 
 from dirl.train.callbacks import CallbackList, TrainerCallback
 from dirl.train.models import RunInputs
-from dirl.train.rl import RLConfig, train_rl
-from dirl.train.sft import SFTConfig, train_sft
+from dirl.train.rl.config import RLConfig
+from dirl.train.rl.loop import train_rl
+from dirl.train.sft.config import SFTConfig
+from dirl.train.sft.loop import train_sft
 
-__all__ = ["IN_MEMORY", "DiPOTrainer", "SFTTrainer", "generate"]
+__all__ = ["IN_MEMORY", "DiPOTrainer", "SFTTrainer"]
 
 IN_MEMORY = "<in-memory>"
 ModelArg = str | Path | torch.nn.Module | None
@@ -162,32 +164,8 @@ class DiPOTrainer(_Trainer):
                                 callbacks=CallbackList(callbacks))
         self.run_dir: Path | None = None
 
-    def train(self, resume_from_checkpoint: str | Path | None = None, progress: bool = True) -> Path:
-        """Run ``args.max_steps`` RL steps (or continue a run); returns the run directory."""
+    def train(self, resume_from_checkpoint: str | Path | None = None, progress: bool | None = None) -> Path:
+        """Run ``args.max_steps`` RL steps (or continue a run); returns the run directory.
+        ``progress`` None: ``args.progress``."""
         self.run_dir = train_rl(self.args, resume=resume_from_checkpoint, progress=progress, inputs=self.inputs)
         return self.run_dir
-
-
-def generate(model: torch.nn.Module, tokenizer: Any, prompt: str | Sequence[str], sampling: Any = None,
-             chat: bool = False, seed: int = 0) -> str | list[str]:
-    """Decode text prompts with the KV-cached engine; one completion per prompt.
-
-    ``sampling``: a ``dirl.SamplingSpec`` (default: its defaults, temperature 1); ``chat`` wraps
-    each prompt in the tokenizer's chat template. Token ids in and out: ``dirl.Engine``.
-
-    >>> import dirl
-    >>> model, tokenizer = dirl.load_model("init:tiny")
-    >>> text = dirl.generate(model, tokenizer, "12+34=", dirl.SamplingSpec(max_new_tokens=8, temperature=0))
-    >>> isinstance(text, str)
-    True
-    """
-    from dirl.data import build_prompt_ids
-    from dirl.engine.engine import Engine
-    from dirl.rollout import SamplingSpec
-
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    prompt_ids = build_prompt_ids(tokenizer, [{"prompt": p} for p in prompts], "plain", chat)
-    params = (sampling or SamplingSpec()).params(tokenizer.stop_ids(), seed=seed)
-    rollouts = Engine(model.eval()).generate(prompt_ids, params)
-    texts = [tokenizer.decode(r.completion_ids) for r in rollouts]
-    return texts[0] if isinstance(prompt, str) else texts

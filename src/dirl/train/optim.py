@@ -1,4 +1,4 @@
-"""Training plumbing shared by SFT and RL: optimizer, schedule, stepping, RNG, logging.
+"""The optimizer, its learning-rate schedule and the one guarded optimizer step, shared by SFT and RL.
 
 Nothing here knows about a loss. ``clip_and_step`` is the single place where an
 optimizer step happens, so the NaN/inf guard (skip the step, keep the weights,
@@ -8,15 +8,12 @@ DESIGN §10 robustness) applies to every trainer alike.
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from dirl.errors import (FINITE_NON_NEGATIVE, FINITE_POSITIVE, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, FieldError,
                          check_fields, one_of)
-from dirl.train.tracking import MetricsLogger  # noqa: F401 - re-exported: the trainers' logger
 
 
 @dataclass
@@ -96,54 +93,3 @@ def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return norm, False
-
-
-# ---------------------------------------------------------------- RNG
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def get_rng_state() -> dict:
-    """Every RNG the trainers touch, as tensors / primitives (``weights_only`` loadable)."""
-    py_version, py_internal, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {
-        "python": {"version": py_version, "state": list(py_internal), "gauss": py_gauss},
-        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-    npy = state["numpy"]
-    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
-                         npy["has_gauss"], npy["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-
-# ---------------------------------------------------------------- logging
-
-
-def format_metrics(metrics: dict) -> str:
-    """``key=value`` pairs for the one-line console log (floats to 4 significant digits)."""
-    parts = []
-    for key, value in metrics.items():
-        if isinstance(value, float):
-            parts.append(f"{key}={value:.4g}")
-        else:
-            parts.append(f"{key}={value}")
-    return " ".join(parts)
-

@@ -1,15 +1,15 @@
 """Held-out evaluation: decode question rows with a backend, score them, summarise. The one eval path.
 
-``dirl eval`` (:mod:`dirl.eval.evaluate`), the SFT and RL trainers' ``eval_every`` and the demo
-all call :func:`evaluate_rows`. It lives in the backends layer, below ``train``/``eval``/``serve``,
-because it is "rollouts through any backend, then rewards": the trainers reach it without
-importing ``dirl.eval`` (a sibling), and every caller reports the same numbers.
+``dirl eval`` (:mod:`dirl.commands.eval`), the SFT and RL trainers' ``eval_every`` and the demo
+all call :func:`evaluate_rows` -- "rollouts through any backend, then rewards" -- so every caller
+reports the same numbers. ``eval`` sits between ``backends`` (it decodes through one) and ``train``
+(the trainers import it).
 
 Each row is rendered with its prompt template (and the tokenizer's chat template,
 :func:`dirl.data.build_prompt_ids`), decoded ``k`` times (token ids in, token ids out; text only
 for the reward), and every completion is scored by :func:`dirl.rewards.compute_rewards` with the
 row's columns (``answer``, ``numbers``/``target``, ``puzzle``/``solution`` ...). See
-:mod:`dirl.rewards.metrics` for the correctness rule and the summary's definitions.
+:mod:`dirl.eval.metrics` for the correctness rule and the summary's definitions.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dirl.data import build_prompt_ids
+from dirl.eval.metrics import is_correct, summarize
 from dirl.rewards import compute_rewards, parse_reward_spec
-from dirl.rewards.metrics import is_correct, summarize
 from dirl.rollout import EngineOptions, SamplingSpec
 from dirl.runtime import prompt_seeds
 

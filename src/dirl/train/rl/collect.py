@@ -10,8 +10,9 @@ dynamic sampling decides on the gathered rewards so every rank agrees.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
@@ -21,9 +22,7 @@ from dirl.rewards import RewardError, compute_rewards
 from dirl.rollout import Rollout
 from dirl.runtime import epoch_seed, rollout_seed
 from dirl.train import dist as dist_lib
-
-if TYPE_CHECKING:
-    from dirl.train.rl import RLRun
+from dirl.train.rl.config import AlgoConfig, RolloutConfig
 
 
 class PromptSampler:
@@ -43,6 +42,23 @@ class PromptSampler:
 
 
 @dataclass
+class Collector:
+    """What steps 1-3 read: the prompts and their sampler, the rewards, the backend."""
+
+    rollout: RolloutConfig            # group size, sampling, prompts per step
+    algo: AlgoConfig                  # dynamic sampling and its refill rounds
+    seed: int
+    tokenizer: Any
+    backend: Any                      # a dirl.backends RolloutBackend
+    rows: list[dict]
+    prompt_ids: Sequence[list[int]]   # PromptIds: row i tokenized when first drawn
+    template: str                     # renders a row's question (a TRL reward's ``prompts``)
+    rewards: dict                     # {name or callable: weight} of the rollouts' reward
+    sampler: PromptSampler
+    first_step: int = 0               # this invocation's first step: a reward failing on all of it stops the run
+
+
+@dataclass
 class RolloutBatch:
     """This rank's kept rollouts (whole groups) and where they sit in the global batch."""
 
@@ -58,12 +74,13 @@ class RolloutBatch:
         return torch.cat(self.all_rewards) if self.all_rewards else torch.zeros(0)
 
 
-def collect(run: RLRun, indices: list[int], step: int) -> tuple[list[Rollout], torch.Tensor, dict]:
-    """Roll out G samples for each prompt index and score them. -> (rollouts, reward tensor, metrics)."""
-    cfg, tokenizer = run.cfg, run.tokenizer
-    group = cfg.rollout.group_size
-    params = cfg.rollout.sampling.params(tokenizer.stop_ids(), n=group)
-    seeds = [rollout_seed(cfg.seed, step, i) for i in indices]
+def collect(run: Collector, indices: list[int], step: int) -> tuple[list[Rollout], torch.Tensor, dict]:
+    """Steps 2-3 for some prompts: G samples for each prompt index, scored.
+    -> (rollouts, reward tensor, metrics)."""
+    tokenizer = run.tokenizer
+    group = run.rollout.group_size
+    params = run.rollout.sampling.params(tokenizer.stop_ids(), n=group)
+    seeds = [rollout_seed(run.seed, step, i) for i in indices]
     t0 = time.perf_counter()
     # A rank can get no prompt (a refill round smaller than the world): it only joins the collectives.
     rollouts = run.backend.generate([run.prompt_ids[i] for i in indices], params, seeds) if indices else []
@@ -77,7 +94,7 @@ def collect(run: RLRun, indices: list[int], step: int) -> tuple[list[Rollout], t
     prompts = [prompt for prompt in row_prompts for _ in range(group)]
     result = compute_rewards(run.rewards, texts, columns, prompts=prompts,
                              completion_ids=[r.completion_ids for r in rollouts])
-    if step == run.start_step:
+    if step == run.first_step:
         _stop_on_a_broken_reward(result)
     metrics = {"timing/rollout": t1 - t0, "timing/reward": time.perf_counter() - t1, **result.metrics}
     return rollouts, torch.tensor(result.total, dtype=torch.float32), metrics
@@ -124,14 +141,13 @@ def _global_round_metrics(metrics: dict, count: int) -> dict:
     return out
 
 
-def gather_batch(run: RLRun, step: int) -> tuple[RolloutBatch, dict]:
+def gather_batch(run: Collector, step: int) -> tuple[RolloutBatch, dict]:
     """Steps 1-3: prompts, rollouts, rewards; with dynamic sampling, refill uninformative groups.
 
     -> (RolloutBatch, metrics). Kept groups are numbered in prompt order over all ranks."""
-    cfg = run.cfg
-    group, wanted = cfg.rollout.group_size, cfg.rollout.num_prompts
+    group, wanted = run.rollout.group_size, run.rollout.num_prompts
     batch, metrics, kept = RolloutBatch(), {}, 0
-    rounds = 1 + (cfg.algo.max_refill_rounds if cfg.algo.dynamic_sampling else 0)
+    rounds = 1 + (run.algo.max_refill_rounds if run.algo.dynamic_sampling else 0)
     first_zero_std = None
     for _ in range(rounds):
         indices = run.sampler.take(wanted - kept)  # the same global list on every rank
@@ -146,7 +162,7 @@ def gather_batch(run: RLRun, step: int) -> tuple[RolloutBatch, dict]:
         else:
             for key in ("timing/rollout", "timing/reward"):
                 metrics[key] += m[key]
-        if not cfg.algo.dynamic_sampling:
+        if not run.algo.dynamic_sampling:
             keep = torch.ones_like(keep)
         ordinal = (torch.cumsum(keep.long(), 0) - 1 + kept).tolist()  # global number of each kept group
         for k, j in enumerate(mine):

@@ -36,11 +36,10 @@ from dirl.algo.critic import ValueConfig
 from dirl.data import get_task
 from dirl.rollout import SamplingSpec
 from dirl.runtime import derived_seed
-from dirl.train.common import OptimConfig
-from dirl.train.rl import RLConfig, RolloutConfig
-from dirl.train.rl_update import AlgoConfig
+from dirl.train.optim import OptimConfig
+from dirl.train.rl.config import AlgoConfig, RLConfig, RolloutConfig
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_SFT = ASSETS / "demo-sft"
 SHIPPED_RECIPE = SHIPPED_SFT / "recipe.yaml"   # a copy of configs/demo-sft.yaml
 STAGES = ("data", "sft", "all")
@@ -49,7 +48,7 @@ STAGES = ("data", "sft", "all")
 def _demo_rl() -> RLConfig:
     """The RL recipe (configs/demo.yaml repeats it; a test holds the two equal)."""
     return RLConfig(
-        max_steps=200, eval_every=20, log_every=10,
+        device="cpu", max_steps=200, eval_every=20, log_every=10,  # the demo is a CPU pipeline
         optim=OptimConfig(lr=3e-5, warmup_steps=5, schedule="constant", grad_clip=1.0),
         rollout=RolloutConfig(num_prompts=16, group_size=8, sampling=SamplingSpec(
             max_new_tokens=36, temperature=0.6, unmasking="dynamic", threshold=0.9)),
@@ -117,7 +116,7 @@ def write_data(cfg: DemoConfig, data_dir: Path) -> dict[str, Path]:
 
 def sft_recipe(cfg: DemoConfig, data: dict[str, Path], out: Path):
     """The SFT recipe (shipped copy of configs/demo-sft.yaml) pointed at this run's data."""
-    from dirl.train.sft import SFTConfig
+    from dirl.train.sft.config import SFTConfig
 
     path = cfg.sft_recipe or SHIPPED_RECIPE
     overrides = [f"data.source={data['sft']}", f"out={out / 'sft'}", f"seed={cfg.seed}",
@@ -132,7 +131,7 @@ def sft_stage(cfg: DemoConfig, data: dict[str, Path], out: Path) -> str:
             raise config_lib.ConfigError(f"{SHIPPED_SFT}: the shipped SFT checkpoint is missing; run with sft=train")
         return str(SHIPPED_SFT)
     if cfg.sft == "train":
-        from dirl.train.sft import train_sft
+        from dirl.train.sft.loop import train_sft
 
         return str(train_sft(sft_recipe(cfg, data, out)) / "final")
     if not Path(cfg.sft, "config.json").exists():
@@ -146,10 +145,10 @@ def sft_stage(cfg: DemoConfig, data: dict[str, Path], out: Path) -> str:
 def held_out(model_dir: str, rl: RLConfig, progress: bool) -> dict:
     """Greedy accuracy (and tokens per forward) on ``rl``'s held-out prompts, decoded as in RL
     (the RL run's own held-out eval, :func:`dirl.train.rl.held_out_spec`)."""
-    from dirl.backends.evaluate import evaluate_rows
     from dirl.data import load_prompt_rows
+    from dirl.eval.heldout import evaluate_rows
     from dirl.model.loading import load_model_spec
-    from dirl.train.rl import held_out_spec
+    from dirl.train.rl.config import held_out_spec
 
     model, tokenizer = load_model_spec(model_dir, seed=rl.seed)
     rows = load_prompt_rows(rl.eval_data, limit=rl.eval_limit)
@@ -174,7 +173,7 @@ def rl_config(cfg: DemoConfig, sft_dir: str, data: dict[str, Path], out: Path) -
 def rl_stage(cfg: DemoConfig, rl: RLConfig) -> tuple[Path, int]:
     """Run RL; with ``rl_wall_s`` in chunks of ``eval_every`` steps, resuming exactly,
     until the budget (on ``rl_clock``) is spent. Returns (run dir, steps done)."""
-    from dirl.train.rl import train_rl
+    from dirl.train.rl.loop import train_rl
     from dirl.train.state import resolve_resume
 
     if cfg.rl_wall_s <= 0:  # one call: exactly the recipe, deterministic

@@ -27,47 +27,18 @@ ones backprop zero), so FSDP2's per-layer collectives stay matched.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from dirl.algo.advantages import ADVANTAGE_MODES
-from dirl.algo.critic import CRITICS, ValueConfig
-from dirl.algo.likelihood import (ESTIMATORS, MC_SAMPLING, EstimatorArgs, EstimatorOptions, Plan, plan_estimator,
-                                  score_plan)
-from dirl.algo.losses import AGGREGATIONS, LossConfig, ScoredTokens, dipo_loss
-from dirl.errors import FINITE_NON_NEGATIVE, NON_NEGATIVE, OPEN_UNIT_INTERVAL, POSITIVE, check_fields, one_of
+from dirl.algo.likelihood import EstimatorArgs, Plan, plan_estimator, score_plan
+from dirl.algo.losses import ScoredTokens, dipo_loss
 from dirl.model.masks import TokenMeta
 from dirl.model.trace import row_groups, select_rows
 from dirl.rollout import Rollout, SamplingSpec
 from dirl.train import dist as dist_lib
-from dirl.train.common import OptimConfig, clip_and_step
-
-
-@dataclass
-class AlgoConfig(LossConfig, EstimatorOptions):
-    """The estimator, advantages, dynamic sampling and PPO schedule, plus the loss's settings
-    (clip_low, clip_high, beta, agg: :class:`~dirl.algo.losses.LossConfig`) and the estimators'
-    (shrink, mc_steps, mc_sampling, mc_floor: :class:`~dirl.algo.likelihood.EstimatorOptions`)."""
-
-    estimator: str = "trace"          # trace | trace_shrink | trace_mc | random_mask | coupled | mean_field
-    adv_mode: str = "zscore"          # zscore | mean | loo
-    dynamic_sampling: bool = False    # drop groups with equal rewards and refill from more prompts
-    max_refill_rounds: int = 3
-    num_iterations: int = 1           # PPO epochs per rollout batch
-    num_minibatches: int = 1          # optimizer steps per epoch
-    micro_batch_tokens: int = 8192    # packed tokens scored per forward/backward (0 = the whole mini-batch)
-    critic: str = "none"              # none | value: TraceRL's value model, GAE advantages (dirl.train.rl_critic)
-    value: ValueConfig = field(default_factory=ValueConfig)  # the value model's lr, clip, gamma, lam, outcome
-
-    def __post_init__(self) -> None:
-        check_fields(self, {
-            "estimator": one_of(*ESTIMATORS), "adv_mode": one_of(*ADVANTAGE_MODES), "agg": one_of(*AGGREGATIONS),
-            "critic": one_of(*CRITICS),
-            "shrink": POSITIVE, "mc_steps": POSITIVE, "mc_sampling": one_of(*MC_SAMPLING),
-            "mc_floor": OPEN_UNIT_INTERVAL, "max_refill_rounds": NON_NEGATIVE,
-            "clip_low": FINITE_NON_NEGATIVE, "clip_high": FINITE_NON_NEGATIVE, "beta": FINITE_NON_NEGATIVE,
-            "num_iterations": POSITIVE, "num_minibatches": POSITIVE})
+from dirl.train.optim import OptimConfig, clip_and_step
+from dirl.train.rl.config import AlgoConfig
 
 
 @dataclass

@@ -46,7 +46,7 @@ class Workload:
     checkpointing: bool = True
     head_chunk: int = 256
     reference: bool = False            # RL with beta > 0: a frozen bf16 reference
-    decode_rows: int = 0               # rollout.max_batch_rows (0: no rollout phase, SFT)
+    decode_rows: int = 0               # rollout.<backend>.max_batch_rows (0: no rollout phase: SFT, http)
     decode_len: int = 0                # prompt + max_new_tokens
 
 
@@ -94,21 +94,12 @@ def fits(cfg: SDARConfig, work: Workload, device_gb: float = 80.0, phase: str = 
     return max(peaks) <= device_gb * MARGIN
 
 
-def largest_fitting(cfg: SDARConfig, work: Workload, field: str, candidates: list[int],
-                    device_gb: float = 80.0) -> int:
-    """The largest value of ``field`` (``tokens``: the train phase; ``decode_rows``: the
-    rollout phase) among ``candidates`` whose plan fits (0 if none)."""
-    phase = "rollout" if field == "decode_rows" else "train"
-    fitting = [v for v in candidates if fits(cfg, Workload(**{**work.__dict__, field: v}), device_gb, phase)]
-    return max(fitting, default=0)
-
-
 PROMPT_TOKENS = 512  # planning allowance for a prompt (MATH prompts are shorter)
 WORST_COPIES_PER_TOKEN = 4  # block 4, one token per step: 4 copies of 4 tokens per block of 4
 
 
 def rl_workload(cfg, world: int, max_new_tokens: int | None = None) -> Workload:
-    """The workload of an :class:`~dirl.train.rl.RLConfig` (``max_new_tokens`` overrides the config's).
+    """The workload of an :class:`~dirl.train.rl.config.RLConfig` (``max_new_tokens`` overrides the config's).
 
     A trace row is worst-case ~5x its response (one token committed per step: 4 copies of
     4 tokens per block of 4) and is never split, so a micro-batch holds at least one row."""
@@ -118,12 +109,12 @@ def rl_workload(cfg, world: int, max_new_tokens: int | None = None) -> Workload:
     return Workload(world=world, precision=cfg.compute.precision if cfg.compute.precision != "auto" else "bf16-mixed",
                     tokens=tokens, scored=max(1, tokens // (1 + WORST_COPIES_PER_TOKEN)),
                     checkpointing=cfg.compute.activation_checkpointing, head_chunk=cfg.compute.head_chunk_size,
-                    reference=cfg.algo.beta > 0, decode_rows=cfg.rollout.max_batch_rows,
+                    reference=cfg.algo.beta > 0, decode_rows=getattr(cfg.rollout.backend_options(), "max_batch_rows", 0),
                     decode_len=PROMPT_TOKENS + length)
 
 
 def sft_workload(cfg, world: int, max_length: int | None = None) -> Workload:
-    """The workload of an :class:`~dirl.train.sft.SFTConfig`: ``batch_size / world`` packed rows of
+    """The workload of an :class:`~dirl.train.sft.config.SFTConfig`: ``batch_size / world`` packed rows of
     ``max_length`` tokens, each laid out as 2 (3 with complementary masks) streams."""
     length = max_length or cfg.data.max_length
     rows = max(1, cfg.batch_size // max(1, world))

@@ -32,19 +32,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from dirl.algo.nelbo import TokenBatch
 from dirl.data import DataError, to_sft_messages
 from dirl.runtime import epoch_seed
-
-if TYPE_CHECKING:  # the config lives with the trainer that owns it
-    from dirl.train.sft import SFTDataConfig
-
-
-ASSISTANT_TURNS = ("last", "all")
+from dirl.train.sft.config import SFTDataConfig
 
 
 @dataclass
@@ -94,7 +88,7 @@ def tokenize_example(messages: Sequence[Mapping[str, str]], tokenizer, block_siz
     return SFTExample(input_ids + [tokenizer.eos_token_id] * padding, mask + [True] * padding)
 
 
-def tokenize_rows(rows: Sequence[Mapping], tokenizer, data: "SFTDataConfig", block_size: int,
+def tokenize_rows(rows: Sequence[Mapping], tokenizer, data: SFTDataConfig, block_size: int,
                   source: str = "data") -> list[SFTExample]:
     """Tokenise every row with ``data``'s template, length limit and assistant turns; a row that
     cannot be templated or is too long is a DataError naming it."""

@@ -1,6 +1,6 @@
 """The value model in the RL loop, ``algo.critic=value`` (TraceRL, Wang et al. 2025, §3.3).
 
-Per RL step, around the policy update (:mod:`dirl.train.rl`):
+Per RL step, around the policy update (:mod:`dirl.train.rl.loop`):
 
 1. :meth:`Critic.advantages` -- the value model scores every completion token's state on
    the ``trace`` plan (one copy per denoising step, the exact states the sampler saw),
@@ -34,8 +34,9 @@ from dirl.model.trace import TracePack, row_groups, select_rows
 from dirl.model.value import ValueModel
 from dirl.rollout import Rollout
 from dirl.train import dist as dist_lib
-from dirl.train.common import OptimConfig, build_optimizer, clip_and_step
-from dirl.train.rl_update import AlgoConfig, minibatch_indices
+from dirl.train.optim import OptimConfig, build_optimizer, clip_and_step
+from dirl.train.rl.config import AlgoConfig
+from dirl.train.rl.update import minibatch_indices
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 The loop (``train_sft``), in numbered sections:
 
-1. setup -- resolve the device, load or initialise the model, tokenise and
-   validate *every* row (a bad row stops the run before any training);
+1. setup -- the shared :func:`dirl.train.setup.setup` (seed, device, model), then
+   tokenise and validate *every* row (a bad row stops the run before any training);
 2. optimizer, schedule, loader, noise generator -- then restore all of them
    (and the RNGs) from a checkpoint when resuming;
 3. steps -- ``grad_accum`` micro-batches of :func:`dirl.algo.nelbo.sft_nelbo`,
@@ -40,75 +40,20 @@ import torch
 from tqdm import tqdm
 
 from dirl import config as config_lib
-from dirl.errors import NON_NEGATIVE, POSITIVE, check_fields, one_of
-from dirl.algo.nelbo import NOISE_EPS, NoiseDraw, draw_noise, response_counts, sft_nelbo
-from dirl.backends.evaluate import EvalSpec, evaluate_rows, held_out_metrics
+from dirl.algo.nelbo import NoiseDraw, draw_noise, response_counts, sft_nelbo
 from dirl.data import load_prompt_rows, load_sft_rows, task_of
-from dirl.model.lora import LoraConfig
-from dirl.rollout import SamplingSpec, check_sampling
-from dirl.runtime import derived_seed, resolve_device
+from dirl.eval.heldout import EvalSpec, evaluate_rows, held_out_metrics
+from dirl.rollout import check_sampling
+from dirl.runtime import derived_seed
 from dirl.train import dist as dist_lib
-from dirl.train import state as state_lib
-from dirl.train.batching import ASSISTANT_TURNS, SFTBatch, SFTLoader, tokenize_rows
 from dirl.train import precision
-from dirl.train.common import (MetricsLogger, OptimConfig, build_optimizer, build_scheduler,
-                               clip_and_step, format_metrics, set_seed)
-from dirl.train.models import RunInputs, check_lora, resolve_model, set_block_size
-from dirl.train.precision import ComputeConfig
-from dirl.train.tracking import check_report_to
-
-
-@dataclass
-class SFTDataConfig:
-    source: str = "task:arithmetic"   # jsonl / json / parquet / saved dataset dir / task:<name>[:split]
-    split: str | None = None
-    prompt_template: str = "plain"    # a dirl.data.PROMPT_TEMPLATES name or a literal "{question}" string
-    limit: int | None = None          # use the first N rows (tasks: generate N)
-    max_length: int = 256             # tokens per example (and per packed row); longer rows are an error
-    assistant_turns: str = "last"     # multi-turn rows: train the last assistant turn, or "all" of them
-
-    def __post_init__(self) -> None:
-        check_fields(self, {"assistant_turns": one_of(*ASSISTANT_TURNS)})
-
-
-@dataclass
-class SFTConfig:
-    model: str = "init:tiny"          # checkpoint dir, or init:<preset> (random weights, char tokenizer)
-    block_size: int | None = None     # train / decode / save with this block size; null = the model's
-    out: str = "runs/sft"
-    data: SFTDataConfig = field(default_factory=SFTDataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    max_steps: int = 300
-    stop_at_step: int = 0             # > 0: end this invocation after that step (resume later)
-    batch_size: int = 16              # examples per micro-batch, over all ranks (packed: rows of max_length)
-    log_every: int = 10
-    save_every: int = 100             # 0 = only at the end
-    keep_last: int = 3
-    eval_every: int = 0               # 0 = off; held-out accuracy on the task's test split
-    eval_num: int = 32
-    eval_sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec(max_new_tokens=64, temperature=0.0))
-    seed: int = 0
-    complementary_masks: bool = False
-    pack: bool = False
-    noise_eps: float = NOISE_EPS
-    attn_impl: str = "auto"           # auto (flex on CUDA, sdpa on CPU) | sdpa | flex
-    device: str = "auto"
-    compute: ComputeConfig = field(default_factory=ComputeConfig)  # precision, checkpointing, head chunks
-    progress: bool = True
-    report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # + wandb
-    dist: dist_lib.DistConfig = field(default_factory=dist_lib.DistConfig)  # torchrun only
-    lora: LoraConfig = field(default_factory=LoraConfig)  # r > 0: train adapters on a frozen base
-    overwrite: bool = False           # a fresh run may replace a run already in `out`
-
-    def __post_init__(self) -> None:
-        check_fields(self, {
-            "block_size": POSITIVE, "max_steps": POSITIVE, "stop_at_step": NON_NEGATIVE, "batch_size": POSITIVE, "log_every": POSITIVE,
-            "save_every": NON_NEGATIVE, "keep_last": POSITIVE, "eval_every": NON_NEGATIVE, "eval_num": POSITIVE,
-            "noise_eps": (lambda v: 0 <= v < 1, "in [0, 1)"),
-            "attn_impl": one_of("auto", "sdpa", "flex")})
-        check_fields(self.data, {"max_length": POSITIVE, "limit": NON_NEGATIVE})
-        check_report_to(self.report_to)
-
+from dirl.train import state as state_lib
+from dirl.train.models import RunInputs, set_block_size
+from dirl.train.optim import build_optimizer, build_scheduler, clip_and_step
+from dirl.train.setup import run_scope, setup
+from dirl.train.sft.config import SFTConfig
+from dirl.train.sft.data import SFTBatch, SFTLoader, tokenize_rows
+from dirl.train.tracking import MetricsLogger, format_metrics
 
 # ---------------------------------------------------------------- 1. setup
 
@@ -119,12 +64,6 @@ def load_examples(cfg: SFTConfig, tokenizer, block_size: int, rows: list[dict] |
     rows = load_sft_rows(source, split=cfg.data.split, limit=cfg.data.limit, seed=cfg.seed)
     return tokenize_rows(rows, tokenizer, cfg.data, block_size,
                          source=cfg.data.source if source is cfg.data.source else "train_dataset")
-
-
-def resolve_attn_impl(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "flex" if device.type == "cuda" else "sdpa"
-    return name
 
 
 # ---------------------------------------------------------------- 3. one step
@@ -230,23 +169,19 @@ class SFTRun:
 
 def build_run(cfg: SFTConfig, resume: str | Path | None = None, inputs: RunInputs | None = None) -> SFTRun:
     """Sections 1-2: model, data, optimizer, schedule; restored from ``resume`` if given."""
-    set_seed(cfg.seed)
-    device = dist_lib.local_device(resolve_device(cfg.device))
-    dist_lib.init_from_env(cfg.dist, device)
-    if cfg.batch_size < dist_lib.world_size():
-        raise ValueError(f"batch_size={cfg.batch_size} is the global batch: it must be >= the "
-                         f"{dist_lib.world_size()} ranks")
-    check_lora(cfg.lora, cfg.dist.strategy)
     inputs = inputs or RunInputs()
-    model, tokenizer = resolve_model(cfg.model, inputs, device, precision.load_dtype(cfg.compute, device, cfg.lora),
-                                     cfg.seed, lora=cfg.lora)
+
+    def prepare(device):
+        if cfg.batch_size < dist_lib.world_size():
+            raise ValueError(f"batch_size={cfg.batch_size} is the global batch: it must be >= the "
+                             f"{dist_lib.world_size()} ranks")
+
+    made = setup(cfg, inputs, prepare)
+    device, attn_impl, model, tokenizer = made.device, made.attn_impl, made.model, made.tokenizer
     set_block_size(model, cfg.block_size, cfg.lora)
-    precision.configure(model, cfg.compute)
-    inputs.model, inputs.tokenizer = model, tokenizer  # the caller's handle on what is trained
     if cfg.eval_every:
-        check_sampling(cfg.eval_sampling, model.config.block_size, "eval_sampling")
-    examples = load_examples(cfg, tokenizer, model.config.block_size, inputs.train_rows)  # validates every row
-    attn_impl = resolve_attn_impl(cfg.attn_impl, device)
+        check_sampling(cfg.eval_sampling, model.arch.block_size, "eval_sampling")
+    examples = load_examples(cfg, tokenizer, model.arch.block_size, inputs.train_rows)  # validates every row
     # Flex compiles per shape: give unpacked batches a fixed length too.
     row_length = cfg.data.max_length if (cfg.pack or attn_impl == "flex") else None
     loader = SFTLoader(examples, cfg.batch_size, tokenizer.pad_token_id, cfg.seed, cfg.pack, row_length)
@@ -255,7 +190,7 @@ def build_run(cfg: SFTConfig, resume: str | Path | None = None, inputs: RunInput
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps)
     noise_gen = torch.Generator().manual_seed(derived_seed(cfg.seed, "noise"))
     run = SFTRun(cfg, Path(cfg.out), device, attn_impl, model, tokenizer, optimizer, scheduler, loader, noise_gen)
-    if resume is not None:
+    if resume:
         checkpoint = state_lib.resolve_resume(resume)
         state = state_lib.load_checkpoint(checkpoint, model, optimizer, scheduler)  # last: restores RNGs
         run.run_dir = checkpoint.parent.parent
@@ -272,10 +207,8 @@ def train_sft(cfg: SFTConfig, resume: str | Path | None = None, inputs: RunInput
 
     ``inputs`` holds what a Python caller gives besides the config (``dirl.SFTTrainer``)."""
     inputs = inputs or RunInputs()
-    run_dir = state_lib.resolve_resume(resume).parent.parent if resume is not None else Path(cfg.out)
-    state_lib.prepare_run_dir(run_dir, resumed=resume is not None, overwrite=cfg.overwrite)  # before loading
-    with dist_lib.process_group(cfg.dist, resolve_device(cfg.device)):
-        return _train(build_run(cfg, resume, inputs), resume is not None, inputs.callbacks)
+    with run_scope(cfg, resume):
+        return _train(build_run(cfg, resume, inputs), bool(resume), inputs.callbacks)
 
 
 def _train(run: SFTRun, resumed: bool, callbacks) -> Path:
@@ -286,7 +219,7 @@ def _train(run: SFTRun, resumed: bool, callbacks) -> Path:
         (run.run_dir / "config.yaml").write_text(config_lib.dump(cfg))
     logger = MetricsLogger(run.run_dir, enabled=main, resume_step=run.step if resumed else None,
                            report_to=cfg.report_to, config=config_lib.to_dict(cfg))
-    last_step = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else cfg.max_steps
+    last_step = cfg.last_step()
     bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not (cfg.progress and main), desc="sft",
                dynamic_ncols=True)
     window = run.window

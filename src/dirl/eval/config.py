@@ -1,31 +1,29 @@
 """``dirl eval``'s configuration: what to evaluate (checkpoint, data source) on top of an :class:`EvalSpec`.
 
-The evaluation itself is :func:`dirl.backends.evaluate.evaluate_rows`, the one eval path (the
+The evaluation itself is :func:`dirl.eval.heldout.evaluate_rows`, the one eval path (the
 trainers and the demo call it too). This module adds what only a stand-alone eval needs: the
-checkpoint and data source, task-derived defaults, and :func:`evaluate` -- resolve the defaults,
-then call the shared function. ``dirl eval`` (:mod:`dirl.commands.eval`) loads the checkpoint and
-the rows, calls it, and writes ``samples.jsonl`` + ``summary.json``.
+checkpoint and data source, the task-derived defaults (:func:`resolve_defaults`) and the rows
+(:func:`load_eval_rows`). ``dirl eval`` (:mod:`dirl.commands.eval`) loads the checkpoint and the
+rows, evaluates them with the resolved config, and writes ``samples.jsonl`` + ``summary.json``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
 
-from dirl.backends.evaluate import DEFAULT_REWARD, DEFAULT_TEMPLATE, EvalSpec, evaluate_rows
 from dirl.data import DataError, load_prompt_rows, parse_task_source, task_of
+from dirl.eval.heldout import DEFAULT_REWARD, DEFAULT_TEMPLATE, EvalSpec
 from dirl.rewards import parse_reward_spec
 
-__all__ = ["EvalConfig", "EvalSpec", "evaluate", "load_eval_rows", "resolve_defaults"]
+__all__ = ["EvalConfig", "load_eval_rows", "resolve_defaults"]
 
 
 @dataclass
 class EvalConfig(EvalSpec):
     """What to evaluate and how to decode. Empty strings mean "derive a default" (see below)."""
 
-    model: str = ""                # checkpoint directory (``dirl eval`` only; evaluate() gets a model)
+    model: str = ""                # checkpoint directory (``dirl eval`` only)
     data: str = ""                 # .jsonl/.json/.parquet, saved dataset dir, or task:<name>[:<split>]
     split: str | None = None       # split of a saved DatasetDict / {split: rows} file
     data_seed: int = 0             # generator seed of task:<name> sources (fixed eval set)
@@ -72,9 +70,3 @@ def load_eval_rows(cfg: EvalConfig) -> list[dict]:
     if not rows:
         raise DataError(f"{cfg.data}: no rows to evaluate (limit={cfg.limit})")
     return rows
-
-
-def evaluate(model, tokenizer, rows: Sequence[Mapping[str, Any]], cfg: EvalConfig,
-             progress: bool = True, backend=None) -> tuple[dict[str, Any], list[dict]]:
-    """:func:`dirl.backends.evaluate.evaluate_rows` after the task-derived defaults of ``cfg``."""
-    return evaluate_rows(model, tokenizer, rows, resolve_defaults(cfg), backend, progress)

@@ -1,0 +1,44 @@
+"""``dirl sft``'s configuration: the shared :class:`~dirl.train.config.TrainerConfig` plus the
+data, batching and masking settings of the blockwise NELBO (DESIGN §6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dirl.algo.nelbo import NOISE_EPS
+from dirl.errors import NON_NEGATIVE, POSITIVE, check_fields, one_of
+from dirl.rollout import SamplingSpec
+from dirl.train.config import TrainerConfig, trainer_defaults
+
+ASSISTANT_TURNS = ("last", "all")
+
+
+@dataclass
+class SFTDataConfig:
+    source: str = "task:arithmetic"   # jsonl / json / parquet / saved dataset dir / task:<name>[:split]
+    split: str | None = None
+    prompt_template: str = "plain"    # a dirl.data.PROMPT_TEMPLATES name or a literal "{question}" string
+    limit: int | None = None          # use the first N rows (tasks: generate N)
+    max_length: int = 256             # tokens per example (and per packed row); longer rows are an error
+    assistant_turns: str = "last"     # multi-turn rows: train the last assistant turn, or "all" of them
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"assistant_turns": one_of(*ASSISTANT_TURNS), "max_length": POSITIVE,
+                            "limit": NON_NEGATIVE})
+
+
+@dataclass
+@trainer_defaults(out="runs/sft")
+class SFTConfig(TrainerConfig):
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    batch_size: int = 16              # examples per micro-batch, over all ranks (packed: rows of max_length)
+    eval_num: int = 32                # held-out problems of the task's test split (eval_every > 0)
+    eval_sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec(max_new_tokens=64, temperature=0.0))
+    complementary_masks: bool = False
+    pack: bool = False
+    noise_eps: float = NOISE_EPS
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_fields(self, {"batch_size": POSITIVE, "log_every": POSITIVE, "eval_num": POSITIVE,
+                            "noise_eps": (lambda v: 0 <= v < 1, "in [0, 1)")})
