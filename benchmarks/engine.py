@@ -12,7 +12,7 @@ about 1/V), so dynamic unmasking at tau = 0.9 commits ~1 token per forward; the
 low-threshold line shows the parallel path working. Pass ``--model DIR`` to
 measure a trained checkpoint instead.
 
-    python benchmarks/engine.py [--quick]      # or: dirl bench engine [--quick]
+    python -m benchmarks.engine [--quick]
 
 Issue 19's lines come after (:mod:`benchmarks._engine_scale`): ``long_gen_step_ratio``
 (time per token over the last vs the first ``--long-window`` tokens of a
@@ -32,17 +32,15 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling helper module, when run as a script
-import _engine_scale as scale  # noqa: E402
-
-from dirl.engine.engine import Engine  # noqa: E402
-from dirl.rollout import Rollout, SamplingParams  # noqa: E402
-from dirl.model.factory import InitConfig, init_model  # noqa: E402
-from dirl.model.tokenizer import char_tokenizer  # noqa: E402
+from benchmarks import _engine_scale as scale
+from dirl.demo import SHIPPED_SFT
+from dirl.engine.engine import Engine
+from dirl.rollout import Rollout, SamplingParams
+from dirl.model.factory import InitConfig, init_model
+from dirl.model.tokenizer import char_tokenizer
 
 
 def make_prompts(count: int, min_len: int, max_len: int, vocab: tuple[int, int], seed: int) -> list[list[int]]:
@@ -111,7 +109,7 @@ def run_engine_benchmark(args) -> dict[str, float | bool | int | str]:
     return out
 
 
-DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "src" / "dirl" / "assets" / "demo-sft"
+DEMO_CHECKPOINT = SHIPPED_SFT
 REAL_VOCAB = 151_936  # SDAR-8B-Chat's tokenizer (/work/shared/sdar-8b-chat)
 
 
@@ -152,7 +150,7 @@ def run_scale_benchmark(args) -> dict[str, float | int | str]:
         long_gen = scale.long_generation_child(load_model(args), args.long_batch, args.long_prompt,
                                                args.long_tokens, args.long_window)
     else:
-        long_gen = scale.long_generation(__file__, child)
+        long_gen = scale.long_generation("benchmarks.engine", child)
     for key, value in long_gen.items():
         out[key if key.startswith("long_gen_step_ratio") else f"long_gen_{key}"] = value
     demo, tokenizer = load_pretrained(str(DEMO_CHECKPOINT))

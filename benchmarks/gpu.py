@@ -23,11 +23,8 @@ import argparse
 import copy
 import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 VOCAB = 151_936
 MASK_ID, EOS_ID, PAD_ID = 151_669, 151_645, 151_643
@@ -75,7 +72,7 @@ def sft_step_fn(model, optimizer, length: int, device):
 
 
 def rl_step_fn(model, optimizer, rl_length: int, budget: int):
-    from memory import synthetic_rollouts
+    from benchmarks.memory import synthetic_rollouts
 
     from dirl.rollout import SamplingSpec
     from dirl.train.optim import OptimConfig

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -26,7 +25,6 @@ from dirl.serve.app import create_app
 from dirl.train.rl.config import RLConfig, RolloutConfig
 from dirl.train.rl.loop import build_run
 
-TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture
@@ -48,7 +46,6 @@ def compiled(monkeypatch) -> list:
 
 @pytest.mark.parametrize("backend", ["native", "checkpoint"])
 def test_rollout_compile_reaches_the_backend_engine(tmp_path, monkeypatch, compiled, backend):
-    monkeypatch.syspath_prepend(str(TESTS))  # rl_rewards
     cfg = config_lib.load(RLConfig, None, [f"out={tmp_path}", "rewards={rl_rewards:digit_fraction: 1.0}",
                                            f"rollout.backend={backend}", f"rollout.{backend}.compile=true"])
     run = build_run(cfg)
