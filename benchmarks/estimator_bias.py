@@ -1,4 +1,4 @@
-"""Bias and variance of every estimator's policy gradient against the exact one (``dirl bench estimator-bias``).
+"""Bias and variance of every estimator's policy gradient against the exact one (``python -m benchmarks.estimator_bias``).
 
 Setup: the shipped demo SFT checkpoint (``dirl/assets/demo-sft``, the model ``dirl demo``
 starts RL from) and one fixed batch of rollouts (seeded): demo-task train prompts decoded

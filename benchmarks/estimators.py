@@ -1,4 +1,4 @@
-"""Held-out accuracy of every RL estimator after the same wall time (``dirl bench estimators``).
+"""Held-out accuracy of every RL estimator after the same wall time (``python -m benchmarks.estimators``).
 
 Each (seed, variant) pair runs the demo pipeline (``configs/demo.yaml``: the shipped
 SFT checkpoint, then RL with that estimator) as its own ``dirl demo`` process with

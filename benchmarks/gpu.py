@@ -1,4 +1,4 @@
-"""The prepared GPU check (``dirl bench gpu``): a ~1B random SDAR in bf16-mixed on one GPU.
+"""The prepared GPU check (``python -m benchmarks.gpu``): a ~1B random SDAR in bf16-mixed on one GPU.
 
 Prints ``name=value`` lines, side by side in one run:
 
@@ -14,7 +14,7 @@ Peak memory is ``torch.cuda.max_memory_allocated`` per configuration. Sized for 
 on one H100/H200 (the first flex configuration includes its compile). Without CUDA it says
 so and exits 0, so the project's tests never need a GPU.
 
-    dirl bench gpu [--length 2048] [--rl-length 512] [--budget 16384]
+    python -m benchmarks.gpu [--length 2048] [--rl-length 512] [--budget 16384]
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def main() -> int:
     parser.add_argument("--budget", type=int, default=16_384, help="RL micro-batch budget (packed tokens)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("dirl bench gpu: no CUDA device here -- nothing measured (run it on a GPU machine)")
+        print("benchmarks.gpu: no CUDA device here -- nothing measured (run it on a GPU machine)")
         return 0
     device = torch.device("cuda")
     model = build_model(device)

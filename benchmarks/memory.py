@@ -1,4 +1,4 @@
-"""Peak memory of SFT and RL at the real vocabulary, old path vs new path (``dirl bench memory``).
+"""Peak memory of SFT and RL at the real vocabulary, old path vs new path (``python -m benchmarks.memory``).
 
 A narrow model (the ``tiny`` preset: d 64, 2 layers) with SDAR-8B's vocabulary
 (V = 151,936), so the LM head dominates exactly as it does at 8B. Every
@@ -27,7 +27,7 @@ Prints ``sft_head_mem_ratio=`` (N = 4,096), ``rl_step_mem_ratio=`` (8 x 512),
 ``sft_mem_exponent=`` / ``rl_mem_exponent=`` (log-log slope of step memory from
 L = 1k to 4k, resp. 256 to 1024 response tokens), and the 8B memory plan.
 
-    dirl bench memory [--quick] [--budget 4096]
+    python -m benchmarks.memory [--quick] [--budget 4096]
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@
   start a fresh ``dirl serve`` on it, wait for /health) and ``reload_ms_median``
   (save + load into a new model in-process, the trainer-side reload loop).
 
-    python benchmarks/serve.py [--quick] [--markdown BENCHMARKS.md]   # or: dirl bench serve
+    python -m benchmarks.serve [--quick] [--markdown BENCHMARKS.md]
 
 ``--quick`` uses the tiny preset and fewer requests. Prints ``name=value`` lines;
 ``--markdown PATH`` also appends a "Serve" section with the numbers to PATH.
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     for key, value in results.items():
         print(f"{key}={value}")
     if args.markdown:
-        command = "python benchmarks/serve.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python -m benchmarks.serve " + " ".join(argv if argv is not None else sys.argv[1:])
         with open(args.markdown, "a") as f:
             f.write(markdown(results, command.strip()))
     return 0

@@ -15,7 +15,7 @@
 * ``steps_after_cancel_max`` -- in-process, a job cancelled from another thread while its engine
   call runs: the most denoising steps that still ran after ``cancel()`` returned (over ``--trials``).
 
-    python benchmarks/serve_limits.py [--quick]      # or: dirl bench serve_limits
+    python -m benchmarks.serve_limits [--quick]
 
 The server runs with ``use_cache=false`` so that one request is heavy on the tiny model.
 Prints ``name=value`` lines.

@@ -14,7 +14,7 @@ from dirl.train.sft.config import SFTConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SDAR_8B = SDARConfig()
-# `dirl bench memory` (BENCHMARKS.md "Memory"): step memory of the chunked head + backward at
+# `python -m benchmarks.memory` (BENCHMARKS.md "Memory"): step memory of the chunked head + backward at
 # N = 1k..4k scored tokens, V = 151,936, chunk 256, on CPU (max RSS above the pre-step RSS).
 MEASURED_HEAD_MB = 526.0
 

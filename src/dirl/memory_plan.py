@@ -19,7 +19,7 @@ An analytic count, in bytes, of what one rank holds at the peak of each phase:
   (layers x 2 x kv_heads x head_dim x 2 B per token: 144 KiB at SDAR-8B).
 
 The constants were checked against CPU measurements of the narrow real-vocabulary model
-(``dirl bench memory``; BENCHMARKS.md "Memory"): the head term predicts the measured
+(``python -m benchmarks.memory``; BENCHMARKS.md "Memory"): the head term predicts the measured
 chunked-head step to within ~15 %. It is an estimate for planning, not a guarantee:
 allocator fragmentation and the CUDA context (~1 GB) come on top (``margin``).
 """
