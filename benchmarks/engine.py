@@ -125,12 +125,13 @@ def demo_prompts(tokenizer, count: int) -> list[list[int]]:
 
 def real_vocab_model(args):
     """A random ``small`` model with SDAR's real vocabulary size and special ids."""
-    from dirl.model.sdar.config import preset_config
-    from dirl.model.sdar.modeling import SDARForCausalLM
+    from dirl.model.families import get_family
 
-    cfg = preset_config(args.preset, vocab_size=REAL_VOCAB, mask_token_id=151669, eos_token_id=151643,
-                        pad_token_id=151643, bos_token_id=151643, block_size=args.block_size)
-    model = SDARForCausalLM(cfg)
+    sdar = get_family("sdar")
+    cfg = sdar.config_cls.for_init(sdar.presets[args.preset], vocab_size=REAL_VOCAB, mask_token_id=151669,
+                                   eos_token_id=151643, pad_token_id=151643, block_size=args.block_size,
+                                   torch_dtype="float32")
+    model = sdar.model_cls(cfg)
     model.init_weights(args.seed)
     return model.eval()
 

@@ -34,11 +34,11 @@ ONE_B = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=12, num
 
 
 def build_model(device):
-    from dirl.model.sdar.config import SDARConfig
-    from dirl.model.sdar.modeling import SDARForCausalLM
-    cfg = SDARConfig(**ONE_B, vocab_size=VOCAB, mask_token_id=MASK_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-                      bos_token_id=EOS_ID, block_size=4)
-    model = SDARForCausalLM(cfg)
+    from dirl.model.families import get_family
+    sdar = get_family("sdar")
+    cfg = sdar.config_cls.for_init(ONE_B, vocab_size=VOCAB, mask_token_id=MASK_ID, eos_token_id=EOS_ID,
+                                   pad_token_id=PAD_ID, block_size=4, torch_dtype="float32")
+    model = sdar.model_cls(cfg)
     model.init_weights(0)
     return model.to(device)
 

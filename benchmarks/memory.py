@@ -64,13 +64,13 @@ def _peak_mb() -> float:
 def _narrow_model(chunk: int, checkpointing: bool = False):
     import torch
 
-    from dirl.model.sdar.config import preset_config
-    from dirl.model.sdar.modeling import SDARForCausalLM
-    cfg = preset_config("tiny", vocab_size=VOCAB, mask_token_id=MASK_ID, eos_token_id=EOS_ID,
-                        pad_token_id=PAD_ID, bos_token_id=EOS_ID, block_size=BLOCK,
-                        max_position_embeddings=32_768)
+    from dirl.model.families import get_family
+    sdar = get_family("sdar")
+    cfg = sdar.config_cls.for_init(sdar.presets["tiny"], vocab_size=VOCAB, mask_token_id=MASK_ID, eos_token_id=EOS_ID,
+                                   pad_token_id=PAD_ID, block_size=BLOCK, torch_dtype="float32",
+                                   max_position_embeddings=32_768)
     torch.manual_seed(0)
-    model = SDARForCausalLM(cfg)
+    model = sdar.model_cls(cfg)
     model.init_weights(0)
     model.head_chunk_size, model.activation_checkpointing = chunk, checkpointing
     return model
