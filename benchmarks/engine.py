@@ -23,6 +23,11 @@ the same weights: the shipped demo checkpoint, and a random ``small`` model with
 SDAR's real vocabulary of 151,936) and ``batch_forward_ratio`` (model calls for 8
 prompts together vs each alone, dynamic decoding on the demo checkpoint).
 
+Issue 29's lines close the run (:mod:`benchmarks._engine_throughput`): continuous vs
+chunked batching on 64 prompts x 4 with heavy-tailed lengths at ``max_batch_rows`` 16
+and 64 (``batch_occupancy``, ``calls_vs_ideal``, ``tokens_per_s``, both schedules in one
+run), and the RL rollout phase (the demo checkpoint, 16 prompts x 8, 32 rows) under each.
+
 Prints ``key=value`` lines; the headline is ``engine_speedup_vs_nocache``.
 """
 
@@ -36,6 +41,7 @@ import time
 import torch
 
 from benchmarks import _engine_scale as scale
+from benchmarks import _engine_throughput as throughput
 from dirl.demo import SHIPPED_SFT
 from dirl.engine.engine import Engine
 from dirl.rollout import Rollout, SamplingParams
@@ -178,6 +184,31 @@ def run_scale_benchmark(args) -> dict[str, float | int | str]:
     return out
 
 
+def run_throughput_benchmark(args) -> dict[str, float | int | str]:
+    """Issue 29's lines: continuous vs chunked batching on a heavy-tailed workload, and the RL
+    rollout phase (the demo checkpoint, 16 prompts x 8, 32 rows) under each schedule."""
+    from dirl.model.checkpoint import load_pretrained
+    from dirl.train.demo import DemoConfig
+
+    model = init_model(InitConfig(preset="tiny", block_size=args.block_size, seed=args.seed), char_tokenizer()).eval()
+    rows = [int(r) for r in args.throughput_rows.split(",")]
+    modes = {"continuous": {}, "chunked": {"batching": "chunked"}}
+    out = throughput.run(model, modes, rows, args.throughput_prompts, args.throughput_n, args.throughput_cap,
+                         args.seed)
+    # The cache's peak against the live rows' on a deeper model (a reshape's transient is one layer of L).
+    deep = init_model(InitConfig(preset="tiny", block_size=args.block_size, seed=args.seed,
+                                 model={"num_hidden_layers": 8}), char_tokenizer()).eval()
+    line = throughput.run(deep, {"continuous": {}}, rows[:1], args.throughput_prompts, args.throughput_n,
+                          args.throughput_cap, args.seed)
+    out[f"kv_peak_vs_live_8_layers_r{rows[0]}"] = line[f"kv_peak_vs_live_continuous_r{rows[0]}"]
+    demo, tokenizer = load_pretrained(str(DEMO_CHECKPOINT))
+    rl = DemoConfig().rl.rollout
+    prompts = demo_prompts(tokenizer, rl.num_prompts)
+    out.update(throughput.rl_rollout_phase(demo.eval(), tokenizer, prompts, rl.sampling, rl.group_size,
+                                           args.rl_rows, repeats=1 if args.quick else 2))
+    return out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (tiny preset, 4 prompts, 32 tokens)")
@@ -208,12 +239,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-scale", action="store_true", help="only the cached-vs-reference lines")
     parser.add_argument("--skip-reference", action="store_true", help="only issue 19's lines")
     parser.add_argument("--skip-long", action="store_true", help="without the long generation")
+    parser.add_argument("--throughput-prompts", type=int, default=64)
+    parser.add_argument("--throughput-n", type=int, default=4)
+    parser.add_argument("--throughput-rows", default="16,64", help="max_batch_rows values, comma-separated")
+    parser.add_argument("--throughput-cap", type=int, default=256, help="max_new_tokens of the throughput workload")
+    parser.add_argument("--rl-rows", type=int, default=32, help="max_batch_rows of the RL rollout-phase line")
+    parser.add_argument("--skip-throughput", action="store_true", help="without issue 29's lines")
+    parser.add_argument("--only-throughput", action="store_true", help="only issue 29's lines")
     parser.add_argument("--long-gen-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.preset, args.batch, args.new_tokens, args.max_prompt = "tiny", 4, 32, 24
         args.long_batch, args.long_tokens, args.long_window, args.ar_tokens = 2, 64, 16, 8
         args.ar_prompts, args.repeats, args.no_compile = 2, 1, True
+        args.throughput_prompts, args.throughput_rows, args.throughput_cap = 16, "4,16", 64
     return args
 
 
@@ -226,12 +265,17 @@ def main(argv=None) -> int:
         print(json.dumps(scale.long_generation_child(model, args.long_batch, args.long_prompt, args.long_tokens,
                                                      args.long_window)))
         return 0
+    if args.only_throughput:
+        args.skip_reference = args.skip_scale = True
     results = {} if args.skip_reference else run_engine_benchmark(args)
     if not args.skip_scale:
         results.update(run_scale_benchmark(args))
+    if not args.skip_throughput:
+        results.update(run_throughput_benchmark(args))
     for key, value in results.items():
         print(f"{key}={value}")
-    return 0 if results.get("outputs_identical", True) else 1
+    identical = all(v for k, v in results.items() if k == "outputs_identical" or k.startswith("throughput_identical"))
+    return 0 if identical else 1
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def test_rollout_compile_reaches_the_backend_engine(tmp_path, monkeypatch, compi
     run = build_run(cfg)
     try:
         engine = run.collector.backend.engine
-        assert engine._step_forward is not None and compiled == [engine.model]
+        assert engine.compiled and compiled == [engine.model]
     finally:
         run.collector.backend.close()
     assert RolloutConfig().native.compile is False and RolloutConfig().checkpoint.compile is False
@@ -59,9 +59,9 @@ def test_rollout_compile_reaches_the_backend_engine(tmp_path, monkeypatch, compi
 
 def test_serve_compile_reaches_the_batcher_engine(tiny_model, tokenizer, compiled):
     on = create_app(tiny_model, tokenizer, config_lib.load(ServeConfig, None, ["compile=true"]))
-    assert on.state.dirl.batcher.engine._step_forward is not None and compiled == [tiny_model]
+    assert on.state.dirl.batcher.engine.compiled and compiled == [tiny_model]
     off = create_app(tiny_model, tokenizer, ServeConfig())
-    assert off.state.dirl.batcher.engine._step_forward is None and compiled == [tiny_model]
+    assert off.state.dirl.batcher.engine.compiled is False and compiled == [tiny_model]
 
 
 def test_eval_compile_runs_the_compiled_step(tiny_model, tokenizer, compiled):

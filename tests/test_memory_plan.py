@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from dirl import config as config_lib
 from dirl.model.sdar.config import SDARConfig, preset_config
-from dirl.memory_plan import GB, Workload, fits, plan, rl_workload, sft_workload
+from dirl.memory_plan import GB, Workload, decode_rows, fits, plan, rl_workload, sft_workload
 from dirl.train.rl.config import RLConfig
 from dirl.train.sft.config import SFTConfig
 
@@ -45,12 +46,15 @@ def test_checkpointing_cuts_activations_by_about_the_layer_count():
     assert 5 < without / with_ckpt < SDAR_8B.num_hidden_layers
 
 
-@pytest.mark.parametrize("max_new_tokens,max_batch_rows", [(2048, None), (8192, 16)])
-def test_the_8b_rl_config_fits_8x80gb(max_new_tokens, max_batch_rows):
+@pytest.mark.parametrize("max_new_tokens,live_rows", [(2048, 96), (8192, 28)])
+def test_the_8b_rl_config_fits_8x80gb(max_new_tokens, live_rows):
+    """The KV budget (rollout.native.max_batch_tokens) keeps the rollout phase in the device at 8k too."""
     cfg = config_lib.load(RLConfig, CONFIGS / "sdar-8b-rl.yaml", [])
-    if max_batch_rows:
-        cfg.rollout.native.max_batch_rows = max_batch_rows  # the config's note for 8k responses
-    assert fits(SDAR_8B, rl_workload(cfg, world=8, max_new_tokens=max_new_tokens), device_gb=80)
+    work = rl_workload(cfg, world=8, max_new_tokens=max_new_tokens)
+    assert decode_rows(work) == live_rows  # 245,760 // (512 + 8192) = 28
+    assert fits(SDAR_8B, work, device_gb=80)
+    unbudgeted = fits(SDAR_8B, dataclasses.replace(work, decode_tokens=0), device_gb=80, phase="rollout")
+    assert unbudgeted == (max_new_tokens == 2048)  # 96 rows at 8k would not fit
     assert cfg.compute.precision == "bf16-mixed" and cfg.compute.activation_checkpointing
 
 

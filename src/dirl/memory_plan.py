@@ -15,7 +15,8 @@ An analytic count, in bytes, of what one rank holds at the peak of each phase:
 * head       -- the chunked LM head: ``HEAD_TENSORS`` fp32 (chunk, V) tensors at once
   (logits, log-probs, their gradients), plus the (N, d) hidden states and their gradient.
 * rollout    -- decoding under ``full_params``: the full weights in the compute dtype,
-  plus the KV cache of ``max_batch_rows`` rows of ``max_len`` tokens
+  plus the KV cache of the live rows: ``max_batch_rows`` rows of ``max_len`` tokens, or
+  fewer when ``max_batch_tokens`` (the engine's KV budget) admits fewer such rows
   (layers x 2 x kv_heads x head_dim x 2 B per token: 144 KiB at SDAR-8B).
 
 The constants were checked against CPU measurements of the narrow real-vocabulary model
@@ -48,6 +49,14 @@ class Workload:
     reference: bool = False            # RL with beta > 0: a frozen bf16 reference
     decode_rows: int = 0               # rollout.<backend>.max_batch_rows (0: no rollout phase: SFT, http)
     decode_len: int = 0                # prompt + max_new_tokens
+    decode_tokens: int = 0             # rollout.<backend>.max_batch_tokens (0: no KV budget beyond the rows)
+
+
+def decode_rows(work: Workload) -> int:
+    """Rows the engine keeps live: ``decode_rows``, capped by the KV budget (at least one)."""
+    if not work.decode_tokens or not work.decode_len:
+        return work.decode_rows
+    return min(work.decode_rows, max(1, work.decode_tokens // work.decode_len))
 
 
 def _layer_params(cfg: SDARConfig) -> int:
@@ -77,7 +86,7 @@ def plan(cfg: SDARConfig, work: Workload) -> dict[str, float]:
     head = HEAD_TENSORS * min(work.head_chunk or work.scored, work.scored) * cfg.vocab_size * 4 \
         + 2 * work.scored * cfg.hidden_size * 4
     kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
-    kv_cache = work.decode_rows * work.decode_len * kv_per_token
+    kv_cache = decode_rows(work) * work.decode_len * kv_per_token
     full_weights = params * compute if world > 1 else 0  # full_params gathers for decoding
     out = {"states": states, "gathered": gathered, "activations": activations, "head": head,
            "kv_cache": kv_cache, "decode_weights": full_weights}
@@ -104,13 +113,14 @@ def rl_workload(cfg, world: int, max_new_tokens: int | None = None) -> Workload:
     A trace row is worst-case ~5x its response (one token committed per step: 4 copies of
     4 tokens per block of 4) and is never split, so a micro-batch holds at least one row."""
     length = max_new_tokens or cfg.rollout.sampling.max_new_tokens
+    options = cfg.rollout.backend_options()
     row = PROMPT_TOKENS + (1 + WORST_COPIES_PER_TOKEN) * length
     tokens = max(cfg.algo.micro_batch_tokens or row * cfg.rollout.group_size, row)
     return Workload(world=world, precision=cfg.compute.precision if cfg.compute.precision != "auto" else "bf16-mixed",
                     tokens=tokens, scored=max(1, tokens // (1 + WORST_COPIES_PER_TOKEN)),
                     checkpointing=cfg.compute.activation_checkpointing, head_chunk=cfg.compute.head_chunk_size,
-                    reference=cfg.algo.beta > 0, decode_rows=getattr(cfg.rollout.backend_options(), "max_batch_rows", 0),
-                    decode_len=PROMPT_TOKENS + length)
+                    reference=cfg.algo.beta > 0, decode_rows=getattr(options, "max_batch_rows", 0),
+                    decode_len=PROMPT_TOKENS + length, decode_tokens=getattr(options, "max_batch_tokens", 0))
 
 
 def sft_workload(cfg, world: int, max_length: int | None = None) -> Workload:
