@@ -187,8 +187,8 @@ def run_scale_benchmark(args) -> dict[str, float | int | str]:
 def run_throughput_benchmark(args) -> dict[str, float | int | str]:
     """Issue 29's lines: continuous vs chunked batching on a heavy-tailed workload, and the RL
     rollout phase (the demo checkpoint, 16 prompts x 8, 32 rows) under each schedule."""
+    from dirl.demo import DemoConfig
     from dirl.model.checkpoint import load_pretrained
-    from dirl.train.demo import DemoConfig
 
     model = init_model(InitConfig(preset="tiny", block_size=args.block_size, seed=args.seed), char_tokenizer()).eval()
     rows = [int(r) for r in args.throughput_rows.split(",")]
