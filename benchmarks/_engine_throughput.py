@@ -15,6 +15,8 @@ Per engine and ``max_batch_rows`` R it reports:
 * ``calls_vs_ideal``: model calls / (row-forwards / R), where row-forwards is the
   rollouts' summed ``num_forwards`` (the denoising work, the same for every schedule);
 * ``tokens_per_s``: generated tokens per CPU second of this process;
+* ``*_longest_first``: occupancy and calls vs ideal with the rows fed longest first
+  (an oracle that knows the lengths): the part of the gap the tail's order causes;
 * ``kv_peak_vs_live``: the KV cache's peak bytes over the theoretical cache of the most
   rows live at once (:func:`kv_peak_vs_live`).
 """
@@ -28,7 +30,9 @@ import torch
 
 from dirl.engine.engine import Engine
 from dirl.engine.kv_cache import KVCache
+from dirl.engine.scheduler import ListFeed
 from dirl.rollout import SamplingParams
+from dirl.runtime import prompt_seeds
 
 ALPHA, OFFSET = 1.2, 16.0  # stop hazard alpha / (position + OFFSET)
 
@@ -113,6 +117,22 @@ def kv_peak_vs_live(model, caches, live_rows: int, prompts, params: SamplingPara
     return peak / (live_rows * slots * per_slot)
 
 
+def longest_first(model, calls: list[int], prompts, params: SamplingParams, rows: int,
+                  forwards: list[int], reference: list) -> dict[str, float | bool]:
+    """An oracle bound: the same rows fed longest first (their forward counts known from a
+    previous run). Rollouts do not depend on the order, so this is the schedule's best case
+    with lengths known in advance -- what the FIFO feed loses to the tail."""
+    engine = Engine(model, max_batch_rows=rows)
+    ordered = sorted(engine.rows(prompts, prompt_seeds(params.seed, len(prompts)), params),
+                     key=lambda row: -forwards[row.owner])
+    calls.clear()
+    feed = ListFeed(ordered)
+    engine.decode(feed, params)
+    return {"identical": [(r.token_ids, r.steps) for r in feed.results] == reference,
+            "batch_occupancy": round(sum(calls) / len(calls) / rows, 3),
+            "calls_vs_ideal": round(len(calls) / (sum(forwards) / rows), 3)}
+
+
 def run(model, modes: dict[str, dict], rows_list=(16, 64), prompts: int = 64, n: int = 4,
         max_new_tokens: int = 256, seed: int = 0, clock=cpu_clock) -> dict[str, float | int | str]:
     """Every mode (name -> Engine options) at every R, on one heavy-tailed workload."""
@@ -123,15 +143,19 @@ def run(model, modes: dict[str, dict], rows_list=(16, 64), prompts: int = 64, n:
                             stop_ids=[arch.eos_token_id])
     out: dict[str, float | int | str] = {"throughput_workload": f"{prompts}x{n} heavy-tailed (Pareto 1.2), "
                                                                 f"cap {max_new_tokens}"}
-    reference = None
+    reference, forwards = None, None
     for rows in rows_list:
         for name, options in modes.items():
             line = measure(model, calls, prompt_ids, params, rows, clock, **options)
-            got = [(r.token_ids, r.steps) for r in line.pop("_rollouts")]
-            reference = reference or got
+            rollouts = line.pop("_rollouts")
+            got = [(r.token_ids, r.steps) for r in rollouts]
+            reference, forwards = reference or got, forwards or [r.num_forwards for r in rollouts]
             out[f"throughput_identical_{name}_r{rows}"] = got == reference
             for key, value in line.items():
                 out[f"{key}_{name}_r{rows}"] = value
+        if "continuous" in modes:
+            for key, value in longest_first(model, calls, prompt_ids, params, rows, forwards, reference).items():
+                out[("throughput_" if key == "identical" else "") + f"{key}_longest_first_r{rows}"] = value
     lengths = sorted(len(r) for r, _ in reference)
     out["throughput_gen_tokens_p50_p90_max"] = f"{lengths[len(lengths) // 2]}/{lengths[int(len(lengths) * .9)]}/" \
                                                f"{lengths[-1]}"
