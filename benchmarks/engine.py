@@ -252,7 +252,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.preset, args.batch, args.new_tokens, args.max_prompt = "tiny", 4, 32, 24
         args.long_batch, args.long_tokens, args.long_window, args.ar_tokens = 2, 64, 16, 8
         args.ar_prompts, args.repeats, args.no_compile = 2, 1, True
-        args.throughput_prompts, args.throughput_rows, args.throughput_cap = 16, "4,16", 64
+        args.throughput_prompts, args.throughput_rows, args.throughput_cap = 8, "4,8", 32
     return args
 
 

@@ -36,8 +36,10 @@ def test_engine_quick_runs(capsys):
     assert lines["outputs_identical"] == "True"
     for key in ("engine_speedup_vs_nocache", "engine_tokens_per_s", "nocache_tokens_per_s",
                 "tokens_per_forward_dynamic", "tokens_per_forward_static", "long_gen_step_ratio",
-                "engine_vs_ar_speedup_b1", "engine_vs_ar_speedup_b8", "batch_forward_ratio"):
+                "engine_vs_ar_speedup_b1", "engine_vs_ar_speedup_b8", "batch_forward_ratio",
+                "batch_occupancy_continuous_r4", "calls_vs_ideal_chunked_r8", "rl_rollout_s_continuous"):
         assert float(lines[key]) > 0, key
+    assert lines["throughput_identical_chunked_r8"] == lines["throughput_identical_longest_first_r4"] == "True"
 
 
 def _estimator_accs(out: str) -> dict[str, float]:
