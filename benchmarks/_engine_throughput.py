@@ -30,7 +30,6 @@ import torch
 
 from dirl.engine.engine import Engine
 from dirl.engine.kv_cache import KVCache
-from dirl.engine.scheduler import ListFeed
 from dirl.rollout import SamplingParams
 from dirl.runtime import prompt_seeds
 
@@ -122,6 +121,8 @@ def longest_first(model, calls: list[int], prompts, params: SamplingParams, rows
     """An oracle bound: the same rows fed longest first (their forward counts known from a
     previous run). Rollouts do not depend on the order, so this is the schedule's best case
     with lengths known in advance -- what the FIFO feed loses to the tail."""
+    from dirl.engine.scheduler import ListFeed  # here: the harness also measures engines without it
+
     engine = Engine(model, max_batch_rows=rows)
     ordered = sorted(engine.rows(prompts, prompt_seeds(params.seed, len(prompts)), params),
                      key=lambda row: -forwards[row.owner])
