@@ -116,7 +116,7 @@ def engine_numbers(model, device) -> dict[str, float]:
 
 def throughput_numbers(model, device, rows: int = 128) -> dict[str, float]:
     """The heavy-tailed workload of ``dirl bench engine`` at ``rows``, continuous vs chunked, bf16."""
-    import _engine_throughput as throughput
+    from benchmarks import _engine_throughput as throughput
 
     decode = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
 
