@@ -40,6 +40,16 @@ def _key(rollouts):
             for r in rollouts]
 
 
+def test_block_size_8_rows_do_not_depend_on_batch_rows(make_tiny_model):
+    """Any block size: B = 8, rows at 1 and 5 and uncached give the same rollouts."""
+    model = make_tiny_model(block_size=8)
+    prompts = _prompts((5, 8, 3, 12, 17))
+    params = SamplingParams(max_new_tokens=20, temperature=1.0, threshold=0.3, seed=4, n=2)
+    reference = Engine(model, use_cache=False).generate(prompts, params)
+    for options in ({"max_batch_rows": 1}, {"max_batch_rows": 5}, {"max_batch_rows": 5, "use_cache": False}):
+        assert _key(Engine(model, **options).generate(prompts, params)) == _key(reference), options
+
+
 def _stop_params(model, prompts) -> SamplingParams:
     """Sampled decoding with a stop token some rows produce early and others never: rows of very
     different lengths, so rows leave and join all the time."""
@@ -56,7 +66,8 @@ def test_rollouts_do_not_depend_on_batch_rows_cache_or_schedule(peaky_model):
     params = _stop_params(peaky_model, prompts)
     reference = Engine(peaky_model, use_cache=False, max_batch_rows=16).generate(prompts, params)
     assert {r.finish_reason for r in reference} == {"stop", "length"}
-    runs = [{"use_cache": cache, "max_batch_rows": rows} for cache in (True, False) for rows in (1, 3, 16)]
+    runs = [{"use_cache": cache, "max_batch_rows": rows} for cache in (True, False) for rows in (1, 3, 16)
+            if cache or rows != 16]  # (uncached at 16 rows is the reference)
     runs += [{"max_batch_rows": 3, "batching": "chunked"}, {"max_batch_rows": 3, "prefill_chunk": B}]
     for options in runs:
         got = Engine(peaky_model, **options).generate(prompts, params)
