@@ -135,5 +135,11 @@ class Engine:
         """Decode the feed's rows until it is exhausted: ``params``' sampling rule for all of them,
         each row's own ``max_new_tokens`` and stop ids (:meth:`rows`)."""
         params.validate(self.block_size)
-        session = BlockSession(self, params)
-        scheduler.run(session, feed, self.max_batch_rows, self.max_batch_tokens, self.batching, params.n)
+        scheduler.run(self.session(params), feed, self.max_batch_rows, self.max_batch_tokens, self.batching,
+                      params.n)
+
+    def session(self, params: SamplingParams) -> scheduler.Session:
+        """The decoder state the scheduler drives (the seam for other decoders): the block-causal
+        step here; a full-attention decoder returns its own :class:`~dirl.engine.scheduler.Session`
+        and reuses the loop, the feeds and the serving batcher unchanged."""
+        return BlockSession(self, params)
