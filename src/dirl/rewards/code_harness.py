@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 from dirl.rewards.sandbox import RunResult, Sandbox
 
-__all__ = ["CaseResult", "Verdict", "normalise_output", "run_check", "run_io"]
+__all__ = ["CaseResult", "Verdict", "normalise_output", "run_check", "run_io", "run_io_case"]
 
 STARTUP_S = 5.0         # host-side margin over a check's own time limit (sandbox + 2 interpreters)
 REPLY_CAP = 8 << 20     # largest reply H reads from the program
@@ -283,17 +283,17 @@ def normalise_output(text: str) -> list[str]:
     return [" ".join(line.split()) for line in text.strip().splitlines()]
 
 
+def run_io_case(sandbox: Sandbox, program: str, stdin: str, expected: str, *,
+                timeout_s: float = 5.0) -> CaseResult:
+    """Run ``program`` with ``stdin``; pass iff it exits 0 and prints ``expected`` (normalised)."""
+    result = sandbox.run(program, stdin.encode("utf-8"), wall_s=timeout_s)
+    if result.status != "ok":
+        return CaseResult(False, "error" if result.status == "exit" else result.status)
+    ok = normalise_output(result.stdout.decode("utf-8", "replace")) == normalise_output(expected)
+    return CaseResult(ok, "passed" if ok else "failed")
+
+
 def run_io(sandbox: Sandbox, program: str, cases: Sequence[tuple[str, str]], *,
            timeout_s: float = 5.0) -> list[CaseResult]:
-    """Run ``program`` once per ``(stdin, expected stdout)`` case (on the sandbox's pool)."""
-
-    def one(case: tuple[str, str]) -> CaseResult:
-        stdin, expected = case
-        result = sandbox.run(program, stdin.encode("utf-8"), wall_s=timeout_s)
-        if result.status != "ok":
-            return CaseResult(False, "error" if result.status == "exit" else result.status)
-        got = normalise_output(result.stdout.decode("utf-8", "replace"))
-        ok = got == normalise_output(expected)
-        return CaseResult(ok, "passed" if ok else "failed")
-
-    return sandbox.map(one, cases)
+    """:func:`run_io_case` for every ``(stdin, expected stdout)`` case, on the sandbox's pool."""
+    return sandbox.map(lambda case: run_io_case(sandbox, program, *case, timeout_s=timeout_s), cases)
