@@ -15,15 +15,15 @@ appears in an argv or a file. Isolation comes in three tiers, best first:
 
 The tier is probed once per :class:`Sandbox` (a run of ``print(6*7)``); each automatic step
 down logs ONE warning line naming what is missing. On every tier, when dirl runs as root each
-pool slot runs its programs under its own unprivileged uid (never a real account), and after
-each run every process of that uid is killed and every file it left in ``/tmp``, ``/var/tmp``
+run gets an unprivileged uid of its own (never a real account), and after the run every
+process of that uid is killed and every file it left in ``/tmp``, ``/var/tmp``
 and ``/dev/shm`` is removed; the fallback tiers also get a private working directory as
 ``HOME``/``TMPDIR``. Not as root, the fallback tiers cannot reap a child that left the process
 group (``setsid``) unless the PID namespace exists (``unshare``); the warning says so.
 
 Limits (set by the trusted boot code before the program's first line, soft = hard so the
 program cannot raise them): CPU seconds, address space, process count (``RLIMIT_NPROC`` counts
-the slot uid's processes, so a fork bomb stops at ``nproc``), file size, open files. A wall
+the run uid's processes, so a fork bomb stops at ``nproc``), file size, open files. A wall
 deadline kills the whole process group; output beyond ``output_bytes`` is cut off and kills
 the run too. :meth:`Sandbox.map` runs many programs on a bounded pool (``workers``, default
 the core count).
@@ -31,6 +31,7 @@ the core count).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import secrets
@@ -92,7 +93,7 @@ class SandboxConfig:
     cpu_s: int = 10              # RLIMIT_CPU
     wall_s: float = 10.0         # default wall deadline of a run (run() may pass its own)
     memory_mb: int = 1024        # RLIMIT_AS
-    nproc: int = 16              # RLIMIT_NPROC above the processes the slot uid already has
+    nproc: int = 16              # RLIMIT_NPROC (plus the processes a non-root user already has)
     file_mb: int = 16            # RLIMIT_FSIZE
     nofile: int = 64             # RLIMIT_NOFILE
     tmp_mb: int = 64             # size of bwrap's private /tmp
@@ -145,9 +146,12 @@ class Sandbox:
         self._slot_free = threading.Condition(threading.Lock())
         self._pool: ThreadPoolExecutor | None = None
         self._root = os.geteuid() == 0
-        # Per-slot uids well above real accounts, drawn per instance so that two sandboxes
-        # (or two processes) never reap each other's programs.
-        self._uid_base = 1_000_000 + 64 * secrets.randbelow(2**24)
+        # As root, every run gets a uid of its own, far above real accounts, from a range drawn
+        # per instance: two sandboxes (or processes) never reap each other's programs, and the
+        # zombies a run may leave for the host's init to reap never count against the next
+        # run's RLIMIT_NPROC.
+        self._uid_base = 1_000_000 + (1 << 20) * secrets.randbelow(2**11)
+        self._uid_count = itertools.count()
         self.python = self.config.python or _default_python()
 
     # ------------------------------------------------------------------ public
@@ -182,7 +186,7 @@ class Sandbox:
 
     def _run(self, isolation: str, source: str, stdin: bytes, wall_s: float) -> RunResult:
         slot = self._acquire()
-        uid = self._uid_base + slot if self._root else None
+        uid = self._uid_base + next(self._uid_count) % (1 << 20) if self._root else None
         workdir = None
         started = time.monotonic()
         proc = None
