@@ -91,3 +91,23 @@ def test_humaneval_canonical_all_pass_and_empty_body_none():
     assert sum(canonical.per_reward["code"]) == 164 == len(rows)
     empty = compute_rewards(["code"], ["    pass\n"] * len(rows), columns)
     assert sum(empty.per_reward["code"]) == 0
+
+
+def test_eval_on_humaneval_rows_reports_pass_at_k(tokenizer):
+    """``dirl eval --data humaneval.jsonl --reward code k=2``'s path: sample 0 is the canonical
+    body, sample 1 an empty one -> accuracy 0.5, pass@2 1.0 (the unbiased estimator)."""
+    from dirl.eval.config import EvalConfig, load_eval_rows, resolve_defaults
+    from dirl.eval.heldout import evaluate_rows
+    from tests.test_eval import OracleBackend
+
+    _humaneval(1)
+    from dirl.rollout import SamplingSpec
+
+    cfg = resolve_defaults(EvalConfig(data=str(HUMANEVAL), reward="code", k=2, limit=3, batch_size=3,
+                                      sampling=SamplingSpec(temperature=1.0, max_new_tokens=512)))
+    assert cfg.prompt_template == "plain"            # the code reward's default: the prompt is code
+    rows = load_eval_rows(cfg)
+    oracle = OracleBackend(tokenizer, [[row["answer"], "    pass\n"] for row in rows])
+    summary, samples = evaluate_rows(None, tokenizer, rows, cfg, backend=oracle)
+    assert [s["correct"] for s in samples] == [True, False] * 3
+    assert summary["accuracy"] == 0.5 and summary["pass@k"] == 1.0
