@@ -2,8 +2,10 @@
 
 Per isolation tier available here (bwrap, unshare, rlimits):
 
-* ``overhead_ms`` -- median wall time of one run of ``pass`` (one sandbox, one interpreter),
-  runs one after another: what the sandbox adds to every program.
+* ``bare_python_ms`` -- median wall time of ``python3 -I -c pass`` started with subprocess, no
+  sandbox: the floor every tier pays.
+* ``overhead_ms`` -- median wall time of one sandboxed run of ``pass`` (one interpreter), runs
+  one after another; minus ``bare_python_ms`` it is what the sandbox adds per program.
 * ``check_ms`` -- median wall time of one ``run_check`` (sandbox + harness + program process)
   on a two-line function, one after another.
 * ``humaneval_per_s`` -- HumanEval's canonical solutions through the ``code`` reward path
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -65,6 +68,9 @@ def main() -> None:
     rows = [json.loads(line) for line in HUMANEVAL.read_text().splitlines()] if HUMANEVAL.exists() else []
     rows = rows[:32] if args.quick else rows
     print(f"cores={os.cpu_count()} load_1min={os.getloadavg()[0]:.1f}")
+    python = Sandbox().python
+    bare = _median_ms(lambda: subprocess.run([python, "-I", "-c", "pass"], check=True), 5 if args.quick else 30)
+    print(f"bare_python_ms={bare:.1f}")
     for tier in args.tiers.split(","):
         bench_tier(tier, 5 if args.quick else 30, rows)
 
