@@ -22,6 +22,10 @@ a completion whose own call still fails or times out scores 0.0 and is counted i
 ``RewardResult.failures``; ``RewardResult.raise_if_all_failed`` turns that into a ``RewardError``
 (the trainers call it on their first step, so a broken reward stops the run instead of training
 on zeros).
+
+Two optional attributes of a reward function: ``self_limited = True`` (it bounds its own time,
+as the sandboxed code rewards do per program, so no alarm interrupts its worker pool) and
+``pop_metrics()`` (extra counts, logged as ``rewards/<name>/<key>``).
 """
 
 from __future__ import annotations
