@@ -44,7 +44,7 @@ def _median_ms(fn, repeats: int) -> float:
 def bench_tier(isolation: str, repeats: int, rows: list[dict]) -> None:
     sandbox = Sandbox(SandboxConfig(isolation=isolation))
     try:
-        sandbox.isolation
+        _ = sandbox.isolation
     except RuntimeError as error:
         print(f"{isolation}_skipped={error}")
         return

@@ -19,7 +19,8 @@ import threading
 import pytest
 
 from dirl.rewards.code_harness import run_check
-from dirl.rewards.sandbox import Sandbox, SandboxConfig, _pids_of
+from dirl.rewards.processes import pids_of as _pids_of
+from dirl.rewards.sandbox import Sandbox, SandboxConfig
 from tests.code_hostile import SLEEP_MARKS, cases, targets
 
 TIERS = ["bwrap", "unshare", "rlimits"]
@@ -52,7 +53,8 @@ def _marked_processes() -> dict[str, list[int]]:
     found: dict[str, list[int]] = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                argv = fh.read().split(b"\0")
         except OSError:
             continue
         for case, mark in SLEEP_MARKS.items():

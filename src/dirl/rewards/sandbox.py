@@ -35,10 +35,7 @@ import itertools
 import logging
 import os
 import secrets
-import selectors
 import shutil
-import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -50,6 +47,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dirl.rewards.processes import (
+    communicate,
+    kill_group,
+    process_count,
+    reap_uid,
+    remove_tree,
+)
+
 __all__ = ["ISOLATIONS", "RunResult", "Sandbox", "SandboxConfig", "default_sandbox"]
 
 logger = logging.getLogger(__name__)
@@ -57,7 +62,6 @@ ISOLATIONS = ("bwrap", "unshare", "rlimits")
 ENV_ISOLATION = "DIRL_SANDBOX"  # forces a tier for isolation="auto" (e.g. DIRL_SANDBOX=rlimits)
 _T = TypeVar("_T")
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
-_SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 _ANNOUNCED: set[str] = set()
 _ANNOUNCE_LOCK = threading.Lock()
 
@@ -205,9 +209,9 @@ class Sandbox:
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 cwd=workdir or "/", env=env, close_fds=True, start_new_session=True,
                 user=uid, group=uid, extra_groups=[] if uid is not None else None)
-            out, err, timed_out, exceeded = _communicate(proc, payload, started + wall_s,
+            out, err, timed_out, exceeded = communicate(proc, payload, started + wall_s,
                                                          self.config.output_bytes)
-            _kill_group(proc)
+            kill_group(proc)
             returncode = proc.wait()
             return RunResult(returncode, out, err, timed_out, exceeded,
                              time.monotonic() - started, isolation)
@@ -216,17 +220,17 @@ class Sandbox:
                              isolation=isolation)
         finally:
             if proc is not None:
-                _kill_group(proc)
+                kill_group(proc)
                 proc.wait()
             if uid is not None:
-                _reap_uid(uid)
+                reap_uid(uid)
             if workdir:
-                _remove_tree(workdir)
+                remove_tree(workdir)
             self._release(slot)
 
     def _argv(self, isolation: str, uid: int | None) -> list[str]:
         cfg = self.config
-        nproc = cfg.nproc + (0 if uid is not None else _process_count(os.getuid()))
+        nproc = cfg.nproc + (0 if uid is not None else process_count(os.getuid()))
         limits = [("RLIMIT_CPU", cfg.cpu_s), ("RLIMIT_AS", cfg.memory_mb << 20),
                   ("RLIMIT_NPROC", nproc), ("RLIMIT_FSIZE", cfg.file_mb << 20),
                   ("RLIMIT_NOFILE", cfg.nofile), ("RLIMIT_CORE", 0)]
@@ -320,137 +324,6 @@ def _default_python() -> str:
         return "/usr/bin/python3"
     base = Path(sys.base_prefix) / "bin" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
     return str(base) if base.exists() else os.path.realpath(sys.executable)
-
-
-def _communicate(proc: subprocess.Popen, payload: bytes, deadline: float,
-                 cap: int) -> tuple[bytes, bytes, bool, bool]:
-    """Feed stdin, collect stdout/stderr up to ``cap`` each; stop at the deadline, when the
-    output overflows, or shortly after the process exits (a grandchild may hold the pipes)."""
-    buffers = {proc.stdout: bytearray(), proc.stderr: bytearray()}
-    selector = selectors.DefaultSelector()
-    for stream in buffers:
-        selector.register(stream, selectors.EVENT_READ)
-    pending = memoryview(payload)
-    os.set_blocking(proc.stdin.fileno(), False)
-    selector.register(proc.stdin, selectors.EVENT_WRITE)
-    timed_out = exceeded = False
-    exit_grace: float | None = None
-    try:
-        while len(selector.get_map()) > 0 and not exceeded:
-            now = time.monotonic()
-            if exit_grace is None and proc.poll() is not None:
-                exit_grace = now + 0.2
-            stop = deadline if exit_grace is None else min(deadline, exit_grace)
-            if now >= stop:
-                timed_out = exit_grace is None or now >= deadline
-                break
-            for key, _ in selector.select(min(stop - now, 0.05)):
-                stream = key.fileobj
-                if stream is proc.stdin:
-                    try:
-                        pending = pending[os.write(stream.fileno(), pending[:1 << 16]):]
-                    except (BrokenPipeError, BlockingIOError, OSError):
-                        pending = pending[len(pending):]
-                    if not pending:
-                        selector.unregister(stream)
-                        stream.close()
-                    continue
-                chunk = os.read(stream.fileno(), 1 << 16)
-                if not chunk:
-                    selector.unregister(stream)
-                    continue
-                buffer = buffers[stream]
-                room = max(cap - len(buffer), 0)
-                buffer += chunk[:room]
-                exceeded = exceeded or len(chunk) > room
-    finally:
-        selector.close()
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            try:
-                stream.close()
-            except OSError:
-                pass
-    if exit_grace is None and not timed_out and not exceeded:
-        try:
-            proc.wait(max(deadline - time.monotonic(), 0))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-    return bytes(buffers[proc.stdout]), bytes(buffers[proc.stderr]), timed_out, exceeded
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _pids_of(uid: int) -> list[int]:
-    """Live (not zombie) processes of ``uid``. A zombie holds nothing but its pid; it waits for
-    the host's init, which this process does not control, to reap it."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid != uid:
-                    continue
-                with open(f"/proc/{entry}/stat", "rb") as fh:
-                    if fh.read().rpartition(b")")[2].split()[0] != b"Z":
-                        pids.append(int(entry))
-            except (OSError, IndexError):
-                pass
-    return pids
-
-
-def _process_count(uid: int) -> int:
-    return len(_pids_of(uid))
-
-
-def _reap_uid(uid: int) -> None:
-    """Kill every process of ``uid`` (until none is left) and delete what it left in the
-    scratch directories."""
-    for _ in range(200):
-        pids = _pids_of(uid)
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(0.005)
-    for scratch in _SCRATCH_DIRS:
-        try:
-            entries = os.listdir(scratch)
-        except OSError:
-            continue
-        for name in entries:
-            path = os.path.join(scratch, name)
-            try:
-                if os.lstat(path).st_uid == uid:
-                    _remove_tree(path)
-            except OSError:
-                pass
-
-
-def _remove_tree(path: str) -> None:
-    """Remove a file or a tree the program may have made unreadable (chmod 000)."""
-    if os.path.islink(path) or not os.path.isdir(path):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        return
-
-    def retry(function, failed, _info) -> None:
-        try:
-            os.chmod(os.path.dirname(failed), stat.S_IRWXU)
-            os.chmod(failed, stat.S_IRWXU)
-            function(failed)
-        except OSError:
-            pass
-
-    shutil.rmtree(path, onerror=retry)
 
 
 _DEFAULT: Sandbox | None = None
