@@ -111,3 +111,4 @@ def test_eval_on_humaneval_rows_reports_pass_at_k(tokenizer):
     summary, samples = evaluate_rows(None, tokenizer, rows, cfg, backend=oracle)
     assert [s["correct"] for s in samples] == [True, False] * 3
     assert summary["accuracy"] == 0.5 and summary["pass@k"] == 1.0
+    assert summary["reward_outcomes"] == {"code/timeouts": 0, "code/program_errors": 0, "code/no_verdict": 0}
