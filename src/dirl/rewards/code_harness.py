@@ -30,7 +30,10 @@ So the model's code and the tests never share a process. Inside the sandbox:
 4. H runs the tests with a proxy as the candidate. Arguments and results cross the pipe as
    tagged JSON of plain data (None, bool, int, float, str, bytes, list, tuple, set, dict); any
    other type is an error. What C sends is parsed, size-capped, and can only ever be a plain
-   value: the worst a program can do is return wrong values, time out, or die.
+   value: the worst a program can do is return wrong values, time out, or die. (C owns its
+   pipe ends, so it may write replies before it is asked; that is no more than a function's
+   power over its own return values -- it still never sees the tests or the expected values,
+   which live only in H.)
 5. H alone writes ``{"token", "passed", "reason"}`` to its stdout, after the tests return. The
    host accepts a verdict only with the matching token (compared in constant time).
 
@@ -224,7 +227,7 @@ def main():
     ready = get()
     if type(ready) is not dict or ready.get("ready") != 1:
         error = ready.get("error") if type(ready) is dict else None
-        stop("error", "the program failed: %s" % (error,))
+        stop("error", "the program failed: %s" % error if error else "the program sent an unexpected reply")
     ns = {"__name__": "harness"}
     if JOB["setup"]:
         exec(compile(JOB["setup"], "<setup>", "exec"), ns)
