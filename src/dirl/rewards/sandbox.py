@@ -8,9 +8,10 @@ appears in an argv or a file. Isolation comes in three tiers, best first:
   is visible, a private size-capped ``/tmp`` is the only writable place, and the program gets
   new user, PID, network, IPC, UTS and cgroup namespaces, no capabilities and no nested user
   namespaces. When the outer ``bwrap`` dies, everything inside dies with it.
-* ``unshare`` -- ``unshare --net --pid --fork --kill-child`` in a new user namespace (mapped to
-  the caller's own uid): no network, and killing the run kills its PID namespace. The file
-  system is the host's, reduced only by the uid below.
+* ``unshare`` -- ``unshare --net --pid --fork --kill-child --mount-proc`` in a new user
+  namespace (mapped to the caller's own uid): no network, a ``/proc`` showing only the run's
+  processes (no other process's environment or fds), and killing the run kills its PID
+  namespace. The file system is the host's, reduced only by the uid below.
 * ``rlimits`` -- resource limits alone.
 
 The tier is probed once per :class:`Sandbox` (a run of ``print(6*7)``); each automatic step
@@ -239,7 +240,7 @@ class Sandbox:
             return python
         if isolation == "unshare":
             return [cfg.unshare, "--map-current-user", "--net", "--pid", "--fork", "--kill-child",
-                    "--", *python]
+                    "--mount-proc", "--", *python]
         return [cfg.bwrap, *self._bwrap_mounts(), "--unshare-all", "--unshare-user", "--disable-userns",
                 "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox",
                 "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
@@ -279,7 +280,8 @@ class Sandbox:
             if not reason:
                 return tier
             _announce(f"dirl sandbox: {tier} unavailable ({reason}); programs run without {lost}"
-                      + ("" if self._root else "; not root: no per-run uid, a setsid child may outlive a run"))
+                      + ("" if self._root else "; not root: no per-run uid, so a program can signal"
+                         " this user's processes and a setsid child may outlive its run"))
         return "rlimits"
 
     def _failure(self, tier: str) -> str:
