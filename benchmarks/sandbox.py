@@ -1,4 +1,4 @@
-"""The code sandbox's cost: overhead per program and throughput (``dirl bench sandbox [--quick]``).
+"""The code sandbox's cost: overhead per program and throughput (``python -m benchmarks.sandbox [--quick]``).
 
 Per isolation tier available here (bwrap, unshare, rlimits):
 
