@@ -10,17 +10,22 @@ back without a copy: DiPO's frozen reference is the policy with its adapters off
 The target modules are the family's (``Family.lora_targets``, native names); a short name
 is a target without its ``_proj`` suffix (``q`` = ``q_proj``).
 
-Checkpoints hold the adapters in PEFT's format (``adapter_config.json`` naming
-the base in ``base_model_name_or_path``, ``adapter_model.safetensors`` with
+Checkpoints hold the adapters in PEFT's format (``adapter_config.json`` with
+``task_type: CAUSAL_LM`` and the base in ``base_model_name_or_path`` -- a path
+relative to the adapter directory, so a run directory moved with its base still
+resolves, or the ``init:`` spec --, ``adapter_model.safetensors`` with
 PeftModel's ``base_model.model.`` key prefix), so ``PeftModel.from_pretrained``
-reads them; :func:`merge_adapters` folds them into the base weights
-(``dirl merge``).
+reads them onto the base (``AutoModelForCausalLM.from_pretrained(base)`` after
+``import dirl``); :func:`merge_adapters` folds them into the base weights
+(``dirl merge``; :func:`resolve_base` finds the base).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,7 +104,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, base: str) -> nn.Module:
     peft = _peft()
     peft_config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                   target_modules=family_targets(model, cfg.target_modules),
-                                  base_model_name_or_path=base)
+                                  base_model_name_or_path=base, task_type="CAUSAL_LM")
     return inject(model, peft_config)
 
 
@@ -169,9 +174,23 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, directory: Path) -> None:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``directory``."""
-    model.peft_config["default"].save_pretrained(str(directory))
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``directory``; the base
+    path is written relative to ``directory`` (module docstring)."""
+    peft_config = copy.copy(model.peft_config["default"])
+    peft_config.task_type = "CAUSAL_LM"
+    base = peft_config.base_model_name_or_path
+    if base and Path(base).is_absolute():
+        peft_config.base_model_name_or_path = os.path.relpath(base, Path(directory).absolute())
+    peft_config.save_pretrained(str(directory))
     save_file(adapter_state(model), str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def resolve_base(adapter_dir: str | Path, base: str) -> str:
+    """The base checkpoint an adapter config names: a path relative to the adapter directory
+    (as :func:`save_adapter` writes it), else as given (an absolute path, a path relative to
+    the working directory, an ``init:`` spec)."""
+    beside = Path(adapter_dir) / base
+    return str(beside.resolve()) if not Path(base).is_absolute() and (beside / "config.json").exists() else base
 
 
 def read_adapter_config(directory: str | Path):
