@@ -36,7 +36,7 @@ import torch
 from dirl.model.families import FAMILIES, get_family
 from dirl.model.masks import TokenMeta
 
-_HF_RUNTIME_KEYS = ("_commit_hash",)  # set by transformers' loader, not config.json fields
+_HF_RUNTIME_KEYS = ("_commit_hash", "name_or_path")  # passed by transformers' loader, not config.json fields
 
 
 def clean_meta(arch, position_ids: torch.Tensor, valid: torch.Tensor) -> TokenMeta:
