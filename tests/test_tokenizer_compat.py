@@ -48,7 +48,7 @@ def _venv_python() -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     steps = [[sys.executable, "-m", "venv", str(venv)], [str(python), "-m", "pip", "install", "-q", *requirements]]
     for step in steps:
-        result = subprocess.run(step, capture_output=True, text=True, timeout=900)
+        result = subprocess.run(step, check=False, capture_output=True, text=True, timeout=900)
         if result.returncode != 0:
             pytest.skip(f"cannot make a transformers=={TRANSFORMERS_4} venv ({' '.join(step[-2:])}): "
                         f"{(result.stderr or result.stdout).strip().splitlines()[-1:]}")
@@ -82,7 +82,7 @@ def test_saved_tokenizers_load_under_transformers_4(saved):
     python = _venv_python()
     directories = [str(d) for d, _ in saved.values()]
     result = subprocess.run([str(python), "-c", PROBE, json.dumps({"texts": TEXTS, "messages": MESSAGES}),
-                             *directories], capture_output=True, text=True, timeout=600,
+                             *directories], check=False, capture_output=True, text=True, timeout=600,
                             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
