@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from dirl.rollout import SamplingParams
 transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
-from tests.conftest import REPO  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _dirl_logits(model, ids):

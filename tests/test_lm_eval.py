@@ -8,16 +8,18 @@ log-probs computed here with plain forwards (tests/test_serve_logprobs.py's orac
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
+from serve_procs import start_server, stop_server, wait_healthy
+from test_serve_logprobs import _left_to_right_oracle
 
 from dirl.model.checkpoint import load_pretrained
-from tests.conftest import SHARED
-from tests.serve_procs import start_server, stop_server, wait_healthy
-from tests.test_serve_logprobs import _left_to_right_oracle
 
 pytestmark = pytest.mark.integration
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install 'dirl[dev]' (lm-eval[api])")
+SHARED = Path(os.environ.get("DIRL_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 DATA = SHARED / "data" / "countdown_test.jsonl"
 LIMIT = 3
 
