@@ -66,16 +66,32 @@ def server(tiny_ckpt):
         stop_server(proc)
 
 
-def test_generation_and_loglikelihood_tasks_run_against_dirl_serve(server, tiny_ckpt, tmp_path):
+def _evaluate(tmp_path, model: str, model_args: str) -> dict:
     from lm_eval.tasks import TaskManager
 
     (tmp_path / "gen.yaml").write_text(GEN_TASK.format(data=DATA))
     (tmp_path / "mc.yaml").write_text(MC_TASK.format(data=DATA))
+    return lm_eval.simple_evaluate(model=model, model_args=model_args,
+                                   tasks=["dirl_countdown_gen", "dirl_countdown_mc"], limit=LIMIT,
+                                   task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True)
+
+
+def test_generation_and_loglikelihood_tasks_run_against_dirl_serve(server, tiny_ckpt, tmp_path):
     model_args = (f"model={tiny_ckpt.name},base_url={server}/v1/completions,tokenizer={tiny_ckpt},"
                   "tokenizer_backend=huggingface,num_concurrent=1,max_retries=1,max_length=512")
-    results = lm_eval.simple_evaluate(model="local-completions", model_args=model_args,
-                                      tasks=["dirl_countdown_gen", "dirl_countdown_mc"], limit=LIMIT,
-                                      task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True)
+    _check(_evaluate(tmp_path, "local-completions", model_args), tiny_ckpt)
+
+
+def test_the_registered_dirl_model_runs_in_process(tiny_ckpt, tmp_path):
+    import dirl.eval.lm_harness  # noqa: F401 -- registers "dirl" with lm-eval
+
+    if not DATA.exists():
+        pytest.skip(f"{DATA} not available")
+    _check(_evaluate(tmp_path, "dirl", f"pretrained={tiny_ckpt}"), tiny_ckpt)
+
+
+def _check(results: dict, tiny_ckpt) -> None:
+    """Both tasks ran; the multiple-choice log-likelihoods are the left-to-right oracle's."""
     assert "exact_match,none" in results["results"]["dirl_countdown_gen"]
     assert 0.0 <= results["results"]["dirl_countdown_mc"]["acc,none"] <= 1.0
     generations = results["samples"]["dirl_countdown_gen"]
