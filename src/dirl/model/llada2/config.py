@@ -107,7 +107,7 @@ class LLaDA2Config:
     # -- config.json ----------------------------------------------------------------------------------
 
     @classmethod
-    def from_hf_dict(cls, data: dict[str, Any]) -> "LLaDA2Config":
+    def from_hf_dict(cls, data: dict[str, Any]) -> LLaDA2Config:
         """Build from a ``config.json`` dict; unknown fields are preserved in ``extra``."""
         if data.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config.json: hidden_act {data['hidden_act']!r} is not supported (LLaDA2 uses silu)")
@@ -155,7 +155,7 @@ class LLaDA2Config:
     @classmethod
     def for_init(cls, preset: str, *, vocab_size: int, mask_token_id: int, eos_token_id: int,
                  pad_token_id: int, block_size: int | None = None, torch_dtype: str = "float32",
-                 **overrides: Any) -> "LLaDA2Config":
+                 **overrides: Any) -> LLaDA2Config:
         """A random model's config for a tokenizer (``dirl init family=llada2``)."""
         if preset not in PRESETS:
             raise ValueError(f"unknown llada2 preset {preset!r}; choose from {sorted(PRESETS)}")

@@ -24,11 +24,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dirl.model.attention import attend, build_mask, pad_to_bucket
-from dirl.model.lm_head import DEFAULT_CHUNK_SIZE
 from dirl.model.llada2.config import LLaDA2Config
 from dirl.model.llada2.moe import SparseMoeBlock, SwiGLU
+from dirl.model.lm_head import DEFAULT_CHUNK_SIZE
 from dirl.model.masks import TokenMeta
-from dirl.model.transformer import ForwardOutput, Readout, RMSNorm, apply_rope, rope_cos_sin
+from dirl.model.transformer import (
+    ForwardOutput,
+    Readout,
+    RMSNorm,
+    apply_rope,
+    rope_cos_sin,
+)
 
 
 class Attention(nn.Module):
