@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from dirl.model.llada2.config import LLaDA2Config
+from dirl.model.llada2.config import PRESETS, LLaDA2Config
 from dirl.model.llada2.model import LLaDA2MoeModelLM
 from dirl.model.llada2.moe import SparseMoeBlock, route
 from dirl.model.masks import TokenMeta
@@ -20,7 +20,8 @@ B = 32
 
 
 def tiny_llada2(tokenizer, seed: int = 0, bias_std: float = 0.0, **fields) -> LLaDA2MoeModelLM:
-    cfg = LLaDA2Config.for_init("tiny", vocab_size=tokenizer.vocab_size, mask_token_id=tokenizer.mask_token_id,
+    cfg = LLaDA2Config.for_init(PRESETS["tiny"], vocab_size=tokenizer.vocab_size,
+                                mask_token_id=tokenizer.mask_token_id,
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **fields)
     model = LLaDA2MoeModelLM(cfg)
     model.init_weights(seed)

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from dirl.engine.engine import Engine
-from dirl.engine.unmask import policy_logprobs, select_commits, transfer_schedule
+from dirl.engine.unmask import select_commits, transfer_schedule
+from dirl.model.forward import Readout
+from dirl.model.policy import policy_logprobs
 from dirl.model.trace import pack_traces, trace_copies
-from dirl.model.transformer import Readout
 from dirl.rollout import SamplingParams
 from tests.test_llada2 import B, tiny_llada2
 

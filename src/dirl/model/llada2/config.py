@@ -153,13 +153,12 @@ class LLaDA2Config:
         return out
 
     @classmethod
-    def for_init(cls, preset: str, *, vocab_size: int, mask_token_id: int, eos_token_id: int,
+    def for_init(cls, preset: dict[str, Any], *, vocab_size: int, mask_token_id: int, eos_token_id: int,
                  pad_token_id: int, block_size: int | None = None, torch_dtype: str = "float32",
                  **overrides: Any) -> LLaDA2Config:
-        """A random model's config for a tokenizer (``dirl init family=llada2``)."""
-        if preset not in PRESETS:
-            raise ValueError(f"unknown llada2 preset {preset!r}; choose from {sorted(PRESETS)}")
-        values = {**PRESETS[preset], "vocab_size": vocab_size, "mask_token_id": mask_token_id,
+        """A random model's config for a tokenizer (``dirl init family=llada2``): a preset, the
+        tokenizer's ids, native overrides; ``block_size`` None keeps LLaDA2's 32."""
+        values = {**preset, "vocab_size": vocab_size, "mask_token_id": mask_token_id,
                   "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "torch_dtype": torch_dtype, **overrides}
         if block_size is not None:
             values["block_size"] = block_size

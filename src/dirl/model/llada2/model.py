@@ -23,18 +23,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dirl.model.attention import attend, build_mask, pad_to_bucket
+from dirl.model.arch import Arch
+from dirl.model.attention import build_mask, pad_to_bucket
+from dirl.model.blocks import RMSNorm, SwiGLU, apply_rope, attention_core, rope_cos_sin
+from dirl.model.forward import ForwardOutput, Readout
 from dirl.model.llada2.config import LLaDA2Config
-from dirl.model.llada2.moe import SparseMoeBlock, SwiGLU
+from dirl.model.llada2.moe import SparseMoeBlock
 from dirl.model.lm_head import DEFAULT_CHUNK_SIZE
 from dirl.model.masks import TokenMeta
-from dirl.model.transformer import (
-    ForwardOutput,
-    Readout,
-    RMSNorm,
-    apply_rope,
-    rope_cos_sin,
-)
 
 
 class Attention(nn.Module):
@@ -42,7 +38,6 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
-        self.rotary = cfg.rotary_dims
         width = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.query_key_value = nn.Linear(cfg.hidden_size, width, bias=cfg.use_qkv_bias)
         self.dense = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.use_bias)
@@ -51,25 +46,15 @@ class Attention(nn.Module):
             self.key_layernorm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.use_qk_norm = cfg.use_qk_norm
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """RoPE on the first ``rotary`` dims of each head (B, H, T, D); the rest pass through."""
-        if self.rotary == self.head_dim:
-            return apply_rope(x, cos, sin)
-        return torch.cat([apply_rope(x[..., :self.rotary], cos, sin), x[..., self.rotary:]], dim=-1)
-
     def forward(self, x, cos, sin, mask, impl, cache_layer) -> torch.Tensor:
         batch, num_tokens, _ = x.shape
         qkv = self.query_key_value(x).view(batch, num_tokens, -1, self.head_dim)  # (B, T, H + 2 Hkv, D)
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
         if self.use_qk_norm:
             q, k = self.query_layernorm(q), self.key_layernorm(k)
-        q = self._rope(q.transpose(1, 2), cos, sin)             # (B, H, T, D)
-        k = self._rope(k.transpose(1, 2), cos, sin)             # (B, Hkv, T, D)
-        v = v.transpose(1, 2)
-        if cache_layer is not None:  # the engine's in-place cache: store these K/V, attend over its slots
-            k, v = cache_layer.update(k, v)
-        out = attend(q, k, v, mask, impl)                        # (B, H, T, D)
-        return self.dense(out.transpose(1, 2).reshape(batch, num_tokens, -1))
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, D); cos covers the rotary dims only
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
+        return self.dense(attention_core(q, k, v.transpose(1, 2), mask, impl, cache_layer))
 
 
 class DecoderLayer(nn.Module):
@@ -111,8 +96,13 @@ class LLaDA2MoeModelLM(nn.Module):
         self.head_chunk_size = DEFAULT_CHUNK_SIZE
 
     @property
-    def arch(self):
+    def arch(self) -> Arch:
         return self.config.arch
+
+    def tie_weights(self) -> None:
+        """Re-point a tied ``lm_head`` at the embedding (after a meta-device load)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.word_embeddings.weight
 
     def decoder_layers(self) -> nn.ModuleList:
         return self.model.layers
@@ -136,13 +126,11 @@ class LLaDA2MoeModelLM(nn.Module):
                 block.gate.expert_bias.zero_()
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: TokenMeta | None,
-                cache=None, readout: Readout = Readout(), attn_impl: str | None = None,
-                past_kv=None) -> ForwardOutput:
+                cache=None, readout: Readout = Readout(), attn_impl: str | None = None) -> ForwardOutput:
         """input_ids, position_ids: (B, T); meta: these tokens' mask metadata (unused with a cache).
 
         cache: the engine's in-place cache step (``cache[i].update(k, v)``, ``cache.mask``) or None.
         readout: which flat rows of B*T to return, as logits or final-norm hidden states."""
-        cache = cache if cache is not None else past_kv
         impl = attn_impl or self.attn_impl
         num_tokens = input_ids.shape[1]
         if cache is not None:
@@ -157,12 +145,12 @@ class LLaDA2MoeModelLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             cache_layer = None if cache is None else cache[i]
             if recompute:
-                hidden = checkpoint(layer, hidden, cos, sin, mask, impl, None, use_reentrant=False)
+                hidden = checkpoint(layer, hidden, cos, sin, mask, impl, cache_layer, use_reentrant=False)
             else:
                 hidden = layer(hidden, cos, sin, mask, impl, cache_layer)
         hidden = self.model.norm(hidden[:, :num_tokens])
         if readout.index is not None:
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, readout.index)  # (N, d)
         if readout.hidden:
-            return ForwardOutput(None, [], hidden)
-        return ForwardOutput(self.lm_head(hidden), [])
+            return ForwardOutput(None, hidden)
+        return ForwardOutput(self.lm_head(hidden))

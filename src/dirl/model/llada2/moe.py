@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dirl.model.blocks import SwiGLU
 from dirl.model.llada2.config import LLaDA2Config
 
 
@@ -44,19 +45,6 @@ def route(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, n_group: 
     if top_k > 1:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
     return ids, weights * scale
-
-
-class SwiGLU(nn.Module):
-    """``down(silu(gate(x)) * up(x))`` with the native ``{gate,up,down}_proj`` names."""
-
-    def __init__(self, hidden: int, intermediate: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Router(nn.Module):
