@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from dirl.model.llada2.config import ARCHITECTURE as ARCH
 from dirl.model.llada2.config import PRESETS, LLaDA2Config
 from dirl.model.llada2.model import LLaDA2MoeModelLM
 from dirl.model.llada2.moe import SparseMoeBlock, route
@@ -210,3 +211,36 @@ def test_bf16_router_runs_in_fp32(tokenizer):
     with torch.no_grad():
         logits = model(torch.arange(4, 12)[None], pos, TokenMeta.clean(pos, B)).logits
     assert seen == [torch.float32] and logits.dtype == torch.bfloat16
+
+
+# -- the registry, dirl init, save and load -------------------------------------------------------------------
+
+
+def test_registry_picks_llada2_for_the_real_config(mini_config):
+    from dirl.model.families import family_for_config
+
+    family = family_for_config(mini_config)
+    assert family.name == "llada2" and family.model_cls is LLaDA2MoeModelLM
+    assert family_for_config({"architectures": ["LLaDA2MoeModelLM"]}).name == "llada2"
+
+
+def test_init_save_load_round_trip(tmp_path):
+    """``dirl init family=llada2``: a checkpoint in LLaDA2's own schema and names that loads back
+    as the same function (expert biases included)."""
+    from dirl.model.checkpoint import load_pretrained, save_pretrained
+    from dirl.model.factory import InitConfig, init_checkpoint
+
+    path = init_checkpoint(InitConfig(family="llada2", preset="tiny", block_size=32, seed=2), tmp_path / "ckpt")
+    saved = json.loads((path / "config.json").read_text())
+    assert (saved["model_type"], saved["architectures"], saved["block_size"]) == ("llada2_moe", [ARCH], 32)
+    model, tokenizer = load_pretrained(path)
+    assert isinstance(model, LLaDA2MoeModelLM) and model.arch.block_size == 32
+    with torch.no_grad():
+        model.moe_blocks()[1].gate.expert_bias.copy_(torch.linspace(-0.1, 0.1, 8))
+    again, _ = load_pretrained(save_pretrained(model, tokenizer, tmp_path / "again"))
+    pos = torch.arange(40)[None]
+    ids = torch.randint(4, 90, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = (m(ids, pos, TokenMeta.clean(pos, B)).logits for m in (model, again))
+    assert torch.equal(a, b)
+    assert torch.equal(again.moe_blocks()[1].gate.expert_bias, torch.linspace(-0.1, 0.1, 8))
