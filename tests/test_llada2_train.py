@@ -16,13 +16,11 @@ PARAMS = SamplingParams(max_new_tokens=40, temperature=1.0, threshold=0.5, n=2, 
 
 
 def _lora(model, experts: bool):
-    """LoRA on every linear map (experts included or not), with non-zero B so the adapters count."""
-    peft = pytest.importorskip("peft")
-    from dirl.model.lora import inject
+    """LoRA on the family's targets (the routed experts' by ``lora.experts``), non-zero B so the adapters count."""
+    pytest.importorskip("peft")
+    from dirl.model.lora import LoraConfig, apply_lora
 
-    targets = r".*\.(query_key_value|dense|gate_proj|up_proj|down_proj)" if experts else \
-        r".*\.(query_key_value|dense|(mlp|shared_experts)\.(gate_proj|up_proj|down_proj))"
-    model = inject(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    model = apply_lora(model, LoraConfig(r=4, alpha=8, experts=experts), base="init:llada2-tiny")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -40,7 +38,8 @@ def test_trainer_logprobs_equal_engine_logprobs(tokenizer, lora):
     if lora != "off":
         model = _lora(model, experts=lora == "experts")
         names = [n for n, p in model.named_parameters() if p.requires_grad]
-        assert any(".experts." in n for n in names) == (lora == "experts")
+        assert any(".shared_experts." in n for n in names) and any(".attention.dense." in n for n in names)
+        assert any(".experts.0." in n for n in names) == (lora == "experts")
     rollouts = Engine(model).generate(PROMPTS, PARAMS)
     if lora != "off":  # the adapters really change the sampled function
         assert [r.logps for r in rollouts] != [r.logps for r in base]

@@ -26,6 +26,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from torch import nn
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel's prefix of the wrapped model's parameter names
+# A routed expert's modules (``...mlp.experts.7.gate_proj``): the MoE convention of LLaDA2, Qwen-MoE, DeepSeek.
+ROUTED_EXPERT = re.compile(r".*\.experts\.\d+\..*")
 
 
 def short_name(target: str) -> str:
@@ -73,6 +76,11 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=list)  # short or full names; empty = all the family's
+    # Mixture-of-experts models: adapters on the routed experts' projections too. Off by default:
+    # an adapter per expert multiplies the adapter size by the expert count (LLaDA2-mini at r 16:
+    # ~0.6B adapter weights in the routed experts vs ~6M elsewhere), and each token trains only its
+    # top-k experts' adapters. The shared expert and dense MLPs are targeted either way.
+    experts: bool = False
 
     def __post_init__(self) -> None:
         if self.r < 0:
@@ -102,9 +110,11 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, base: str) -> nn.Module:
     """Inject LoRA layers into ``model`` in place (the base frozen); ``base`` names the base
     checkpoint (a directory or an ``init:`` spec) for the adapter directory."""
     peft = _peft()
+    exclude = {} if cfg.experts or not any(ROUTED_EXPERT.fullmatch(n) for n, _ in model.named_modules()) \
+        else {"exclude_modules": ROUTED_EXPERT.pattern}
     peft_config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                   target_modules=family_targets(model, cfg.target_modules),
-                                  base_model_name_or_path=base, task_type="CAUSAL_LM")
+                                  base_model_name_or_path=base, task_type="CAUSAL_LM", **exclude)
     return inject(model, peft_config)
 
 

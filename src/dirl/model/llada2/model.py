@@ -111,6 +111,17 @@ class LLaDA2MoeModelLM(nn.Module):
         """Layer index -> its MoE MLP (the dense first layers excluded)."""
         return {i: layer.mlp for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, SparseMoeBlock)}
 
+    def router_parameters(self) -> list[nn.Parameter]:
+        """The routers' weights (``mlp.gate.weight``); the expert biases are buffers, never trained."""
+        return [block.gate.weight for block in self.moe_blocks().values()]
+
+    def take_expert_counts(self) -> dict[int, torch.Tensor]:
+        """Layer -> (E,) tokens routed to each expert by no-grad forwards since the last call (every
+        MoE layer, zeros where none ran: each rank reports the same layers)."""
+        out = {i: block.take_expert_counts() for i, block in self.moe_blocks().items()}
+        return {i: torch.zeros(self.config.num_experts, dtype=torch.long) if counts is None else counts
+                for i, counts in out.items()}
+
     def init_weights(self, seed: int, std: float = 0.02) -> None:
         """Random init (normal(0, std) matrices, unit norms, zero expert bias), reproducible from ``seed``."""
         gen = torch.Generator().manual_seed(seed)

@@ -15,7 +15,10 @@ back to the model dtype, as the reference's ``moe_infer`` does.
 
 Expert compute is grouped by expert: the (token, slot) pairs are sorted by expert once, each
 expert with tokens runs one matmul on its rows, and ``index_add_`` scatters the weighted rows
-back. The Python loop is over experts that received tokens, never over tokens.
+back. The Python loop is over experts, never over tokens. With grad enabled every expert runs,
+an idle one on zero rows, so each expert weight gets a (zero) gradient in every backward: DDP's
+reducer and FSDP2's reduce-scatter then see the same parameters on every rank, whatever the
+routing drew there.
 """
 
 from __future__ import annotations
@@ -77,8 +80,9 @@ def grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, e
     flat_weights = weights.reshape(-1)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     start = 0
+    train = torch.is_grad_enabled()
     for expert, count in enumerate(counts.tolist()):
-        if count == 0:
+        if count == 0 and not train:
             continue
         slots = order[start:start + count]                  # (c,)
         tokens = slots // top_k
@@ -98,15 +102,26 @@ class SparseMoeBlock(nn.Module):
                                      for _ in range(cfg.num_experts))
         self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
                                if cfg.num_shared_experts else None)
-        # Tokens routed to each expert since the last ``take_expert_counts`` (a statistic, not state
-        # the forward reads): the RL trainer logs per-layer utilisation from it.
-        self.register_buffer("expert_counts", torch.zeros(cfg.num_experts, dtype=torch.long), persistent=False)
+        # Tokens routed to each expert by no-grad forwards (decoding, scoring) since the last
+        # :meth:`take_expert_counts`: a statistic the forward never reads, for the RL trainer's
+        # utilisation metric. Not a buffer: DDP would broadcast it, and it is not a weight.
+        self.expert_counts: torch.Tensor | None = None
+
+    def take_expert_counts(self) -> torch.Tensor | None:
+        """(E,) tokens per expert since the last call (None: no forward yet); resets the count."""
+        counts, self.expert_counts = self.expert_counts, None
+        return counts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])                     # (N, H)
         ids, weights = self.gate(flat)
-        out = grouped_experts(flat, ids, weights, self.experts, self.expert_counts)
+        counts = None
+        if not torch.is_grad_enabled():  # training forwards (and their recomputation) are not counted
+            if self.expert_counts is None or self.expert_counts.device != flat.device:
+                self.expert_counts = torch.zeros(len(self.experts), dtype=torch.long, device=flat.device)
+            counts = self.expert_counts
+        out = grouped_experts(flat, ids, weights, self.experts, counts)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view(shape)
