@@ -10,12 +10,15 @@ Setup: a random llada2 model (``--hidden``, ``--layers``, 16 experts top-4 in 4 
 are kept, a shared expert, the char vocabulary), G rollouts of ``--new`` tokens after a ``--prompt``-token prompt, decoded with
 LLaDA2's rule (blocks of 32, threshold 0.95, else 1 token per step over 32 steps: a random model
 rarely passes the threshold, so nearly every step commits one token -- the trace's worst case,
-32 copies a block). Both methods run forward + backward of the summed log-probs (a training step's
+32 copies a block; ``--steps``). Both methods run forward + backward of the summed log-probs (a training step's
 work), the per-step baseline batched over the G rollouts at each step index. Each is timed
 ``--repeats`` times after a warm-up; the minimum is reported.
 
-Prints ``name=value`` lines: ``trace_s``, ``per_step_s``, ``speedup`` (per_step / trace), the
-forwards each method ran and the max log-prob difference.
+``--steps 32 8``: LLaDA2's 32 steps a block (1 token a step on a random model) and 8 (4 tokens a
+step, the parallel decoding a trained model reaches at threshold 0.95), one measurement each.
+
+Prints ``name[steps=S]=value`` lines: ``trace_s``, ``per_step_s``, ``speedup`` (per_step / trace),
+the tokens per step, the trace's packed tokens, the per-step forwards and the max log-prob difference.
 """
 
 from __future__ import annotations
@@ -124,14 +127,23 @@ def main(argv=None) -> None:
     parser.add_argument("--new", type=int, default=56, help="generated tokens per rollout (24 + 32 k: whole blocks)")
     parser.add_argument("--prompt", type=int, default=104, help="prompt tokens (104 = 3 blocks + 8)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, nargs="+", default=[32, 8], help="forwards per block, one run each")
     parser.add_argument("--quick", action="store_true", help="d 128, 2 layers, G 2, 24 tokens, 1 repeat")
     args = parser.parse_args(argv)
     if args.quick:
-        args.hidden, args.layers, args.group, args.new, args.repeats = 128, 2, 2, 24, 1
+        args.hidden, args.layers, args.group, args.new, args.repeats, args.steps = 128, 2, 2, 24, 1, [32]
     torch.manual_seed(0)
     model = build_model(args.hidden, args.layers)
+    print(f"model_params={sum(p.numel() for p in model.parameters())} hidden={args.hidden} layers={args.layers} "
+          f"group={args.group} prompt={args.prompt} new_tokens={args.new} block={B} threads={torch.get_num_threads()}")
+    for steps in args.steps:
+        measure(model, args, steps)
+
+
+def measure(model, args, steps: int) -> None:
+    """One decoding setting: ``steps`` forwards a block (32: LLaDA2's reference, 1 token a step here)."""
     params = SamplingParams(max_new_tokens=args.new, temperature=1.0, unmasking="threshold_schedule",
-                            threshold=0.95, steps_per_block=B, n=args.group, seed=0)
+                            threshold=0.95, steps_per_block=steps, n=args.group, seed=0)
     prompt = [[4 + i % 90 for i in range(args.prompt)]]  # the first generated block shares the prompt's last
     with torch.no_grad():
         rollouts = Engine(model.eval()).generate(prompt, params)
@@ -139,19 +151,15 @@ def main(argv=None) -> None:
     mask_id = model.config.mask_token_id
     t_trace, (trace, plan) = _timed(lambda: trace_logps(model, rollouts, params), args.repeats)
     t_loop, (loop, forwards) = _timed(lambda: per_step_logps(model, rollouts, mask_id, params), args.repeats)
+    model.zero_grad(set_to_none=True)
     order = {(s, t): j for j, (s, t) in enumerate(zip(plan.pack.seq_index.tolist(), plan.pack.token_index.tolist()))}
     expected = torch.stack([trace[order[(s, i)]] for step in range(_num_steps(rollouts))
                             for s, r in enumerate(rollouts) for i in range(r.num_tokens) if r.steps[i] == step])
-    params_total = sum(p.numel() for p in model.parameters())
-    print(f"model_params={params_total} hidden={args.hidden} layers={args.layers} group={args.group} "
-          f"new_tokens={args.new} block={B} threads={torch.get_num_threads()}")
-    print(f"trace_tokens={plan.pack.input_ids.numel()} trace_forwards=1 per_step_forwards={forwards}")
-    print(f"mean_tokens_per_step={sum(r.num_tokens for r in rollouts) / (len(rollouts) * _num_steps(rollouts)):.2f}")
-    print(f"max_logp_diff={(expected - loop).abs().max().item():.2e}")
-    print(f"trace_s={t_trace:.3f}")
-    print(f"per_step_s={t_loop:.3f}")
-    print(f"speedup={t_loop / t_trace:.2f}")
-
+    tag = f"[steps={steps}]"
+    per_step = sum(r.num_tokens for r in rollouts) / (len(rollouts) * _num_steps(rollouts))
+    print(f"tokens_per_step{tag}={per_step:.2f} trace_tokens{tag}={plan.pack.input_ids.numel()} "
+          f"per_step_forwards{tag}={forwards} max_logp_diff{tag}={(expected - loop).abs().max().item():.2e}")
+    print(f"trace_s{tag}={t_trace:.3f} per_step_s{tag}={t_loop:.3f} speedup{tag}={t_loop / t_trace:.2f}")
 
 if __name__ == "__main__":
     main()

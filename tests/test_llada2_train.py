@@ -9,6 +9,7 @@ import torch
 from dirl.algo.likelihood import EstimatorArgs, plan_estimator, score_plan
 from dirl.engine.engine import Engine
 from dirl.rollout import SamplingParams
+from tests.conftest import REPO
 from tests.test_llada2 import tiny_llada2
 
 PROMPTS = [[5, 6, 7, 8, 9], list(range(10, 50)), [60] * 33]
@@ -51,3 +52,54 @@ def test_trainer_logprobs_equal_engine_logprobs(tokenizer, lora):
                                                                    plan.pack.token_index.tolist())])
     assert len(recorded) == sum(r.num_tokens for r in rollouts)
     torch.testing.assert_close(logp.detach(), recorded, atol=1e-4, rtol=0)
+
+
+# -- router freezing, utilisation, the memory plan ------------------------------------------------------------
+
+
+def test_frozen_router_gets_no_update_and_utilisation_counts_decoding(tokenizer):
+    from dirl.train.moe import (
+        MoEConfig,
+        apply_moe_settings,
+        reset_utilisation,
+        utilisation_metrics,
+    )
+
+    model = tiny_llada2(tokenizer, bias_std=0.02)
+    assert apply_moe_settings(model, MoEConfig(freeze_router=True)) == 1
+    router = model.moe_blocks()[1].gate
+    assert not router.weight.requires_grad and "expert_bias" not in dict(model.named_parameters()) \
+        and "model.layers.1.mlp.gate.expert_bias" in model.state_dict()
+    reset_utilisation(model)
+    rollouts = Engine(model).generate(PROMPTS[:1], SamplingParams(max_new_tokens=8, temperature=1.0, seed=0))
+    metrics = utilisation_metrics(model)
+    assert set(metrics) == {"moe/max_load/layer1", "moe/used/layer1", "moe/max_load"}
+    assert 1.0 <= metrics["moe/max_load"] <= 8.0 and 0 < metrics["moe/used/layer1"] <= 1.0
+    plan = plan_estimator("trace", EstimatorArgs.for_model(model, rollouts, torch.Generator()))
+    score_plan(model.train(), plan, PARAMS).sum().backward()  # a training forward: not counted
+    assert utilisation_metrics(model)["moe/used/layer1"] == 0.0
+    assert router.weight.grad is None
+    assert all(e.up_proj.weight.grad is not None for e in model.moe_blocks()[1].experts)  # idle ones: zeros
+
+
+def test_the_recipe_fits_8x80gb_by_the_plan_counting_total_and_active_params():
+    import json
+
+    from dirl import config as config_lib
+    from dirl.model.llada2.config import LLaDA2Config
+    from dirl.train.memory_plan import fits, plan, rl_workload
+    from dirl.train.rl import RLConfig
+    from tests.test_llada2 import MINI
+
+    if not (MINI / "config.json").exists():
+        pytest.skip(f"{MINI} not available")
+    model = LLaDA2Config.from_hf_dict(json.loads((MINI / "config.json").read_text()))
+    cfg = config_lib.load(RLConfig, REPO / "configs/llada2-mini-rl.yaml", [])
+    assert (cfg.rollout.group_size, cfg.optim.lr, cfg.moe.freeze_router) == (32, 1e-6, True)
+    assert cfg.rollout.sampling.unmasking == "threshold_schedule" and cfg.rollout.sampling.steps_per_block == 32
+    work = rl_workload(cfg, world=8, block_size=model.block_size)
+    assert work.tokens >= 512 + 33 * cfg.rollout.sampling.max_new_tokens  # one worst-case B = 32 trace row
+    out = plan(model, work)
+    assert round(out["params_total_b"], 2) == 16.26 and round(out["params_active_b"], 2) == 1.43
+    assert out["decode_weights"] == pytest.approx(model.num_parameters() * 2 / 2**30)  # every expert, bf16
+    assert fits(model, work, device_gb=80)

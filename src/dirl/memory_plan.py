@@ -60,14 +60,22 @@ def decode_rows(work: Workload) -> int:
 
 
 def _layer_params(cfg: SDARConfig) -> int:
+    """The largest decoder layer (an MoE config says: ``max_layer_parameters``, all its experts)."""
+    if hasattr(cfg, "max_layer_parameters"):
+        return cfg.max_layer_parameters()
     h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     return h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size
 
 
 def layer_bytes_per_token(cfg: SDARConfig, compute_bytes: int) -> int:
-    """Intermediates of one decoder layer per token (forward + their gradients in backward)."""
+    """Intermediates of one decoder layer per token (forward + their gradients in backward).
+
+    The MLP's are ``3 x intermediate_size`` (gate / up / product); an MoE config gives its own
+    count (``mlp_activations_per_token``: the top-k experts' and the shared expert's, the routed
+    copies of the token and the router's scores), the largest over its layers."""
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    forward = 4 * cfg.hidden_size + 2 * q + 2 * kv + 3 * cfg.intermediate_size  # norms, q/k/v/out, gate/up/act
+    mlp = cfg.mlp_activations_per_token() if hasattr(cfg, "mlp_activations_per_token") else 3 * cfg.intermediate_size
+    forward = 4 * cfg.hidden_size + 2 * q + 2 * kv + mlp  # norms, q/k/v/out, the MLP
     return 2 * forward * compute_bytes
 
 
@@ -92,7 +100,13 @@ def plan(cfg: SDARConfig, work: Workload) -> dict[str, float]:
            "kv_cache": kv_cache, "decode_weights": full_weights}
     out["train_peak"] = states + gathered + activations + head
     out["rollout_peak"] = states + full_weights + kv_cache if work.decode_rows else 0.0
-    return {k: v / GB for k, v in out.items()}
+    result = {k: v / GB for k, v in out.items()}
+    # Parameter counts (billions, not GB): a mixture of experts holds and trains all of them
+    # (``states``, ``decode_weights``) but runs ``params_active`` per token (``activations``).
+    result["params_total_b"] = params / 1e9
+    result["params_active_b"] = (cfg.num_active_parameters() if hasattr(cfg, "num_active_parameters")
+                                 else params) / 1e9
+    return result
 
 
 def fits(cfg: SDARConfig, work: Workload, device_gb: float = 80.0, phase: str = "both") -> bool:
@@ -107,17 +121,19 @@ PROMPT_TOKENS = 512  # planning allowance for a prompt (MATH prompts are shorter
 WORST_COPIES_PER_TOKEN = 4  # block 4, one token per step: 4 copies of 4 tokens per block of 4
 
 
-def rl_workload(cfg, world: int, max_new_tokens: int | None = None) -> Workload:
+def rl_workload(cfg, world: int, max_new_tokens: int | None = None, block_size: int | None = None) -> Workload:
     """The workload of an :class:`~dirl.train.rl.config.RLConfig` (``max_new_tokens`` overrides the config's).
 
-    A trace row is worst-case ~5x its response (one token committed per step: 4 copies of
-    4 tokens per block of 4) and is never split, so a micro-batch holds at least one row."""
+    A trace row is worst-case (1 + B) x its response (one token committed per step: B copies of B
+    tokens per block of B; B = ``block_size`` (the model's), else the config's, else 4) and
+    is never split, so a micro-batch holds at least one row."""
+    copies = block_size or cfg.block_size or WORST_COPIES_PER_TOKEN
     length = max_new_tokens or cfg.rollout.sampling.max_new_tokens
     options = cfg.rollout.backend_options()
-    row = PROMPT_TOKENS + (1 + WORST_COPIES_PER_TOKEN) * length
+    row = PROMPT_TOKENS + (1 + copies) * length
     tokens = max(cfg.algo.micro_batch_tokens or row * cfg.rollout.group_size, row)
     return Workload(world=world, precision=cfg.compute.precision if cfg.compute.precision != "auto" else "bf16-mixed",
-                    tokens=tokens, scored=max(1, tokens // (1 + WORST_COPIES_PER_TOKEN)),
+                    tokens=tokens, scored=max(1, tokens // (1 + copies)),
                     checkpointing=cfg.compute.activation_checkpointing, head_chunk=cfg.compute.head_chunk_size,
                     reference=cfg.algo.beta > 0, decode_rows=getattr(options, "max_batch_rows", 0),
                     decode_len=PROMPT_TOKENS + length, decode_tokens=getattr(options, "max_batch_tokens", 0))

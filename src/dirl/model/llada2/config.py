@@ -192,6 +192,23 @@ class LLaDA2Config:
         """Parameters one token runs through: top-k routed experts + the shared one (embedding included)."""
         return self._count(self.num_experts_per_tok)
 
+    def max_layer_parameters(self) -> int:
+        """The largest decoder layer (an MoE layer with all its experts): what FSDP2 gathers at once."""
+        moe = self.num_hidden_layers > self.first_k_dense_replace
+        return self._attention_params() + (self._moe_params(self.num_experts) if moe
+                                           else 3 * self.hidden_size * self.intermediate_size)
+
+    def mlp_activations_per_token(self) -> int:
+        """Elements an MLP keeps per token for backward, the largest layer's (the memory plan's).
+
+        MoE: gate / up / product of the top-k experts and the shared expert, the k routed copies of
+        the token and their weighted outputs, and the router's fp32 logits and scores (x2 for fp32)."""
+        h = self.hidden_size
+        dense = 3 * self.intermediate_size if self.first_k_dense_replace else 0
+        experts = self.num_experts_per_tok + self.num_shared_experts
+        moe = 3 * self.moe_intermediate_size * experts + 2 * self.num_experts_per_tok * h + 4 * self.num_experts
+        return max(dense, moe if self.num_hidden_layers > self.first_k_dense_replace else 0)
+
 
 _ABSENT = object()
 _NOT_HF_FIELDS = ("extra", "companion_files", "loaded", "torch_dtype")  # torch_dtype: see _DTYPE_KEYS
