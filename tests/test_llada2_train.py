@@ -87,8 +87,8 @@ def test_the_recipe_fits_8x80gb_by_the_plan_counting_total_and_active_params():
 
     from dirl import config as config_lib
     from dirl.model.llada2.config import LLaDA2Config
-    from dirl.train.memory_plan import fits, plan, rl_workload
-    from dirl.train.rl import RLConfig
+    from dirl.memory_plan import fits, plan, rl_workload
+    from dirl.train.rl.config import RLConfig
     from tests.test_llada2 import MINI
 
     if not (MINI / "config.json").exists():
