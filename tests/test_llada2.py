@@ -230,7 +230,7 @@ def test_init_save_load_round_trip(tmp_path):
     from dirl.model.checkpoint import load_pretrained, save_pretrained
     from dirl.model.factory import InitConfig, init_checkpoint
 
-    path = init_checkpoint(InitConfig(family="llada2", preset="tiny", block_size=32, seed=2), tmp_path / "ckpt")
+    path = init_checkpoint(InitConfig(family="llada2", preset="tiny", seed=2), tmp_path / "ckpt")  # B: LLaDA2's 32
     saved = json.loads((path / "config.json").read_text())
     assert (saved["model_type"], saved["architectures"], saved["block_size"]) == ("llada2_moe", [ARCH], 32)
     model, tokenizer = load_pretrained(path)

@@ -13,6 +13,8 @@ log-probs jump in ways PPO's ratio clipping does not bound (the MoE-RL instabili
 replay / GSPO work around); (3) the expert bias was tuned against the pretrained router, and
 without its update rule a drifting router loses the load balance. With it frozen the routing is
 still recomputed from the current hidden states, so trainer = engine log-probs holds exactly.
+SFT shares the setting and its default (``moe.freeze_router=false`` trains the router there).
+The utilisation metrics are logged by RL, over each step's rollouts.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dirl.train import dist as dist_lib
 
 @dataclass
 class MoEConfig:
-    """``moe.*`` of ``dirl rl`` (ignored by dense models)."""
+    """``moe.*`` of every trainer (``TrainerConfig``: SFT and RL; ignored by dense models)."""
 
     freeze_router: bool = True        # no gradient to the router weights (the expert bias is never trained)
     log_utilisation: bool = True      # per-layer expert load metrics of each step's rollouts
