@@ -14,7 +14,7 @@ fields (``user``, ...) are accepted and ignored, as the OpenAI client may send t
 Extensions:
 
 * dLLM decoding: every :class:`~dirl.rollout.SamplingSpec` field by its own name --
-  ``top_k`` (0 = off), ``unmasking`` (dynamic | static | sequential), ``threshold``
+  ``top_k`` (0 = off), ``unmasking`` (dynamic | static | sequential | threshold_schedule), ``threshold``
   (dynamic's confidence threshold), ``steps_per_block`` (static's forwards per block).
   A field left out (or null) takes the server's default, ``ServeConfig.sampling``
   (``steps_per_block``: the block size).
