@@ -103,3 +103,21 @@ def test_the_recipe_fits_8x80gb_by_the_plan_counting_total_and_active_params():
     assert round(out["params_total_b"], 2) == 16.26 and round(out["params_active_b"], 2) == 1.43
     assert out["decode_weights"] == pytest.approx(model.num_parameters() * 2 / 2**30)  # every expert, bf16
     assert fits(model, work, device_gb=80)
+
+
+def test_every_estimator_scores_llada2_rollouts_at_block_32(tokenizer):
+    """SFT and RL code is family-agnostic: each estimator's plan scores llada2 rollouts (B = 32)
+    with finite log-probs and a gradient into the experts."""
+    from dirl.algo.likelihood import ESTIMATORS
+
+    model = tiny_llada2(tokenizer, bias_std=0.02)
+    rollouts = Engine(model).generate(PROMPTS[:2], SamplingParams(max_new_tokens=20, temperature=1.0,
+                                                                   threshold=0.5, n=2, seed=1))
+    model.train()
+    for name in ESTIMATORS:
+        plan = plan_estimator(name, EstimatorArgs.for_model(model, rollouts, torch.Generator().manual_seed(0)))
+        logp = score_plan(model, plan, PARAMS)
+        assert logp.numel() > 0 and torch.isfinite(logp).all(), name
+        model.zero_grad()
+        logp.sum().backward()
+        assert model.moe_blocks()[1].experts[0].down_proj.weight.grad is not None, name
