@@ -1,4 +1,4 @@
-"""Packed trace vs one forward per step on an LLaDA2-shaped MoE at B = 32 (``dirl bench llada2-trace``).
+"""Packed trace vs one forward per step on an LLaDA2-shaped MoE at B = 32 (``python -m benchmarks.llada2_trace``).
 
 DiPO scores every token of a rollout under the exact state it was committed in with ONE packed
 forward (the trace: clean prefix + one noisy copy per denoising step, block-causal; the copies of a
@@ -31,9 +31,9 @@ import torch.nn.functional as F
 
 from dirl.algo.likelihood import EstimatorArgs, plan_estimator, score_plan
 from dirl.engine.engine import Engine
+from dirl.model.checkpoint import build_model
+from dirl.model.families import get_family
 from dirl.model.forward import Readout
-from dirl.model.llada2.config import PRESETS, LLaDA2Config
-from dirl.model.llada2.model import LLaDA2MoeModelLM
 from dirl.model.masks import TokenMeta
 from dirl.model.policy import policy_logprobs
 from dirl.model.tokenizer import char_tokenizer
@@ -42,16 +42,18 @@ from dirl.rollout import SamplingParams
 B = 32
 
 
-def build_model(hidden: int, layers: int) -> LLaDA2MoeModelLM:
+def random_model(hidden: int, layers: int) -> torch.nn.Module:
+    """A random llada2 model of width ``hidden``, built through the family registry."""
     tok = char_tokenizer()
     heads = max(2, hidden // 64)
-    cfg = LLaDA2Config.for_init(PRESETS["tiny"], vocab_size=tok.vocab_size, mask_token_id=tok.mask_token_id,
+    family = get_family("llada2")
+    cfg = family.config_cls.for_init(family.presets["tiny"], vocab_size=tok.vocab_size, mask_token_id=tok.mask_token_id,
                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                 hidden_size=hidden, intermediate_size=4 * hidden, moe_intermediate_size=hidden // 2,
                                 num_hidden_layers=layers, num_attention_heads=heads,
                                 num_key_value_heads=max(1, heads // 4), head_dim=64, num_experts=16,
                                 num_experts_per_tok=4, n_group=4, topk_group=2)
-    model = LLaDA2MoeModelLM(cfg)
+    model = build_model(cfg)
     model.init_weights(0)
     return model
 
@@ -119,7 +121,7 @@ def _timed(fn, repeats: int) -> tuple[float, object]:
     return best, result
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -133,11 +135,12 @@ def main(argv=None) -> None:
     if args.quick:
         args.hidden, args.layers, args.group, args.new, args.repeats, args.steps = 128, 2, 2, 24, 1, [32]
     torch.manual_seed(0)
-    model = build_model(args.hidden, args.layers)
+    model = random_model(args.hidden, args.layers)
     print(f"model_params={sum(p.numel() for p in model.parameters())} hidden={args.hidden} layers={args.layers} "
           f"group={args.group} prompt={args.prompt} new_tokens={args.new} block={B} threads={torch.get_num_threads()}")
     for steps in args.steps:
         measure(model, args, steps)
+    return 0
 
 
 def measure(model, args, steps: int) -> None:
@@ -162,4 +165,4 @@ def measure(model, args, steps: int) -> None:
     print(f"trace_s{tag}={t_trace:.3f} per_step_s{tag}={t_loop:.3f} speedup{tag}={t_loop / t_trace:.2f}")
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

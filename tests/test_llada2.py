@@ -8,13 +8,13 @@ import math
 
 import pytest
 import torch
+from conftest import SHARED
 
 from dirl.model.llada2.config import ARCHITECTURE as ARCH
 from dirl.model.llada2.config import PRESETS, LLaDA2Config
 from dirl.model.llada2.model import LLaDA2MoeModelLM
 from dirl.model.llada2.moe import SparseMoeBlock, route
 from dirl.model.masks import TokenMeta
-from tests.conftest import SHARED
 
 MINI = SHARED / "llada2.0-mini"
 B = 32
@@ -196,9 +196,9 @@ def test_moe_block_by_hand_on_two_experts():
             block.experts[e].up_proj.weight.copy_(torch.tensor([[1.0, 0.0]]))
             block.experts[e].down_proj.weight.copy_(torch.tensor([[1.0], [0.0]]))
         out = block(torch.tensor([[[1.0, 0.0]]]))
-    silu = lambda a: a / (1 + math.exp(-a))
+    silu_1, silu_2 = 1 / (1 + math.exp(-1.0)), 2 / (1 + math.exp(-2.0))  # a sigmoid(a)
     assert out.shape == (1, 1, 2)
-    assert out[0, 0].tolist() == pytest.approx([1.0 * silu(1.0) + 1.5 * silu(2.0), 0.0], abs=1e-6)
+    assert out[0, 0].tolist() == pytest.approx([1.0 * silu_1 + 1.5 * silu_2, 0.0], abs=1e-6)
     assert block.expert_counts.tolist() == [1, 1]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_llada2 import B, tiny_llada2
 
 from dirl.engine.engine import Engine
 from dirl.engine.unmask import select_commits, transfer_schedule
@@ -12,7 +13,6 @@ from dirl.model.forward import Readout
 from dirl.model.policy import policy_logprobs
 from dirl.model.trace import pack_traces, trace_copies
 from dirl.rollout import SamplingParams
-from tests.test_llada2 import B, tiny_llada2
 
 
 @pytest.fixture

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import REPO
+from test_llada2 import tiny_llada2
 
 from dirl.algo.likelihood import EstimatorArgs, plan_estimator, score_plan
 from dirl.engine.engine import Engine
 from dirl.rollout import SamplingParams
-from tests.conftest import REPO
-from tests.test_llada2 import tiny_llada2
 
 PROMPTS = [[5, 6, 7, 8, 9], list(range(10, 50)), [60] * 33]
 PARAMS = SamplingParams(max_new_tokens=40, temperature=1.0, threshold=0.5, n=2, seed=11)
@@ -85,11 +85,12 @@ def test_frozen_router_gets_no_update_and_utilisation_counts_decoding(tokenizer)
 def test_the_recipe_fits_8x80gb_by_the_plan_counting_total_and_active_params():
     import json
 
+    from test_llada2 import MINI
+
     from dirl import config as config_lib
-    from dirl.model.llada2.config import LLaDA2Config
     from dirl.memory_plan import fits, plan, rl_workload
+    from dirl.model.llada2.config import LLaDA2Config
     from dirl.train.rl.config import RLConfig
-    from tests.test_llada2 import MINI
 
     if not (MINI / "config.json").exists():
         pytest.skip(f"{MINI} not available")
