@@ -12,8 +12,8 @@ from dirl.algo.likelihood import EstimatorArgs, plan_estimator, score_plan
 from dirl.engine.engine import Engine
 from dirl.rollout import SamplingParams
 
-PROMPTS = [[5, 6, 7, 8, 9], list(range(10, 50)), [60] * 33]
-PARAMS = SamplingParams(max_new_tokens=40, temperature=1.0, threshold=0.5, n=2, seed=11)
+PROMPTS = [[5, 6, 7, 8, 9], list(range(10, 47))]  # the first block shared with the prompt; a block boundary crossed
+PARAMS = SamplingParams(max_new_tokens=30, temperature=1.0, threshold=0.5, n=2, seed=11)
 
 
 def _lora(model, experts: bool):
