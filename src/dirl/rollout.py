@@ -25,6 +25,9 @@ from dirl.errors import (FINITE_NON_NEGATIVE, NON_NEGATIVE, OPEN_UNIT_INTERVAL, 
                          check_fields, one_of)
 
 UNMASKING = ("dynamic", "static", "sequential", "threshold_schedule")
+# The full-attention decoder's rules besides ``dynamic`` (dirl.engine.full_attention): LLaDA's
+# low_confidence / random remasking, Dream's origin / maskgit_plus / topk_margin / entropy.
+FULL_ATTENTION_UNMASKING = ("low_confidence", "random", "origin", "maskgit_plus", "topk_margin", "entropy")
 
 
 @dataclass
@@ -45,14 +48,19 @@ class SamplingSpec(PolicyDist):
 
     max_new_tokens: int = 64
     unmasking: str = "dynamic"        # dynamic | static | sequential | threshold_schedule (LLaDA2's rule)
+    #                                   (+ FULL_ATTENTION_UNMASKING on full-attention models)
     threshold: float = 0.9            # dynamic: commit every position with confidence >= threshold (> for threshold_schedule)
-    steps_per_block: int = 4          # static, threshold_schedule: forwards per block
+    steps_per_block: int = 4          # static, threshold_schedule, the full-attention schedules: forwards per block
+    block_length: int = 0             # full attention: the semi-AR block; 0 = the model's default
+    alg_temp: float = 0.0             # Dream's rules: > 0 draws positions from softmax(confidence / alg_temp)
+    eps: float = 1e-3                 # Dream's rules: the schedule linspace(1, eps, steps + 1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         # steps_per_block <= block size needs the model: validate() checks it (0: the server's "B").
-        check_fields(self, {"max_new_tokens": POSITIVE, "unmasking": one_of(*UNMASKING),
-                            "threshold": UNIT_INTERVAL, "steps_per_block": NON_NEGATIVE})
+        check_fields(self, {"max_new_tokens": POSITIVE, "unmasking": one_of(*UNMASKING, *FULL_ATTENTION_UNMASKING),
+                            "threshold": UNIT_INTERVAL, "steps_per_block": NON_NEGATIVE, "block_length": NON_NEGATIVE,
+                            "alg_temp": FINITE_NON_NEGATIVE, "eps": OPEN_UNIT_INTERVAL})
 
     def params(self, stop_ids=(), n: int = 1, seed: int = 0) -> SamplingParams:
         """This spec as the arguments of one engine call."""
@@ -77,7 +85,8 @@ class SamplingParams(SamplingSpec):
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.unmasking in UNMASKING, f"unmasking must be one of {UNMASKING}, got {self.unmasking!r}"),
+            (self.unmasking in UNMASKING + FULL_ATTENTION_UNMASKING,
+             f"unmasking must be one of {UNMASKING + FULL_ATTENTION_UNMASKING}, got {self.unmasking!r}"),
             (0 <= self.threshold <= 1, f"threshold must be in [0, 1], got {self.threshold}"),
             (1 <= self.steps_per_block <= block_size,
              f"steps_per_block must be in [1, {block_size}] (1 to the block size), got {self.steps_per_block}"),
