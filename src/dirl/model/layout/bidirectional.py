@@ -54,16 +54,21 @@ def decode_inputs(rows: Sequence[Sequence[int]], pad_id: int, device):
 
 def sft_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor, doc_ids: torch.Tensor, masked: torch.Tensor,
                mask_id: int, shift: int):
-    """One noisy copy per sample (packed samples are separate states).
+    """C noisy copies of each SFT row side by side; every (sample, copy) is its own state.
 
-    input_ids, position_ids, doc_ids: (B, L); masked: (B, L) bool (response tokens only).
-    -> (ids (B, L), positions, meta, read_index (N,), target_index (N,)): the masked tokens' flat
-    indices and the logits rows that score them."""
-    ids = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
-    meta = state_meta(doc_ids, doc_ids.clamp_min(0))
-    rows, cols = masked.nonzero(as_tuple=True)
-    target_index = rows * input_ids.shape[1] + cols  # (N,)
-    return ids, position_ids, meta, readout_rows(target_index, shift), target_index
+    input_ids, position_ids, doc_ids: (B, L) (doc -1 = padding); masked: (C, B, L) bool (response
+    tokens only). -> (ids (B, C L), positions, meta, read_index (N,), (copy, row, col) of each masked
+    token (N,) each): the logits rows ``read_index`` score the masked tokens in that order."""
+    num_copies, _, length = masked.shape
+    if shift and bool((masked & (position_ids == 0)[None]).any()):
+        raise ValueError("a shifted-logit model cannot score a sample's first token: every SFT sample needs a prompt")
+    ids = torch.cat(list(torch.where(masked, torch.full_like(input_ids, mask_id)[None], input_ids[None])), dim=1)
+    stride = int(doc_ids.max()) + 1 if doc_ids.numel() else 1
+    copy = torch.cat([doc_ids.clamp_min(0) + c * stride for c in range(num_copies)], dim=1)
+    meta = state_meta(doc_ids.repeat(1, num_copies), copy)
+    copy_idx, row_idx, col_idx = masked.nonzero(as_tuple=True)  # (N,) each
+    target_index = row_idx * num_copies * length + copy_idx * length + col_idx
+    return ids, position_ids.repeat(1, num_copies), meta, readout_rows(target_index, shift), (copy_idx, row_idx, col_idx)
 
 
 def _pack_one(trace: Trace, copies: Sequence[Copy], mask_id: int):
