@@ -54,13 +54,15 @@ class SamplingSpec(PolicyDist):
     block_length: int = 0             # full attention: the semi-AR block; 0 = the model's default
     alg_temp: float = 0.0             # Dream's rules: > 0 draws positions from softmax(confidence / alg_temp)
     eps: float = 1e-3                 # Dream's rules: the schedule linspace(1, eps, steps + 1)
+    cache: str = "none"               # full attention: none (exact) | prefix | dual (Fast-dLLM, approximate)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         # steps_per_block <= block size needs the model: validate() checks it (0: the server's "B").
         check_fields(self, {"max_new_tokens": POSITIVE, "unmasking": one_of(*UNMASKING, *FULL_ATTENTION_UNMASKING),
                             "threshold": UNIT_INTERVAL, "steps_per_block": NON_NEGATIVE, "block_length": NON_NEGATIVE,
-                            "alg_temp": FINITE_NON_NEGATIVE, "eps": OPEN_UNIT_INTERVAL})
+                            "alg_temp": FINITE_NON_NEGATIVE, "eps": OPEN_UNIT_INTERVAL,
+                            "cache": one_of("none", "prefix", "dual")})
 
     def params(self, stop_ids=(), n: int = 1, seed: int = 0) -> SamplingParams:
         """This spec as the arguments of one engine call."""

@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 import torch
 
+from dirl.engine.full_attention_cache import WindowCache, window_slots
 from dirl.engine.unmask import policy_logprobs, sample_from_logprobs
 from dirl.model.layout import readout_rows
 from dirl.model.layout.bidirectional import decode_inputs
@@ -66,6 +67,8 @@ class _Rows:
         self.step_in_block = torch.zeros_like(self.block)
         self.block_length = block_length
         self.counts = _linear_counts(self.in_block() & self.masked, params.steps_per_block)  # (R, S)
+        self.cache = None if params.cache == "none" else WindowCache(arch.num_layers)
+        self.fresh = True  # the next step starts a block for some row (an approximate cache records)
 
     def in_block(self) -> torch.Tensor:
         """(R, G) bool: the positions of each row's current block."""
@@ -79,6 +82,8 @@ class _Rows:
             setattr(self, name, getattr(self, name).index_select(0, idx))
         if self.meta is not None:
             self.meta = type(self.meta)(*(f.index_select(0, idx) for f in self.meta.fields()))
+        if self.cache is not None:
+            self.cache.select(idx)
         pick = idx.tolist()
         self.rows, self.prompts, self.gens = ([v[i] for i in pick] for v in (self.rows, self.prompts, self.gens))
 
@@ -145,23 +150,38 @@ def _select(rule: str, conf: torch.Tensor, cand: torch.Tensor, rows: _Rows, para
     return (rank < counts[:, None]) & cand
 
 
+def _candidate_logits(model, rows: _Rows, cand: torch.Tensor, mode: str) -> torch.Tensor:
+    """(N, V) logits of the candidates (row-major): a full forward, or a window over the cache."""
+    shift, size = model.arch.logit_shift, rows.tokens.shape[1]
+    ids = torch.cat([rows.ids[:, :-size], rows.tokens], dim=1)  # (R, W)
+    width = ids.shape[1]
+    r_idx, g_idx = cand.nonzero(as_tuple=True)
+    col = (width - size) + g_idx  # (N,) the candidates' columns
+    if rows.cache is None or rows.fresh:
+        cache = None if rows.cache is None else rows.cache.record()
+        read = readout_rows(r_idx * width + col, shift)
+        return model(ids, rows.pos, rows.meta, cache=cache, readout=Readout(read)).logits
+    slots = window_slots(mode, (width - size) + rows.block * rows.block_length, rows.block_length, width, shift)
+    valid = torch.ones_like(ids, dtype=torch.bool) if rows.meta is None else rows.meta.doc >= 0
+    read = readout_rows(r_idx * slots.shape[1] + col - slots[r_idx, 0], shift)
+    return model(ids.gather(1, slots), rows.pos.gather(1, slots), None, cache=rows.cache.window(slots, valid),
+                 readout=Readout(read)).logits
+
+
 def _step(model, rows: _Rows, params: SamplingParams, rule: str) -> None:
     """One forward over every active row and one commit per row."""
     arch = model.arch
     size = rows.tokens.shape[1]
     cand = rows.masked & rows.in_block()  # (R, G)
-    ids = torch.cat([rows.ids[:, :-size], rows.tokens], dim=1)  # (R, W)
-    width = ids.shape[1]
-    r_idx, g_idx = cand.nonzero(as_tuple=True)
-    flat = r_idx * width + (width - size) + g_idx  # (N,) the candidates' rows
-    logits = model(ids, rows.pos, rows.meta, readout=Readout(readout_rows(flat, arch.logit_shift))).logits
+    logits = _candidate_logits(model, rows, cand, params.cache)
+    device = rows.tokens.device
     logp = policy_logprobs(logits, params.temperature, params.top_k, params.top_p, arch.mask_token_id)  # (N, V)
-    draws = torch.stack([torch.rand(2, size, generator=g) for g in rows.gens]).to(ids.device)  # (R, 2, G)
+    draws = torch.stack([torch.rand(2, size, generator=g) for g in rows.gens]).to(device)  # (R, 2, G)
     greedy = params.temperature == 0
     sampled = sample_from_logprobs(logp, draws[:, 0][cand], greedy)  # (N,)
     token_logp = logp.gather(-1, sampled[:, None]).squeeze(-1)
     entropy = torch.special.entr(logp.exp()).sum(-1)
-    conf = torch.full(cand.shape, float("-inf"), dtype=torch.float64, device=ids.device)
+    conf = torch.full(cand.shape, float("-inf"), dtype=torch.float64, device=device)
     conf[cand] = _confidence(rule, logits, sampled, token_logp, params, draws[:, 1][cand]).double()
     commit = _select(rule, conf, cand, rows, params)
     for name, values in (("tokens", sampled), ("logps", token_logp), ("entropies", entropy)):
@@ -171,6 +191,7 @@ def _step(model, rows: _Rows, params: SamplingParams, rule: str) -> None:
     rows.masked &= ~commit
     rows.forwards += 1
     rows.step_in_block += 1
+    rows.fresh = False
     _advance_blocks(rows, params)
 
 
@@ -179,6 +200,7 @@ def _advance_blocks(rows: _Rows, params) -> None:
     done = ~(rows.masked & rows.in_block()).any(-1) & rows.masked.any(-1)
     if not done.any():
         return
+    rows.fresh = True
     rows.block = rows.block + done.long()
     rows.step_in_block = torch.where(done, torch.zeros_like(rows.step_in_block), rows.step_in_block)
     fresh = _linear_counts(rows.masked & rows.in_block(), params.steps_per_block)

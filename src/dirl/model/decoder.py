@@ -4,7 +4,11 @@ Each family supplies its own modules (native names) and a layer ``(x, cos, sin, 
 this runs them with the SEAM forward contract: ``meta`` None means one bidirectional sequence per
 row (no mask at all); otherwise the mask comes from :func:`dirl.model.attention.build_mask`
 (a state = one noisy copy: bidirectional inside, padding keys invisible, copies apart).
-There is no exact KV cache for full attention: ``cache`` must be None.
+There is no exact KV cache for full attention. ``cache`` is None, or the full-attention decoder's
+opt-in *approximate* cache (Fast-dLLM's prefix / dual cache,
+:class:`dirl.engine.full_attention_cache.WindowCache`): ``cache[i].update(k, v)`` stores layer i's
+fresh K/V and returns every slot's; ``cache.mask`` (None while it records a full forward) is the
+key-padding mask of the slots.
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ from dirl.model.transformer import ForwardOutput, Readout, rope_cos_sin
 def bidirectional_forward(model, parts, input_ids: torch.Tensor, position_ids: torch.Tensor, meta,
                           cache=None, readout: Readout = Readout(), attn_impl: str | None = None) -> ForwardOutput:
     """parts: (embed, layers, final_norm, head, head_dim, rope_theta). input_ids, position_ids: (B, T)."""
-    if cache is not None:
-        raise ValueError("a bidirectional model has no exact KV cache: pass cache=None")
     embed, layers, norm, head, head_dim, theta = parts
     impl = attn_impl or model.attn_impl
     num_tokens = input_ids.shape[1]
-    if meta is None:
+    if cache is not None and cache.mask is not None:
+        mask, impl = cache.mask, "sdpa"
+    elif meta is None:
         mask, impl = None, "sdpa"
     else:
         if impl == "flex":  # a few padded lengths: a few compiled shapes
@@ -32,12 +36,12 @@ def bidirectional_forward(model, parts, input_ids: torch.Tensor, position_ids: t
         mask = build_mask(meta, meta, impl)
     hidden = embed(input_ids)  # (B, T, d)
     cos, sin = rope_cos_sin(position_ids, head_dim, theta, hidden.dtype)  # (B, 1, T, D)
-    recompute = model.activation_checkpointing and torch.is_grad_enabled()
-    for layer in layers:
+    recompute = model.activation_checkpointing and torch.is_grad_enabled() and cache is None
+    for i, layer in enumerate(layers):
         if recompute:
             hidden = checkpoint(layer, hidden, cos, sin, mask, impl, use_reentrant=False)
         else:
-            hidden = layer(hidden, cos, sin, mask, impl)
+            hidden = layer(hidden, cos, sin, mask, impl, None if cache is None else cache[i])
     hidden = norm(hidden[:, :num_tokens])
     if readout.index is not None:
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, readout.index)  # (N, d)

@@ -29,12 +29,15 @@ class DreamAttention(nn.Module):
         self.v_proj = nn.Linear(d, kv, bias=True)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x, cos, sin, mask, impl):
+    def forward(self, x, cos, sin, mask, impl, past=None):
         batch, num_tokens, _ = x.shape
         q = self.q_proj(x).view(batch, num_tokens, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, num_tokens, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, num_tokens, self.kv_heads, self.head_dim).transpose(1, 2)
-        out = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask, impl)  # (B, H, T, D)
+        k = apply_rope(k, cos, sin)
+        if past is not None:  # an approximate cache slot: stores these K/V, returns every slot's
+            k, v = past.update(k, v)
+        out = attend(apply_rope(q, cos, sin), k, v, mask, impl)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(batch, num_tokens, -1))
 
 
@@ -57,8 +60,8 @@ class DreamLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, impl):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, impl)
+    def forward(self, x, cos, sin, mask, impl, past=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, impl, past)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -37,13 +37,16 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)    # down
 
-    def forward(self, x, cos, sin, mask, impl):
+    def forward(self, x, cos, sin, mask, impl, past=None):
         batch, num_tokens, _ = x.shape
         h = self.attn_norm(x)
         q = self.q_proj(h).view(batch, num_tokens, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(batch, num_tokens, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(batch, num_tokens, self.kv_heads, self.head_dim).transpose(1, 2)
-        out = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask, impl)  # (B, H, T, D)
+        k = apply_rope(k, cos, sin)
+        if past is not None:  # an approximate cache slot: stores these K/V, returns every slot's
+            k, v = past.update(k, v)
+        out = attend(apply_rope(q, cos, sin), k, v, mask, impl)  # (B, H, T, D)
         x = x + self.attn_out(out.transpose(1, 2).reshape(batch, num_tokens, -1))
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
