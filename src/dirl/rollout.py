@@ -81,14 +81,14 @@ class SamplingParams(SamplingSpec):
         super().__post_init__()
         check_fields(self, {"n": POSITIVE})
 
-    def validate(self, block_size: int) -> None:
+    def validate(self, block_size: int, rules: tuple[str, ...] = UNMASKING) -> None:
+        """``rules``: the unmasking rules of the decoder that will run (block-causal by default)."""
         checks = [
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.unmasking in UNMASKING + FULL_ATTENTION_UNMASKING,
-             f"unmasking must be one of {UNMASKING + FULL_ATTENTION_UNMASKING}, got {self.unmasking!r}"),
+            (self.unmasking in rules, f"unmasking must be one of {rules}, got {self.unmasking!r}"),
             (0 <= self.threshold <= 1, f"threshold must be in [0, 1], got {self.threshold}"),
             (1 <= self.steps_per_block <= block_size,
              f"steps_per_block must be in [1, {block_size}] (1 to the block size), got {self.steps_per_block}"),

@@ -38,12 +38,12 @@ from dirl.engine.unmask import policy_logprobs, sample_from_logprobs
 from dirl.model.layout import readout_rows
 from dirl.model.layout.bidirectional import decode_inputs
 from dirl.model.transformer import Readout
-from dirl.rollout import Rollout, SamplingParams
+from dirl.rollout import FULL_ATTENTION_UNMASKING, Rollout, SamplingParams
 from dirl.runtime import prompt_seeds, row_seed
 
 LINEAR_RULES = ("low_confidence", "random")
 DREAM_RULES = ("maskgit_plus", "topk_margin", "entropy")
-RULES = LINEAR_RULES + DREAM_RULES + ("origin", "dynamic")
+RULES = FULL_ATTENTION_UNMASKING + ("dynamic",)  # LINEAR_RULES + DREAM_RULES + origin, and dirl's
 
 
 class _Rows:
@@ -216,9 +216,7 @@ def _rollout(rows: _Rows, r: int, params: SamplingParams, prompt_index: int, sam
 
 
 def check_params(params: SamplingParams, block_length: int) -> None:
-    if params.unmasking not in RULES:
-        raise ValueError(f"unmasking {params.unmasking!r} is not a full-attention rule; choose from {list(RULES)}")
-    params.validate(block_length)
+    params.validate(block_length, RULES)
 
 
 @torch.no_grad()
