@@ -157,3 +157,25 @@ def test_changed_field_is_written_with_family_names():
     assert "n_kv_heads" not in out  # derived on load, not added on save
     with pytest.raises(ValueError, match="alibi"):
         fam.config_cls.from_hf_dict({"model_type": "llada", "alibi": True})
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_packed_states_run_as_rows_equal_the_segment_mask(family, monkeypatch):
+    """Rows packing several states (+ padding): each state run as its own row = the dense
+    segment-bidirectional mask over the packed row, every position."""
+    import dirl.model.decoder as decoder
+    from dirl.model.layout.bidirectional import state_meta
+
+    model = tiny_model(family)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
+    copy = torch.tensor([[0] * 5 + [1] * 5 + [-1] * 2, [0] * 4 + [1] * 4 + [2] * 4])
+    doc = torch.where(copy >= 0, 0, -1)
+    pos = torch.tensor([list(range(5)) * 2 + [0, 0], list(range(4)) * 3])
+    meta = state_meta(doc, copy.clamp_min(0))
+    assert decoder.segments(meta)[0].shape == (5, 5)
+    with torch.no_grad():
+        as_rows = model(ids, pos, meta).logits
+        monkeypatch.setattr(decoder, "segments", lambda meta: None)
+        masked = model(ids, pos, meta).logits
+    real = doc >= 0
+    torch.testing.assert_close(as_rows[real], masked[real], atol=1e-5, rtol=0)
