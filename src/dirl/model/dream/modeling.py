@@ -81,8 +81,7 @@ class DreamModel(nn.Module):
         self.config = cfg
         self.model = _Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.attn_impl = "sdpa"
         self.activation_checkpointing = False
         self.head_chunk_size = DEFAULT_CHUNK_SIZE
@@ -90,6 +89,10 @@ class DreamModel(nn.Module):
     @property
     def arch(self):
         return self.config.arch
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def decoder_layers(self) -> nn.ModuleList:
         return self.model.layers

@@ -70,6 +70,15 @@ class LLaDAConfig(FaithfulConfig):
             known["torch_dtype"] = data["dtype"]
         return known
 
+    @classmethod
+    def for_init(cls, preset: dict[str, Any], *, vocab_size: int, mask_token_id: int, eos_token_id: int,
+                 pad_token_id: int, block_size: int, torch_dtype: str, **overrides: Any) -> "LLaDAConfig":
+        """The config of a random model (``dirl init``). ``block_size`` is not LLaDA's: full attention
+        has no block in the model (the sampler's ``block_length`` is a sampling setting)."""
+        return cls(**{**preset, "vocab_size": vocab_size, "embedding_size": vocab_size,
+                      "mask_token_id": mask_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
+                      "torch_dtype": torch_dtype, **overrides})
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads

@@ -86,6 +86,9 @@ class LLaDAModelLM(nn.Module):
     def lm_head(self) -> nn.Linear:
         return self.model.transformer.ff_out
 
+    def tie_weights(self) -> None:
+        """LLaDA's head is never tied here (weight_tying is refused at load): nothing to do."""
+
     def decoder_layers(self) -> nn.ModuleList:
         return self.model.transformer.blocks
 
