@@ -10,7 +10,7 @@ import torch
 from dirl.engine.engine import Engine
 from dirl.model.layout.bidirectional import pack_states, state_copies
 from dirl.model.policy import policy_logprobs
-from dirl.model.transformer import Readout
+from dirl.model.forward import Readout
 from dirl.rollout import SamplingParams
 from tests.fullattn_models import MASK_ID, tiny_model
 

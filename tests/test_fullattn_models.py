@@ -11,7 +11,7 @@ import torch
 from dirl.model.families import family_for_config, get_family
 from dirl.model.layout import readout_rows
 from dirl.model.masks import TokenMeta
-from dirl.model.transformer import Readout
+from dirl.model.forward import Readout
 from tests.conftest import SHARED
 from tests.fullattn_models import VOCAB, tiny_model
 

@@ -34,10 +34,11 @@ from collections.abc import Callable
 import torch
 
 from dirl.engine.full_attention_cache import WindowCache, window_slots
-from dirl.engine.unmask import policy_logprobs, sample_from_logprobs
+from dirl.engine.unmask import sample_from_logprobs
 from dirl.model.layout import readout_rows
 from dirl.model.layout.bidirectional import decode_inputs
-from dirl.model.transformer import Readout
+from dirl.model.policy import policy_logprobs
+from dirl.model.forward import Readout
 from dirl.rollout import FULL_ATTENTION_UNMASKING, Rollout, SamplingParams
 from dirl.runtime import prompt_seeds, row_seed
 

@@ -17,7 +17,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dirl.model.attention import build_mask, pad_to_bucket
-from dirl.model.transformer import ForwardOutput, Readout, rope_cos_sin
+from dirl.model.blocks import rope_cos_sin
+from dirl.model.forward import ForwardOutput, Readout
 
 
 def segments(meta) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -99,8 +100,8 @@ def _readout(hidden: torch.Tensor, head, readout: Readout, shape) -> ForwardOutp
     else:
         hidden = hidden.view(*shape, -1)
     if readout.hidden:
-        return ForwardOutput(None, [], hidden)
-    return ForwardOutput(head(hidden), [])
+        return ForwardOutput(None, hidden)
+    return ForwardOutput(head(hidden))
 
 
 def init_normal(module: torch.nn.Module, seed: int, std: float = 0.02) -> None:

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dirl.model.attention import attend
 from dirl.model.decoder import bidirectional_forward, init_normal
 from dirl.model.dream.config import DreamConfig
 from dirl.model.lm_head import DEFAULT_CHUNK_SIZE
-from dirl.model.transformer import Readout, RMSNorm, apply_rope
+from dirl.model.blocks import RMSNorm, SwiGLU, apply_rope, attention_core
+from dirl.model.forward import Readout
 
 
 class DreamAttention(nn.Module):
@@ -34,29 +34,15 @@ class DreamAttention(nn.Module):
         q = self.q_proj(x).view(batch, num_tokens, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, num_tokens, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, num_tokens, self.kv_heads, self.head_dim).transpose(1, 2)
-        k = apply_rope(k, cos, sin)
-        if past is not None:  # an approximate cache slot: stores these K/V, returns every slot's
-            k, v = past.update(k, v)
-        out = attend(apply_rope(q, cos, sin), k, v, mask, impl)  # (B, H, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, num_tokens, -1))
-
-
-class DreamMLP(nn.Module):
-    def __init__(self, cfg: DreamConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        out = attention_core(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask, impl, past)  # (B, T, H*D)
+        return self.o_proj(out)
 
 
 class DreamLayer(nn.Module):
     def __init__(self, cfg: DreamConfig):
         super().__init__()
         self.self_attn = DreamAttention(cfg)
-        self.mlp = DreamMLP(cfg)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)  # mlp.{gate,up,down}_proj
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

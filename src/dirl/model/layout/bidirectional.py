@@ -10,8 +10,9 @@ Readout: the token at flat row j is scored at ``readout_rows(j, arch.logit_shift
 row, or (Dream) the row before it, which is in the same state because a scored token is never a
 state's first (the prompt is never masked and has at least one token).
 
-Three producers, one per use: :func:`decode_inputs` (a denoising step over left-padded rows),
-:func:`sft_inputs` (one noisy copy per SFT sample) and :func:`pack_states` (trace states).
+Three producers, one per use, behind :data:`LAYOUT` (what :func:`dirl.model.layout.get_layout`
+returns): :func:`decode_inputs` (a denoising step over left-padded rows), :func:`sft_inputs` (one
+noisy copy per SFT sample) and :func:`pack_states` (trace states).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from typing import Sequence
 import torch
 
 from dirl.model.layout import readout_rows
+from dirl.model.layout.block_causal import SFTInputs
 from dirl.model.masks import TokenMeta
 from dirl.model.trace import Copy, StepCopy, Trace, TracePack
 
-ATTENTION = "bidirectional"
 
 
 def state_meta(doc: torch.Tensor, copy: torch.Tensor) -> TokenMeta:
@@ -57,8 +58,8 @@ def sft_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor, doc_ids: tor
     """C noisy copies of each SFT row side by side; every (sample, copy) is its own state.
 
     input_ids, position_ids, doc_ids: (B, L) (doc -1 = padding); masked: (C, B, L) bool (response
-    tokens only). -> (ids (B, C L), positions, meta, read_index (N,), (copy, row, col) of each masked
-    token (N,) each): the logits rows ``read_index`` score the masked tokens in that order."""
+    tokens only). -> :class:`SFTInputs` (ids (B, C L), positions, meta, readout rows (N,), (copy, row,
+    column) of each masked token): the readout rows score the masked tokens in that order."""
     num_copies, _, length = masked.shape
     if shift and bool((masked & (position_ids == 0)[None]).any()):
         raise ValueError("a shifted-logit model cannot score a sample's first token: every SFT sample needs a prompt")
@@ -68,7 +69,8 @@ def sft_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor, doc_ids: tor
     meta = state_meta(doc_ids.repeat(1, num_copies), copy)
     copy_idx, row_idx, col_idx = masked.nonzero(as_tuple=True)  # (N,) each
     target_index = row_idx * num_copies * length + copy_idx * length + col_idx
-    return ids, position_ids.repeat(1, num_copies), meta, readout_rows(target_index, shift), (copy_idx, row_idx, col_idx)
+    return SFTInputs(ids, position_ids.repeat(1, num_copies), meta, readout_rows(target_index, shift),
+                     (copy_idx, row_idx, col_idx))
 
 
 def _pack_one(trace: Trace, copies: Sequence[Copy], mask_id: int):
@@ -116,3 +118,22 @@ def state_copies(steps: Sequence[int], merge: int = 1) -> list[Copy]:
     distinct = sorted(set(steps))
     return [StepCopy(0, group[0], group[-1] + 1) for group in
             (distinct[j: j + merge] for j in range(0, len(distinct), merge))]
+
+
+class BidirectionalLayout:
+    """The layout object of ``arch.attention == "bidirectional"`` (same methods as block-causal's)."""
+
+    name = "bidirectional"
+
+    def sft(self, arch, input_ids: torch.Tensor, position_ids: torch.Tensor, doc_ids: torch.Tensor,
+            masked: torch.Tensor, mask_token_id: int) -> SFTInputs:
+        return sft_inputs(input_ids, position_ids, doc_ids, masked, mask_token_id, arch.logit_shift)
+
+    def decode_meta(self, *args):
+        raise ValueError("a bidirectional model decodes with dirl.engine.full_attention, not block by block")
+
+    def traces(self, arch, traces: Sequence, copies: Sequence[list[Copy]], device="cpu") -> TracePack:
+        return pack_states(traces, copies, arch.mask_token_id, arch.pad_token_id, arch.logit_shift, device)
+
+
+LAYOUT = BidirectionalLayout()

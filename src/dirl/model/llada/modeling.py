@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dirl.model.attention import attend
 from dirl.model.decoder import bidirectional_forward, init_normal
 from dirl.model.lm_head import DEFAULT_CHUNK_SIZE
 from dirl.model.llada.config import LLaDAConfig
-from dirl.model.transformer import Readout, RMSNorm, apply_rope
+from dirl.model.blocks import RMSNorm, apply_rope, attention_core
+from dirl.model.forward import Readout
 
 
 class LLaDABlock(nn.Module):
@@ -43,11 +43,8 @@ class LLaDABlock(nn.Module):
         q = self.q_proj(h).view(batch, num_tokens, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(batch, num_tokens, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(batch, num_tokens, self.kv_heads, self.head_dim).transpose(1, 2)
-        k = apply_rope(k, cos, sin)
-        if past is not None:  # an approximate cache slot: stores these K/V, returns every slot's
-            k, v = past.update(k, v)
-        out = attend(apply_rope(q, cos, sin), k, v, mask, impl)  # (B, H, T, D)
-        x = x + self.attn_out(out.transpose(1, 2).reshape(batch, num_tokens, -1))
+        out = attention_core(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask, impl, past)  # (B, T, H*D)
+        x = x + self.attn_out(out)
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
