@@ -28,6 +28,7 @@ UNMASKING = ("dynamic", "static", "sequential", "threshold_schedule")
 # The full-attention decoder's rules besides ``dynamic`` (dirl.engine.full_attention): LLaDA's
 # low_confidence / random remasking, Dream's origin / maskgit_plus / topk_margin / entropy.
 FULL_ATTENTION_UNMASKING = ("low_confidence", "random", "origin", "maskgit_plus", "topk_margin", "entropy")
+FULL_ATTENTION_RULES = FULL_ATTENTION_UNMASKING + ("dynamic",)  # what the full-attention decoder runs
 
 
 @dataclass
@@ -99,11 +100,20 @@ class SamplingParams(SamplingSpec):
                 raise ValueError(message)
 
 
-def check_sampling(spec: SamplingSpec, block_size: int, key: str) -> None:
-    """What only the model can tell (``steps_per_block`` <= its block size), as a user error
-    naming the config section ``key``: called once the model is known, before any decoding."""
+def check_for_model(params: SamplingParams, arch) -> None:
+    """``params.validate`` against the model that decodes them (``arch``: its
+    :class:`~dirl.model.arch.Arch`): its block size and its decoder's rules (ValueError)."""
+    if arch.attention == "bidirectional":  # the block is the sampler's block_length (0: the model's default)
+        params.validate(min(params.block_length or arch.block_size, params.max_new_tokens), FULL_ATTENTION_RULES)
+    else:
+        params.validate(arch.block_size)
+
+
+def check_sampling(spec: SamplingSpec, arch, key: str) -> None:
+    """What only the model can tell (``steps_per_block`` <= its block size, its decoder's rules), as
+    a user error naming the config section ``key``: called once the model is known, before decoding."""
     try:
-        spec.params().validate(block_size)
+        check_for_model(spec.params(), arch)
     except ValueError as err:
         raise UserError(f"{key}.{err}") from None
 

@@ -39,12 +39,12 @@ from dirl.model.layout import readout_rows
 from dirl.model.layout.bidirectional import decode_inputs
 from dirl.model.policy import policy_logprobs
 from dirl.model.forward import Readout
-from dirl.rollout import FULL_ATTENTION_UNMASKING, Rollout, SamplingParams
+from dirl.rollout import FULL_ATTENTION_RULES, Rollout, SamplingParams, check_for_model
 from dirl.runtime import prompt_seeds, row_seed
 
 LINEAR_RULES = ("low_confidence", "random")
 DREAM_RULES = ("maskgit_plus", "topk_margin", "entropy")
-RULES = FULL_ATTENTION_UNMASKING + ("dynamic",)  # LINEAR_RULES + DREAM_RULES + origin, and dirl's
+RULES = FULL_ATTENTION_RULES  # LINEAR_RULES + DREAM_RULES + origin, and dirl's dynamic
 
 
 class _Rows:
@@ -216,17 +216,13 @@ def _rollout(rows: _Rows, r: int, params: SamplingParams, prompt_index: int, sam
                    int(rows.forwards[r]), prompt_index, sample_index, rows.entropies[r].tolist())
 
 
-def check_params(params: SamplingParams, block_length: int) -> None:
-    params.validate(block_length, RULES)
-
-
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None,
              is_cancelled: Callable[[int], bool] | None = None, max_batch_rows: int = 256) -> list[Rollout]:
     """Decode ``params.n`` samples per prompt (grouped by prompt); ``seeds[i]`` seeds prompt i.
     ``is_cancelled(i)``: asked before every step; a cancelled prompt's rollouts are None."""
     block_length = min(params.block_length or model.arch.block_size, params.max_new_tokens)
-    check_params(params, block_length)
+    check_for_model(params, model.arch)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     seeds = prompt_seeds(params.seed, len(prompts)) if seeds is None else list(seeds)

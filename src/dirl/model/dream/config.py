@@ -66,7 +66,9 @@ class DreamConfig(FaithfulConfig):
         has no block in the model (the sampler's ``block_length`` is a sampling setting)."""
         return cls(**{**preset, "vocab_size": vocab_size, "mask_token_id": mask_token_id,
                       "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "bos_token_id": eos_token_id,
-                      "torch_dtype": torch_dtype, **overrides})
+                      "torch_dtype": torch_dtype, **overrides},
+                   extra={"hidden_act": "silu", "rope_scaling": None, "use_sliding_window": False, "sliding_window": None,
+                          "attention_dropout": 0.0})
 
     @property
     def head_dim(self) -> int:

@@ -77,7 +77,7 @@ class LLaDAConfig(FaithfulConfig):
         has no block in the model (the sampler's ``block_length`` is a sampling setting)."""
         return cls(**{**preset, "vocab_size": vocab_size, "embedding_size": vocab_size,
                       "mask_token_id": mask_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
-                      "torch_dtype": torch_dtype, **overrides})
+                      "torch_dtype": torch_dtype, **overrides}, extra=dict(INIT_EXTRA))
 
     @property
     def head_dim(self) -> int:
@@ -102,6 +102,16 @@ class LLaDAConfig(FaithfulConfig):
         per_layer = d * (d + 2 * kv) + qkv_bias + d * d + 3 * d * h + 2 * d
         return 2 * v * d + self.n_layers * per_layer + d
 
+
+# The OLMo settings this implementation assumes, written into a fresh config so LLaDA's own code
+# (configuration_llada.py, whose defaults differ) builds the same network.
+INIT_EXTRA: dict[str, Any] = {
+    "activation_type": "silu", "alibi": False, "attention_dropout": 0.0, "attention_layer_norm": False,
+    "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama", "embedding_dropout": 0.0,
+    "include_bias": False, "input_emb_norm": False, "layer_norm_type": "rms", "layer_norm_with_affine": True,
+    "multi_query_attention": None, "residual_dropout": 0.0, "rope": True, "rope_full_precision": True,
+    "scale_logits": False, "use_cache": False, "weight_tying": False,
+}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Tests and the demo: two layers, d 64, multi-head like the real model.
