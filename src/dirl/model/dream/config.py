@@ -95,6 +95,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Tests and the demo: two layers, d 64, grouped-query like the real model.
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, rope_theta=10_000.0, max_position_embeddings=512, torch_dtype="float32"),
+    # The full-attention demo: 4 layers, d 128 (~0.8M parameters with the char tokenizer).
+    "demo": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, rope_theta=10_000.0, max_position_embeddings=256, torch_dtype="float32"),
     # Dream-v0-Instruct-7B's shape (../shared/dream-v0-instruct-7b/config.json); weights are not shipped.
     "dream-7b": dict(),
 }

@@ -117,6 +117,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Tests and the demo: two layers, d 64, multi-head like the real model.
     "tiny": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=128, rope_theta=10_000.0,
                  max_sequence_length=512, torch_dtype="float32"),
+    # The full-attention demo: 4 layers, d 128 (~0.8M parameters with the char tokenizer).
+    "demo": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, mlp_hidden_size=384, rope_theta=10_000.0,
+                 max_sequence_length=256, torch_dtype="float32"),
     # LLaDA-8B-Instruct's shape (../shared/llada-8b-instruct/config.json); weights are not shipped.
     "llada-8b": dict(),
 }
