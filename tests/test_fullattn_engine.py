@@ -31,7 +31,7 @@ def _no_mask(logits):
 @torch.no_grad()
 def llada_generate(model, prompt, steps, gen_length, block_length):
     """LLaDA ``generate``, greedy, low_confidence remasking: blocks of block_length, steps // blocks
-    steps each, a linear count per step, the most probable (untempered softmax, fp64) positions."""
+    steps each, a linear count per step, the most probable (untempered softmax) positions."""
     x = torch.tensor([prompt + [MASK_ID] * gen_length])
     start, num_blocks = len(prompt), gen_length // block_length
     per_block = steps // num_blocks
@@ -42,9 +42,9 @@ def llada_generate(model, prompt, steps, gen_length, block_length):
             mask_index = x == MASK_ID
             logits = _logits(model, x)
             x0 = _no_mask(logits).argmax(-1)
-            x0_p = torch.softmax(logits.double(), -1).gather(-1, x0[..., None]).squeeze(-1)
+            x0_p = torch.softmax(logits, -1).gather(-1, x0[..., None]).squeeze(-1)
             x0_p[:, start + (b + 1) * block_length:] = float("-inf")
-            confidence = torch.where(mask_index, x0_p, torch.tensor(float("-inf"), dtype=torch.float64))
+            confidence = torch.where(mask_index, x0_p, torch.tensor(float("-inf")))
             chosen = torch.topk(confidence[0], counts[i]).indices
             x[0, chosen] = torch.where(mask_index, x0, x)[0, chosen]
     return x[0, start:].tolist()

@@ -4,7 +4,8 @@ There is no exact KV cache under bidirectional attention (every K/V depends on t
 state), so every step recomputes the whole sequence, as the reference samplers do. Rows of
 different prompt lengths share a forward left-padded, with a key-padding mask that stays
 bidirectional (:func:`dirl.model.layout.bidirectional.decode_inputs`): a row decodes the same
-alone or in any batch. The response (``max_new_tokens`` positions, all decoded: the trace states
+alone or in any batch, up to float rounding (padding changes the kernels' summation order, which
+can flip a near-tie between confidences). The response (``max_new_tokens`` positions, all decoded: the trace states
 span the whole sequence) is cut into semi-AR blocks of ``block_length``; each step samples every
 masked position of the row's current block from the policy distribution (temperature, top-k,
 top-p; the log-prob and entropy recorded are under exactly it) and commits some by the rule:
@@ -108,17 +109,25 @@ def _confidence(rule: str, logits, sampled, token_logp, params, uniforms) -> tor
     """(N,) the rule's confidence of each candidate (higher commits first)."""
     if rule == "dynamic":
         return token_logp.exp()
-    if rule == "low_confidence":  # LLaDA: the untempered probability of the chosen token, fp64
-        return torch.softmax(logits.double(), -1).gather(-1, sampled[:, None]).squeeze(-1)
+    if rule == "low_confidence":  # LLaDA: the untempered probability of the chosen token
+        return torch.softmax(logits, -1).gather(-1, sampled[:, None]).squeeze(-1)
     if rule in ("random", "origin"):
         return uniforms
-    probs = policy_logprobs(logits, params.temperature, params.top_k, params.top_p).exp()  # Dream's, with [MASK]
+    probs = _reference_probs(logits, params)
     if rule == "maskgit_plus":
         return probs.gather(-1, sampled[:, None]).squeeze(-1)
     if rule == "topk_margin":
         top = probs.topk(2, dim=-1).values
         return top[:, 0] - top[:, 1]
     return (probs * torch.log(probs + 1e-10)).sum(-1)  # entropy: the negative entropy
+
+
+def _reference_probs(logits: torch.Tensor, params) -> torch.Tensor:
+    """Dream's confidence distribution: softmax of the tempered, truncated logits, [MASK] included,
+    computed as the reference computes it (a softmax, not exp of log-probs: near-ties order alike)."""
+    support = policy_logprobs(logits, params.temperature, params.top_k, params.top_p) > float("-inf")
+    scaled = logits.float() / params.temperature if params.temperature > 0 else logits.float()
+    return torch.softmax(scaled.masked_fill(~support, float("-inf")), -1)
 
 
 def _commit_counts(rule: str, rows: _Rows, cand: torch.Tensor, params) -> torch.Tensor:
