@@ -67,3 +67,24 @@ def test_cli_init_sft_rl_generate(family, rule, tmp_path, capsys):
                      f"unmasking={rule}", "max_new_tokens=8", "block_length=4", "steps_per_block=2"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(out["token_ids"]) <= 8 and out["tokens_per_forward"] == 2.0
+
+
+@pytest.mark.parametrize("recipe,family,preset,estimator", [
+    ("llada-8b-agrpo.yaml", "llada", "llada-8b", "trace_mc"), ("dream-7b-tracerl.yaml", "dream", "dream-7b", "trace_shrink")])
+def test_recipes_load_and_fit_the_real_shapes(recipe, family, preset, estimator):
+    """The AGRPO / TraceRL recipes parse, name their estimator, and their sampling suits the real model."""
+    from pathlib import Path
+
+    from dirl import config as config_lib
+    from dirl.model.families import get_family
+    from dirl.rollout import check_sampling
+    from dirl.train.rl.config import RLConfig
+
+    cfg = config_lib.load(RLConfig, Path(__file__).resolve().parents[1] / "configs" / recipe)
+    assert cfg.algo.estimator == estimator
+    if family == "llada":  # AGRPO: k = 24 states, entropy importance sampling, LoRA r = 64
+        assert (cfg.algo.mc_steps, cfg.algo.mc_sampling, cfg.lora.r) == (24, "entropy", 64)
+    else:  # TraceRL: shrink s = 8
+        assert cfg.algo.shrink == 8
+    fam = get_family(family)
+    check_sampling(cfg.rollout.sampling, fam.config_cls(**fam.presets[preset]).arch, "rollout.sampling")
