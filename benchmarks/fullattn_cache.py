@@ -11,7 +11,7 @@ low_confidence decoding of 8 prompts (48-64 tokens, 128 new, blocks of 32, 8 ste
   iteration (sampling at temperature 0.8, the ``trace`` estimator scoring the recorded states
   exactly): mean, max |log ratio|, and the share outside PPO's [0.8, 1.2] clip. ``none`` is 1.
 
-    python benchmarks/fullattn_cache.py [--quick] [--family llada|dream]
+    python -m benchmarks.fullattn_cache [--quick] [--family llada|dream]
 """
 
 from __future__ import annotations

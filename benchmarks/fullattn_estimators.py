@@ -7,24 +7,20 @@ update's cost). Every state is a whole prompt + response sequence, so cost follo
 states: ``<name>_states`` (per completion), ``<name>_tokens`` (packed tokens), ``<name>_seconds``
 (best of 2) and ``<name>_cost_ratio`` (seconds / trace's).
 
-    python benchmarks/fullattn_estimators.py [--family llada|dream]
+    python -m benchmarks.fullattn_estimators [--quick] [--family llada|dream]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fullattn_cache import make_model  # noqa: E402
-
-from dirl.algo.likelihood import EstimatorArgs, EstimatorOptions, plan_estimator, score_plan  # noqa: E402
-from dirl.engine.engine import Engine  # noqa: E402
-from dirl.rollout import SamplingParams  # noqa: E402
+from benchmarks.fullattn_cache import make_model
+from dirl.algo.likelihood import EstimatorArgs, EstimatorOptions, plan_estimator, score_plan
+from dirl.engine.engine import Engine
+from dirl.rollout import SamplingParams
 
 VARIANTS = {"trace": {}, "trace_shrink_4": dict(shrink=4), "trace_shrink_8": dict(shrink=8),
             "trace_mc_4_uniform": dict(mc_steps=4, mc_sampling="uniform"),
@@ -34,12 +30,14 @@ VARIANTS = {"trace": {}, "trace_shrink_4": dict(shrink=4), "trace_shrink_8": dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="llada", choices=["llada", "dream"])
+    parser.add_argument("--quick", action="store_true", help="4 prompts, 32 new tokens")
     args = parser.parse_args()
     model = make_model(args.family)
     gen = torch.Generator().manual_seed(1)
+    count, new = (4, 32) if args.quick else (8, 96)
     prompts = [torch.randint(2, 120, (int(n),), generator=gen).tolist()
-               for n in torch.randint(24, 33, (8,), generator=gen)]
-    params = SamplingParams(max_new_tokens=96, temperature=1.0, unmasking="low_confidence", block_length=32,
+               for n in torch.randint(24, 33, (count,), generator=gen)]
+    params = SamplingParams(max_new_tokens=new, temperature=1.0, unmasking="low_confidence", block_length=32,
                             steps_per_block=16, n=2, seed=3)
     rollouts = Engine(model).generate(prompts, params)
     base = None

@@ -9,7 +9,7 @@ samplers see the model with [MASK]'s logit at -inf (a trained model never predic
 samples it). Greedy decoding of each prompt alone; prints ``<case>=identical|DIFFERENT`` and
 ``dream_remote_logits_max_diff`` (dirl's logits vs Dream's modeling file).
 
-    python benchmarks/fullattn_reference.py --llada-generate PATH/generate.py --dream-code DIR
+    python -m benchmarks.fullattn_reference --llada-generate PATH/generate.py --dream-code DIR
 """
 
 from __future__ import annotations
@@ -147,6 +147,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llada-generate", type=Path, help="ML-GSAI/LLaDA generate.py")
     parser.add_argument("--dream-code", type=Path, help="folder with Dream's modeling and generation files")
+    parser.add_argument("--quick", action="store_true", help="accepted for `python -m benchmarks --quick`; "
+                        "without the reference paths nothing runs")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp())
     for family, given in (("llada", args.llada_generate), ("dream", args.dream_code)):

@@ -12,9 +12,7 @@ import torch
 from dirl.algo.likelihood import EstimatorArgs, EstimatorOptions, plan_estimator, score_plan
 from dirl.algo.nelbo import FixedNoise, TokenBatch, draw_noise, sft_nelbo
 from dirl.engine.engine import Engine
-from dirl.model.layout.bidirectional import pack_states
 from dirl.model.policy import policy_logprobs
-from dirl.model.forward import Readout
 from dirl.rollout import SamplingParams
 from tests.fullattn_models import EOS_ID, MASK_ID, tiny_model
 

@@ -9,7 +9,6 @@ never here.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dirl.model.decoder import bidirectional_forward, init_normal
