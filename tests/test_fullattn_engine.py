@@ -165,3 +165,15 @@ def test_approximate_cache_is_exact_until_the_state_changes(family, mode):
         rows.fresh = True
         drift.append(float((stale - full_attention._candidate_logits(model, rows, cand, mode)).abs().max()))
     assert drift[0] <= 1e-5 and drift[1] <= 1e-5 and drift[2] > 1e-3
+
+
+def test_cancelled_prompt_leaves_the_batch_others_unchanged():
+    model = tiny_model("llada", seed=9)
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, unmasking="low_confidence", steps_per_block=2,
+                            block_length=4, n=2)
+    full = Engine(model).generate(PROMPTS, params)
+    cancelled = Engine(model).generate(PROMPTS, params, is_cancelled=lambda i: i == 1)
+    assert cancelled[2] is None and cancelled[3] is None
+    assert [r.token_ids for k, r in enumerate(cancelled) if k not in (2, 3)] == \
+        [r.token_ids for k, r in enumerate(full) if k not in (2, 3)]
+    assert [(r.prompt_index, r.sample_index) for r in full] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
