@@ -88,3 +88,17 @@ def test_recipes_load_and_fit_the_real_shapes(recipe, family, preset, estimator)
         assert cfg.algo.shrink == 8
     fam = get_family(family)
     check_sampling(cfg.rollout.sampling, fam.config_cls(**fam.presets[preset]).arch, "rollout.sampling")
+
+
+@pytest.mark.parametrize("family,rule", [("llada", "random"), ("dream", "entropy")])
+def test_dirl_eval_runs_on_full_attention(family, rule, tokenizer, tmp_path, capsys):
+    """`dirl eval` (the shared eval path) decodes with the full-attention decoder: 2 held-out
+    questions, 8 tokens in 4 forwards each."""
+    model = init_model(InitConfig(family=family, preset="tiny", seed=5), tokenizer)
+    save_pretrained(model, tokenizer, tmp_path / "ckpt")
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(tmp_path / "ckpt"), "--data", "task:arithmetic:test",
+                     "--out", str(tmp_path / "eval"), "limit=2", "sampling.max_new_tokens=8",
+                     f"sampling.unmasking={rule}", "sampling.block_length=8", "sampling.steps_per_block=4"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["num_samples"] == 2 and summary["tokens_per_forward"] == 2.0
