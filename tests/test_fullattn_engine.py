@@ -177,3 +177,20 @@ def test_cancelled_prompt_leaves_the_batch_others_unchanged():
     assert [r.token_ids for k, r in enumerate(cancelled) if k not in (2, 3)] == \
         [r.token_ids for k, r in enumerate(full) if k not in (2, 3)]
     assert [(r.prompt_index, r.sample_index) for r in full] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+
+
+def test_feed_decode_serves_rows_of_different_lengths():
+    """Engine.decode (the serving batcher's entry): each row decodes its own max_new_tokens, as
+    generate does for that length."""
+    from dirl.engine.scheduler import ListFeed, RowRequest
+
+    model = tiny_model("dream", seed=10)
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, unmasking="maskgit_plus", steps_per_block=4,
+                            block_length=8)
+    requests = [RowRequest(list(p), 7, i, 0, owner=i, max_new_tokens=length)
+                for i, (p, length) in enumerate(zip(PROMPTS, (8, 4, 8)))]
+    feed = ListFeed(requests)
+    Engine(model).decode(feed, params)
+    assert [len(r.token_ids) for r in feed.results] == [8, 4, 8]
+    short = Engine(model).generate([PROMPTS[1]], SamplingParams(**{**params.__dict__, "max_new_tokens": 4}))[0]
+    assert feed.results[1].token_ids == short.token_ids

@@ -30,11 +30,13 @@ over the whole vocabulary; with top-k and top-p both set, top-k truncates first 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
 
 from dirl.engine.full_attention_cache import WindowCache, window_slots
+from dirl.engine.scheduler import RowRequest
 from dirl.engine.unmask import sample_from_logprobs
 from dirl.model.layout import readout_rows
 from dirl.model.layout.bidirectional import decode_inputs
@@ -217,12 +219,34 @@ def _advance_blocks(rows: _Rows, params) -> None:
     rows.counts = torch.where(done[:, None], fresh, rows.counts)
 
 
-def _rollout(rows: _Rows, r: int, params: SamplingParams, prompt_index: int, sample_index: int) -> Rollout:
+def _rollout(rows: _Rows, r: int, request: RowRequest) -> Rollout:
     tokens = rows.tokens[r].tolist()
-    stop = next((i for i, t in enumerate(tokens) if t in set(params.stop_ids)), None)
+    stop = next((i for i, t in enumerate(tokens) if t in request.stop_ids), None)
     num, reason = (stop + 1, "stop") if stop is not None else (len(tokens), "length")
     return Rollout(list(rows.prompts[r]), tokens, rows.step_ids[r].tolist(), rows.logps[r].tolist(), num, reason,
-                   int(rows.forwards[r]), prompt_index, sample_index, rows.entropies[r].tolist())
+                   int(rows.forwards[r]), request.prompt_index, request.sample_index, rows.entropies[r].tolist())
+
+
+def _decode_rows(model, requests: list[RowRequest], params: SamplingParams,
+                 cancelled: Callable[[RowRequest], bool] | None = None) -> list[Rollout | None]:
+    """Decode rows of one length (``params.max_new_tokens``) together; a row whose request is
+    cancelled (asked before every step) leaves the batch and gets None."""
+    block_length = min(params.block_length or model.arch.block_size, params.max_new_tokens)
+    rows = _Rows(model, [list(q.prompt) for q in requests], [q.seed for q in requests], params, block_length)
+    results: list[Rollout | None] = [None] * len(requests)
+    while rows.rows:
+        if cancelled is not None:
+            alive = torch.tensor([not cancelled(requests[row]) for row in rows.rows])
+            if not alive.all():
+                rows.keep(alive.to(rows.tokens.device))
+                continue
+        _step(model, rows, params, params.unmasking)
+        finished = ~rows.masked.any(-1)
+        for r in finished.nonzero().squeeze(-1).tolist():
+            results[rows.rows[r]] = _rollout(rows, r, requests[rows.rows[r]])
+        if finished.any():
+            rows.keep(~finished)
+    return results
 
 
 @torch.no_grad()
@@ -230,31 +254,32 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, seeds: lis
              is_cancelled: Callable[[int], bool] | None = None, max_batch_rows: int = 256) -> list[Rollout]:
     """Decode ``params.n`` samples per prompt (grouped by prompt); ``seeds[i]`` seeds prompt i.
     ``is_cancelled(i)``: asked before every step; a cancelled prompt's rollouts are None."""
-    block_length = min(params.block_length or model.arch.block_size, params.max_new_tokens)
     check_for_model(params, model.arch)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     seeds = prompt_seeds(params.seed, len(prompts)) if seeds is None else list(seeds)
-    per_chunk = max(1, max_batch_rows // params.n)
+    stop = frozenset(params.stop_ids)
+    requests = [RowRequest(list(p), row_seed(s, j), i, j, max_new_tokens=params.max_new_tokens, stop_ids=stop)
+                for i, (p, s) in enumerate(zip(prompts, seeds)) for j in range(params.n)]
+    cancelled = None if is_cancelled is None else (lambda q: is_cancelled(q.prompt_index))
+    per_chunk = max(1, max_batch_rows // params.n) * params.n
     out: list[Rollout | None] = []
-    for start in range(0, len(prompts), per_chunk):
-        chunk = list(range(start, min(start + per_chunk, len(prompts))))
-        expanded = [list(prompts[i]) for i in chunk for _ in range(params.n)]
-        row_seeds = [row_seed(seeds[i], j) for i in chunk for j in range(params.n)]
-        rows = _Rows(model, expanded, row_seeds, params, block_length)
-        results: list[Rollout | None] = [None] * len(expanded)
-        while rows.rows:
-            if is_cancelled is not None:
-                alive = torch.tensor([not is_cancelled(start + row // params.n) for row in rows.rows])
-                if not alive.all():
-                    rows.keep(alive.to(rows.tokens.device))
-                    continue
-            _step(model, rows, params, params.unmasking)
-            finished = ~rows.masked.any(-1)
-            for r in finished.nonzero().squeeze(-1).tolist():
-                row = rows.rows[r]
-                results[row] = _rollout(rows, r, params, start + row // params.n, row % params.n)
-            if finished.any():
-                rows.keep(~finished)
-        out += results
+    for start in range(0, len(requests), per_chunk):
+        out += _decode_rows(model, requests[start: start + per_chunk], params, cancelled)
     return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def decode(model, feed, params: SamplingParams, max_batch_rows: int = 256) -> None:
+    """Decode a :class:`~dirl.engine.scheduler.Feed`'s rows (``dirl serve``'s batcher) until it has
+    none waiting: up to ``max_batch_rows`` at a time, rows of one ``max_new_tokens`` together (the
+    response length is part of the sequence a full-attention row decodes). Rows join between
+    batches, not at the next forward: this decoder does not use the block scheduler yet."""
+    check_for_model(params, model.arch)
+    while not feed.exhausted():
+        taken = feed.take(max_batch_rows)
+        for length in sorted({q.max_new_tokens or params.max_new_tokens for q in taken}):
+            group = [q for q in taken if (q.max_new_tokens or params.max_new_tokens) == length]
+            results = _decode_rows(model, group, dataclasses.replace(params, max_new_tokens=length), feed.cancelled)
+            for request, rollout in zip(group, results):
+                feed.done(request, rollout)
