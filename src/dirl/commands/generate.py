@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
 
 from dirl import config as config_lib
 from dirl.commands import add_config_arguments
@@ -41,7 +40,7 @@ def _stop_ids_given(config_path: str | None, overrides: list[str]) -> bool:
     if any(item.split("=", 1)[0].strip() == "stop_ids" for item in overrides):
         return True
     if config_path and Path(config_path).exists():
-        data = yaml.safe_load(Path(config_path).read_text()) or {}
+        data = config_lib.parse_yaml(Path(config_path).read_text(encoding="utf-8"), config_path) or {}
         return isinstance(data, dict) and "stop_ids" in data
     return False
 
