@@ -27,7 +27,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", help="checkpoint directory")
     parser.add_argument("--data", help="benchmark file (.jsonl/.json/.parquet) or task:<name>:test")
     parser.add_argument("--reward", help="reward name or comma list (default: task's reward, else math)")
-    parser.add_argument("--out", help="run directory (default runs/eval-<timestamp>)")
+    parser.add_argument("--out", help="run directory, new or empty (default runs/eval-<timestamp>); "
+                        "overwrite=true replaces its files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_arguments(parser)
 
@@ -60,12 +61,15 @@ def run(args) -> int:
     from dirl.eval.config import EvalConfig, default_out_dir, load_eval_rows, resolve_defaults
     from dirl.eval.heldout import evaluate_rows
     from dirl.rollout import check_sampling
+    from dirl.ownership import check_output, pop_overwrite
     from dirl.runtime import resolve_device
 
     flags = [f"{key}={getattr(args, flag)}" for flag, key in FLAG_KEYS.items()
              if getattr(args, flag) is not None]
-    cfg = config_lib.load(EvalConfig, args.config, [*flags, *args.overrides])
+    overrides, overwrite = pop_overwrite([*flags, *args.overrides])
+    cfg = config_lib.load(EvalConfig, args.config, overrides)
     cfg = resolve_defaults(cfg)  # unknown reward names fail here, before any loading
+    out = check_output(cfg.out or default_out_dir(), inputs=[cfg.model, cfg.data], overwrite=overwrite, key="out")
     rows = load_eval_rows(cfg)
     model, tokenizer = _load_model(cfg, resolve_device(cfg.device))
     check_sampling(cfg.sampling, model.arch.block_size, "sampling")  # e.g. steps_per_block > block size
@@ -75,7 +79,6 @@ def run(args) -> int:
         if isinstance(err, UserError):
             raise
         raise config_lib.ConfigError(str(err)) from None
-    out = Path(cfg.out or default_out_dir())
     summary, samples = evaluate_rows(model, tokenizer, rows, cfg, progress=not args.no_progress)
     write_run(out, dataclasses.replace(cfg, out=str(out)), summary, samples)
     print(f"dirl eval: wrote {out}/samples.jsonl and summary.json", file=sys.stderr)

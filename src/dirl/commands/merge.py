@@ -17,12 +17,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
     parser.add_argument("--base", default=None, help="the base checkpoint (default: the adapter config's)")
     parser.add_argument("--dtype", default=None, help="dtype of the saved weights (default: the base's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (never an input)")
 
 
 def run(args) -> int:
     from dirl.model.checkpoint import CheckpointError, save_pretrained
     from dirl.model.loading import load_model_spec
     from dirl.model.lora import inject, load_adapter_weights, merge_adapters, read_adapter_config, resolve_base
+    from dirl.ownership import check_output
 
     try:
         peft_config = read_adapter_config(args.adapter_dir)
@@ -31,10 +33,11 @@ def run(args) -> int:
             raise ValueError(f"{args.adapter_dir}: adapter_config.json names no base; pass --base")
         if not args.base:
             base = resolve_base(args.adapter_dir, base)
+        out = check_output(args.out, inputs=[args.adapter_dir, base], overwrite=args.overwrite)
         model, tokenizer = load_model_spec(base)
         model = inject(model, peft_config)
         load_adapter_weights(model, args.adapter_dir)
-        out = save_pretrained(merge_adapters(model), tokenizer, args.out, dtype=args.dtype)
+        out = save_pretrained(merge_adapters(model), tokenizer, out, dtype=args.dtype)
     except (CheckpointError, ValueError, FileNotFoundError, KeyError) as err:
         print(f"dirl merge: error: {err}", file=sys.stderr)
         return 2
