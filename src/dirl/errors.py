@@ -56,6 +56,8 @@ FINITE_POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 FINITE_NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 UNIT_INTERVAL = (lambda v: 0 <= v <= 1, "in [0, 1]")
 OPEN_UNIT_INTERVAL = (lambda v: 0 < v <= 1, "in (0, 1]")
+# A run's seed: the derived seeds (run_seed * 1_000_003 + ...) must stay within torch's 64 bits.
+SEED = (lambda v: 0 <= v < 2**32, "a seed in [0, 2**32 - 1]")
 
 
 _BOOL = "true or false"
@@ -82,5 +84,5 @@ def check_fields(obj, rules: dict[str, tuple]) -> None:
             raise FieldError(name, f"must be {what}, got {echo(value)}")
 
 
-__all__ = ["FINITE_NON_NEGATIVE", "FINITE_POSITIVE", "FieldError", "NON_NEGATIVE", "OPEN_UNIT_INTERVAL", "POSITIVE",
+__all__ = ["FINITE_NON_NEGATIVE", "FINITE_POSITIVE", "FieldError", "NON_NEGATIVE", "OPEN_UNIT_INTERVAL", "POSITIVE", "SEED",
            "UNIT_INTERVAL", "UserError", "check_fields", "echo", "one_of"]

@@ -70,15 +70,17 @@ def run(args) -> int:
     cfg = config_lib.load(EvalConfig, args.config, overrides)
     cfg = resolve_defaults(cfg)  # unknown reward names fail here, before any loading
     out = check_output(cfg.out or default_out_dir(), inputs=[cfg.model, cfg.data], overwrite=overwrite, key="out")
+    device = resolve_device(cfg.device)
     rows = load_eval_rows(cfg)
-    model, tokenizer = _load_model(cfg, resolve_device(cfg.device))
-    check_sampling(cfg.sampling, model.arch.block_size, "sampling")  # e.g. steps_per_block > block size
+    model, tokenizer = _load_model(cfg, device)
     try:
-        build_prompt_ids(tokenizer, rows[:1], cfg.prompt_template, cfg.chat)
+        longest = max(len(ids) for ids in build_prompt_ids(tokenizer, rows, cfg.prompt_template, cfg.chat))
     except ValueError as err:  # chat=true without a chat template
         if isinstance(err, UserError):
             raise
         raise config_lib.ConfigError(str(err)) from None
+    # e.g. steps_per_block > block size, the longest prompt + max_new_tokens past the context
+    check_sampling(cfg.sampling, model.arch.block_size, "sampling", model.arch.max_position_embeddings, longest)
     summary, samples = evaluate_rows(model, tokenizer, rows, cfg, progress=not args.no_progress)
     write_run(out, dataclasses.replace(cfg, out=str(out)), summary, samples)
     print(f"dirl eval: wrote {out}/samples.jsonl and summary.json", file=sys.stderr)

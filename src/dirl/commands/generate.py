@@ -45,6 +45,12 @@ def _stop_ids_given(config_path: str | None, overrides: list[str]) -> bool:
     return False
 
 
+def check_model_dir(model: str | None) -> None:
+    """``--model`` names an existing directory (before torch loads anything)."""
+    if not model or not Path(model).is_dir():
+        raise config_lib.ConfigError(f"--model {model!r}: not a checkpoint directory")
+
+
 def run(args) -> int:
     from dirl.engine.engine import Engine
     from dirl.model.checkpoint import CheckpointError, load_pretrained
@@ -52,6 +58,7 @@ def run(args) -> int:
     from dirl.runtime import resolve_device
 
     params = config_lib.load(SamplingParams, args.config, args.overrides)
+    check_model_dir(args.model)
     model, tokenizer = load_pretrained(args.model, dtype=args.dtype, device=resolve_device(args.device))
     if tokenizer is None:
         raise CheckpointError(f"{args.model} has no tokenizer files")
@@ -67,6 +74,10 @@ def run(args) -> int:
     prompt_ids = tokenizer.encode(text)
     if not prompt_ids:
         raise config_lib.ConfigError("--prompt: the prompt is empty")
+    context = model.arch.max_position_embeddings
+    if len(prompt_ids) + params.max_new_tokens > context:
+        raise config_lib.ConfigError(f"the prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                                     f"exceeds the model's context of {context} tokens")
     rollout = Engine(model.eval(), use_cache=not args.no_cache, compile=args.compile).generate([prompt_ids], params)[0]
     completion = tokenizer.decode(rollout.completion_ids)
     if args.json:

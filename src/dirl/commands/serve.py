@@ -87,6 +87,9 @@ def run(args) -> int:
               f"(completions are {'authenticated' if cfg.auth_completions else 'NOT authenticated'})",
               file=sys.stderr)
 
+    from dirl.runtime import resolve_device
+
+    device = resolve_device(cfg.device)
     check_port(cfg.host, cfg.port)
     import torch
     import uvicorn
@@ -97,7 +100,7 @@ def run(args) -> int:
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    model, tokenizer = load_pretrained(cfg.model, dtype=cfg.param_dtype or None, device=cfg.device)
+    model, tokenizer = load_pretrained(cfg.model, dtype=cfg.param_dtype or None, device=device)
     app = create_app(model.eval(), tokenizer, cfg, api_key or None)
     state = app.state.dirl
     print(f"dirl serve: {state.name} on http://{cfg.host}:{cfg.port} "
