@@ -45,12 +45,6 @@ def _stop_ids_given(config_path: str | None, overrides: list[str]) -> bool:
     return False
 
 
-def check_model_dir(model: str | None) -> None:
-    """``--model`` names an existing directory (before torch loads anything)."""
-    if not model or not Path(model).is_dir():
-        raise config_lib.ConfigError(f"--model {model!r}: not a checkpoint directory")
-
-
 def run(args) -> int:
     from dirl.engine.engine import Engine
     from dirl.model.checkpoint import CheckpointError, load_pretrained
@@ -58,7 +52,6 @@ def run(args) -> int:
     from dirl.runtime import resolve_device
 
     params = config_lib.load(SamplingParams, args.config, args.overrides)
-    check_model_dir(args.model)
     model, tokenizer = load_pretrained(args.model, dtype=args.dtype, device=resolve_device(args.device))
     if tokenizer is None:
         raise CheckpointError(f"{args.model} has no tokenizer files")
