@@ -26,6 +26,7 @@ def run(args) -> int:
     from dirl.model.lora import inject, load_adapter_weights, merge_adapters, read_adapter_config, resolve_base
     from dirl.ownership import check_output
 
+    check_output(args.out, inputs=[args.adapter_dir, args.base], overwrite=args.overwrite)  # before any reading
     try:
         peft_config = read_adapter_config(args.adapter_dir)
         base = args.base or peft_config.base_model_name_or_path
@@ -33,7 +34,7 @@ def run(args) -> int:
             raise ValueError(f"{args.adapter_dir}: adapter_config.json names no base; pass --base")
         if not args.base:
             base = resolve_base(args.adapter_dir, base)
-        out = check_output(args.out, inputs=[args.adapter_dir, base], overwrite=args.overwrite)
+        out = check_output(args.out, inputs=[base], overwrite=True)  # the base the adapters name
         model, tokenizer = load_model_spec(base)
         model = inject(model, peft_config)
         load_adapter_weights(model, args.adapter_dir)

@@ -210,6 +210,8 @@ def prepare_run_dir(run_dir: str | Path, resumed: bool, overwrite: bool, inputs=
         raise CheckpointError(f"out={run_dir}: already holds a run ({', '.join(held)}); continue it with "
                               f"--resume {run_dir}, or pass overwrite=true to replace it")
     if not resumed:
+        if str(run_dir) == ".":  # out="" would write the run into the working directory
+            raise CheckpointError("out is empty (or '.'); name the run directory")
         ownership.check_output(run_dir, inputs=inputs, overwrite=overwrite, key="out")
     for name in (CHECKPOINTS, "final"):
         if (run_dir / name).is_symlink():
