@@ -21,6 +21,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    import torch
+
     from dirl.model.checkpoint import CheckpointError, save_pretrained
     from dirl.model.loading import load_model_spec
     from dirl.model.lora import inject, load_adapter_weights, merge_adapters, read_adapter_config, resolve_base
@@ -38,7 +40,13 @@ def run(args) -> int:
         model, tokenizer = load_model_spec(base)
         model = inject(model, peft_config)
         load_adapter_weights(model, args.adapter_dir)
-        out = save_pretrained(merge_adapters(model), tokenizer, out, dtype=args.dtype)
+        merged = merge_adapters(model)
+        bad = next((name for name, t in merged.state_dict().items()
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+        if bad is not None:
+            raise ValueError(f"{args.adapter_dir}: merging gives NaN or infinite values in {bad!r} "
+                             "(NaN adapters?); nothing written")
+        out = save_pretrained(merged, tokenizer, out, dtype=args.dtype)
     except (CheckpointError, ValueError, FileNotFoundError, KeyError) as err:
         print(f"dirl merge: error: {err}", file=sys.stderr)
         return 2
