@@ -241,12 +241,20 @@ def cases() -> list[tuple[str, str, list[str], str]]:
     add("serve-host-bogus", "serve", "serve --no-updates --model {good} --host no.such.host.invalid", "host")
     # ---- Python API
     api = {
-        "api-rl-nan-weight": ("from dirl.train.rl import RLConfig, train\ncfg = RLConfig(model='{good}', max_steps=1, "
-                              "out='{root}/api_rl')\ncfg.rewards = {{'math': float('nan')}}\ntrain(cfg)", "rewards"),
-        "api-rl-num-prompts-0": ("from dirl.train.rl import RLConfig, train\ncfg = RLConfig(model='{good}', max_steps=1,"
-                                 " out='{root}/api_rl2')\ncfg.rollout.num_prompts = 0\ntrain(cfg)", "num_prompts"),
-        "api-sft-lr-nan": ("from dirl.train.sft import SFTConfig, train\ncfg = SFTConfig(model='{good}', max_steps=1, "
-                           "out='{root}/api_sft')\ncfg.optim.lr = float('nan')\ntrain(cfg)", "lr"),
+        "api-rl-nan-weight": ("import dirl\nt = dirl.DiPOTrainer('{good}', args=dirl.RLConfig(max_steps=1, "
+                              "out='{root}/api_rl'))\nt.args.rewards = {'math': float('nan')}\nt.train()", "rewards"),
+        "api-rl-num-prompts-0": ("import dirl\ncfg = dirl.RLConfig(max_steps=1, out='{root}/api_rl2')\n"
+                                 "cfg.rollout.num_prompts = 0\ndirl.DiPOTrainer('{good}', args=cfg).train()",
+                                 "num_prompts"),
+        "api-sft-lr-nan": ("import dirl\nt = dirl.SFTTrainer('{good}', train_dataset='task:arithmetic', "
+                           "args=dirl.SFTConfig(max_steps=1, out='{root}/api_sft'))\nt.args.optim.lr = float('nan')\n"
+                           "t.train()", "lr"),
+        "api-sft-batch-0": ("import dirl\nt = dirl.SFTTrainer('{good}', train_dataset='task:arithmetic', "
+                            "args=dirl.SFTConfig(max_steps=1, out='{root}/api_sft2'))\nt.args.batch_size = 0\n"
+                            "t.train()", "batch_size"),
+        "api-rl-reward-one-score": ("import dirl\nt = dirl.DiPOTrainer('{good}', reward_funcs=lambda completions, **k:"
+                                    " [1.0], args=dirl.RLConfig(max_steps=1, out='{root}/api_rl3'))\nt.train()",
+                                    "1 scores for"),
         "api-rewards-one-score": ("from dirl.rewards import compute_rewards\ncompute_rewards([lambda completions, **k:"
                                   " [1.0]], ['a', 'b', 'c', 'd'])", "1 scores for 4"),
         "api-rewards-all-none": ("from dirl.rewards import compute_rewards\ncompute_rewards([lambda completions, **k:"
@@ -255,9 +263,9 @@ def cases() -> list[tuple[str, str, list[str], str]]:
                             " [float('nan')] * len(completions)], ['a', 'b'])", "nan"),
         "api-load-deep": ("from dirl.data import load_prompt_rows\nload_prompt_rows('{root}/data/deep.jsonl')",
                           "deep.jsonl:1"),
-        "api-load-memory-surrogate": ("from dirl.data import load_prompt_rows\nload_prompt_rows([{{'question': "
-                                      "'\\ud800', 'answer': '1'}}])", "row 0"),
-        "api-config-bomb": ("from dirl import config\nfrom dirl.train.sft import SFTConfig\nconfig.load(SFTConfig, "
+        "api-load-memory-surrogate": ("from dirl.data import load_prompt_rows\nload_prompt_rows([{'question': '\\ud800', "
+                                      "'answer': '1'}])", "row 0"),
+        "api-config-bomb": ("import dirl\ndirl.load_config(dirl.SFTConfig, "
                             "'{root}/cfg/bomb.yaml')", "bomb.yaml"),
     }
     for name, (code, expected) in api.items():
@@ -299,13 +307,20 @@ def snapshot(root: Path, skip: set[str]) -> dict[str, str]:
     return state
 
 
+def fill(text: str, fixtures: dict[str, str]) -> str:
+    """``{root}``, ``{good}`` ... replaced (only those: the cases hold literal braces too)."""
+    for key, value in fixtures.items():
+        text = text.replace("{" + key + "}", value)
+    return text
+
+
 def run_case(case, fixtures: dict[str, str], timeout: float) -> tuple[str, str, str]:
     name, group, argv, expected = case
     work = Path(tempfile.mkdtemp(prefix=f"case-{name[:20]}-", dir=fixtures["root"] + "/.work"))
     if argv[0] == "py":
-        cmd = [sys.executable, "-c", PY_HARNESS, argv[1].format(**fixtures)]
+        cmd = [sys.executable, "-c", PY_HARNESS, fill(argv[1], fixtures)]
     else:
-        cmd = [sys.executable, "-m", "dirl.cli", *[a.format(**fixtures) for a in argv]]
+        cmd = [sys.executable, "-m", "dirl.cli", *[fill(a, fixtures) for a in argv]]
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}:{REPO}:{fixtures['root']}", "OMP_NUM_THREADS": "1",
            "DIRL_FSYNC": "0"}
     try:
