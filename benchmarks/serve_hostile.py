@@ -34,7 +34,7 @@ from serve_limits import open_request, rss_bytes  # noqa: E402
 from dirl.model.factory import InitConfig, init_checkpoint  # noqa: E402
 
 WORST = {"prompt": [[5, 6, 7]], "n": 64, "max_tokens": 500, "ignore_eos": True, "unmasking": "sequential",
-         "stop": ["\u00e9" * 255 + str(i) for i in range(16)]}
+         "stop": ["\u00e9" * 255 + f"{i:x}" for i in range(16)]}
 
 
 def slowloris(url: str, proc, connections: int, settle_s: float) -> dict:
