@@ -261,7 +261,7 @@ def test_a_sleeping_reward_costs_one_batch_budget():
 
     started = time.monotonic()
     result = compute_rewards([sleeper], ["a"] * 16, time_limit_s=0.02)  # budget: 16 x 0.02 s
-    assert time.monotonic() - started < 0.32 + 1.0  # not 16 x (limit) + batch limit
+    assert time.monotonic() - started < 0.64 + 1.0  # the batch budget (2 x 16 x 0.02 s), not 16 x limit more
     assert result.failures and result.metrics["rewards/sleeper/errors"] == 16.0
 
 

@@ -342,14 +342,15 @@ def load_pretrained(directory: str | Path, dtype: str | torch.dtype | None = Non
             tokenizer = load_tokenizer(directory)
         except Exception as err:  # noqa: BLE001 -- tokenizers/transformers raise many types for a bad file
             raise CheckpointError(f"{directory}: cannot read the tokenizer files ({err!r})") from err
-        check_tokenizer(model.config, tokenizer, directory)
+        check_tokenizer(model.arch, tokenizer, directory)
     return model, tokenizer
 
 
-def check_tokenizer(cfg: ModelConfig, tokenizer: Tokenizer, directory: Path) -> None:
-    """The tokenizer and ``config.json`` must agree: the same mask id (SFT would mask with one and
-    the engine decode with the other), and every id the tokenizer can emit (its special ids
-    included) inside the model's vocabulary (else an IndexError deep in the embedding)."""
+def check_tokenizer(cfg, tokenizer: Tokenizer, directory: Path) -> None:
+    """The tokenizer and ``config.json`` (``cfg``: the model's :class:`~dirl.model.arch.Arch`)
+    must agree: the same mask id (SFT would mask with one and the engine decode with the other),
+    and every id the tokenizer can emit (its special ids included) inside the model's vocabulary
+    (else an IndexError deep in the embedding)."""
     if tokenizer.mask_token_id != cfg.mask_token_id:
         raise CheckpointError(f"{directory}: the tokenizer's mask id {tokenizer.mask_token_id} differs from "
                               f"config.json's mask_token_id {cfg.mask_token_id}")

@@ -50,8 +50,9 @@ _T = TypeVar("_T")
 # Per-completion budget of one reward evaluation. Rule-based rewards take milliseconds; the limit
 # only matters for pathological inputs (e.g. sympy simplifying a huge expression).
 DEFAULT_TIME_LIMIT_S = 10.0
-# The batch call gets time_limit_s * batch size, capped here so that one hung row cannot hold a
-# large batch for hours before the row-by-row retry isolates it.
+# What one reward may cost per batch, the batch call and the row-by-row retries together
+# (2 x time_limit_s x batch size, capped here): a reward that hangs on every row costs this, not
+# the batch limit plus a time limit per row.
 MAX_BATCH_TIME_LIMIT_S = 120.0
 
 _REGISTRY: dict[str, RewardFn] = {}

@@ -146,8 +146,9 @@ def compute_rewards(
     ``specs`` maps reward names or callables to weights, or lists them (weight 1.0 each).
     ``columns`` are the dataset columns, each a list aligned with ``completions``; ``prompts``
     (strings, or message lists for a conversational dataset) and ``completion_ids`` are passed to
-    the rewards that take them. ``time_limit_s`` is the limit per completion (the batch call gets
-    ``time_limit_s * len(completions)``, capped at ``MAX_BATCH_TIME_LIMIT_S``). Unknown names
+    the rewards that take them. ``time_limit_s`` is the limit per completion; one reward's whole
+    evaluation of the batch is bounded by ``2 * time_limit_s * len(completions)``, capped at
+    ``MAX_BATCH_TIME_LIMIT_S`` (see ``_score_isolated``). Unknown names
     and missing arguments are a ``RewardError``, misaligned columns a ``ValueError``; failures
     inside reward functions never propagate.
 
@@ -218,7 +219,7 @@ def _score_isolated(name: str, fn: RewardFn, available: dict[str, list], count: 
 
     One batch call first (fast path); if it raises (``SystemExit`` included) or times out, every
     completion is re-scored on its own so that a single bad row costs only that row. The whole
-    costs at most the per-batch limit (``time_limit_s * count``, capped at
+    costs at most the per-batch limit (``2 * time_limit_s * count``, capped at
     ``MAX_BATCH_TIME_LIMIT_S``): the batch call gets half of it, the row calls share the rest
     (a row past the deadline fails as timed out). A result that breaks the contract -- the wrong
     length, a non-finite or non-numeric score -- is a :class:`RewardError` naming the reward, not
@@ -229,7 +230,8 @@ def _score_isolated(name: str, fn: RewardFn, available: dict[str, list], count: 
         return [], 0, ""
     form = _CallForm.of(fn)
     args, kwargs = form.arguments(name, available)
-    budget = None if time_limit_s is None or time_limit_s <= 0 else min(time_limit_s * count, MAX_BATCH_TIME_LIMIT_S)
+    budget = (None if time_limit_s is None or time_limit_s <= 0
+              else min(2 * time_limit_s * count, MAX_BATCH_TIME_LIMIT_S))
     deadline = None if budget is None else time.monotonic() + budget
     try:
         raw = call_with_time_limit(fn, None if budget is None else budget / 2, *args, **kwargs)
