@@ -26,6 +26,7 @@ import torch
 from dirl.cli import main
 from dirl.data import DataError, load_prompt_rows
 from dirl.data.templates import render_prompt
+from dirl.errors import UserError
 from dirl.model.checkpoint import remove_stale_tmp
 from dirl.model.factory import InitConfig, init_checkpoint
 from dirl.ownership import MARKER
@@ -113,6 +114,19 @@ CASES = {
                           "model's context"),
     "eval-device-bogus": ("eval --model {good} --data task:arithmetic device=quantum", "device='quantum'"),
     "reward-spec-weight": ("eval --model {good} --data task:arithmetic --reward math:abc", "cannot import reward"),
+    # trainers: every value checked before work, sizes against the data and the context
+    "rl-reward-weight-bool": ("rl rewards.math=true", "rewards.math must be a finite number"),
+    "rl-seed-2-64": (f"rl seed={2**64}", "seed must be a seed in [0, 2**32 - 1]"),
+    "sft-lr-absurd": ("sft optim.lr=1e19", "optim.lr must be a finite number in (0, 1]"),
+    "rl-rollouts-per-step": ("rl rollout.group_size=1000000000", "rollouts per step"),
+    "rl-device-bogus": ("rl device=quantum", "device='quantum'"),
+    "rl-http-unreachable": ("rl rollout.backend=http rollout.http.url=http://127.0.0.1:9", "cannot reach the server"),
+    "sft-max-length-past-context": ("sft model={good} data.max_length=1000000000000 pack=true",
+                                    "exceeds the model's context"),
+    "sft-batch-over-examples": ("sft model={good} data.source=task:arithmetic data.limit=4 batch_size=1000000000",
+                                "more than the 4 training examples"),
+    "rl-max-new-tokens-past-context": ("rl model={good} rollout.sampling.max_new_tokens=100000",
+                                       "exceeds the model's context"),
 }
 
 
@@ -131,6 +145,20 @@ def test_hostile_input_is_one_line_exit_2_and_touches_nothing(name, files, tmp_p
     assert expected in lines[0], lines[0]
     assert _tree(files["root"]) == before  # nothing outside (or inside) written or deleted
     assert not any(tmp_path.iterdir())  # no default out either
+
+
+def test_configs_changed_after_construction_are_checked_when_train_starts(files, tmp_path):
+    import dirl
+
+    trainer = dirl.DiPOTrainer(str(files["good"]), args=dirl.RLConfig(max_steps=1, out=str(tmp_path / "rl")))
+    trainer.args.rewards = {"math": float("nan")}
+    with pytest.raises(UserError, match="rewards.math must be a finite number"):
+        trainer.train()
+    args = dirl.SFTConfig(max_steps=1, out=str(tmp_path / "sft"))
+    args.optim.lr = float("nan")
+    with pytest.raises(ValueError, match="optim.lr"):
+        dirl.SFTTrainer(str(files["good"]), train_dataset="task:arithmetic", args=args).train()
+    assert not any(tmp_path.iterdir())  # nothing made
 
 
 def test_device_cuda_without_one_is_refused_before_work(files, tmp_path, monkeypatch, capsys):

@@ -412,6 +412,8 @@ def _add_weight_routes(app: FastAPI, state: ServerState) -> None:
         body = await request.body()  # capped by the route's max_body_size
         start = time.perf_counter()
         version = state.batcher.weight_version
+        if not body:  # a client's probe of the key (dirl.backends.http.probe_server): not an update
+            raise ApiError(400, "empty body: expected safetensors bytes of a state dict", "invalid_weights")
         try:
             tensors = await run_in_threadpool(prepare_update, state.live, body, state.cfg.max_update_scale)
         except WeightUpdateError as err:
