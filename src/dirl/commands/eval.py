@@ -57,7 +57,7 @@ def write_run(out: Path, cfg, summary: dict, samples: list[dict]) -> None:
 
 
 def run(args) -> int:
-    from dirl.data import build_prompt_ids
+    from dirl.data import build_prompt_ids, to_prompt_messages
     from dirl.eval.config import EvalConfig, default_out_dir, load_eval_rows, resolve_defaults
     from dirl.eval.heldout import evaluate_rows
     from dirl.rollout import check_sampling
@@ -72,6 +72,7 @@ def run(args) -> int:
     out = check_output(cfg.out or default_out_dir(), inputs=[cfg.model, cfg.data], overwrite=overwrite, key="out")
     device = resolve_device(cfg.device)
     rows = load_eval_rows(cfg)
+    to_prompt_messages(rows[0], cfg.prompt_template)  # a bad template fails before the model loads
     model, tokenizer = _load_model(cfg, device)
     try:
         longest = max(len(ids) for ids in build_prompt_ids(tokenizer, rows, cfg.prompt_template, cfg.chat))
