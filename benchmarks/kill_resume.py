@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-COMMON_SFT = ["model=init:tiny", "data.source=task:arithmetic", "data.max_length=64", "batch_size=4",
+COMMON_SFT = ["model={base}", "data.source=task:arithmetic", "data.max_length=64", "batch_size=4",
               "data.limit=64", "optim.lr=1e-3", "max_steps=8", "save_every=1", "log_every=1", "--no-progress",
               "report_to=[jsonl]"]
-COMMON_RL = ["model=init:tiny", f"rewards={{rl_rewards:digit_fraction: 1.0}}", "rollout.num_prompts=2",
+COMMON_RL = ["model={base}", "rewards={rl_rewards:digit_fraction: 1.0}", "rollout.num_prompts=2",
              "rollout.group_size=2", "rollout.sampling.max_new_tokens=8", "optim.lr=1e-3", "max_steps=6",
              "save_every=1", "log_every=1", "--no-progress", "report_to=[jsonl]"]
 CHAINS = [
@@ -101,7 +101,10 @@ def main() -> int:
     rng = random.Random(args.seed)
     identical = total_kills = 0
     with tempfile.TemporaryDirectory(prefix="dirl-kill-") as tmp:
+        base = Path(tmp) / "base"  # a checkpoint directory: LoRA needs one
+        subprocess.run(dirl(["init", "--out", str(base)]), env=env(), check=True, stdout=subprocess.DEVNULL)
         for name, command, common in CHAINS[: args.chains]:
+            common = [a.replace("{base}", str(base)) for a in common]
             straight, chained = Path(tmp) / f"{name}-straight", Path(tmp) / f"{name}-killed"
             subprocess.run(dirl([command, *common, f"out={straight}"]), env=env(), check=True,
                            stdout=subprocess.DEVNULL)

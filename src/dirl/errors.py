@@ -84,5 +84,6 @@ def check_fields(obj, rules: dict[str, tuple]) -> None:
             raise FieldError(name, f"must be {what}, got {echo(value)}")
 
 
-__all__ = ["FINITE_NON_NEGATIVE", "FINITE_POSITIVE", "FieldError", "NON_NEGATIVE", "OPEN_UNIT_INTERVAL", "POSITIVE", "SEED",
+__all__ = ["FINITE_NON_NEGATIVE", "FINITE_POSITIVE", "FieldError", "NON_NEGATIVE", "OPEN_UNIT_INTERVAL", "POSITIVE",
+           "SEED",
            "UNIT_INTERVAL", "UserError", "check_fields", "echo", "one_of"]

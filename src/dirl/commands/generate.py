@@ -69,8 +69,8 @@ def run(args) -> int:
         raise config_lib.ConfigError("--prompt: the prompt is empty")
     context = model.arch.max_position_embeddings
     if len(prompt_ids) + params.max_new_tokens > context:
-        raise config_lib.ConfigError(f"the prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
-                                     f"exceeds the model's context of {context} tokens")
+        raise config_lib.ConfigError(f"the prompt ({len(prompt_ids)} tokens) + max_new_tokens "
+                                     f"({params.max_new_tokens}) exceeds the model's context of {context} tokens")
     rollout = Engine(model.eval(), use_cache=not args.no_cache, compile=args.compile).generate([prompt_ids], params)[0]
     completion = tokenizer.decode(rollout.completion_ids)
     if args.json:

@@ -68,7 +68,8 @@ class ServeConfig(EngineOptions):
             "max_prompts": POSITIVE, "max_tokens_limit": POSITIVE,
             "max_request_tokens": POSITIVE, "max_body_mb": FINITE_POSITIVE, "max_stop_strings": NON_NEGATIVE,
             "max_stop_chars": POSITIVE, "max_connections": POSITIVE, "header_timeout_s": FINITE_POSITIVE,
-            "body_timeout_s": FINITE_POSITIVE, "max_update_scale": FINITE_NON_NEGATIVE, "max_update_mb": FINITE_NON_NEGATIVE,
+            "body_timeout_s": FINITE_POSITIVE, "max_update_scale": FINITE_NON_NEGATIVE,
+            "max_update_mb": FINITE_NON_NEGATIVE,
             "batch_wait_ms": FINITE_NON_NEGATIVE, "max_queue": POSITIVE, "num_threads": NON_NEGATIVE,
             "param_dtype": one_of("", "float32", "bfloat16", "float16"),
             "log_level": one_of("critical", "error", "warning", "info", "debug", "trace")})

@@ -183,7 +183,8 @@ def build_run(cfg: SFTConfig, resume: str | Path | None = None, inputs: RunInput
     if cfg.eval_every:
         check_sampling(cfg.eval_sampling, model.arch.block_size, "eval_sampling", context, longest_prompt=1)
     if cfg.data.max_length > context:  # packing would never fill a row; no example can be that long
-        raise config_lib.ConfigError(f"data.max_length={cfg.data.max_length} exceeds the model's context of {context} tokens")
+        raise config_lib.ConfigError(f"data.max_length={cfg.data.max_length} exceeds the model's context of "
+                                     f"{context} tokens")
     examples = load_examples(cfg, tokenizer, model.arch.block_size, inputs.train_rows)  # validates every row
     if cfg.batch_size > len(examples):
         raise config_lib.ConfigError(f"batch_size={cfg.batch_size} is more than the {len(examples)} training examples")
