@@ -12,7 +12,9 @@ Classes (a bad input must land in ``ok``; a valid one, marked ``valid``, must ex
 * ``unclear`` -- exit 2 but not one line, or without the expected text; ``valid_rejected`` -- a
   valid input that did not exit 0.
 
-    python benchmarks/hostile_matrix.py [--jobs 2] [--only SUBSTRING] [--timeout 120]
+    python -m benchmarks.hostile_matrix [--quick] [--jobs 2] [--only SUBSTRING] [--timeout 120]
+
+``--quick``: the first case of every group (a smoke test of the harness).
 
 Prints one line per case that is not ``ok``, then ``class=count`` lines and ``total=N``.
 """
@@ -354,12 +356,15 @@ def main() -> int:
     parser.add_argument("--only", default="")
     parser.add_argument("--timeout", type=float, default=120)
     parser.add_argument("--json", default="", help="write the per-case results here")
+    parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dirl-hostile-") as tmp:
         root = Path(tmp)
         fixtures = make_fixtures(root)
         (root / ".work").mkdir()
         selected = [c for c in cases() if args.only in c[0]]
+        if args.quick:
+            selected = [c for i, c in enumerate(selected) if c[1] not in {d[1] for d in selected[:i]}]
         before = snapshot(root, {".work"})
         results, counts = [], collections.Counter()
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:

@@ -6,7 +6,9 @@ kill lands a random 0.2-2.5 s after the newest checkpoint appeared, so some land
 time resumed from the run directory, and finally allowed to finish. The final weights
 (``final/``) and the metrics of the last step are compared exactly.
 
-    python benchmarks/kill_resume.py [--chains 10] [--kills 2] [--seed 0]
+    python -m benchmarks.kill_resume [--quick] [--chains 10] [--kills 2] [--seed 0]
+
+``--quick``: one chain, one kill.
 
 Prints one line per chain and ``chains=N identical=M kills=K``.
 """
@@ -97,7 +99,10 @@ def main() -> int:
     parser.add_argument("--chains", type=int, default=10)
     parser.add_argument("--kills", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    if args.quick:
+        args.chains, args.kills = 1, 1
     rng = random.Random(args.seed)
     identical = total_kills = 0
     with tempfile.TemporaryDirectory(prefix="dirl-kill-") as tmp:

@@ -8,7 +8,9 @@
   the default server accepts runs: n=64 x max_tokens=500 and 16 stop strings of 256 characters
   (the caps), plus the request's time.
 
-    python benchmarks/serve_hostile.py [--connections 3000] [--settle 12]
+    python -m benchmarks.serve_hostile [--quick] [--connections 3000] [--settle 12]
+
+``--quick``: 300 connections, 3 s to settle, a worst request of n=8.
 
 Prints ``name=value`` lines.
 """
@@ -27,11 +29,9 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serve as serve_bench  # noqa: E402
-from serve_limits import open_request, rss_bytes  # noqa: E402
-
-from dirl.model.factory import InitConfig, init_checkpoint  # noqa: E402
+from benchmarks import serve as serve_bench
+from benchmarks.serve_limits import open_request, rss_bytes
+from dirl.model.factory import InitConfig, init_checkpoint
 
 WORST = {"prompt": [[5, 6, 7]], "n": 64, "max_tokens": 500, "ignore_eos": True, "unmasking": "sequential",
          "stop": ["\u00e9" * 255 + f"{i:x}" for i in range(16)]}
@@ -73,13 +73,13 @@ def slowloris(url: str, proc, connections: int, settle_s: float) -> dict:
             "slowloris_rss_growth_after_mb": round((after - before) / 2**20, 1), "health_after": ok}
 
 
-def worst_request(url: str) -> dict:
+def worst_request(url: str, n: int = 64) -> dict:
     done = threading.Event()
     outcome: dict = {}
 
     def send():
         started = time.perf_counter()
-        sock = open_request(url, WORST)
+        sock = open_request(url, {**WORST, "n": n})
         sock.settimeout(1800)
         data = b""
         while b"\r\n\r\n" not in data or len(data) < 20:
@@ -114,13 +114,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=3000)
     parser.add_argument("--settle", type=float, default=12.0)
+    parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    if args.quick:
+        args.connections, args.settle = min(args.connections, 300), 3.0
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = init_checkpoint(InitConfig(preset="tiny"), Path(tmp) / "ckpt")
         proc, url = serve_bench.start_server(ckpt, "--no-updates", env={"OMP_NUM_THREADS": "1"}, timeout_s=180)
         try:
             httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 8}, timeout=120)  # warm up
-            results = {**slowloris(url, proc, args.connections, args.settle), **worst_request(url)}
+            results = {**slowloris(url, proc, args.connections, args.settle),
+                       **worst_request(url, n=8 if args.quick else 64)}
         finally:
             proc.terminate()
             proc.wait(30)

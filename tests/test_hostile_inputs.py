@@ -357,7 +357,7 @@ def test_slow_loris_connections_are_cut(files):
     connections over max_connections are closed at once; /health still answers."""
     import httpx
 
-    from tests.serve_procs import free_port, start_server, stop_server, wait_healthy
+    from serve_procs import free_port, start_server, stop_server, wait_healthy
 
     proc, url = start_server(files["good"], "--no-updates", "header_timeout_s=1", "max_connections=8")
     try:
