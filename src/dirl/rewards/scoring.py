@@ -220,8 +220,8 @@ def _score_isolated(name: str, fn: RewardFn, available: dict[str, list], count: 
     One batch call first (fast path); if it raises (``SystemExit`` included) or times out, every
     completion is re-scored on its own so that a single bad row costs only that row. The whole
     costs at most the per-batch limit (``2 * time_limit_s * count``, capped at
-    ``MAX_BATCH_TIME_LIMIT_S``): the batch call gets half of it, the row calls share the rest
-    (a row past the deadline fails as timed out). A result that breaks the contract -- the wrong
+    ``MAX_BATCH_TIME_LIMIT_S``): the batch call gets half of it, the row calls share the other
+    half (a row past that deadline fails as timed out). A result that breaks the contract -- the wrong
     length, a non-finite or non-numeric score -- is a :class:`RewardError` naming the reward, not
     a row failure: retrying row by row would hide it (one score for four completions would score
     every row).
@@ -230,17 +230,17 @@ def _score_isolated(name: str, fn: RewardFn, available: dict[str, list], count: 
         return [], 0, ""
     form = _CallForm.of(fn)
     args, kwargs = form.arguments(name, available)
-    budget = (None if time_limit_s is None or time_limit_s <= 0
-              else min(2 * time_limit_s * count, MAX_BATCH_TIME_LIMIT_S))
-    deadline = None if budget is None else time.monotonic() + budget
+    half = (None if time_limit_s is None or time_limit_s <= 0
+            else min(time_limit_s * count, MAX_BATCH_TIME_LIMIT_S / 2))
     try:
-        raw = call_with_time_limit(fn, None if budget is None else budget / 2, *args, **kwargs)
+        raw = call_with_time_limit(fn, half, *args, **kwargs)
     except (Exception, RewardTimeout, SystemExit) as error:
         logger.warning("reward %r failed on a batch of %d (%s: %s); retrying row by row",
                        name, count, type(error).__name__, error)
     else:
         return _checked_scores(name, raw, count), 0, ""
 
+    deadline = None if half is None else time.monotonic() + half  # the retries share the other half
     scores: list[float | None] = []
     errors, first_error = 0, ""
     for index in range(count):
@@ -249,7 +249,7 @@ def _score_isolated(name: str, fn: RewardFn, available: dict[str, list], count: 
         limit = time_limit_s if deadline is None else min(time_limit_s, deadline - time.monotonic())
         try:
             if limit is not None and limit <= 0:
-                raise RewardTimeout(f"the batch's time limit of {budget:.3g} s is spent")
+                raise RewardTimeout(f"the batch's time limit of {2 * half:.3g} s is spent")
             raw = call_with_time_limit(fn, limit, *row_args, **row_kwargs)
         except (Exception, RewardTimeout, SystemExit) as error:
             logger.debug("reward %r failed on row %d: %s: %s", name, index, type(error).__name__, error)
