@@ -27,6 +27,8 @@ def _rollout_sampling() -> SamplingSpec:
     return SamplingSpec(max_new_tokens=32, temperature=1.0)
 
 
+# The KL weight: above 1000 the policy cannot move (2**64 trained nothing, exit 0).
+KL_WEIGHT = (lambda v: 0 <= v <= 1000, "a finite number in [0, 1000]")
 MAX_ROLLOUTS_PER_STEP = 1 << 20  # num_prompts x group_size: 10**9 would be one engine call of 10**9 rows
 
 @dataclass
@@ -80,7 +82,7 @@ class AlgoConfig(LossConfig, EstimatorOptions):
             "critic": one_of(*CRITICS),
             "shrink": POSITIVE, "mc_steps": POSITIVE, "mc_sampling": one_of(*MC_SAMPLING),
             "mc_floor": OPEN_UNIT_INTERVAL, "max_refill_rounds": NON_NEGATIVE,
-            "clip_low": FINITE_NON_NEGATIVE, "clip_high": FINITE_NON_NEGATIVE, "beta": FINITE_NON_NEGATIVE,
+            "clip_low": FINITE_NON_NEGATIVE, "clip_high": FINITE_NON_NEGATIVE, "beta": KL_WEIGHT,
             "num_iterations": POSITIVE, "num_minibatches": POSITIVE})
 
 
