@@ -29,10 +29,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON_SFT = ["model={base}", "data.source=task:arithmetic", "data.max_length=64", "batch_size=4",
-              "data.limit=64", "optim.lr=1e-3", "max_steps=8", "save_every=1", "log_every=1", "--no-progress",
+              "data.limit=64", "optim.lr=1e-3", "max_steps=6", "save_every=1", "log_every=1", "--no-progress",
               "report_to=[jsonl]"]
 COMMON_RL = ["model={base}", "rewards={rl_rewards:digit_fraction: 1.0}", "rollout.num_prompts=2",
-             "rollout.group_size=2", "rollout.sampling.max_new_tokens=8", "optim.lr=1e-3", "max_steps=6",
+             "rollout.group_size=2", "rollout.sampling.max_new_tokens=8", "optim.lr=1e-3", "max_steps=4",
              "save_every=1", "log_every=1", "--no-progress", "report_to=[jsonl]"]
 CHAINS = [
     ("sft-fp32", "sft", COMMON_SFT),
