@@ -231,7 +231,8 @@ def test_a_line_over_the_cap_is_refused_before_parsing(files, tmp_path, monkeypa
 
 def test_template_widths_are_bounded():
     assert render_prompt("{question:>5}", {"question": "ab"}) == "   ab"
-    for template in ("{question:>2000000000}", "{question:.9999999}", "{question:{answer}}"):
+    for template in ("{question:>2000000000}", "{question:.9999999}", "{question:{answer}}", "{question.__class__}",
+                     "{question[0]}"):
         with pytest.raises(DataError, match="literal template"):
             render_prompt(template, {"question": "q", "answer": "9"})
 

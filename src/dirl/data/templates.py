@@ -67,9 +67,12 @@ MAX_FORMAT_WIDTH = 10_000
 
 
 def _check_specs(label: str, fmt: str) -> None:
-    """Refuse format specs that make rendering unbounded: a width/precision above
-    ``MAX_FORMAT_WIDTH``, or one taken from the row (``{question:{w}}``)."""
+    """Refuse fields that reach past a column (``{question.__class__}``) and format specs that make
+    rendering unbounded: a width/precision above ``MAX_FORMAT_WIDTH``, or one taken from the row
+    (``{question:{w}}``)."""
     for _literal, field, spec, _conv in string.Formatter().parse(fmt):
+        if field and ("." in field or "[" in field):  # {question.__class__...} reaches Python internals
+            raise DataError(f"{label}: field '{field[:40]}' uses attribute or index access; name a column only")
         if field is None or not spec:
             continue
         if "{" in spec:
