@@ -82,15 +82,14 @@ def run(args) -> int:
         print(f"dirl serve: refusing to start: weight updates need a key; set ${cfg.api_key_env} "
               f"(or pass --no-updates to serve without /update_weights)", file=sys.stderr)
         return 2
+    from dirl.runtime import resolve_device
+
+    device = resolve_device(cfg.device)
+    check_port(cfg.host, cfg.port)  # errors first: a refused start prints one line
     if not is_loopback(cfg.host):
         print(f"dirl serve: warning: binding {cfg.host} exposes the server beyond this machine "
               f"(completions are {'authenticated' if cfg.auth_completions else 'NOT authenticated'})",
               file=sys.stderr)
-
-    from dirl.runtime import resolve_device
-
-    device = resolve_device(cfg.device)
-    check_port(cfg.host, cfg.port)
     import torch
     import uvicorn
 
