@@ -353,7 +353,7 @@ def run_case(case, fixtures: dict[str, str], timeout: float) -> tuple[str, str, 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--only", default="")
+    parser.add_argument("--only", default="", help="comma-separated substrings of case names")
     parser.add_argument("--timeout", type=float, default=120)
     parser.add_argument("--json", default="", help="write the per-case results here")
     parser.add_argument("--quick", action="store_true")
@@ -362,7 +362,8 @@ def main() -> int:
         root = Path(tmp)
         fixtures = make_fixtures(root)
         (root / ".work").mkdir()
-        selected = [c for c in cases() if args.only in c[0]]
+        patterns = args.only.split(",")  # any of several substrings
+        selected = [c for c in cases() if any(p in c[0] for p in patterns)]
         if args.quick:
             selected = [c for i, c in enumerate(selected) if c[1] not in {d[1] for d in selected[:i]}]
         before = snapshot(root, {".work"})
