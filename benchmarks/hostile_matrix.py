@@ -257,7 +257,7 @@ def cases() -> list[tuple[str, str, list[str], str]]:
                             "args=dirl.SFTConfig(max_steps=1, out='{root}/api_sft2'))\nt.args.batch_size = 0\n"
                             "t.train()", "batch_size"),
         "api-rl-reward-one-score": ("import dirl\nt = dirl.DiPOTrainer('{good}', reward_funcs=lambda completions, **k:"
-                                    " [1.0], args=dirl.RLConfig(max_steps=1, out='{root}/api_rl3'))\nt.train()",
+                                    " [1.0], args=dirl.RLConfig(max_steps=1, out='{root}/v_api_rl3'))\nt.train()",
                                     "1 scores for"),
         "api-rewards-one-score": ("from dirl.rewards import compute_rewards\ncompute_rewards([lambda completions, **k:"
                                   " [1.0]], ['a', 'b', 'c', 'd'])", "1 scores for 4"),
