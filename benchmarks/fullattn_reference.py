@@ -52,8 +52,11 @@ class NoMask(torch.nn.Module):
         return out
 
 
-def _module(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
+def _module(path: Path, name: str, package_dir: Path | None = None):
+    """Import the file at ``path`` as module ``name``; with ``package_dir``, as that folder's package
+    (its submodules then import as ``name.sub`` with their relative imports, no import-path entry)."""
+    search = None if package_dir is None else [str(package_dir)]
+    spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=search)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -96,7 +99,7 @@ def _dream_reference(code: Path, ckpt: Path, model):
     (package / "__init__.py").write_text("")
     for name in ("configuration_dream.py", "modeling_dream.py", "generation_utils.py"):
         (package / name).write_bytes((code / name).read_bytes())
-    sys.path.insert(0, str(package.parent))
+    _module(package / "__init__.py", "dream_reference", package_dir=package)
     config_mod = importlib.import_module("dream_reference.configuration_dream")
     modeling = importlib.import_module("dream_reference.modeling_dream")
     gen_utils = importlib.import_module("dream_reference.generation_utils")
