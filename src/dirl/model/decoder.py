@@ -1,7 +1,11 @@
-"""The forward body shared by the bidirectional families (LLaDA, Dream): embed, layers, norm, head.
+"""The forward bodies shared by the families: embed, layers, norm, head, over each family's own modules.
 
-Each family supplies its own modules (native names) and a layer ``(x, cos, sin, mask, impl) -> x``;
-this runs them with the SEAM forward contract: ``meta`` None means one bidirectional sequence per
+Each family supplies its modules with native names (:meth:`DiffusionLM.parts`) and a layer
+``(x, cos, sin, mask, impl, cache_layer) -> x``, and gets the SEAM forward contract from
+:func:`block_causal_forward` (SDAR, LLaDA2) or :func:`bidirectional_forward` (LLaDA, Dream).
+
+Block-causal: the mask comes from the caller's TokenMeta, or from the engine's exact in-place cache
+step (``cache[i].update(k, v)``, ``cache.mask``). Bidirectional: ``meta`` None means one bidirectional sequence per
 row (no mask at all); otherwise the mask comes from :func:`dirl.model.attention.build_mask`
 (a state = one noisy copy: bidirectional inside, padding keys invisible, copies apart).
 There is no exact KV cache for full attention. ``cache`` is None, or the full-attention decoder's
@@ -13,12 +17,60 @@ key-padding mask of the slots.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dirl.model.attention import build_mask, pad_to_bucket
 from dirl.model.blocks import rope_cos_sin
 from dirl.model.forward import ForwardOutput, Readout
+from dirl.model.lm_head import DEFAULT_CHUNK_SIZE
+
+
+class Parts(NamedTuple):
+    """A family's modules the shared forward runs, and its RoPE shape."""
+    embed: nn.Embedding
+    layers: nn.ModuleList
+    norm: nn.Module
+    head: nn.Linear
+    rotary_dim: int      # dims of each head RoPE rotates (head_dim, or fewer for partial RoPE)
+    rope_theta: float
+
+
+class DiffusionLM(nn.Module):
+    """What every family's model shares: the trainer-set attributes, ``arch``, ``init_weights``,
+    ``decoder_layers``, ``tie_weights`` -- all read through :meth:`parts`, the family's own modules."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.attn_impl = "sdpa"
+        # Recompute each decoder layer in backward (torch.utils.checkpoint): only the layer
+        # inputs are kept, so activation memory is ~ num_layers x T x d instead of every
+        # intermediate. Set by the trainers from ``compute.activation_checkpointing``.
+        self.activation_checkpointing = False
+        self.head_chunk_size = DEFAULT_CHUNK_SIZE  # rows per chunk of the chunked head (lm_head.py)
+
+    def parts(self) -> Parts:
+        raise NotImplementedError
+
+    @property
+    def arch(self):
+        return self.config.arch
+
+    def decoder_layers(self) -> nn.ModuleList:
+        """The repeated layers: FSDP's wrap units and the activation-checkpointing units."""
+        return self.parts().layers
+
+    def tie_weights(self) -> None:
+        """Re-point a tied ``lm_head`` at the embedding (at construction and after a meta-device load)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.parts().embed.weight
+
+    def init_weights(self, seed: int, std: float = 0.02) -> None:
+        init_normal(self, seed, std)
 
 
 def segments(meta) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -43,43 +95,67 @@ def segments(meta) -> tuple[torch.Tensor, torch.Tensor] | None:
     return index, index >= 0
 
 
-def _unpacked_forward(model, parts, input_ids, position_ids, spans, impl) -> torch.Tensor:
+def _unpacked_forward(model, input_ids, position_ids, spans) -> torch.Tensor:
     """The layers over each state as its own row (no (sum L)^2 mask): hidden (B*T, d), zeros off states."""
-    embed, layers, norm, _, head_dim, theta = parts
+    parts = model.parts()
     index, valid = spans
     gather = index.clamp_min(0)
     ids, pos = input_ids.reshape(-1)[gather], position_ids.reshape(-1)[gather]  # (S, Lmax)
     mask = None if bool(valid.all()) else valid[:, None, None, :]
-    hidden = _layers(model, layers, embed(ids), pos, head_dim, theta, mask, "sdpa")
+    hidden = _layers(model, parts, parts.embed(ids), pos, mask, "sdpa")
     out = hidden.new_zeros(input_ids.numel(), hidden.shape[-1])
-    out[index[valid]] = norm(hidden)[valid]
+    out[index[valid]] = parts.norm(hidden)[valid]
     return out
 
 
-def _layers(model, layers, hidden, position_ids, head_dim, theta, mask, impl, cache=None) -> torch.Tensor:
-    cos, sin = rope_cos_sin(position_ids, head_dim, theta, hidden.dtype)  # (B, 1, T, D)
+def _layers(model, parts: Parts, hidden, position_ids, mask, impl, cache=None) -> torch.Tensor:
+    """hidden (B, T, d) through every layer (checkpointed ones keep only their input)."""
+    cos, sin = rope_cos_sin(position_ids, parts.rotary_dim, parts.rope_theta, hidden.dtype)  # (B, 1, T, D)
     recompute = model.activation_checkpointing and torch.is_grad_enabled() and cache is None
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(parts.layers):
         if recompute:
-            hidden = checkpoint(layer, hidden, cos, sin, mask, impl, use_reentrant=False)
+            hidden = checkpoint(layer, hidden, cos, sin, mask, impl, None, use_reentrant=False)
         else:
             hidden = layer(hidden, cos, sin, mask, impl, None if cache is None else cache[i])
     return hidden
 
 
-def bidirectional_forward(model, parts, input_ids: torch.Tensor, position_ids: torch.Tensor, meta,
+def block_causal_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, meta, cache=None,
+                         readout: Readout = Readout(), attn_impl: str | None = None) -> ForwardOutput:
+    """input_ids, position_ids: (B, T); meta: these tokens' mask metadata (unused with a cache).
+
+    cache: the engine's in-place :class:`~dirl.engine.kv_cache.CacheStep` or None
+    (:mod:`dirl.model.forward`). readout.index: flat indices into B*T -- only those rows
+    of the LM head are computed (the vocabulary projection dominates at 150k).
+    readout.hidden: skip the LM head and return the final-norm hidden states of those
+    rows, for the chunked head (:mod:`dirl.model.lm_head`) that never holds their (N, V) logits."""
+    parts = model.parts()
+    impl = attn_impl or model.attn_impl
+    num_tokens = input_ids.shape[1]
+    if cache is not None:  # the cache knows which of its slots each query sees
+        mask, impl = cache.mask, "sdpa"
+    else:
+        if impl == "flex":  # a few padded lengths: a few compiled shapes
+            input_ids, position_ids, meta = pad_to_bucket(input_ids, position_ids, meta)
+        mask = build_mask(meta, meta, impl)
+    hidden = _layers(model, parts, parts.embed(input_ids), position_ids, mask, impl, cache)
+    hidden = parts.norm(hidden[:, :num_tokens])
+    return _readout(hidden.reshape(-1, hidden.shape[-1]), parts.head, readout, (input_ids.shape[0], num_tokens))
+
+
+def bidirectional_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, meta,
                           cache=None, readout: Readout = Readout(), attn_impl: str | None = None) -> ForwardOutput:
-    """parts: (embed, layers, final_norm, head, head_dim, rope_theta). input_ids, position_ids: (B, T).
+    """input_ids, position_ids: (B, T); the modules are ``model.parts()``.
 
     Rows packing several states run each state as its own row under SDPA (the same numbers as the
     segment mask -- states never see each other -- at sum L^2 attention cost instead of (sum L)^2)."""
-    embed, layers, norm, head, head_dim, theta = parts
+    parts = model.parts()
     impl = attn_impl or model.attn_impl
     num_tokens = input_ids.shape[1]
     spans = segments(meta) if meta is not None and cache is None and impl == "sdpa" else None
     if spans is not None:
-        hidden = _unpacked_forward(model, parts, input_ids, position_ids, spans, impl)
-        return _readout(hidden, head, readout, input_ids.shape)
+        hidden = _unpacked_forward(model, input_ids, position_ids, spans)
+        return _readout(hidden, parts.head, readout, input_ids.shape)
     if cache is not None and cache.mask is not None:
         mask, impl = cache.mask, "sdpa"
     elif meta is None:
@@ -88,9 +164,9 @@ def bidirectional_forward(model, parts, input_ids: torch.Tensor, position_ids: t
         if impl == "flex":  # a few padded lengths: a few compiled shapes
             input_ids, position_ids, meta = pad_to_bucket(input_ids, position_ids, meta)
         mask = build_mask(meta, meta, impl)
-    hidden = _layers(model, layers, embed(input_ids), position_ids, head_dim, theta, mask, impl, cache)
-    hidden = norm(hidden[:, :num_tokens])
-    return _readout(hidden.reshape(-1, hidden.shape[-1]), head, readout, (input_ids.shape[0], num_tokens))
+    hidden = _layers(model, parts, parts.embed(input_ids), position_ids, mask, impl, cache)
+    hidden = parts.norm(hidden[:, :num_tokens])
+    return _readout(hidden.reshape(-1, hidden.shape[-1]), parts.head, readout, (input_ids.shape[0], num_tokens))
 
 
 def _readout(hidden: torch.Tensor, head, readout: Readout, shape) -> ForwardOutput:

@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dirl.model.decoder import bidirectional_forward, init_normal
+from dirl.model.decoder import DiffusionLM, Parts, bidirectional_forward
 from dirl.model.dream.config import DreamConfig
-from dirl.model.lm_head import DEFAULT_CHUNK_SIZE
 from dirl.model.blocks import RMSNorm, SwiGLU, apply_rope, attention_core
 from dirl.model.forward import Readout
 
@@ -58,35 +57,19 @@ class _Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class DreamModel(nn.Module):
+class DreamModel(DiffusionLM):
     """Dream: the SEAM forward over Qwen2's module tree (module docstring)."""
 
     def __init__(self, cfg: DreamConfig):
-        super().__init__()
-        self.config = cfg
+        super().__init__(cfg)
         self.model = _Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
-        self.attn_impl = "sdpa"
-        self.activation_checkpointing = False
-        self.head_chunk_size = DEFAULT_CHUNK_SIZE
 
-    @property
-    def arch(self):
-        return self.config.arch
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.model.layers
-
-    def init_weights(self, seed: int, std: float = 0.02) -> None:
-        init_normal(self, seed, std)
+    def parts(self) -> Parts:
+        m = self.model
+        return Parts(m.embed_tokens, m.layers, m.norm, self.lm_head, self.config.head_dim, self.config.rope_theta)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta=None, cache=None,
                 readout: Readout = Readout(), attn_impl: str | None = None):
-        m = self.model
-        parts = (m.embed_tokens, m.layers, m.norm, self.lm_head, self.config.head_dim, self.config.rope_theta)
-        return bidirectional_forward(self, parts, input_ids, position_ids, meta, cache, readout, attn_impl)
+        return bidirectional_forward(self, input_ids, position_ids, meta, cache, readout, attn_impl)

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dirl.model.decoder import bidirectional_forward, init_normal
-from dirl.model.lm_head import DEFAULT_CHUNK_SIZE
+from dirl.model.decoder import DiffusionLM, Parts, bidirectional_forward
 from dirl.model.llada.config import LLaDAConfig
 from dirl.model.blocks import RMSNorm, apply_rope, attention_core
 from dirl.model.forward import Readout
@@ -64,20 +63,16 @@ class _Model(nn.Module):
         self.transformer = _Transformer(cfg)
 
 
-class LLaDAModelLM(nn.Module):
+class LLaDAModelLM(DiffusionLM):
     """LLaDA: the SEAM forward over the native module tree (module docstring)."""
 
     def __init__(self, cfg: LLaDAConfig):
-        super().__init__()
-        self.config = cfg
+        super().__init__(cfg)
         self.model = _Model(cfg)
-        self.attn_impl = "sdpa"
-        self.activation_checkpointing = False
-        self.head_chunk_size = DEFAULT_CHUNK_SIZE
 
-    @property
-    def arch(self):
-        return self.config.arch
+    def parts(self) -> Parts:
+        t = self.model.transformer
+        return Parts(t.wte, t.blocks, t.ln_f, t.ff_out, self.config.head_dim, self.config.rope_theta)
 
     @property
     def lm_head(self) -> nn.Linear:
@@ -86,14 +81,6 @@ class LLaDAModelLM(nn.Module):
     def tie_weights(self) -> None:
         """LLaDA's head is never tied here (weight_tying is refused at load): nothing to do."""
 
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.model.transformer.blocks
-
-    def init_weights(self, seed: int, std: float = 0.02) -> None:
-        init_normal(self, seed, std)
-
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta=None, cache=None,
                 readout: Readout = Readout(), attn_impl: str | None = None):
-        t = self.model.transformer
-        parts = (t.wte, t.blocks, t.ln_f, t.ff_out, self.config.head_dim, self.config.rope_theta)
-        return bidirectional_forward(self, parts, input_ids, position_ids, meta, cache, readout, attn_impl)
+        return bidirectional_forward(self, input_ids, position_ids, meta, cache, readout, attn_impl)

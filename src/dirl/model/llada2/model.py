@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from dirl.model.arch import Arch
-from dirl.model.attention import build_mask, pad_to_bucket
-from dirl.model.blocks import RMSNorm, SwiGLU, apply_rope, attention_core, rope_cos_sin
+from dirl.model.blocks import RMSNorm, SwiGLU, apply_rope, attention_core
+from dirl.model.decoder import DiffusionLM, Parts, block_causal_forward
 from dirl.model.forward import ForwardOutput, Readout
 from dirl.model.llada2.config import LLaDA2Config
 from dirl.model.llada2.moe import SparseMoeBlock
-from dirl.model.lm_head import DEFAULT_CHUNK_SIZE
 from dirl.model.masks import TokenMeta
 
 
@@ -81,31 +78,19 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class LLaDA2MoeModelLM(nn.Module):
+class LLaDA2MoeModelLM(DiffusionLM):
     """The LLaDA2 block-diffusion MoE LM. See the module docstring."""
 
     def __init__(self, cfg: LLaDA2Config):
-        super().__init__()
-        self.config = cfg
+        super().__init__(cfg)
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.word_embeddings.weight
-        self.attn_impl = "sdpa"
-        self.activation_checkpointing = False
-        self.head_chunk_size = DEFAULT_CHUNK_SIZE
+        self.tie_weights()
 
-    @property
-    def arch(self) -> Arch:
-        return self.config.arch
-
-    def tie_weights(self) -> None:
-        """Re-point a tied ``lm_head`` at the embedding (after a meta-device load)."""
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.word_embeddings.weight
-
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.model.layers
+    def parts(self) -> Parts:
+        m = self.model
+        return Parts(m.word_embeddings, m.layers, m.norm, self.lm_head, self.config.rotary_dims,
+                     self.config.rope_theta)
 
     def moe_blocks(self) -> dict[int, SparseMoeBlock]:
         """Layer index -> its MoE MLP (the dense first layers excluded)."""
@@ -124,44 +109,12 @@ class LLaDA2MoeModelLM(nn.Module):
 
     def init_weights(self, seed: int, std: float = 0.02) -> None:
         """Random init (normal(0, std) matrices, unit norms, zero expert bias), reproducible from ``seed``."""
-        gen = torch.Generator().manual_seed(seed)
+        super().init_weights(seed, std)
         with torch.no_grad():
-            for name, param in self.named_parameters():
-                if name.endswith("norm.weight"):
-                    param.fill_(1.0)
-                elif name.endswith(".bias"):
-                    param.zero_()
-                else:
-                    param.copy_(torch.randn(param.shape, generator=gen) * std)
             for block in self.moe_blocks().values():
                 block.gate.expert_bias.zero_()
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: TokenMeta | None,
                 cache=None, readout: Readout = Readout(), attn_impl: str | None = None) -> ForwardOutput:
-        """input_ids, position_ids: (B, T); meta: these tokens' mask metadata (unused with a cache).
-
-        cache: the engine's in-place cache step (``cache[i].update(k, v)``, ``cache.mask``) or None.
-        readout: which flat rows of B*T to return, as logits or final-norm hidden states."""
-        impl = attn_impl or self.attn_impl
-        num_tokens = input_ids.shape[1]
-        if cache is not None:
-            mask, impl = cache.mask, "sdpa"
-        else:
-            if impl == "flex":
-                input_ids, position_ids, meta = pad_to_bucket(input_ids, position_ids, meta)
-            mask = build_mask(meta, meta, impl)
-        hidden = self.model.word_embeddings(input_ids)  # (B, T, d)
-        cos, sin = rope_cos_sin(position_ids, self.config.rotary_dims, self.config.rope_theta, hidden.dtype)
-        recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
-        for i, layer in enumerate(self.model.layers):
-            cache_layer = None if cache is None else cache[i]
-            if recompute:
-                hidden = checkpoint(layer, hidden, cos, sin, mask, impl, cache_layer, use_reentrant=False)
-            else:
-                hidden = layer(hidden, cos, sin, mask, impl, cache_layer)
-        hidden = self.model.norm(hidden[:, :num_tokens])
-        if readout.index is not None:
-            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, readout.index)  # (N, d)
-        if readout.hidden:
-            return ForwardOutput(None, hidden)
-        return ForwardOutput(self.lm_head(hidden))
+        """The block-causal forward (:func:`dirl.model.decoder.block_causal_forward`)."""
+        return block_causal_forward(self, input_ids, position_ids, meta, cache, readout, attn_impl)
