@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dirl.model.arch import Arch
-from dirl.model.hf_config import FaithfulConfig, require
+from dirl.model.hf_config import FaithfulConfig, read_ids_and_dtype, require
 
 DEFAULT_BLOCK_LENGTH = 32  # the semi-AR block of TraceRL's Dream sampler; diffusion_generate has none
 
@@ -51,12 +51,7 @@ class DreamConfig(FaithfulConfig):
         require(data, "rope_scaling", (None,), None)
         require(data, "use_sliding_window", (False,), False)
         require(data, "use_mrope", (False,), False)
-        if isinstance(known.get("eos_token_id"), list):
-            known["eos_token_id"] = known["eos_token_id"][0]
-        if known.get("pad_token_id") is None:
-            known["pad_token_id"] = known.get("eos_token_id", cls.pad_token_id)
-        if "torch_dtype" not in known and isinstance(data.get("dtype"), str):
-            known["torch_dtype"] = data["dtype"]
+        read_ids_and_dtype(known, data, cls.pad_token_id)
         return known
 
     @classmethod

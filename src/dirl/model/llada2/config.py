@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dirl.model.arch import Arch
+from dirl.model.hf_config import record_loaded, write_fields
 
 MODEL_TYPE = "llada2_moe"
 ARCHITECTURE = "LLaDA2MoeModelLM"
@@ -126,7 +127,7 @@ class LLaDA2Config:
             known["num_shared_experts"] = 0
         extra = {k: v for k, v in data.items() if k not in names and k not in ("model_type", *_DTYPE_KEYS)}
         cfg = cls(**known, extra=extra)
-        cfg.loaded = {name: (data.get(name, _ABSENT), getattr(cfg, name)) for name in names}
+        record_loaded(cfg, data, names)
         cfg.loaded["torch_dtype"] = (spelled, cfg.torch_dtype)
         return cfg
 
@@ -138,15 +139,7 @@ class LLaDA2Config:
             out.update(spelled)
         else:
             out.update({key: self.torch_dtype for key in (spelled or ("dtype",))})
-        for name in field_names():
-            value = getattr(self, name)
-            raw, parsed = self.loaded.get(name, (_ABSENT, _ABSENT))
-            if parsed is _ABSENT or parsed != value:
-                out[name] = value
-            elif raw is not _ABSENT:
-                out[name] = raw
-            elif name not in _DERIVED_FIELDS:
-                out[name] = value
+        write_fields(self, out, field_names(), _DERIVED_FIELDS)
         out["model_type"] = MODEL_TYPE
         out.setdefault("architectures", [ARCHITECTURE])
         out.setdefault("hidden_act", "silu")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dirl.model.arch import Arch
+from dirl.model.hf_config import read_ids_and_dtype, record_loaded, write_fields
 
 
 @dataclass
@@ -44,7 +45,7 @@ class SDARConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     # Not config.json fields. ``companion_files``: file name -> bytes of the source directory's
     # files dirl does not own, written back on save. ``loaded``: field -> (value as read or
-    # _ABSENT, value as parsed), so an unchanged field is written back as it was read.
+    # absent, value as parsed), so an unchanged field is written back as it was read.
     companion_files: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
     loaded: dict[str, tuple[Any, Any]] = field(default_factory=dict, repr=False, compare=False)
 
@@ -82,15 +83,7 @@ class SDARConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The ``config.json`` content (SDAR's schema); unchanged fields exactly as they were read."""
         out = dict(self.extra)
-        for name in config_field_names():
-            value = getattr(self, name)
-            raw, parsed = self.loaded.get(name, (_ABSENT, _ABSENT))
-            if parsed is _ABSENT or parsed != value:
-                out[name] = value
-            elif raw is not _ABSENT:
-                out[name] = raw
-            elif name not in _DERIVED_FIELDS:  # absent, so a default: other loaders may default otherwise
-                out[name] = value
+        write_fields(self, out, config_field_names(), _DERIVED_FIELDS)
         if "dtype" in out:  # transformers >= 5 spells torch_dtype "dtype": keep both in step
             out["dtype"] = self.torch_dtype
         out["model_type"] = "sdar"
@@ -107,19 +100,14 @@ class SDARConfig:
             raise ValueError("config.json: rope_scaling is not supported yet")
         names = config_field_names()
         known = {k: v for k, v in data.items() if k in names}
-        if isinstance(known.get("eos_token_id"), list):  # some HF configs list several EOS ids
-            known["eos_token_id"] = known["eos_token_id"][0]
-        if known.get("pad_token_id") is None:
-            known["pad_token_id"] = known.get("eos_token_id", cls.pad_token_id)
+        read_ids_and_dtype(known, data, cls.pad_token_id)
         if "head_dim" not in known and "hidden_size" in known and "num_attention_heads" in known:
             known["head_dim"] = known["hidden_size"] // known["num_attention_heads"]
-        if "torch_dtype" not in known and isinstance(data.get("dtype"), str):  # transformers >= 5
-            known["torch_dtype"] = data["dtype"]
         if "rope_theta" not in known and isinstance(data.get("rope_parameters"), dict):
             known["rope_theta"] = _default_rope_theta(data["rope_parameters"])
         extra = {k: v for k, v in data.items() if k not in names and k != "model_type"}
         cfg = cls(**known, extra=extra)
-        cfg.loaded = {name: (data.get(name, _ABSENT), getattr(cfg, name)) for name in names}
+        record_loaded(cfg, data, names)
         return cfg
 
     def num_parameters(self) -> int:
@@ -129,9 +117,6 @@ class SDARConfig:
         per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h + 2 * self.head_dim
         head = 0 if self.tie_word_embeddings else v * h
         return v * h + self.num_hidden_layers * per_layer + h + head
-
-
-_ABSENT = object()  # "the loaded config.json had no such field"
 
 
 def config_field_names() -> list[str]:
