@@ -75,3 +75,22 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, impl
     out = attend(q, k, v, mask, impl)  # (B, H, T, D)
     batch, _, num_tokens, _ = out.shape
     return out.transpose(1, 2).reshape(batch, num_tokens, -1)
+
+
+class PreNormLayer(nn.Module):
+    """One pre-norm decoder layer in Qwen's naming: ``x + attn(input_layernorm(x))``, then
+    ``x + mlp(post_attention_layernorm(x))``. ``attn_name`` is the attention's native attribute
+    (``self_attn`` in Qwen's tree, ``attention`` in Ling's), so checkpoints keep their names; the
+    submodules register in that order (attention, mlp, the two norms), as the seeded init expects."""
+
+    def __init__(self, attn_name: str, attn: nn.Module, mlp: nn.Module, hidden_size: int, eps: float):
+        super().__init__()
+        self.attn_name = attn_name
+        setattr(self, attn_name, attn)
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+
+    def forward(self, x, cos, sin, mask, impl, cache_layer=None):
+        x = x + getattr(self, self.attn_name)(self.input_layernorm(x), cos, sin, mask, impl, cache_layer)
+        return x + self.mlp(self.post_attention_layernorm(x))

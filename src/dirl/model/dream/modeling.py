@@ -13,7 +13,7 @@ from torch import nn
 
 from dirl.model.decoder import DiffusionLM, Parts, bidirectional_forward
 from dirl.model.dream.config import DreamConfig
-from dirl.model.blocks import RMSNorm, SwiGLU, apply_rope, attention_core
+from dirl.model.blocks import PreNormLayer, RMSNorm, SwiGLU, apply_rope, attention_core
 from dirl.model.forward import Readout
 
 
@@ -36,17 +36,10 @@ class DreamAttention(nn.Module):
         return self.o_proj(out)
 
 
-class DreamLayer(nn.Module):
+class DreamLayer(PreNormLayer):
     def __init__(self, cfg: DreamConfig):
-        super().__init__()
-        self.self_attn = DreamAttention(cfg)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)  # mlp.{gate,up,down}_proj
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, x, cos, sin, mask, impl, past=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, impl, past)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)  # mlp.{gate,up,down}_proj
+        super().__init__("self_attn", DreamAttention(cfg), mlp, cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class _Backbone(nn.Module):

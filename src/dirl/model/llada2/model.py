@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dirl.model.blocks import RMSNorm, SwiGLU, apply_rope, attention_core
+from dirl.model.blocks import PreNormLayer, RMSNorm, SwiGLU, apply_rope, attention_core
 from dirl.model.decoder import DiffusionLM, Parts, block_causal_forward
 from dirl.model.forward import ForwardOutput, Readout
 from dirl.model.llada2.config import LLaDA2Config
@@ -54,18 +54,10 @@ class Attention(nn.Module):
         return self.dense(attention_core(q, k, v.transpose(1, 2), mask, impl, cache_layer))
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(PreNormLayer):
     def __init__(self, cfg: LLaDA2Config, index: int):
-        super().__init__()
-        self.attention = Attention(cfg)
-        self.mlp = (SparseMoeBlock(cfg) if cfg.is_moe_layer(index)
-                    else SwiGLU(cfg.hidden_size, cfg.intermediate_size))
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, x, cos, sin, mask, impl, cache_layer):
-        x = x + self.attention(self.input_layernorm(x), cos, sin, mask, impl, cache_layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        mlp = SparseMoeBlock(cfg) if cfg.is_moe_layer(index) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        super().__init__("attention", Attention(cfg), mlp, cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class Backbone(nn.Module):

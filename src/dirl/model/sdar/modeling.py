@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dirl.model.blocks import RMSNorm, SwiGLU, apply_rope, attention_core
+from dirl.model.blocks import PreNormLayer, RMSNorm, SwiGLU, apply_rope, attention_core
 from dirl.model.decoder import DiffusionLM, Parts, block_causal_forward
 from dirl.model.forward import ForwardOutput, Readout
 from dirl.model.masks import TokenMeta
@@ -47,17 +47,10 @@ class Attention(nn.Module):
         return self.o_proj(attention_core(q, k, v, mask, impl, cache_layer))
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(PreNormLayer):
     def __init__(self, cfg: SDARConfig):
-        super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, x, cos, sin, mask, impl, cache_layer):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, impl, cache_layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        super().__init__("self_attn", Attention(cfg), SwiGLU(cfg.hidden_size, cfg.intermediate_size),
+                         cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class Backbone(nn.Module):
