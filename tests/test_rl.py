@@ -172,3 +172,20 @@ class _GradRecorder(torch.optim.SGD):
 
     def step(self, closure=None):
         self.grads += [p.grad.clone() for group in self.param_groups for p in group["params"]]
+
+
+def test_full_ft_reference_is_a_bf16_copy_under_bf16_mixed(tmp_path):
+    """bf16-mixed: the reference is a bf16 copy (2 B / param), sharing no tensor with the fp32 policy,
+    and it scores as the policy does under the same autocast (same bf16 matmul inputs)."""
+    from dirl.train import precision
+    from dirl.train.rl.loop import train_step
+    cfg = _cfg(tmp_path / "run", compute=precision.ComputeConfig(precision="bf16-mixed"), device="cpu")
+    run = build_run(cfg)
+    ref, policy = run.learner.ref_model, run.learner.model
+    assert {p.dtype for p in ref.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}
+    assert not {p.data_ptr() for p in ref.parameters()} & {p.data_ptr() for p in policy.parameters()}
+    ref_bytes = sum(p.numel() * p.element_size() for p in ref.parameters())
+    assert ref_bytes == 2 * sum(p.numel() for p in policy.parameters())
+    kl = train_step(run, 0)["kl"]  # scored before the first update: the reference is the policy
+    assert 0 <= kl < 1e-3

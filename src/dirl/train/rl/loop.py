@@ -96,7 +96,8 @@ def _build_learner(cfg: RLConfig, made: Setup) -> Learner:
     mp_policy = precision.fsdp_policy(cfg.compute, device)
     ref_model = None
     if cfg.algo.beta > 0:  # the frozen reference is the starting policy, never updated
-        ref_model = reference_model(model, cfg.lora, cfg.dist.strategy, device, mp_policy=mp_policy)
+        ref_model = reference_model(model, cfg.lora, cfg.dist.strategy, device, mp_policy=mp_policy,
+                                    dtype=precision.compute_dtype(cfg.compute, device))
     model = dist_lib.wrap(model, cfg.dist.strategy, device, mp_policy=mp_policy)
     optimizer = build_optimizer(dist_lib.unwrap(model), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps * cfg.algo.num_iterations
