@@ -10,7 +10,7 @@ from dirl import config as config_lib
 from dirl.model.sdar.config import SDARConfig, preset_config
 from dirl.cli import main as cli_main
 from dirl.commands.plan import model_config
-from dirl.memory_plan import GB, Workload, fits, plan, rl_workload, sft_workload
+from dirl.memory_plan import GB, SFT_HEAD_TENSORS, Workload, fits, plan, rl_workload, sft_workload
 from dirl.train.rl.config import RLConfig
 from dirl.train.sft.config import SFTConfig
 
@@ -21,8 +21,10 @@ SDAR_DIR = next((p / "shared" / "sdar-8b-chat" for p in Path(__file__).resolve()
 needs_sdar = pytest.mark.skipif(SDAR_DIR is None, reason="../shared/sdar-8b-chat not available")
 SDAR_8B = SDARConfig()
 # `dirl bench memory` (BENCHMARKS.md "Memory"): step memory of the chunked head + backward at
-# N = 1k..4k scored tokens, V = 151,936, chunk 256, on CPU (max RSS above the pre-step RSS).
+# N = 1k..4k scored tokens, V = 151,936, chunk 256, on CPU (max RSS above the pre-step RSS):
+# 526 MB through autograd (RL's policy distribution), 232 MB by the NELBO's own backward.
 MEASURED_HEAD_MB = 526.0
+MEASURED_SFT_HEAD_MB = 232.0
 
 
 def test_states_and_kv_cache_by_hand():
@@ -78,6 +80,8 @@ def test_head_term_matches_the_cpu_measurement():
     for scored in (1024, 4096):
         head_mb = plan(narrow, Workload(world=1, precision="fp32", tokens=scored, scored=scored))["head"] * 1024
         assert head_mb == pytest.approx(MEASURED_HEAD_MB, rel=0.15)
+        sft = Workload(world=1, precision="fp32", tokens=scored, scored=scored, head_tensors=SFT_HEAD_TENSORS)
+        assert plan(narrow, sft)["head"] * 1024 == pytest.approx(MEASURED_SFT_HEAD_MB, rel=0.15)
     # unchunked, the head grows with N (the old path): ~1.75 GB per 1k tokens at this vocabulary
     unchunked = plan(narrow, Workload(world=1, precision="fp32", tokens=4096, scored=4096, head_chunk=0))["head"]
     assert unchunked > 8 * MEASURED_HEAD_MB / 1024

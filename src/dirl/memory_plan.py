@@ -26,8 +26,9 @@ lower bound) -- at the peak of each phase. What the code holds, term by term:
   fp32) and one layer at a time is recomputed with all its intermediates (q, k, v,
   attention out, MLP gate / up / product, their gradients: :func:`layer_bytes_per_token`);
   without, every layer keeps them. FlexAttention holds O(T) (no (T, T) mask or scores).
-* head       -- the chunked LM head: ``HEAD_TENSORS`` fp32 (chunk, V) tensors at once
-  (logits, log-probs, their gradients), plus the (N, d) hidden states and their gradient.
+* head       -- the chunked LM head: ``HEAD_TENSORS`` fp32 (chunk, V) tensors at once in RL
+  (logits, log-probs, their gradients through the policy's distribution), ``SFT_HEAD_TENSORS``
+  in SFT (the gradient computed in place), plus the (N, d) hidden states and their gradient.
 * kv_cache   -- the rows the engine decodes at once: prompts x group on this rank, capped
   by ``max_batch_rows`` (and by ``max_batch_tokens``, the engine's KV budget, when set),
   each ``prompt + max_new_tokens`` long (layers x 2 x kv_heads x head_dim x 2 B per token:
@@ -47,7 +48,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GB = 1024**3
-HEAD_TENSORS = 3.5          # fp32 (chunk, V) tensors alive at once in the head's backward (measured on CPU)
+HEAD_TENSORS = 3.5          # fp32 (chunk, V) tensors alive at once in RL's head backward (autograd; measured on CPU)
+SFT_HEAD_TENSORS = 1.5      # the NELBO's hand-written head backward (dirl.model.lm_head): one, plus its cast
 MARGIN = 0.85               # plan to at most this share of the device (fragmentation, CUDA context)
 
 
@@ -67,6 +69,7 @@ class Workload:
     strategy: str = "fsdp"             # world > 1: fsdp (states sharded) | ddp (replicated)
     lora_params: int = 0               # > 0: LoRA, the adapters' parameter count (the base frozen)
     foreach: bool = True               # AdamW's multi-tensor step (CUDA's default; CPU steps per tensor)
+    head_tensors: float = HEAD_TENSORS  # (chunk, V) fp32 tensors of the head's backward
 
 
 def _layer_params(cfg) -> int:
@@ -118,7 +121,7 @@ def plan(cfg, work: Workload) -> dict[str, float]:
     per_layer = layer_bytes_per_token(cfg, compute) * work.tokens
     layer_inputs = cfg.num_hidden_layers * work.tokens * cfg.hidden_size * residual
     activations = layer_inputs + per_layer if work.checkpointing else cfg.num_hidden_layers * per_layer
-    head = HEAD_TENSORS * min(work.head_chunk or work.scored, work.scored) * cfg.vocab_size * 4 \
+    head = work.head_tensors * min(work.head_chunk or work.scored, work.scored) * cfg.vocab_size * 4 \
         + 2 * work.scored * cfg.hidden_size * 4
     kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
     block = getattr(cfg, "block_size", 4) or 4
@@ -185,4 +188,5 @@ def sft_workload(cfg, world: int, max_length: int | None = None, *, lora_params:
     streams = 3 if cfg.complementary_masks else 2
     return Workload(world=world, precision=_precision(cfg), tokens=rows * streams * length, scored=rows * length,
                     checkpointing=cfg.compute.activation_checkpointing, head_chunk=cfg.compute.head_chunk_size,
-                    strategy=cfg.dist.strategy, lora_params=lora_params, foreach=foreach)
+                    strategy=cfg.dist.strategy, lora_params=lora_params, foreach=foreach,
+                    head_tensors=SFT_HEAD_TENSORS)
