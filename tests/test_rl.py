@@ -189,3 +189,14 @@ def test_full_ft_reference_is_a_bf16_copy_under_bf16_mixed(tmp_path):
     assert ref_bytes == 2 * sum(p.numel() for p in policy.parameters())
     kl = train_step(run, 0)["kl"]  # scored before the first update: the reference is the policy
     assert 0 <= kl < 1e-3
+
+
+def test_a_run_without_reward_variance_warns_once_and_plots(tmp_path, capsys):
+    """A constant reward: every advantage is 0; after NO_VARIANCE_STEPS steps the run says so, once."""
+    from dirl.train.models import RunInputs
+    from dirl.train.rl.loop import NO_VARIANCE_STEPS
+    cfg = _cfg(tmp_path / "run", max_steps=NO_VARIANCE_STEPS + 1, progress=False)
+    run_dir = train_rl(cfg, inputs=RunInputs(reward_funcs={lambda completions, **kw: [1.0] * len(completions): 1.0}))
+    err = capsys.readouterr().err
+    assert err.count("no group had reward variance for 3 consecutive steps") == 1
+    assert (run_dir / "curves.png").stat().st_size > 0
