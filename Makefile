@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/pytest
 
 # End-to-end runs, other tools and tests that start processes: CI runs them after `make test`.
@@ -28,8 +29,10 @@ test-all: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/dirl demo --config configs/demo.yaml
 
+# Every benchmark in turn (`make bench ARGS=--quick` for the seconds-long settings);
+# one alone: `.venv/bin/python -m benchmarks.NAME [--quick]`.
 bench: $(STAMP)
-	$(BIN)/dirl bench all
+	$(BIN)/python -m benchmarks $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,4 +1,4 @@
-"""Engine at scale (issue 19), the measurements behind ``dirl bench engine``'s last lines.
+"""Engine at scale (issue 19), the measurements behind ``python -m benchmarks.engine``'s last lines.
 
 * :func:`long_generation` -- per-step cost over a long generation (first vs last
   tokens), that ratio over its floor set by attention's multiply-adds
@@ -23,6 +23,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -207,8 +208,9 @@ def long_generation_child(model, batch: int, prompt_len: int, new_tokens: int, w
                 peak_vs_cache=round((peak - baseline) / (positions * kv_bytes_per_token), 3))
 
 
-def long_generation(script: str, args: list[str]) -> dict:
-    """Run :func:`long_generation_child` in a fresh interpreter (``script --long-gen-child``)."""
-    done = subprocess.run([sys.executable, script, "--long-gen-child", *args], capture_output=True, text=True,
-                          check=True)
+def long_generation(module: str, args: list[str]) -> dict:
+    """Run :func:`long_generation_child` in a fresh interpreter (``python -m module --long-gen-child``), started
+    in the folder holding the ``benchmarks`` package so it imports wherever this one was run from."""
+    done = subprocess.run([sys.executable, "-m", module, "--long-gen-child", *args], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parents[1])
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,11 +1,11 @@
-"""CPU time of an RL step with and without TraceRL's value model (``dirl bench critic``).
+"""CPU time of an RL step with and without TraceRL's value model (``python -m benchmarks.critic``).
 
 The demo's RL setting (``configs/demo.yaml``: the shipped SFT checkpoint, 16 prompts x 8
 samples, the ``trace`` estimator), run in one process for ``--steps`` steps with
 ``rl.algo.critic=none`` and then ``value``; CPU time (``time.process_time``) per step,
 the first step of each dropped (warm-up). Prints ``critic_step_ratio=...``: the cost
 of a critic step over a plain one, which sets how many steps each gets at equal wall
-time (``dirl bench estimators --estimators trace,trace+value`` measures the accuracy).
+time (``python -m benchmarks.estimators --estimators trace,trace+value`` measures the accuracy).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ about 1/V), so dynamic unmasking at tau = 0.9 commits ~1 token per forward; the
 low-threshold line shows the parallel path working. Pass ``--model DIR`` to
 measure a trained checkpoint instead.
 
-    python benchmarks/engine.py [--quick]      # or: dirl bench engine [--quick]
+    python -m benchmarks.engine [--quick]
 
 Issue 19's lines come after (:mod:`benchmarks._engine_scale`): ``long_gen_step_ratio``
 (time per token over the last vs the first ``--long-window`` tokens of a
@@ -23,6 +23,11 @@ the same weights: the shipped demo checkpoint, and a random ``small`` model with
 SDAR's real vocabulary of 151,936) and ``batch_forward_ratio`` (model calls for 8
 prompts together vs each alone, dynamic decoding on the demo checkpoint).
 
+Issue 29's lines close the run (:mod:`benchmarks._engine_throughput`): continuous vs
+chunked batching on 64 prompts x 4 with heavy-tailed lengths at ``max_batch_rows`` 16
+and 64 (``batch_occupancy``, ``calls_vs_ideal``, ``tokens_per_s``, both schedules in one
+run), and the RL rollout phase (the demo checkpoint, 16 prompts x 8, 32 rows) under each.
+
 Prints ``key=value`` lines; the headline is ``engine_speedup_vs_nocache``.
 """
 
@@ -32,17 +37,16 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling helper module, when run as a script
-import _engine_scale as scale  # noqa: E402
-
-from dirl.engine.engine import Engine  # noqa: E402
-from dirl.rollout import Rollout, SamplingParams  # noqa: E402
-from dirl.model.factory import InitConfig, init_model  # noqa: E402
-from dirl.model.tokenizer import char_tokenizer  # noqa: E402
+from benchmarks import _engine_scale as scale
+from benchmarks import _engine_throughput as throughput
+from dirl.demo import SHIPPED_SFT
+from dirl.engine.engine import Engine
+from dirl.rollout import Rollout, SamplingParams
+from dirl.model.factory import InitConfig, init_model
+from dirl.model.tokenizer import char_tokenizer
 
 
 def make_prompts(count: int, min_len: int, max_len: int, vocab: tuple[int, int], seed: int) -> list[list[int]]:
@@ -111,7 +115,7 @@ def run_engine_benchmark(args) -> dict[str, float | bool | int | str]:
     return out
 
 
-DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "src" / "dirl" / "assets" / "demo-sft"
+DEMO_CHECKPOINT = SHIPPED_SFT
 REAL_VOCAB = 151_936  # SDAR-8B-Chat's tokenizer (/work/shared/sdar-8b-chat)
 
 
@@ -127,12 +131,13 @@ def demo_prompts(tokenizer, count: int) -> list[list[int]]:
 
 def real_vocab_model(args):
     """A random ``small`` model with SDAR's real vocabulary size and special ids."""
-    from dirl.model.sdar.config import preset_config
-    from dirl.model.sdar.modeling import SDARForCausalLM
+    from dirl.model.families import get_family
 
-    cfg = preset_config(args.preset, vocab_size=REAL_VOCAB, mask_token_id=151669, eos_token_id=151643,
-                        pad_token_id=151643, bos_token_id=151643, block_size=args.block_size)
-    model = SDARForCausalLM(cfg)
+    sdar = get_family("sdar")
+    cfg = sdar.config_cls.for_init(sdar.presets[args.preset], vocab_size=REAL_VOCAB, mask_token_id=151669,
+                                   eos_token_id=151643, pad_token_id=151643, block_size=args.block_size,
+                                   torch_dtype="float32")
+    model = sdar.model_cls(cfg)
     model.init_weights(args.seed)
     return model.eval()
 
@@ -152,7 +157,7 @@ def run_scale_benchmark(args) -> dict[str, float | int | str]:
         long_gen = scale.long_generation_child(load_model(args), args.long_batch, args.long_prompt,
                                                args.long_tokens, args.long_window)
     else:
-        long_gen = scale.long_generation(__file__, child)
+        long_gen = scale.long_generation("benchmarks.engine", child)
     for key, value in long_gen.items():
         out[key if key.startswith("long_gen_step_ratio") else f"long_gen_{key}"] = value
     demo, tokenizer = load_pretrained(str(DEMO_CHECKPOINT))
@@ -176,6 +181,31 @@ def run_scale_benchmark(args) -> dict[str, float | int | str]:
                 name = f"engine_vs_ar_{key.replace('speedup', f'speedup_{batch}')}" if key.startswith("speedup") \
                     else f"{key}_{batch}"
                 out[name + suffix] = value
+    return out
+
+
+def run_throughput_benchmark(args) -> dict[str, float | int | str]:
+    """Issue 29's lines: continuous vs chunked batching on a heavy-tailed workload, and the RL
+    rollout phase (the demo checkpoint, 16 prompts x 8, 32 rows) under each schedule."""
+    from dirl.demo import DemoConfig
+    from dirl.model.checkpoint import load_pretrained
+
+    model = init_model(InitConfig(preset="tiny", block_size=args.block_size, seed=args.seed), char_tokenizer()).eval()
+    rows = [int(r) for r in args.throughput_rows.split(",")]
+    modes = {"continuous": {}, "chunked": {"batching": "chunked"}}
+    out = throughput.run(model, modes, rows, args.throughput_prompts, args.throughput_n, args.throughput_cap,
+                         args.seed)
+    # The cache's peak against the live rows' on a deeper model (a reshape's transient is one layer of L).
+    deep = init_model(InitConfig(preset="tiny", block_size=args.block_size, seed=args.seed,
+                                 model={"num_hidden_layers": 8}), char_tokenizer()).eval()
+    line = throughput.run(deep, {"continuous": {}}, rows[:1], args.throughput_prompts, args.throughput_n,
+                          args.throughput_cap, args.seed)
+    out[f"kv_peak_vs_live_8_layers_r{rows[0]}"] = line[f"kv_peak_vs_live_continuous_r{rows[0]}"]
+    demo, tokenizer = load_pretrained(str(DEMO_CHECKPOINT))
+    rl = DemoConfig().rl.rollout
+    prompts = demo_prompts(tokenizer, rl.num_prompts)
+    out.update(throughput.rl_rollout_phase(demo.eval(), tokenizer, prompts, rl.sampling, rl.group_size,
+                                           args.rl_rows, repeats=1 if args.quick else 2))
     return out
 
 
@@ -209,12 +239,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-scale", action="store_true", help="only the cached-vs-reference lines")
     parser.add_argument("--skip-reference", action="store_true", help="only issue 19's lines")
     parser.add_argument("--skip-long", action="store_true", help="without the long generation")
+    parser.add_argument("--throughput-prompts", type=int, default=64)
+    parser.add_argument("--throughput-n", type=int, default=4)
+    parser.add_argument("--throughput-rows", default="16,64", help="max_batch_rows values, comma-separated")
+    parser.add_argument("--throughput-cap", type=int, default=256, help="max_new_tokens of the throughput workload")
+    parser.add_argument("--rl-rows", type=int, default=32, help="max_batch_rows of the RL rollout-phase line")
+    parser.add_argument("--skip-throughput", action="store_true", help="without issue 29's lines")
+    parser.add_argument("--only-throughput", action="store_true", help="only issue 29's lines")
     parser.add_argument("--long-gen-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.preset, args.batch, args.new_tokens, args.max_prompt = "tiny", 4, 32, 24
         args.long_batch, args.long_tokens, args.long_window, args.ar_tokens = 2, 64, 16, 8
         args.ar_prompts, args.repeats, args.no_compile = 2, 1, True
+        args.throughput_prompts, args.throughput_rows, args.throughput_cap = 8, "4,8", 32
     return args
 
 
@@ -227,12 +265,17 @@ def main(argv=None) -> int:
         print(json.dumps(scale.long_generation_child(model, args.long_batch, args.long_prompt, args.long_tokens,
                                                      args.long_window)))
         return 0
+    if args.only_throughput:
+        args.skip_reference = args.skip_scale = True
     results = {} if args.skip_reference else run_engine_benchmark(args)
     if not args.skip_scale:
         results.update(run_scale_benchmark(args))
+    if not args.skip_throughput:
+        results.update(run_throughput_benchmark(args))
     for key, value in results.items():
         print(f"{key}={value}")
-    return 0 if results.get("outputs_identical", True) else 1
+    identical = all(v for k, v in results.items() if k == "outputs_identical" or k.startswith("throughput_identical"))
+    return 0 if identical else 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Bias and variance of every estimator's policy gradient against the exact one (``dirl bench estimator-bias``).
+"""Bias and variance of every estimator's policy gradient against the exact one (``python -m benchmarks.estimator_bias``).
 
 Setup: the shipped demo SFT checkpoint (``dirl/assets/demo-sft``, the model ``dirl demo``
 starts RL from) and one fixed batch of rollouts (seeded): demo-task train prompts decoded
@@ -178,7 +178,9 @@ class DrawStats:
 
 
 def _same_plan(a, b) -> bool:
-    same = lambda x, y: (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+    def same(x, y) -> bool:
+        return (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+
     return all(same(getattr(a.pack, k), getattr(b.pack, k)) for k in ("input_ids", "score_index", "target_ids")) \
         and same(a.weight, b.weight)
 
@@ -208,8 +210,8 @@ def _ratio(results: dict, num: str, den: str) -> tuple[float, float]:
 
 
 def report(results: dict) -> None:
-    print(f"| estimator | draws | rel. bias ± SE | noise floor √(var/M) | bias z | cosine ± SE "
-          f"| rel. variance ± SE | CPU s/draw |")
+    print("| estimator | draws | rel. bias ± SE | noise floor √(var/M) | bias z | cosine ± SE "
+          "| rel. variance ± SE | CPU s/draw |")
     print("|---" * 8 + "|")
     for label, r in results.items():
         print(f"| `{label}` | {r['draws']} | {r['rel_bias']:.4f} ± {r['rel_bias_se']:.4f} | {r['noise_floor']:.4f} "

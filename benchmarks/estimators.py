@@ -1,4 +1,4 @@
-"""Held-out accuracy of every RL estimator after the same wall time (``dirl bench estimators``).
+"""Held-out accuracy of every RL estimator after the same wall time (``python -m benchmarks.estimators``).
 
 Each (seed, variant) pair runs the demo pipeline (``configs/demo.yaml``: the shipped
 SFT checkpoint, then RL with that estimator) as its own ``dirl demo`` process with
@@ -142,7 +142,7 @@ def report(results: dict, names: list[str], seeds: list[int], pairs: list[tuple[
         print(f"diff_ci95[{a}-{b}]={half:.4f}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wall", type=float, default=300.0, help="RL seconds per run")
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (>= 5 for the intervals)")
@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-estimators")
     parser.add_argument("--reuse", action="store_true", help="keep runs whose summary.json exists")
     parser.add_argument("--quick", action="store_true", help="a few seconds each (checks the plumbing)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     variants = parse_variants(args.estimators, args.variant)
     pairs = [tuple(p.split(":", 1)) for p in args.pairs.split(",") if p]
     pairs = [(a, b) for a, b in pairs if a in variants and b in variants]

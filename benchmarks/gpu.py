@@ -1,4 +1,4 @@
-"""The prepared GPU check (``dirl bench gpu``): a ~1B random SDAR in bf16-mixed on one GPU.
+"""The prepared GPU check (``python -m benchmarks.gpu``): a ~1B random SDAR in bf16-mixed on one GPU.
 
 Prints ``name=value`` lines, side by side in one run:
 
@@ -8,13 +8,18 @@ Prints ``name=value`` lines, side by side in one run:
 * ``rl_{flex,sdpa}_step_s`` / ``..._peak_gb`` -- one DiPO update of 8 synthetic rollouts x
   ``--rl-length`` tokens (exact trace, micro-batches of ``--budget`` tokens, checkpointed);
 * ``engine_bf16_tokens_per_s`` -- KV-cached decoding in bf16 (a bf16 copy of the weights, as
-  the native backend decodes bf16-mixed runs) and ``engine_bf16_copy_s``, that copy's cost.
+  the native backend decodes bf16-mixed runs) and ``engine_bf16_copy_s``, that copy's cost;
+* issue 29's throughput workload (``dirl bench engine``'s: 64 prompts x 4, heavy-tailed
+  lengths) on that bf16 copy at ``max_batch_rows`` 128, continuous vs chunked batching:
+  ``batch_occupancy_*``, ``calls_vs_ideal_*``, ``tokens_per_s_*`` (wall clock), and
+  ``kv_peak_vs_live_*``, the cache's peak bytes over the theoretical cache of the most
+  rows live at once. ``--throughput-only`` runs just these (about a minute).
 
 Peak memory is ``torch.cuda.max_memory_allocated`` per configuration. Sized for <= 8 minutes
 on one H100/H200 (the first flex configuration includes its compile). Without CUDA it says
 so and exits 0, so the project's tests never need a GPU.
 
-    dirl bench gpu [--length 2048] [--rl-length 512] [--budget 16384]
+    python -m benchmarks.gpu [--length 2048] [--rl-length 512] [--budget 16384]
 """
 
 from __future__ import annotations
@@ -23,11 +28,8 @@ import argparse
 import copy
 import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 VOCAB = 151_936
 MASK_ID, EOS_ID, PAD_ID = 151_669, 151_645, 151_643
@@ -37,11 +39,11 @@ ONE_B = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=12, num
 
 
 def build_model(device):
-    from dirl.model.sdar.config import SDARConfig
-    from dirl.model.sdar.modeling import SDARForCausalLM
-    cfg = SDARConfig(**ONE_B, vocab_size=VOCAB, mask_token_id=MASK_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-                      bos_token_id=EOS_ID, block_size=4)
-    model = SDARForCausalLM(cfg)
+    from dirl.model.families import get_family
+    sdar = get_family("sdar")
+    cfg = sdar.config_cls.for_init(ONE_B, vocab_size=VOCAB, mask_token_id=MASK_ID, eos_token_id=EOS_ID,
+                                   pad_token_id=PAD_ID, block_size=4, torch_dtype="float32")
+    model = sdar.model_cls(cfg)
     model.init_weights(0)
     return model.to(device)
 
@@ -75,7 +77,7 @@ def sft_step_fn(model, optimizer, length: int, device):
 
 
 def rl_step_fn(model, optimizer, rl_length: int, budget: int):
-    from memory import synthetic_rollouts
+    from benchmarks.memory import synthetic_rollouts
 
     from dirl.rollout import SamplingSpec
     from dirl.train.optim import OptimConfig
@@ -112,18 +114,38 @@ def engine_numbers(model, device) -> dict[str, float]:
     return {"engine_bf16_tokens_per_s": sum(r.num_tokens for r in rollouts) / elapsed, "engine_bf16_copy_s": copy_s}
 
 
+def throughput_numbers(model, device, rows: int = 128) -> dict[str, float]:
+    """The heavy-tailed workload of ``dirl bench engine`` at ``rows``, continuous vs chunked, bf16."""
+    from benchmarks import _engine_throughput as throughput
+
+    decode = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
+
+    def clock() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    throughput.run(decode, {"warm": {}}, (8,), prompts=2, n=2, max_new_tokens=16, clock=clock)
+    out = throughput.run(decode, {"continuous": {}, "chunked": {"batching": "chunked"}}, (rows,), clock=clock)
+    return {k: v for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=2048, help="SFT packed row length")
     parser.add_argument("--rl-length", type=int, default=512, help="RL response tokens per rollout")
     parser.add_argument("--budget", type=int, default=16_384, help="RL micro-batch budget (packed tokens)")
+    parser.add_argument("--throughput-only", action="store_true", help="only issue 29's throughput lines")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("dirl bench gpu: no CUDA device here -- nothing measured (run it on a GPU machine)")
+        print("benchmarks.gpu: no CUDA device here -- nothing measured (run it on a GPU machine)")
         return 0
     device = torch.device("cuda")
     model = build_model(device)
     print(f"params_billions={sum(p.numel() for p in model.parameters()) / 1e9:.2f}", flush=True)
+    if args.throughput_only:
+        for key, value in throughput_numbers(model, device).items():
+            print(f"{key}={value:.3f}")
+        return 0
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)  # fp32 masters and moments
     for impl in ("flex", "sdpa"):
         model.attn_impl = impl
@@ -140,6 +162,8 @@ def main() -> int:
         seconds, peak = _measure(rl_step_fn(model, optimizer, args.rl_length, args.budget), device)
         print(f"rl_{impl}_step_s={seconds:.3f}\nrl_{impl}_peak_gb={peak:.2f}", flush=True)
     for key, value in engine_numbers(model, device).items():
+        print(f"{key}={value:.3f}")
+    for key, value in throughput_numbers(model, device).items():
         print(f"{key}={value:.3f}")
     return 0
 

@@ -1,4 +1,4 @@
-"""LoRA vs full fine-tuning in RL: peak memory at equal settings (``dirl bench lora [--quick]``).
+"""LoRA vs full fine-tuning in RL: peak memory at equal settings (``python -m benchmarks.lora [--quick]``).
 
 Each run is a fresh subprocess (``--child``) doing the same DiPO run -- same base
 checkpoint, prompts, rollout settings, ``beta > 0`` so a reference is needed --

@@ -1,4 +1,4 @@
-"""Peak memory of SFT and RL at the real vocabulary, old path vs new path (``dirl bench memory``).
+"""Peak memory of SFT and RL at the real vocabulary, old path vs new path (``python -m benchmarks.memory``).
 
 A narrow model (the ``tiny`` preset: d 64, 2 layers) with SDAR-8B's vocabulary
 (V = 151,936), so the LM head dominates exactly as it does at 8B. Every
@@ -27,7 +27,7 @@ Prints ``sft_head_mem_ratio=`` (N = 4,096), ``rl_step_mem_ratio=`` (8 x 512),
 ``sft_mem_exponent=`` / ``rl_mem_exponent=`` (log-log slope of step memory from
 L = 1k to 4k, resp. 256 to 1024 response tokens), and the 8B memory plan.
 
-    dirl bench memory [--quick] [--budget 4096]
+    python -m benchmarks.memory [--quick] [--budget 4096]
 """
 
 from __future__ import annotations
@@ -64,13 +64,13 @@ def _peak_mb() -> float:
 def _narrow_model(chunk: int, checkpointing: bool = False):
     import torch
 
-    from dirl.model.sdar.config import preset_config
-    from dirl.model.sdar.modeling import SDARForCausalLM
-    cfg = preset_config("tiny", vocab_size=VOCAB, mask_token_id=MASK_ID, eos_token_id=EOS_ID,
-                        pad_token_id=PAD_ID, bos_token_id=EOS_ID, block_size=BLOCK,
-                        max_position_embeddings=32_768)
+    from dirl.model.families import get_family
+    sdar = get_family("sdar")
+    cfg = sdar.config_cls.for_init(sdar.presets["tiny"], vocab_size=VOCAB, mask_token_id=MASK_ID, eos_token_id=EOS_ID,
+                                   pad_token_id=PAD_ID, block_size=BLOCK, torch_dtype="float32",
+                                   max_position_embeddings=32_768)
     torch.manual_seed(0)
-    model = SDARForCausalLM(cfg)
+    model = sdar.model_cls(cfg)
     model.init_weights(0)
     model.head_chunk_size, model.activation_checkpointing = chunk, checkpointing
     return model

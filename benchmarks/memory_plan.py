@@ -1,4 +1,4 @@
-"""The memory plan against measured peaks at a real shape (``dirl bench memory-plan``).
+"""The memory plan against measured peaks at a real shape (``python -m benchmarks.memory_plan``).
 
 A Qwen3-0.6B-shaped SDAR checkpoint (d 1024, 28 layers, 16 / 8 heads of 128, MLP 3072, tied
 embeddings, V = 151,936: 596M parameters; random weights, SDAR-8B's tokenizer) is trained by
@@ -11,7 +11,7 @@ was loaded (Python, torch, the tokenizer: not the run's); ``plan`` is
 ``rollout_peak``), with the rollouts' measured prompt and response lengths. Prints one line per
 case and ``memory_plan_ratio[<case>]=measured/plan``.
 
-    dirl bench memory-plan [--cases sft-full,sft-lora,rl-full,rl-lora] [--length 256] [--workdir DIR]
+    python -m benchmarks.memory_plan [--cases sft-full,sft-lora,rl-full,rl-lora] [--length 256] [--workdir DIR]
 
 Needs ~12 GB free for ``sft-full`` / ``rl-full`` (16 B / param of states), ~4 GB for the LoRA
 cases; a case takes minutes on a CPU.
@@ -149,12 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--length", type=int, default=256, help="SFT row length; RL responses are length / 8")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--quick", action="store_true", help="sft-lora alone at length 128 (~4 GB, minutes)")
     parser.add_argument("--child", default=None)
     parser.add_argument("--ckpt", default=None)
     args = parser.parse_args(argv)
     if args.child:
         child(args.child, Path(args.ckpt), args.length)
         return 0
+    if args.quick:
+        args.cases, args.length = "sft-lora", 128
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dirl-memplan-"))
     ckpt = make_checkpoint(workdir)
     for case in args.cases.split(","):

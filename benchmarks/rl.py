@@ -1,4 +1,4 @@
-"""RL benchmarks, measured side by side in one run (``dirl bench rl [--quick]``).
+"""RL benchmarks, measured side by side in one run (``python -m benchmarks.rl [--quick]``).
 
 * ``trace_speedup_vs_expansion`` -- forward+backward of DiPO's packed trace vs
   DiRL's expansion (B full-length ``[x_t ; x_0]`` copies per response, copy j

@@ -2,15 +2,19 @@
 
 * ``c{1,8,32}_requests_per_s`` / ``c{1,8,32}_tokens_per_s`` -- completions with
   1, 8 and 32 concurrent clients (threads, each sending ``--requests`` requests
-  with its own seeds); ``batching_speedup_c32_vs_c1`` is the headline ratio: what
-  the batcher gains by packing concurrent requests into shared engine calls.
+  with its own seeds), with their ``p50_ms`` / ``p99_ms`` request latencies;
+  ``batching_speedup_c32_vs_c1`` is the headline ratio: what the batcher gains by
+  packing concurrent requests into shared engine calls.
+* ``mixed_c32_*`` -- 32 clients whose requests mix lengths (every 8th asks for 4x
+  ``--max-tokens``, the rest for half of it): tokens/s and p50 / p99 latency, where
+  a short request joining the running engine loop need not wait for a long one.
 * ``update_ms_median`` -- a full state dict pushed to ``/update_weights``
   (serialisation + HTTP + validation + swap, idle server), next to what changing
   weights costs without it, in the same run: ``restart_ms`` (save a checkpoint,
   start a fresh ``dirl serve`` on it, wait for /health) and ``reload_ms_median``
   (save + load into a new model in-process, the trainer-side reload loop).
 
-    python benchmarks/serve.py [--quick] [--markdown BENCHMARKS.md]   # or: dirl bench serve
+    python -m benchmarks.serve [--quick] [--markdown BENCHMARKS.md]
 
 ``--quick`` uses the tiny preset and fewer requests. Prints ``name=value`` lines;
 ``--markdown PATH`` also appends a "Serve" section with the numbers to PATH.
@@ -69,17 +73,28 @@ def start_keyed_server(ckpt: Path, threads: int) -> tuple[subprocess.Popen, str]
     return start_server(ckpt, *([f"num_threads={threads}"] if threads else []), env={"DIRL_API_KEY": KEY})
 
 
-def load_test(url: str, clients: int, requests: int, max_tokens: int) -> tuple[float, float]:
-    """(requests/s, completion tokens/s) with ``clients`` threads of ``requests`` requests each."""
-    tokens, errors = [], []
+def mixed_lengths(worker: int, k: int, cap: int) -> int:
+    """Heavy-tailed ``max_tokens`` per request: most short, every 8th at ``cap`` (deterministic)."""
+    return cap if (worker * 5 + k) % 8 == 0 else max(4, cap // 8)
+
+
+def load_test(url: str, clients: int, requests: int, max_tokens: int,
+              lengths=None) -> tuple[float, float, list[float]]:
+    """(requests/s, completion tokens/s, per-request latencies in s) with ``clients`` threads of
+    ``requests`` requests each; ``lengths(worker, k)`` gives each request's max_tokens (default all
+    ``max_tokens``)."""
+    tokens, errors, latencies = [], [], []
 
     def client(worker: int, http: httpx.Client) -> None:
         for k in range(requests):
-            body = {"prompt": PROMPTS[(worker + k) % len(PROMPTS)], "max_tokens": max_tokens,
+            body = {"prompt": PROMPTS[(worker + k) % len(PROMPTS)],
+                    "max_tokens": lengths(worker, k) if lengths else max_tokens,
                     "seed": 1000 * worker + k, "ignore_eos": True}
             try:
+                start = time.perf_counter()
                 response = http.post("/v1/completions", json=body)
                 tokens.append(response.json()["usage"]["completion_tokens"])
+                latencies.append(time.perf_counter() - start)
             except Exception as err:  # noqa: BLE001 -- reported below
                 errors.append(repr(err))
 
@@ -93,7 +108,13 @@ def load_test(url: str, clients: int, requests: int, max_tokens: int) -> tuple[f
         wall = time.perf_counter() - start
     if errors:
         raise RuntimeError(f"{len(errors)} failed requests, e.g. {errors[0]}")
-    return len(tokens) / wall, sum(tokens) / wall
+    return len(tokens) / wall, sum(tokens) / wall, latencies
+
+
+def percentile_ms(values: list[float], q: float) -> float:
+    """The q-quantile (nearest rank) of ``values`` seconds, in ms."""
+    ordered = sorted(values)
+    return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
 
 
 def update_latency(url: str, ckpt: Path, repeats: int, threads: int) -> dict[str, float]:
@@ -141,9 +162,15 @@ def run_benchmark(args) -> dict[str, float | int | str]:
                                                  "max_tokens": args.max_tokens, "requests_per_client": args.requests}
             load_test(url, 4, 1, args.max_tokens)  # warm-up
             for clients in (1, 8, 32):
-                rps, tps = load_test(url, clients, args.requests, args.max_tokens)
+                rps, tps, lat = load_test(url, clients, args.requests, args.max_tokens)
                 out[f"c{clients}_requests_per_s"], out[f"c{clients}_tokens_per_s"] = round(rps, 2), round(tps, 1)
+                out[f"c{clients}_p50_ms"], out[f"c{clients}_p99_ms"] = percentile_ms(lat, .5), percentile_ms(lat, .99)
             out["batching_speedup_c32_vs_c1"] = round(out["c32_requests_per_s"] / out["c1_requests_per_s"], 2)
+            # Mixed lengths: a short request need not wait for a long one's engine call to end.
+            rps, tps, lat = load_test(url, 32, args.requests, args.max_tokens,
+                                      lambda w, k: mixed_lengths(w, k, 4 * args.max_tokens))
+            out["mixed_c32_tokens_per_s"], out["mixed_c32_requests_per_s"] = round(tps, 1), round(rps, 2)
+            out["mixed_c32_p50_ms"], out["mixed_c32_p99_ms"] = percentile_ms(lat, .5), percentile_ms(lat, .99)
             out.update(update_latency(url, ckpt, args.update_repeats, args.threads))
             stats = httpx.get(f"{url}/health", timeout=10).json()
             out["engine_calls"], out["jobs"] = stats["engine_calls"], stats["jobs"]
@@ -182,7 +209,7 @@ def main(argv=None) -> int:
     for key, value in results.items():
         print(f"{key}={value}")
     if args.markdown:
-        command = "python benchmarks/serve.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python -m benchmarks.serve " + " ".join(argv if argv is not None else sys.argv[1:])
         with open(args.markdown, "a") as f:
             f.write(markdown(results, command.strip()))
     return 0

@@ -15,7 +15,7 @@
 * ``steps_after_cancel_max`` -- in-process, a job cancelled from another thread while its engine
   call runs: the most denoising steps that still ran after ``cancel()`` returned (over ``--trials``).
 
-    python benchmarks/serve_limits.py [--quick]      # or: dirl bench serve_limits
+    python -m benchmarks.serve_limits [--quick]
 
 The server runs with ``use_cache=false`` so that one request is heavy on the tiny model.
 Prints ``name=value`` lines.
@@ -29,7 +29,6 @@ import select
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -38,10 +37,8 @@ from pathlib import Path
 import httpx
 import torch
 
+from benchmarks import serve as serve_bench
 from dirl.model.factory import InitConfig, init_checkpoint
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark, when run as a script
-import serve as serve_bench  # noqa: E402
 
 HEAVY = {"prompt": [[5, 6, 7], [8, 9]], "n": 64, "max_tokens": 500, "ignore_eos": True, "unmasking": "sequential"}
 

@@ -1,7 +1,7 @@
 """SFT training throughput: tokens/s of the real training step (NELBO forward +
 backward + AdamW), measured side by side in one run.
 
-    .venv/bin/python benchmarks/sft.py [--steps 6] [--warmup 2] [--presets tiny,small]
+    python -m benchmarks.sft [--steps 6] [--warmup 2] [--presets tiny,small]
 
 CPU: the SDPA path for each preset, unpacked vs packed (ratio printed).
 GPU (when CUDA is available): also FlexAttention vs SDPA on the small preset,

@@ -19,14 +19,12 @@ from dirl.cli import main as cli_main
 from dirl.engine.engine import Engine
 from dirl.model.loading import load_model_spec
 from dirl.rollout import SamplingParams
-from dirl.model.loading import load_model_spec
 from dirl.train.models import set_block_size
 from dirl.train.rl.config import RLConfig, parse_block_schedule
 from dirl.train.rl.loop import build_run, train_step
 from dirl.train.sft.config import SFTConfig
 from dirl.train.sft.loop import build_run as build_sft_run
 
-TESTS = Path(__file__).resolve().parent
 PROMPT_LENGTHS = (5, 8, 3, 12, 11)  # 8 is a multiple of B = 8, the others are not
 SETTINGS = {
     "sampled-dynamic-n2": SamplingParams(max_new_tokens=20, temperature=1.0, threshold=0.3, n=2, seed=5),
@@ -118,7 +116,6 @@ def _rl_args(ckpt: Path, out: Path) -> list[str]:
 
 
 def test_cli_rl_step_at_b8_from_a_b4_checkpoint_saves_b8(tiny_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(TESTS))  # rl_rewards
     out = tmp_path / "run"
     assert cli_main(["rl", *_rl_args(tiny_checkpoint, out), "block_size=8", "max_steps=1", "--no-progress"]) == 0
     for directory in (out / "final", out / "checkpoints" / "step-000001"):
@@ -134,7 +131,6 @@ def test_cli_rl_step_at_b8_from_a_b4_checkpoint_saves_b8(tiny_checkpoint, tmp_pa
 
 @pytest.mark.parametrize("backend", ["native", "checkpoint"])
 def test_schedule_grows_the_block_size_between_steps(tiny_checkpoint, tmp_path, monkeypatch, backend):
-    monkeypatch.syspath_prepend(str(TESTS))  # rl_rewards
     cfg = config_lib.load(RLConfig, None, [*_rl_args(tiny_checkpoint, tmp_path / "run"), "max_steps=2",
                                            "block_size_schedule=1:8", f"rollout.backend={backend}"])
     run = build_run(cfg)

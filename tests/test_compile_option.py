@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -26,7 +25,6 @@ from dirl.serve.app import create_app
 from dirl.train.rl.config import RLConfig, RolloutConfig
 from dirl.train.rl.loop import build_run
 
-TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture
@@ -48,13 +46,12 @@ def compiled(monkeypatch) -> list:
 
 @pytest.mark.parametrize("backend", ["native", "checkpoint"])
 def test_rollout_compile_reaches_the_backend_engine(tmp_path, monkeypatch, compiled, backend):
-    monkeypatch.syspath_prepend(str(TESTS))  # rl_rewards
     cfg = config_lib.load(RLConfig, None, [f"out={tmp_path}", "rewards={rl_rewards:digit_fraction: 1.0}",
                                            f"rollout.backend={backend}", f"rollout.{backend}.compile=true"])
     run = build_run(cfg)
     try:
         engine = run.collector.backend.engine
-        assert engine._step_forward is not None and compiled == [engine.model]
+        assert engine.compiled and compiled == [engine.model]
     finally:
         run.collector.backend.close()
     assert RolloutConfig().native.compile is False and RolloutConfig().checkpoint.compile is False
@@ -62,9 +59,9 @@ def test_rollout_compile_reaches_the_backend_engine(tmp_path, monkeypatch, compi
 
 def test_serve_compile_reaches_the_batcher_engine(tiny_model, tokenizer, compiled):
     on = create_app(tiny_model, tokenizer, config_lib.load(ServeConfig, None, ["compile=true"]))
-    assert on.state.dirl.batcher.engine._step_forward is not None and compiled == [tiny_model]
+    assert on.state.dirl.batcher.engine.compiled and compiled == [tiny_model]
     off = create_app(tiny_model, tokenizer, ServeConfig())
-    assert off.state.dirl.batcher.engine._step_forward is None and compiled == [tiny_model]
+    assert off.state.dirl.batcher.engine.compiled is False and compiled == [tiny_model]
 
 
 def test_eval_compile_runs_the_compiled_step(tiny_model, tokenizer, compiled):

@@ -4,7 +4,6 @@ steps with ``algo.critic=value`` (both models move, exact resume, the first step
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,6 @@ from dirl.train.rl.config import AlgoConfig
 from dirl.train.state import TRAINER_STATE, resolve_resume
 
 REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
 
 # Two response blocks of B = 4 after a 4-token prompt. Block 1 commits tokens {0, 2} at step 0
 # and {1, 3} at step 1; block 2 commits {4, 6} at step 2 (6 is the stop token), 5 at step 3 and
@@ -108,7 +106,6 @@ def test_bad_critic_settings_name_the_key():
 
 
 def _cfg(out, critic: str = "value", max_steps: int = 1, **value) -> RLConfig:
-    sys.path.insert(0, str(TESTS)) if str(TESTS) not in sys.path else None
     return RLConfig(model="init:tiny", out=str(out), rewards={"rl_rewards:digit_fraction": 1.0}, max_steps=max_steps,
                     optim=OptimConfig(lr=1e-3, schedule="constant"),
                     rollout=RolloutConfig(num_prompts=2, group_size=4, sampling=SamplingSpec(max_new_tokens=8)),
@@ -156,7 +153,6 @@ RL = ["--config", str(REPO / "configs/tiny-rl.yaml"), "rewards.rl_rewards:digit_
 
 
 def test_cli_steps_with_a_critic_move_both_models_and_resume_exactly(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(TESTS))  # rl_rewards
     straight, half = tmp_path / "a", tmp_path / "b"
     assert cli_main(["rl", *RL, f"out={straight}", "max_steps=3"]) == 0
     assert cli_main(["rl", *RL, f"out={half}", "max_steps=2"]) == 0

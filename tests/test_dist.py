@@ -121,7 +121,6 @@ def sft_runs(tmp_path_factory):
 def rl_runs(tmp_path_factory):
     """(1 process, 2 FSDP2 ranks): 2 RL steps each, a checkpoint after every step."""
     base = tmp_path_factory.mktemp("rl")
-    sys.path.insert(0, str(TESTS)) if str(TESTS) not in sys.path else None
     one = train_rl(config_lib.load(RLConfig, None, [*RL_ARGS, f"out={base / 'one'}"]), progress=False)
     _forked("rl", *RL_ARGS, f"out={base / 'two'}", "--no-progress")
     return one, base / "two"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,6 @@ from dirl.train.sft.config import SFTConfig
 from dirl.train.sft.loop import build_run, train_step
 
 pytest.importorskip("peft")
-TESTS = Path(__file__).resolve().parent
 SFT_ARGS = ["data.source=task:arithmetic", "data.limit=64", "data.max_length=64", "batch_size=6",
             "optim.lr=1e-2", "progress=false", "log_every=1", "save_every=2", "lora.r=4", "lora.alpha=8"]
 RL_ARGS = ["rewards.rl_rewards:digit_fraction=1.0", "rollout.num_prompts=2", "rollout.group_size=4",
@@ -78,7 +76,6 @@ def test_sft_lora_checkpoint_is_an_adapter_dir_and_resumes_exactly(tiny_checkpoi
 
 
 def test_rl_with_lora_reference_is_the_base_and_only_adapters_change(tiny_checkpoint, tmp_path):
-    sys.path.insert(0, str(TESTS)) if str(TESTS) not in sys.path else None
     cfg = config_lib.load(RLConfig, None, [*RL_ARGS, f"model={tiny_checkpoint}", f"out={tmp_path}"])
     run = build_rl_run(cfg)
     assert isinstance(run.learner.ref_model, BaseModelView) and run.learner.ref_model.lora_model is run.learner.model

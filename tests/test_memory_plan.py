@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from dirl import config as config_lib
 from dirl.model.sdar.config import SDARConfig, preset_config
 from dirl.cli import main as cli_main
 from dirl.commands.plan import model_config
-from dirl.memory_plan import GB, SFT_HEAD_TENSORS, Workload, fits, plan, rl_workload, sft_workload
+from dirl.memory_plan import GB, SFT_HEAD_TENSORS, Workload, decode_rows, fits, plan, rl_workload, sft_workload
 from dirl.train.rl.config import RLConfig
 from dirl.train.sft.config import SFTConfig
 
@@ -21,7 +22,7 @@ SDAR_DIR = next((p / "shared" / "sdar-8b-chat" for p in Path(__file__).resolve()
                  if (p / "shared" / "sdar-8b-chat" / "config.json").is_file()), None)
 needs_sdar = pytest.mark.skipif(SDAR_DIR is None, reason="../shared/sdar-8b-chat not available")
 SDAR_8B = SDARConfig()
-# `dirl bench memory` (BENCHMARKS.md "Memory"): step memory of the chunked head + backward at
+# `python -m benchmarks.memory` (BENCHMARKS.md "Memory"): step memory of the chunked head + backward at
 # N = 1k..4k scored tokens, V = 151,936, chunk 256, on CPU (max RSS above the pre-step RSS):
 # 526 MB through autograd (RL's policy distribution), 232 MB by the NELBO's own backward.
 MEASURED_HEAD_MB = 526.0
@@ -95,12 +96,16 @@ def test_checkpointing_cuts_activations_by_about_the_layer_count():
     assert 5 < without / with_ckpt < SDAR_8B.num_hidden_layers
 
 
-@pytest.mark.parametrize("max_new_tokens,max_batch_rows", [(2048, None), (8192, 16)])  # 8k: the config's note
-def test_the_8b_rl_config_fits_8x80gb(max_new_tokens, max_batch_rows):
+@pytest.mark.parametrize("max_new_tokens,live_rows", [(2048, 64), (8192, 28)])
+def test_the_8b_rl_config_fits_8x80gb(max_new_tokens, live_rows):
+    """Each rank decodes its 2 prompts x 32 rows; the KV budget (rollout.native.max_batch_tokens) keeps
+    the rollout phase in the device at 8k too."""
     cfg = config_lib.load(RLConfig, CONFIGS / "sdar-8b-rl.yaml", [])
-    if max_batch_rows:
-        cfg.rollout.native.max_batch_rows = max_batch_rows  # the config's note for 8k responses
-    assert fits(SDAR_8B, rl_workload(cfg, world=8, max_new_tokens=max_new_tokens), device_gb=80)
+    work = rl_workload(cfg, world=8, max_new_tokens=max_new_tokens)
+    assert decode_rows(work) == live_rows  # 245,760 // (512 + 8192) = 28
+    assert fits(SDAR_8B, work, device_gb=80)
+    unbudgeted = fits(SDAR_8B, dataclasses.replace(work, decode_tokens=0), device_gb=80, phase="rollout")
+    assert unbudgeted == (max_new_tokens == 2048)  # 64 rows at 8k would not fit
     assert cfg.compute.precision == "bf16-mixed" and cfg.compute.activation_checkpointing
 
 
@@ -140,12 +145,9 @@ def test_dirl_plan_needs_a_model_config(tmp_path, capsys):
 @needs_sdar
 @pytest.mark.parametrize("case", ["sft-lora", "rl-lora", "sft-full", "rl-full"])
 def test_plan_matches_the_measured_steady_state_peak(case, tmp_path):
-    """`dirl bench memory-plan`: a Qwen3-0.6B-shaped model trained by the real trainers on CPU in
+    """`python -m benchmarks.memory_plan`: a Qwen3-0.6B-shaped model trained by the real trainers on CPU in
     bf16-mixed; the peak RSS of the second step (above the pre-load RSS) within 15% of the plan.
     Needs ~4 GB (LoRA) / ~12 GB (full) free and minutes per case."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("memory_plan_bench", REPO / "benchmarks" / "memory_plan.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from benchmarks import memory_plan as bench
     result = bench.run_case(case, bench.make_checkpoint(tmp_path, SDAR_DIR), length=256)
     assert 0.85 <= result["ratio"] <= 1.15, result

@@ -13,7 +13,6 @@ from dirl.algo.nelbo import (FixedNoise, NoiseDraw, TokenBatch, draw_noise, mask
 from dirl.model.forward import ForwardOutput, Readout
 from dirl.model.layout.block_causal import multi_copy_meta
 from dirl.model.masks import dense_mask
-from dirl.model.forward import ForwardOutput, Readout
 from dirl.train.sft.data import collate, tokenize_example
 
 MASK_ID = 99

@@ -111,12 +111,8 @@ def test_bad_precision_is_a_config_error_naming_the_key():
 
 
 def test_rl_step_in_bf16_mixed_decodes_from_a_bf16_copy_and_changes_the_weights(tmp_path):
-    import sys
-    from pathlib import Path
-
     from dirl.train.rl.config import RLConfig
     from dirl.train.rl.loop import build_run, train_step
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # rl_rewards
     cfg = config_lib.load(RLConfig, None, [
         "model=init:tiny", f"out={tmp_path}", "rollout.num_prompts=2", "rollout.group_size=4",
         "rollout.sampling.max_new_tokens=8", "optim.lr=1e-3", "compute.precision=bf16-mixed",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,12 +24,10 @@ from dirl.train.rl.config import AlgoConfig
 from dirl.train.rl.update import Learner, policy_update
 
 REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
 REWARD = {"rl_rewards:digit_fraction": 1.0}
 
 
 def _cfg(out, **kw) -> RLConfig:
-    sys.path.insert(0, str(TESTS)) if str(TESTS) not in sys.path else None
     rollout = RolloutConfig(num_prompts=2, group_size=4, sampling=SamplingSpec(max_new_tokens=8),
                             **kw.pop("rollout", {}))
     algo = AlgoConfig(**kw.pop("algo", {"beta": 0.01}))
@@ -45,7 +42,6 @@ def _weights(run_dir: Path, name: str = "final") -> dict[str, torch.Tensor]:
 
 def test_cli_three_steps_change_the_policy(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    monkeypatch.syspath_prepend(str(TESTS))  # rl_rewards
     assert cli_main(["rl", "--config", str(REPO / "configs/tiny-rl.yaml"), f"out={out}", "max_steps=3",
                      "rewards.rl_rewards:digit_fraction=1.0", "--no-progress"]) == 0
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

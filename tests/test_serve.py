@@ -11,7 +11,6 @@ bounded in count and in time.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -333,7 +332,6 @@ def test_rl_through_the_server_matches_native(server, tmp_path, monkeypatch):
     from dirl.train.rl.loop import train_rl
 
     monkeypatch.setenv(KEY_ENV, KEY)
-    monkeypatch.syspath_prepend(os.path.dirname(__file__))  # tests/rl_rewards.py
 
     def run(backend: str):
         http = {"http": HttpOptions(url=server.url, api_key_env=KEY_ENV)} if backend == "http" else {}

@@ -4,17 +4,16 @@ The engine and batcher tests run in-process and are deterministic (the cancellat
 triggered from a forward hook, so "stops within one step" is counted exactly). The others
 start one real ``dirl serve`` process (tiny model, no KV cache so that a request can be made
 heavy) on a free loopback port. Every loop is bounded in count and time; no test asserts a
-duration (the latencies are measured by ``benchmarks/serve_limits.py``).
+duration (the latencies are measured by ``python -m benchmarks.serve_limits``).
 """
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import httpx
 import pytest
 
+# The attacker-style client (raw sockets) is shared with the benchmark that times these paths.
+from benchmarks import serve_limits as limits
 from dirl.engine.engine import Engine
 from dirl.rollout import SamplingParams
 from dirl.serve import ServeConfig
@@ -23,12 +22,6 @@ from dirl.serve.weights import live_tensors
 from serve_procs import BODY_LIMIT_MB, stop_server, take
 
 pytestmark = pytest.mark.integration  # processes: deselected by default, CI runs them
-
-REPO = Path(__file__).resolve().parents[1]
-# The attacker-style client (raw sockets) is shared with the benchmark that times these paths.
-_spec = importlib.util.spec_from_file_location("serve_limits", REPO / "benchmarks" / "serve_limits.py")
-limits = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(limits)
 
 
 def _forward_counter(model, cancel_at: int | None = None, on_cancel=None) -> list:

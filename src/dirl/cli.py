@@ -23,7 +23,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("dirl.commands.eval", "evaluate a checkpoint on a benchmark file"),
     "serve": ("dirl.commands.serve", "OpenAI-compatible server with live weight updates"),
     "plan": ("dirl.commands.plan", "the per-rank memory plan of an SFT / RL config: does it fit the GPUs?"),
-    "bench": ("dirl.commands.bench", "run a benchmark (engine, sft, rl, serve)"),
     "demo": ("dirl.commands.demo", "the embedded demo: SFT then DiPO on CPU"),
 }
 

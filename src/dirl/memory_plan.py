@@ -38,7 +38,7 @@ lower bound) -- at the peak of each phase. What the code holds, term by term:
 runs after the backward freed them) + cast_cache + reference + decode_weights (world 1) +
 gathered + head; ``rollout_peak`` = states less the gradients (freed after each step) +
 reference + decode_weights + kv_cache. The constants were checked against CPU measurements
-(``dirl bench memory``; BENCHMARKS.md "Memory", "Memory plan vs measured"). It is an estimate for
+(``python -m benchmarks.memory``; BENCHMARKS.md "Memory", "Memory plan vs measured"). It is an estimate for
 planning, not a guarantee: allocator fragmentation and the CUDA context (~1 GB) come on top
 (``MARGIN``).
 """
@@ -70,6 +70,14 @@ class Workload:
     lora_params: int = 0               # > 0: LoRA, the adapters' parameter count (the base frozen)
     foreach: bool = True               # AdamW's multi-tensor step (CUDA's default; CPU steps per tensor)
     head_tensors: float = HEAD_TENSORS  # (chunk, V) fp32 tensors of the head's backward
+    decode_tokens: int = 0             # rollout.<backend>.max_batch_tokens (0: no KV budget beyond the rows)
+
+
+def decode_rows(work: Workload) -> int:
+    """Rows the engine keeps live: ``decode_rows``, capped by the KV budget (at least one)."""
+    if not work.decode_tokens or not work.decode_len:
+        return work.decode_rows
+    return min(work.decode_rows, max(1, work.decode_tokens // work.decode_len))
 
 
 def _layer_params(cfg) -> int:
@@ -125,7 +133,7 @@ def plan(cfg, work: Workload) -> dict[str, float]:
         + 2 * work.scored * cfg.hidden_size * 4
     kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
     block = getattr(cfg, "block_size", 4) or 4
-    kv_cache = work.decode_rows * (work.decode_len * kv_per_token + block * cfg.vocab_size * 4)
+    kv_cache = decode_rows(work) * (work.decode_len * kv_per_token + block * cfg.vocab_size * 4)
     states = weights["masters"] + weights["grads"] + weights["adam"]
     held = weights["reference"] + (weights["decode_weights"] if not sharded else 0)
     out = {**weights, "states": states, "gathered": gathered, "activations": activations, "head": head,
@@ -171,12 +179,13 @@ def rl_workload(cfg, world: int, max_new_tokens: int | None = None, *, response_
     minibatch = max(1, rows // cfg.algo.num_minibatches) * row
     tokens = max(min(cfg.algo.micro_batch_tokens or minibatch, minibatch), row)
     native = cfg.rollout.backend == "native"
-    decode_rows = min(rows, getattr(cfg.rollout.backend_options(), "max_batch_rows", rows)) if native else 0
+    options = cfg.rollout.backend_options()
+    decode_rows = min(rows, getattr(options, "max_batch_rows", rows)) if native else 0
     return Workload(world=world, precision=_precision(cfg), tokens=tokens,
                     scored=max(1, int(tokens * response / row)), checkpointing=cfg.compute.activation_checkpointing,
                     head_chunk=cfg.compute.head_chunk_size, reference=cfg.algo.beta > 0, decode_rows=decode_rows,
                     decode_len=prompt_tokens + length, strategy=cfg.dist.strategy, lora_params=lora_params,
-                    foreach=foreach)
+                    foreach=foreach, decode_tokens=getattr(options, "max_batch_tokens", 0) if native else 0)
 
 
 def sft_workload(cfg, world: int, max_length: int | None = None, *, lora_params: int = 0,

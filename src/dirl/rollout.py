@@ -64,7 +64,7 @@ class SamplingParams(SamplingSpec):
     """A :class:`SamplingSpec` plus the per-call fields of ``Engine.generate``."""
 
     stop_ids: list[int] = field(default_factory=list)
-    n: int = 1                        # samples per prompt (they share the prompt's prefill)
+    n: int = 1                        # samples per prompt
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from dirl.errors import POSITIVE, check_fields
+from dirl.errors import NON_NEGATIVE, POSITIVE, check_fields
 from dirl.rollout import EngineOptions
 
 
@@ -19,10 +19,11 @@ from dirl.rollout import EngineOptions
 class NativeOptions(EngineOptions):  # + compile
     """The in-process engine on the trainer's own weights (:class:`~dirl.backends.native.NativeBackend`)."""
 
-    max_batch_rows: int = 256         # rows per engine forward (prompts x samples are chunked to it)
+    max_batch_rows: int = 256         # rows decoding at once (continuous batching refills finished ones)
+    max_batch_tokens: int = 0         # KV budget: live rows x (prompt + max_new_tokens + 2 blocks); 0 = rows only
 
     def __post_init__(self) -> None:
-        check_fields(self, {"max_batch_rows": POSITIVE})
+        check_fields(self, {"max_batch_rows": POSITIVE, "max_batch_tokens": NON_NEGATIVE})
 
 
 @dataclass

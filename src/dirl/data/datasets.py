@@ -32,7 +32,7 @@ from dirl.data.tasks import SPLITS, get_task
 from dirl.data.templates import DataError, render_prompt
 
 __all__ = [
-    "DataError", "load_rows", "load_sft_rows", "load_prompt_rows", "check_fields",
+    "load_rows", "load_sft_rows", "load_prompt_rows", "check_fields",
     "validate_sft_row", "validate_prompt_row", "sft_response", "to_sft_messages", "to_prompt_messages",
     "reward_prompt", "parse_task_source", "task_of", "Source",
 ]

@@ -14,9 +14,12 @@ query's limit is valid, the attention mask is a prefix per query
 (``slot < limit``), built once per forward -- no per-slot metadata.
 
 Memory follows the live rows (issue 19, design "compact when rows finish"):
-:meth:`select` drops finished rows and :meth:`reserve` grows the slot axis in
-chunks as the longest row needs it, both one layer at a time, so the transient
-overhead is one layer's worth and the resident size is the live rows' slots.
+:meth:`select` drops finished rows, :meth:`add_rows` appends joining ones and
+:meth:`reserve` grows the slot axis in chunks as the longest row needs it, each one
+layer at a time, so the transient overhead is one layer's worth and the resident
+size is the live rows' slots (``peak_bytes`` records it). A joining row mostly takes
+a finished row's place instead, with no copy: every slot below a query's limit is
+written (prefill, then blocks) before that query reads it.
 The model never owns this object; the engine passes a :class:`CacheStep` into
 each forward.
 """
@@ -54,6 +57,7 @@ class KVCache:
         # sizes that change (:meth:`CacheStep.mark_dynamic`). Off, torch._dynamo is never
         # imported (~70 MB of RSS) by an eager engine.
         self.for_compile = False
+        self.peak_bytes = 0  # the most bytes its layers held at once, a reshape's transient layer included
 
     @classmethod
     def for_model(cls, model, num_rows: int, max_slots: int) -> "KVCache":
@@ -83,7 +87,12 @@ class KVCache:
                 if self.capacity:
                     new[:, :, : self.capacity] = old[:, :, : self.capacity]
                 cache[i] = self._made(new)
+                self._note_peak(old)
         self.capacity = new_capacity
+
+    def _note_peak(self, old: torch.Tensor) -> None:
+        """While one layer is replaced, its old tensor is still alive beside the new one."""
+        self.peak_bytes = max(self.peak_bytes, self.num_bytes() + old.numel() * old.element_size())
 
     def _made(self, layer: torch.Tensor) -> torch.Tensor:
         """A new (R, Hkv, C + 1, D) layer tensor, marked once here rather than on every step."""
@@ -91,6 +100,12 @@ class KVCache:
             torch._dynamo.maybe_mark_dynamic(layer, 0)
             torch._dynamo.maybe_mark_dynamic(layer, 2)
         return layer
+
+    def add_rows(self, count: int) -> None:
+        """Append ``count`` rows (joining sequences); their slots are written before they are read."""
+        if count:
+            self._reindex(lambda t: torch.cat([t, t.new_zeros(count, *t.shape[1:])]))
+            self._shape = (self._shape[0] + count, *self._shape[1:])
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (finished sequences leave, and their memory with them)."""
@@ -109,6 +124,7 @@ class KVCache:
         for cache in (self.keys, self.values):
             for i, old in enumerate(cache):
                 cache[i] = self._made(fn(old))
+                self._note_peak(old)
                 del old
 
     def step(self, positions: torch.Tensor, valid: torch.Tensor | None, limit: torch.Tensor,

@@ -172,7 +172,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     the LM head; targets: (N,) -> logp (N,) fp32, differentiable in hidden and weight
     [, entropy (N,) fp32, not differentiable]. ``chunk_size <= 0``: the unchunked
     reference path, materialising the (N, V) logits (the old behaviour; tests and
-    ``dirl bench memory`` compare against it).
+    ``python -m benchmarks.memory`` compare against it).
     """
     if chunk_size <= 0:
         return _unchunked(hidden, weight, targets, logp_fn, with_entropy)

@@ -40,7 +40,7 @@ class ServeConfig(EngineOptions):
     api_key_env: str = "DIRL_API_KEY"  # environment variable holding the /update_weights key
     allow_updates: bool = True         # False (--no-updates): /update_weights answers 403, no key needed
     auth_completions: bool = False     # also require the key on /v1/* (not just on updates)
-    max_batch: int = 256               # rows (prompts x n) per engine call
+    max_batch: int = 256               # rows (prompts x n) decoding at once; finished rows are refilled
     max_n: int = 64
     max_prompts: int = 64              # prompts per /v1/completions request
     max_tokens_limit: int = 4096
@@ -50,7 +50,7 @@ class ServeConfig(EngineOptions):
     max_request_tokens: int = 65536    # compute budget per request: prompts x n x max_tokens
     max_body_mb: float = 4.0           # request body cap of the completion routes (413 above)
     max_update_mb: float = 0.0         # 0 = twice the model's state-dict size + 1 MiB
-    batch_wait_ms: float = 2.0         # collection window before an engine call
+    batch_wait_ms: float = 2.0         # collection window before an engine loop starts
     max_queue: int = 4096
     use_cache: bool = True
     num_threads: int = 0               # torch intra-op threads (0 = torch's default)

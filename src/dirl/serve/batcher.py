@@ -1,23 +1,24 @@
-"""One worker thread owns the engine; concurrent requests queue and run as batches.
+"""One worker thread owns the engine; concurrent requests join its running decode loop.
 
 Requests enter a FIFO queue with a :class:`concurrent.futures.Future`. The
-worker takes everything queued (after a short collection window), groups the
-generation jobs by their sampling parameters (the engine takes one
-:class:`SamplingParams` per call; the seed is not part of the key because the
-engine takes per-prompt seeds), and runs each group as one engine call. Because
-every prompt carries its own seed into the engine, which seeds each row's
-generator independently, a request decodes the same tokens whatever it is
-batched with.
+worker starts an engine loop (:meth:`Engine.decode`, continuous batching) on the
+first queued job, after a short collection window, and keeps feeding it: every
+time rows finish, the loop pulls the queue, and the jobs with the loop's
+sampling rule (the engine takes one rule per loop; seeds, ``n``, the
+token cap and stop ids are per row) join at the next forward
+instead of waiting for the loop to end. Because every row has its own seeded
+generator, a request decodes the same tokens whatever it is batched with and
+whenever it joins. A job resolves as soon as its last row finishes.
 
-Weight updates travel through the same queue and act as barriers: jobs queued
-before an update run on the old weights, jobs after it on the new ones, and the
-copy happens between two engine calls on this very thread -- so a request runs
-wholly on one weight version, and the version it ran on is returned with it.
+Weight updates travel through the same queue and act as barriers: the loop stops
+taking jobs at the first update it meets, drains, and the copy happens between
+two loops on this very thread -- so a request runs wholly on one weight version,
+and the version it ran on is returned with it. A job with other sampling
+parameters waits behind the loop the same way (FIFO order is kept).
 
 A job whose client went away is cancelled (:meth:`GenerateJob.cancel`, any thread):
-if it is still queued it never runs; if its engine call is under way, the engine
-drops its rows before the next denoising step (``Engine.generate(is_cancelled=)``),
-and the jobs sharing that call finish unchanged.
+if it is still queued it never runs; if its rows are decoding, the engine drops them
+before the next denoising step, and the jobs sharing the loop finish unchanged.
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ import dataclasses
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
 from dirl.engine.engine import Engine
+from dirl.engine.scheduler import RowRequest
 from dirl.rollout import Rollout, SamplingParams
 from dirl.serve import ServeConfig
 from dirl.serve.weights import apply_update
@@ -54,6 +57,8 @@ class GenerateJob:
     params: SamplingParams
     future: Future
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    results: list = dataclasses.field(default_factory=list)  # the rollouts, filled as its rows finish
+    remaining: int = 0                                         # rows not finished yet
 
     @property
     def rows(self) -> int:
@@ -79,10 +84,10 @@ class BatchResult:
 
 
 def params_key(params: SamplingParams) -> tuple:
-    """Jobs with equal keys can share one engine call (everything but the seed)."""
-    fields = dataclasses.asdict(dataclasses.replace(params, seed=0))
-    fields["stop_ids"] = tuple(sorted(set(fields["stop_ids"])))
-    return tuple(sorted(fields.items()))
+    """Jobs with equal keys can share one engine loop: the sampling rule. The seed, ``n``,
+    ``max_new_tokens`` and the stop ids are per row in the engine."""
+    fields = dataclasses.asdict(dataclasses.replace(params, seed=0, n=1, max_new_tokens=1, stop_ids=[]))
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in fields.items()))
 
 
 class Batcher:
@@ -97,6 +102,7 @@ class Batcher:
         self.running_jobs = 0  # jobs in the engine call under way (read by /health)
         self.stats = {"engine_calls": 0, "jobs": 0, "updates": 0, "cancelled_jobs": 0}
         self._queue: queue.Queue = queue.Queue(maxsize=cfg.max_queue)
+        self._held: deque = deque()  # items taken from the queue, not processed yet (FIFO)
         self._thread = threading.Thread(target=self._run, name="dirl-batcher", daemon=True)
 
     # -- client side (any thread) ---------------------------------------------------------------------
@@ -140,82 +146,47 @@ class Batcher:
     # -- worker side ------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        """Take items in FIFO order: an update applies between engine loops; a generation starts a
+        loop that keeps taking the queued jobs with its sampling parameters while it runs."""
         while True:
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            items, stop = self._collect(first)
-            self._process(items)
-            if stop:
-                return
-
-    def _collect(self, first) -> tuple[list, bool]:
-        """``first`` plus whatever arrives within the collection window (and is already queued)."""
-        items, deadline = [first], time.monotonic() + self.batch_wait_s
-        while True:
-            try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                return items, False
+            if not self._held:
+                self._held.append(self._queue.get())
+                self._collect()
+            item = self._held.popleft()
             if item is _STOP:
-                return items, True
-            items.append(item)
-
-    def _process(self, items: list) -> None:
-        """Run generation jobs in groups; updates are barriers between them (FIFO order kept)."""
-        segment: list[GenerateJob] = []
-        for item in items:
+                return
             if isinstance(item, UpdateJob):
-                self._run_generations(segment)
-                segment = []
                 self._apply(item)
-            else:
-                segment.append(item)
-        self._run_generations(segment)
+            elif item.future.set_running_or_notify_cancel() and not self._drop_if_cancelled(item):
+                self._run_loop(item)
 
-    def _run_generations(self, jobs: list[GenerateJob]) -> None:
-        # Drop jobs whose caller went away before spending compute on them.
-        jobs = [job for job in jobs if job.future.set_running_or_notify_cancel() and not self._drop_if_cancelled(job)]
-        groups: dict[tuple, list[GenerateJob]] = {}
-        for job in jobs:
-            groups.setdefault(params_key(job.params), []).append(job)
-        for group in groups.values():
-            chunk, rows = [], 0
-            for job in group:
-                if chunk and rows + job.rows > self.max_batch_rows:
-                    self._run_group(chunk)
-                    chunk, rows = [], 0
-                chunk.append(job)
-                rows += job.rows
-            self._run_group(chunk)
+    def _collect(self) -> None:
+        """Whatever arrives within the collection window joins the held items (a loop's first batch)."""
+        deadline = time.monotonic() + self.batch_wait_s
+        while self._held[-1] is not _STOP:
+            try:
+                self._held.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                return
 
-    def _run_group(self, jobs: list[GenerateJob]) -> None:
-        """One engine call for jobs with equal sampling params; split the rollouts back out."""
-        prompts = [p for job in jobs for p in job.prompts]
-        seeds = [s for job in jobs for s in job.seeds]
-        job_of_prompt = [job for job in jobs for _ in job.prompts]
-        self.running_jobs = len(jobs)
+    def _run_loop(self, first: GenerateJob) -> None:
+        """One engine loop: ``first`` and every later job with its sampling parameters, until the
+        queue holds none (or an update, a job with other parameters, or the stop comes first)."""
+        feed = _JobFeed(self, first)
         try:
-            rollouts = self.engine.generate(prompts, jobs[0].params, seeds,
-                                            is_cancelled=lambda i: job_of_prompt[i].cancelled.is_set())
-        except Exception as err:  # a failed call fails its requests, never the worker
-            for job in jobs:
+            self.engine.decode(feed, first.params)
+        except Exception as err:  # a failed loop fails its requests, never the worker
+            for job in feed.open_jobs():
                 job.future.set_exception(err)
-            return
         finally:
             self.running_jobs = 0
         self.stats["engine_calls"] += 1
-        self.stats["jobs"] += len(jobs)
-        offset, first_prompt = 0, 0
-        for job in jobs:
-            mine = rollouts[offset: offset + job.rows]
-            offset += job.rows
-            first_prompt += len(job.prompts)
-            if self._drop_if_cancelled(job):  # its rollouts may be None (rows dropped mid-way)
-                continue
-            for rollout in mine:
-                rollout.prompt_index -= first_prompt - len(job.prompts)
-            job.future.set_result(BatchResult(mine, self.weight_version))
+
+    def _finish(self, job: GenerateJob) -> None:
+        if self._drop_if_cancelled(job):  # its rollouts may be None (rows dropped mid-way)
+            return
+        self.stats["jobs"] += 1
+        job.future.set_result(BatchResult(job.results, self.weight_version))
 
     def _drop_if_cancelled(self, job: GenerateJob) -> bool:
         if not job.cancelled.is_set():
@@ -237,3 +208,71 @@ class Batcher:
         self.weight_version += 1
         self.stats["updates"] += 1
         job.future.set_result(self.weight_version)
+
+
+class _JobFeed:
+    """The rows of a running engine loop (a :class:`~dirl.engine.scheduler.Feed`).
+
+    Every time the loop has free rows it pulls the queue: jobs with the loop's sampling
+    parameters join (their rows wait in ``rows``) until the first item that cannot --
+    an update (the barrier: the loop drains, then the update applies), a job with other
+    parameters, the stop -- which stays at the head of the batcher's held items."""
+
+    def __init__(self, batcher: Batcher, first: GenerateJob):
+        self.batcher, self.key = batcher, params_key(first.params)
+        self.rows: deque[RowRequest] = deque()
+        self.jobs: dict[int, GenerateJob] = {}
+        self._add(first)
+
+    def _add(self, job: GenerateJob) -> None:
+        job.results, job.remaining = [None] * job.rows, job.rows
+        self.jobs[id(job)] = job
+        self.batcher.running_jobs = len(self.jobs)
+        for row in self.batcher.engine.rows(job.prompts, job.seeds, job.params):
+            row.owner = (job, row.owner)
+            self.rows.append(row)
+
+    def _pull(self) -> None:
+        held, batcher = self.batcher._held, self.batcher
+        while True:
+            try:
+                held.append(batcher._queue.get_nowait())
+            except queue.Empty:
+                break
+        while held and isinstance(held[0], GenerateJob) and params_key(held[0].params) == self.key:
+            job = held.popleft()
+            if job.future.set_running_or_notify_cancel() and not batcher._drop_if_cancelled(job):
+                self._add(job)
+
+    def open_jobs(self) -> list[GenerateJob]:
+        return list(self.jobs.values())
+
+    def take(self, count: int) -> list[RowRequest]:
+        self._pull()
+        out = []
+        while self.rows and len(out) < count:
+            row = self.rows.popleft()
+            if self.cancelled(row):
+                self.done(row, None)  # never started
+            else:
+                out.append(row)
+        return out
+
+    def put_back(self, rows: list[RowRequest]) -> None:
+        self.rows.extendleft(reversed(rows))
+
+    def cancelled(self, row: RowRequest) -> bool:
+        return row.owner[0].cancelled.is_set()
+
+    def done(self, row: RowRequest, rollout: Rollout | None) -> None:
+        job, index = row.owner
+        job.results[index] = rollout
+        job.remaining -= 1
+        if not job.remaining:
+            del self.jobs[id(job)]
+            self.batcher.running_jobs = len(self.jobs)
+            self.batcher._finish(job)
+
+    def exhausted(self) -> bool:
+        self._pull()
+        return not self.rows

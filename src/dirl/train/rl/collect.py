@@ -88,7 +88,7 @@ def collect(run: Collector, indices: list[int], step: int) -> tuple[list[Rollout
     texts = [tokenizer.decode(r.completion_ids) for r in rollouts]
     rows = run.rows
     columns = {key: [rows[i][key] for i in indices for _ in range(group)] for key in rows[indices[0] if indices else 0]}
-    # Rendered for the drawn rows only (rendering a 5,000-row task up front was ~60 ms a run),
+    # Rendered for the drawn rows only (a task may hold thousands of rows),
     # once a row: its G rollouts share the prompt.
     row_prompts = [reward_prompt(rows[i], run.template) for i in indices]
     prompts = [prompt for prompt in row_prompts for _ in range(group)]

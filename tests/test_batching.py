@@ -1,0 +1,190 @@
+"""Continuous batching (issue 29): rollouts independent of batch composition, full batches, bounded KV,
+and ``dirl serve``'s batcher feeding new requests into the running loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dirl.engine.engine import Engine
+from dirl.engine.kv_cache import KVCache
+from dirl.rollout import SamplingParams
+from dirl.serve import ServeConfig
+from dirl.serve.batcher import Batcher
+from dirl.serve.weights import live_tensors
+
+B = 4
+
+
+@pytest.fixture
+def peaky_model(tiny_model):
+    with torch.no_grad():
+        tiny_model.lm_head.weight.mul_(20.0)
+    return tiny_model
+
+
+def _prompts(lengths, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, 100, (n,), generator=gen).tolist() for n in lengths]
+
+
+def _row_counts(model) -> list[int]:
+    """The rows of every model call."""
+    rows: list[int] = []
+    model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    return rows
+
+
+def _key(rollouts):
+    return [(r.token_ids, r.steps, r.num_tokens, r.finish_reason, r.num_forwards, r.prompt_index, r.sample_index)
+            for r in rollouts]
+
+
+def test_block_size_8_rows_do_not_depend_on_batch_rows(make_tiny_model):
+    """Any block size: B = 8, rows at 1 and 5 and uncached give the same rollouts."""
+    model = make_tiny_model(block_size=8)
+    prompts = _prompts((5, 8, 3, 12, 17))
+    params = SamplingParams(max_new_tokens=20, temperature=1.0, threshold=0.3, seed=4, n=2)
+    reference = Engine(model, use_cache=False).generate(prompts, params)
+    for options in ({"max_batch_rows": 1}, {"max_batch_rows": 5}, {"max_batch_rows": 5, "use_cache": False}):
+        assert _key(Engine(model, **options).generate(prompts, params)) == _key(reference), options
+
+
+def _stop_params(model, prompts) -> SamplingParams:
+    """Sampled decoding with a stop token some rows produce early and others never: rows of very
+    different lengths, so rows leave and join all the time."""
+    params = SamplingParams(max_new_tokens=24, temperature=1.0, threshold=0.3, seed=9, n=2)
+    free = [set(r.completion_ids[4:]) for r in Engine(model).generate(prompts, params)]
+    params.stop_ids = [next(t for t in sorted(set.union(*free)) if 0 < sum(t in f for f in free) < len(free) // 2)]
+    return params
+
+
+def test_rollouts_do_not_depend_on_batch_rows_cache_or_schedule(peaky_model):
+    """Same prompts and seeds: identical tokens, step ids, log-probs at 1, 3 and 16 rows, cached
+    and uncached, continuous and chunked, and with prefills split over several forwards."""
+    prompts = _prompts((5, 8, 3, 12, 11, 6, 17))
+    params = _stop_params(peaky_model, prompts)
+    reference = Engine(peaky_model, use_cache=False, max_batch_rows=16).generate(prompts, params)
+    assert {r.finish_reason for r in reference} == {"stop", "length"}
+    runs = [{"use_cache": cache, "max_batch_rows": rows} for cache in (True, False) for rows in (1, 3, 16)
+            if cache or rows != 16]  # (uncached at 16 rows is the reference)
+    runs += [{"max_batch_rows": 3, "batching": "chunked"}, {"max_batch_rows": 3, "prefill_chunk": B}]
+    for options in runs:
+        got = Engine(peaky_model, **options).generate(prompts, params)
+        assert _key(got) == _key(reference), options
+        for x, y in zip(got, reference):
+            torch.testing.assert_close(torch.tensor(x.logps), torch.tensor(y.logps), atol=1e-5, rtol=0)
+
+
+def test_finished_rows_are_replaced_at_the_next_forward(peaky_model):
+    """3 rows for 14: every forward runs 3 rows until nothing waits, then the batch only drains;
+    every row of every call denoises (whole prefills ride along); fewer calls than chunked."""
+    prompts = _prompts((5, 8, 3, 12, 11, 6, 17))
+    params = _stop_params(peaky_model, prompts)
+    rows = _row_counts(peaky_model)
+    rollouts = Engine(peaky_model, max_batch_rows=3, prefill_chunk=64).generate(prompts, params)
+    continuous = list(rows)
+    assert sum(continuous) == sum(r.num_forwards for r in rollouts)  # no idle row in any forward
+    first_short = next(i for i, n in enumerate(continuous) if n < 3)
+    tail = continuous[first_short:]
+    assert tail == sorted(tail, reverse=True)  # once short, it only drains
+    rows.clear()
+    Engine(peaky_model, max_batch_rows=3, batching="chunked").generate(prompts, params)
+    assert len(continuous) < len(rows)
+
+
+def test_a_long_prompt_prefills_over_several_forwards_while_others_decode(peaky_model):
+    """prefill_chunk 16 at a full batch of 2: the 40 clean tokens of a 41-token prompt go in over
+    three forwards beside the other row's steps; its rollout is the same as alone."""
+    prompts = _prompts((3, 41))
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, unmasking="sequential")
+    alone = Engine(peaky_model).generate(prompts[1:], params)
+    widths: list[int] = []
+    peaky_model.register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[1]))
+    got = Engine(peaky_model, prefill_chunk=16, max_batch_rows=2).generate(prompts, params)
+    assert _key(got[1:]) == [(*k[:5], 1, 0) for k in _key(alone)]
+    assert widths[:3] == [16 + B, 16 + B, 8 + B]  # 16 + 16 + 8 clean tokens, each beside a block
+    assert len(widths) == 2 + got[1].num_forwards  # its counter starts in the forward that ends its prefill
+    widths.clear()  # one row live of 4: it may write 4x as many, the whole prompt at once
+    assert _key(Engine(peaky_model, prefill_chunk=16, max_batch_rows=4).generate(prompts[1:], params)) == _key(alone)
+    assert widths[0] == 40 + B
+
+
+def test_kv_budget_caps_live_rows_and_peak_memory_follows_them(make_tiny_model):
+    """max_batch_tokens = 3 rows' slots: never more than 3 rows; the cache's peak (one layer's
+    transient included) is within 1.2x the theoretical cache of the rows live (8 layers)."""
+    model = make_tiny_model(num_hidden_layers=8)
+    prompts = _prompts((5, 8, 3, 12, 11, 6))
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, threshold=0.3, seed=2, n=2)
+    slots = max(len(p) for p in prompts) + params.max_new_tokens + 2 * B
+    rows, caches = _row_counts(model), []
+    original = KVCache.for_model
+    KVCache.for_model = classmethod(lambda cls, *a: caches.append(original(*a)) or caches[-1])
+    try:
+        got = Engine(model, max_batch_rows=16, max_batch_tokens=3 * slots).generate(prompts, params)
+    finally:
+        KVCache.for_model = original
+    assert max(rows) == 3 and len(got) == 12
+    assert _key(got) == _key(Engine(model, max_batch_rows=16).generate(prompts, params))
+    cfg = model.config
+    per_row = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4 * slots  # fp32
+    assert 0.8 * 3 * per_row <= caches[0].peak_bytes <= 1.2 * 3 * per_row  # ~3 rows, never more
+
+
+# -- serving: new requests join the running loop ----------------------------------------------------------
+
+
+def test_a_request_joins_the_running_loop_and_finishes_first(tiny_model):
+    """A long job is decoding; a short one submitted mid-run joins the same engine loop (one call),
+    returns before the long one ends, and decodes exactly as alone."""
+    long_params = SamplingParams(max_new_tokens=64, n=2, seed=1, stop_ids=[])
+    short = [[7, 8, 9]]
+    short_params = SamplingParams(max_new_tokens=8, seed=1, stop_ids=[])
+    expected = Engine(tiny_model).generate(short, short_params, seeds=[11])
+    batcher = Batcher(tiny_model, live_tensors(tiny_model), ServeConfig(batch_wait_ms=0, max_batch=8))
+    jobs, order = [], []
+    calls: list[int] = []
+
+    def hook(*_):
+        calls.append(1)
+        if len(calls) == 5:  # on the worker thread, mid-loop
+            jobs.append(batcher.submit_generate(short, [11], short_params))
+            jobs[-1].future.add_done_callback(lambda f: order.append(("short", len(calls))))
+
+    tiny_model.register_forward_hook(hook)
+    batcher.start()
+    try:
+        jobs.append(batcher.submit_generate([[1, 2, 3, 4, 5]], [0], long_params))
+        jobs[0].future.add_done_callback(lambda f: order.append(("long", len(calls))))
+        long_result = jobs[0].future.result(timeout=120)
+        short_result = jobs[1].future.result(timeout=120)
+    finally:
+        batcher.close()
+    assert [name for name, _ in order] == ["short", "long"]
+    assert [r.token_ids for r in short_result.rollouts] == [r.token_ids for r in expected]
+    assert len(long_result.rollouts) == 2
+
+
+def test_an_update_is_a_barrier_for_the_running_loop(tiny_model):
+    """Jobs queued after an update never join the loop that runs on the old weights."""
+    params = SamplingParams(max_new_tokens=32, seed=1, stop_ids=[])
+    batcher = Batcher(tiny_model, live_tensors(tiny_model), ServeConfig(batch_wait_ms=0, max_batch=8))
+    new_weights = {name: t.clone() for name, t in live_tensors(tiny_model).items()}
+    futures = {}
+
+    def hook(*_):
+        if "update" not in futures:
+            futures["update"] = batcher.submit_update(new_weights)
+            futures["after"] = batcher.submit_generate([[4, 5, 6]], [3], params).future
+
+    handle = tiny_model.register_forward_hook(hook)
+    batcher.start()
+    try:
+        before = batcher.submit_generate([[1, 2, 3]], [0], params).future.result(timeout=120)
+        assert futures["update"].result(timeout=120) == 1
+        after = futures["after"].result(timeout=120)
+    finally:
+        handle.remove()
+        batcher.close()
+    assert (before.weight_version, after.weight_version) == (0, 1)
+    assert batcher.stats["engine_calls"] == 2
