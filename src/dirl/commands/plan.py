@@ -33,10 +33,10 @@ def model_config(spec: str, lora=None):
 
     from dirl.model.checkpoint import build_model, load_config
     from dirl.model.factory import InitConfig, build_tokenizer
-    from dirl.model.families import get_family
+    from dirl.model.families import DEFAULT_FAMILY, get_family
     from dirl.model.loading import INIT_PREFIX
     if spec.startswith(INIT_PREFIX):
-        family, tokenizer = get_family("sdar"), build_tokenizer("char")
+        family, tokenizer = get_family(DEFAULT_FAMILY), build_tokenizer("char")
         preset = spec[len(INIT_PREFIX):]
         if preset not in family.presets:
             raise UserError(f"model={spec}: unknown preset; choose from {sorted(family.presets)}")
