@@ -48,7 +48,7 @@ def test_readme_commands_are_parsed_by_hand():
     text = "x\n```bash\ndirl init --out a   # note\n# comment\nmake demo  # readme: skip\n" \
            "dirl eval --model DIR\ntorchrun a \\\n  b\n```\n```python\nprint(1)\n```\n"
     assert readme_commands(text) == [("dirl init --out a   # note", "run"), ("make demo  # readme: skip", "skip"),
-                                     ("dirl eval --model DIR", "template"), ("torchrun a   b", "run")]
+                                     ("dirl eval --model DIR", "template"), ("torchrun a  b", "run")]
 
 
 @pytest.mark.integration
