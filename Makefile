@@ -11,6 +11,11 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch first: an unpinned torch would pull several GB of CUDA packages.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# Bubblewrap isolates the code rewards' programs (src/dirl/rewards/sandbox.py). Installed when
+	# we are root with apt-get; otherwise the sandbox falls back (unshare, then rlimits) with a warning.
+	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& (apt-get update -qq && apt-get install -y -qq bubblewrap) >/dev/null 2>&1; } \
+		|| echo "note: bubblewrap not installed; code rewards will run in a weaker sandbox"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -9,7 +9,7 @@ Prints ``name=value`` lines, side by side in one run:
   ``--rl-length`` tokens (exact trace, micro-batches of ``--budget`` tokens, checkpointed);
 * ``engine_bf16_tokens_per_s`` -- KV-cached decoding in bf16 (a bf16 copy of the weights, as
   the native backend decodes bf16-mixed runs) and ``engine_bf16_copy_s``, that copy's cost;
-* issue 29's throughput workload (``dirl bench engine``'s: 64 prompts x 4, heavy-tailed
+* issue 29's throughput workload (``python -m benchmarks.engine``'s: 64 prompts x 4, heavy-tailed
   lengths) on that bf16 copy at ``max_batch_rows`` 128, continuous vs chunked batching:
   ``batch_occupancy_*``, ``calls_vs_ideal_*``, ``tokens_per_s_*`` (wall clock), and
   ``kv_peak_vs_live_*``, the cache's peak bytes over the theoretical cache of the most
@@ -115,7 +115,7 @@ def engine_numbers(model, device) -> dict[str, float]:
 
 
 def throughput_numbers(model, device, rows: int = 128) -> dict[str, float]:
-    """The heavy-tailed workload of ``dirl bench engine`` at ``rows``, continuous vs chunked, bf16."""
+    """The heavy-tailed workload of ``python -m benchmarks.engine`` at ``rows``, continuous vs chunked, bf16."""
     from benchmarks import _engine_throughput as throughput
 
     decode = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)

@@ -38,13 +38,25 @@ def _qwen_tokenizer():
     return hf
 
 
-@pytest.fixture
-def qwen_dir(tmp_path):
-    """A tiny random Qwen3ForCausalLM saved by transformers, embedding rows == tokenizer size."""
+def _as_transformers4(directory):
+    """Rewrite a config.json saved by transformers 5 the way transformers 4 spells it: ``rope_theta``
+    and ``torch_dtype`` at the top level (no ``rope_parameters`` / ``dtype``)."""
+    data = json.loads((directory / "config.json").read_text())
+    rope = data.pop("rope_parameters")
+    assert rope["rope_type"] == "default"
+    data.update(rope_theta=rope["rope_theta"], torch_dtype=data.pop("dtype"), transformers_version="4.52.4")
+    (directory / "config.json").write_text(json.dumps(data, indent=2))
+
+
+@pytest.fixture(params=["transformers5", "transformers4"])
+def qwen_dir(tmp_path, request):
+    """A tiny random Qwen3ForCausalLM saved by transformers, embedding rows == tokenizer size, RoPE theta
+    5000 (neither Qwen3's default nor SDAR's), its config.json in each transformers format."""
     hf_tokenizer = _qwen_tokenizer()
     cfg = transformers.Qwen3Config(vocab_size=len(hf_tokenizer), hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                   eos_token_id=0, pad_token_id=0, bos_token_id=0, tie_word_embeddings=False)
+                                   eos_token_id=0, pad_token_id=0, bos_token_id=0, tie_word_embeddings=False,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
     torch.manual_seed(0)
     model = transformers.Qwen3ForCausalLM(cfg)
     with torch.no_grad():  # random norm gains, so a misplaced norm cannot hide behind all-ones
@@ -54,6 +66,8 @@ def qwen_dir(tmp_path):
     directory = tmp_path / "qwen3"
     model.save_pretrained(str(directory))
     hf_tokenizer.save_pretrained(str(directory))
+    if request.param == "transformers4":
+        _as_transformers4(directory)
     return directory
 
 
@@ -69,6 +83,9 @@ def test_convert_keeps_the_ar_model_and_sft_trains_it(qwen_dir, tmp_path):
     vocab = json.loads((qwen_dir / "config.json").read_text())["vocab_size"]
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["model_type"], cfg["architectures"]) == ("sdar", ["SDARForCausalLM"])
+    # SDAR's (transformers 4) spelling, whichever format the source used
+    assert (cfg["rope_theta"], cfg["torch_dtype"], cfg["head_dim"]) == (5000.0, "float32", 8)
+    assert "rope_parameters" not in cfg and "dtype" not in cfg
     assert (cfg["block_size"], cfg["mask_token_id"], cfg["vocab_size"]) == (4, vocab, vocab + 1)
     assert (out / "generation_config.json").exists()
     state = load_file(str(out / "model.safetensors"))
@@ -87,6 +104,10 @@ def test_convert_keeps_the_ar_model_and_sft_trains_it(qwen_dir, tmp_path):
         theirs = hf(input_ids=ids, position_ids=pos).logits  # (B, T, V)
     max_diff = (ours[..., :vocab] - theirs).abs().max().item()
     assert max_diff <= 1e-5, max_diff
+    import dirl  # noqa: F401 -- registers dirl's classes: transformers loads the output with no remote code
+    auto = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        assert torch.equal(auto(ids).logits, model(ids, pos, TokenMeta.clean(pos, 4)).logits)
 
     run = tmp_path / "sft"
     assert cli_main(["sft", f"model={out}", f"out={run}", "data.source=task:arithmetic", "data.limit=64",
@@ -113,10 +134,32 @@ def test_convert_with_remote_code_loads_in_transformers(qwen_dir, tmp_path):
     (sdar / "configuration_sdar.py").write_text(
         "from transformers import PretrainedConfig\n\n\nclass SDARConfig(PretrainedConfig):\n"
         "    model_type = 'sdar'\n")
-    (sdar / "config.json").write_text(json.dumps({"model_type": "sdar", "auto_map": {
+    (sdar / "config.json").write_text(json.dumps({"model_type": "sdar", "fuse_cross_entropy": True,
+                                                  "hidden_size": 4096, "auto_map": {
         "AutoConfig": "configuration_sdar.SDARConfig"}}))
     out = tmp_path / "out"
     assert cli_main(["convert", str(qwen_dir), "--out", str(out), f"remote_code={sdar}"]) == 0
     assert (out / "configuration_sdar.py").read_bytes() == (sdar / "configuration_sdar.py").read_bytes()
-    hf_config = transformers.AutoConfig.from_pretrained(str(out), trust_remote_code=True)
+    # The remote code named by auto_map loads (transformers' Auto classes prefer dirl's registered
+    # class once `import dirl` ran -- transformers' rule for explicitly registered code -- so fetch it directly).
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    auto_map = json.loads((out / "config.json").read_text())["auto_map"]
+    remote_cls = get_class_from_dynamic_module(auto_map["AutoConfig"], str(out))
+    hf_config = remote_cls.from_pretrained(str(out))
     assert type(hf_config).__name__ == "SDARConfig" and hf_config.block_size == 4
+    # the fields SDAR's code reads that Qwen3 lacks come along; the model's own shape stays
+    assert hf_config.fuse_cross_entropy is True and hf_config.hidden_size == 32
+    assert json.loads((out / "config.json").read_text())["auto_map"] == {"AutoConfig": "configuration_sdar.SDARConfig"}
+
+
+def test_qwen3_defaults_are_transformers_own():
+    """An absent field means what transformers' Qwen3Config makes of it (not SDAR's default)."""
+    from dirl.model.sdar.convert import QWEN3_DEFAULTS, qwen3_fields
+
+    theirs = transformers.Qwen3Config()
+    for name, value in QWEN3_DEFAULTS.items():
+        expected = theirs.rope_parameters["rope_theta"] if name == "rope_theta" else getattr(theirs, name)
+        assert value == expected, name
+    assert qwen3_fields({"model_type": "qwen3", "hidden_size": 64})["head_dim"] == 128
+

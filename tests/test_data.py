@@ -33,7 +33,7 @@ SHARED_COUNTS = {
     "aime25": 30, "olympiadbench": 675, "countdown_test": 256, "sudoku4x4_test": 500, "humaneval": 164,
 }
 # Length bounds documented in dirl/data/tasks.py for the default parameters.
-BOUNDS = {"arithmetic": (10, 40), "countdown": (40, 64), "sudoku": (16, 33)}
+BOUNDS = {"arithmetic": (10, 40), "countdown": (40, 64), "sudoku": (16, 33), "code": (36, 14)}
 
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared/data not present")
 
@@ -255,7 +255,7 @@ def test_task_deterministic_and_seeded(name: str) -> None:
     assert a == b
     assert [r["question"] for r in a] != [r["question"] for r in c]
     assert len({r["question"] for r in a}) == 200  # distinct within a split
-    assert task.reward in {"gsm8k", "countdown", "sudoku"} and task.prompt_template == "plain"
+    assert task.reward in {"gsm8k", "countdown", "sudoku", "code"} and task.prompt_template == "plain"
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))

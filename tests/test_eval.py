@@ -129,7 +129,7 @@ class OracleBackend:
         return rollouts
 
 
-@pytest.mark.parametrize("task", ["arithmetic", "countdown", "sudoku"])
+@pytest.mark.parametrize("task", ["arithmetic", "countdown", "sudoku", "code"])
 def test_oracle_completions_score_accuracy_one(task, tokenizer):
     """Gold responses through the real reward plumbing (task columns included) are all correct."""
     cfg = EvalConfig(data=f"task:{task}:test", limit=6, batch_size=4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -115,7 +116,8 @@ def test_adapter_directory_is_peft_format_and_merges_into_a_full_checkpoint(lora
     assert not (adapter_dir / "model.safetensors").exists()
     adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     assert (adapter_config["peft_type"], adapter_config["r"], adapter_config["lora_alpha"]) == ("LORA", 4, 8)
-    assert adapter_config["base_model_name_or_path"] == str(tiny_checkpoint.resolve())
+    assert adapter_config["task_type"] == "CAUSAL_LM"  # PEFT's task type; the base relative to the adapters
+    assert adapter_config["base_model_name_or_path"] == os.path.relpath(tiny_checkpoint.resolve(), adapter_dir.resolve())
     assert sorted(adapter_config["target_modules"]) == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as f:
@@ -123,8 +125,12 @@ def test_adapter_directory_is_peft_format_and_merges_into_a_full_checkpoint(lora
     assert len(names) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in names
 
-    peft = pytest.importorskip("peft")  # PEFT itself reads the directory onto the plain base
-    peft_model = peft.PeftModel.from_pretrained(load_pretrained(tiny_checkpoint)[0], str(adapter_dir))
+    peft = pytest.importorskip("peft")  # PEFT itself reads the directory onto the HF class of the base
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_checkpoint))  # dirl's class, registered by `import dirl`
+    peft_model = peft.PeftModel.from_pretrained(base, str(adapter_dir))
+    assert type(peft_model).__name__ == "PeftModelForCausalLM"
     theirs = dict(peft_model.base_model.model.named_parameters())
     ours = {n: p for n, p in lora_model.named_parameters() if "lora_" in n}
     assert ours.keys() <= theirs.keys() and all(torch.equal(p, theirs[n]) for n, p in ours.items())
@@ -171,6 +177,7 @@ def test_bf16_mixed_lora_holds_the_base_in_bf16_shared_with_the_engine(tiny_chec
 
     compute, lora = precision.ComputeConfig(precision="bf16-mixed"), LoraConfig(r=4, alpha=8)
     assert precision.load_dtype(compute, "cpu", LoraConfig()) == "float32"  # full fine-tuning: fp32 masters
+    torch.manual_seed(0)  # peft draws lora_A from the global generator: the same adapters in any test order
     model, _ = load_model_spec(str(tiny_checkpoint), dtype=precision.load_dtype(compute, "cpu", lora), lora=lora)
     precision.configure(model, compute)
     assert all(p.dtype == (torch.float32 if "lora_" in n else torch.bfloat16) for n, p in model.named_parameters())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from dirl.model.tokenizer import CHAR_SPECIALS, MASK_TOKEN, char_tokenizer, load_tokenizer
@@ -65,6 +67,32 @@ def test_real_qwen_tokenizer(sdar_tokenizer, tmp_path):
     assert len(ids) < len(text) and tok.decode(ids) == text  # BPE merges, lossless
     rendered = tok.apply_chat_template([{"role": "user", "content": "hello"}])
     assert "<|im_start|>user" in rendered and rendered.rstrip().endswith("<|im_start|>assistant")
-    tok.save(tmp_path)  # writes a standalone tokenizer.json
+    tok.save(tmp_path)  # unchanged: the source's files, byte for byte
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(tok.source_files)
+    assert all((tmp_path / name).read_bytes() == content for name, content in tok.source_files.items())
     again = load_tokenizer(tmp_path)
     assert again.encode(text) == ids and again.mask_token_id == 151669
+
+
+def test_a_changed_tokenizer_is_written_portably(tokenizer, tmp_path):
+    """The char tokenizer (no source files) and a tokenizer that gained a token are written by
+    transformers, with a tokenizer_config.json transformers 4 reads too (no 5.x-only class)."""
+    from dirl.model.tokenizer import Tokenizer
+
+    loaded = load_tokenizer(_saved(tokenizer, tmp_path / "a"))
+    assert loaded.unchanged()
+    loaded.hf.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
+    assert not loaded.unchanged()
+    out = _saved(loaded, tmp_path / "b")
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and "extra_special_tokens" not in config
+    again = load_tokenizer(out)
+    assert again.encode("<|new|>1+2") == loaded.encode("<|new|>1+2") and again.vocab_size == tokenizer.vocab_size + 1
+    assert again.decode(again.encode("<|user|>hi")) == "hi"  # still special
+    assert isinstance(again, Tokenizer)
+
+
+def _saved(tok, directory):
+    directory.mkdir()
+    tok.save(directory)
+    return directory

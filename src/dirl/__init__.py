@@ -8,11 +8,17 @@ The Python API (names are imported on first use, so ``import dirl`` and the CLI 
 * models and decoding: ``load_model`` (-> model, tokenizer), ``Engine``, ``SamplingSpec``,
   ``SamplingParams``, ``generate``, ``evaluate`` (held-out accuracy with any reward);
 * rewards: ``compute_rewards``, ``register_reward``, ``available_rewards``, ``RewardError``.
+
+Importing ``dirl`` registers every model family with transformers' ``AutoConfig`` and
+``AutoModelForCausalLM`` (:mod:`dirl.model.hf`), so ``AutoModelForCausalLM.from_pretrained(dir)``
+loads a dirl checkpoint without remote code.
 """
 
 from __future__ import annotations
 
 import importlib
+
+from dirl.model.hf_hook import install_import_hook
 
 __version__ = "0.1.0"
 
@@ -41,6 +47,8 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
+
+install_import_hook()
 
 
 def __getattr__(name: str):

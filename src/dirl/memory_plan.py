@@ -81,14 +81,22 @@ def decode_rows(work: Workload) -> int:
 
 
 def _layer_params(cfg) -> int:
+    """The largest decoder layer (an MoE config says: ``max_layer_parameters``, all its experts)."""
+    if hasattr(cfg, "max_layer_parameters"):
+        return cfg.max_layer_parameters()
     h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     return h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size
 
 
 def layer_bytes_per_token(cfg, compute_bytes: int) -> int:
-    """Intermediates of one decoder layer per token (forward + their gradients in backward)."""
+    """Intermediates of one decoder layer per token (forward + their gradients in backward).
+
+    The MLP's are ``3 x intermediate_size`` (gate / up / product); an MoE config gives its own
+    count (``mlp_activations_per_token``: the top-k experts' and the shared expert's, the routed
+    copies of the token and the router's scores), the largest over its layers."""
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    forward = 4 * cfg.hidden_size + 2 * q + 2 * kv + 3 * cfg.intermediate_size  # norms, q/k/v/out, gate/up/act
+    mlp = cfg.mlp_activations_per_token() if hasattr(cfg, "mlp_activations_per_token") else 3 * cfg.intermediate_size
+    forward = 4 * cfg.hidden_size + 2 * q + 2 * kv + mlp  # norms, q/k/v/out, the MLP
     return 2 * forward * compute_bytes
 
 
@@ -142,7 +150,13 @@ def plan(cfg, work: Workload) -> dict[str, float]:
                                                         activations + head + weights["cast_cache"]))
     out["rollout_peak"] = (states - weights["grads"] + weights["reference"] + weights["decode_weights"]
                            + kv_cache) if work.decode_rows else 0.0
-    return {k: v / GB for k, v in out.items()}
+    result = {k: v / GB for k, v in out.items()}
+    # Parameter counts (billions, not GB): a mixture of experts holds and trains all of them
+    # (``states``, ``decode_weights``) but runs ``params_active`` per token (``activations``).
+    result["params_total_b"] = cfg.num_parameters() / 1e9
+    result["params_active_b"] = (cfg.num_active_parameters() if hasattr(cfg, "num_active_parameters")
+                                 else cfg.num_parameters()) / 1e9
+    return result
 
 
 def fits(cfg, work: Workload, device_gb: float = 80.0, phase: str = "both") -> bool:
@@ -161,17 +175,19 @@ def _precision(cfg) -> str:
     return cfg.compute.precision if cfg.compute.precision != "auto" else "bf16-mixed"
 
 
-def rl_workload(cfg, world: int, max_new_tokens: int | None = None, *, response_tokens: float | None = None,
-                prompt_tokens: int = PROMPT_TOKENS, copies: float = WORST_COPIES_PER_TOKEN,
-                lora_params: int = 0, foreach: bool = True) -> Workload:
+def rl_workload(cfg, world: int, max_new_tokens: int | None = None, block_size: int | None = None, *,
+                response_tokens: float | None = None, prompt_tokens: int = PROMPT_TOKENS,
+                copies: float | None = None, lora_params: int = 0, foreach: bool = True) -> Workload:
     """The workload of an :class:`~dirl.train.rl.config.RLConfig` (``max_new_tokens`` overrides the config's).
 
     The engine decodes this rank's prompts x group rows at once, at most ``max_batch_rows``,
     each ``prompt_tokens + max_new_tokens`` long. The update scores this rank's rows of one
     mini-batch in micro-batches of ``algo.micro_batch_tokens``; a trace row is
-    ``prompt + (1 + copies) x response`` tokens (``copies``: states per committed token, worst
-    case the block size, one token per step) with ``response_tokens`` the responses' mean
+    ``prompt + (1 + copies) x response`` tokens (``copies``: states per committed token; default
+    the worst case, one token per step: B copies of B tokens per block of B, B = ``block_size``
+    (the model's), else the config's, else 4) with ``response_tokens`` the responses' mean
     length (default: ``max_new_tokens``), and is never split, so a micro-batch holds at least one."""
+    copies = copies or block_size or cfg.block_size or WORST_COPIES_PER_TOKEN
     length = max_new_tokens or cfg.rollout.sampling.max_new_tokens
     response = min(length, response_tokens if response_tokens is not None else length)
     rows = max(1, -(-cfg.rollout.num_prompts // max(1, world))) * cfg.rollout.group_size

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 from dirl.errors import (FINITE_NON_NEGATIVE, NON_NEGATIVE, OPEN_UNIT_INTERVAL, POSITIVE, UNIT_INTERVAL, UserError,
                          check_fields, one_of)
 
-UNMASKING = ("dynamic", "static", "sequential")
+UNMASKING = ("dynamic", "static", "sequential", "threshold_schedule")
 
 
 @dataclass
@@ -44,9 +44,9 @@ class SamplingSpec(PolicyDist):
     """How responses are decoded: the distribution, their length and the unmasking rule."""
 
     max_new_tokens: int = 64
-    unmasking: str = "dynamic"        # dynamic | static | sequential
-    threshold: float = 0.9            # dynamic: commit every position with confidence >= threshold
-    steps_per_block: int = 4          # static: forwards per block
+    unmasking: str = "dynamic"        # dynamic | static | sequential | threshold_schedule (LLaDA2's rule)
+    threshold: float = 0.9            # dynamic: commit every position with confidence >= threshold (> for threshold_schedule)
+    steps_per_block: int = 4          # static, threshold_schedule: forwards per block
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,7 +1,8 @@
 """``dirl merge ADAPTER_DIR --out DIR [--base BASE]``: LoRA adapters folded into their base.
 
 The base is ``--base`` or the adapter config's ``base_model_name_or_path`` (a
-checkpoint directory, or the ``init:<preset>`` spec a run started from). The
+checkpoint directory relative to the adapter directory, or the ``init:<preset>``
+spec a run started from). The
 output is a full checkpoint written like any other save -- faithful to the base
 directory (remote code, generation_config.json, fields, the base's dtype).
 """
@@ -21,13 +22,15 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from dirl.model.checkpoint import CheckpointError, save_pretrained
     from dirl.model.loading import load_model_spec
-    from dirl.model.lora import inject, load_adapter_weights, merge_adapters, read_adapter_config
+    from dirl.model.lora import inject, load_adapter_weights, merge_adapters, read_adapter_config, resolve_base
 
     try:
         peft_config = read_adapter_config(args.adapter_dir)
         base = args.base or peft_config.base_model_name_or_path
         if not base:
             raise ValueError(f"{args.adapter_dir}: adapter_config.json names no base; pass --base")
+        if not args.base:
+            base = resolve_base(args.adapter_dir, base)
         model, tokenizer = load_model_spec(base)
         model = inject(model, peft_config)
         load_adapter_weights(model, args.adapter_dir)

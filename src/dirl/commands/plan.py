@@ -74,7 +74,8 @@ def run(args) -> int:
     cfg = config_lib.load(RLConfig if kind == "rl" else SFTConfig, args.config, args.overrides)
     model_cfg, adapters = model_config(cfg.model, cfg.lora)
     make = rl_workload if kind == "rl" else sft_workload
-    work = make(cfg, args.gpus, lora_params=adapters)
+    block = {"block_size": model_cfg.arch.block_size} if kind == "rl" else {}  # RL's worst-case trace row
+    work = make(cfg, args.gpus, lora_params=adapters, **block)
     result = plan(model_cfg, work)
     budget = args.gpu_gb * MARGIN
     print(f"# dirl plan: {kind} config {args.config or '(defaults)'}, model {cfg.model} "

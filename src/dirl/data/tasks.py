@@ -16,7 +16,11 @@ task           prompt (chars)     response (chars)
 arithmetic     <= 10              <= 40
 countdown      <= 40              <= 64
 sudoku         == 16              == 33
+code           <= 36              <= 14
 =============  =================  ====================
+
+The ``code`` task (:mod:`dirl.data.code_task`) also carries a hidden ``test`` and an
+``entry_point`` per row, for the sandboxed ``code`` reward.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import random
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
+
+from dirl.data.code_task import CODE_DEFAULTS, sample_code_function
 
 __all__ = ["Task", "TASKS", "TEST_FRACTION", "get_task", "split_of"]
 
@@ -307,6 +313,11 @@ TASKS: dict[str, Task] = {
         name="sudoku", reward="sudoku", prompt_template="plain",
         description="4x4 sudoku as a 16-digit string (0 = empty); response <answer>grid</answer>",
         sampler=_sample_sudoku, params=MappingProxyType(_SUDOKU_DEFAULTS),
+    ),
+    "code": Task(
+        name="code", reward="code", prompt_template="plain",
+        description="a one-line Python function body from two examples; hidden tests run sandboxed",
+        sampler=sample_code_function, params=MappingProxyType(CODE_DEFAULTS),
     ),
 }
 

@@ -34,6 +34,11 @@ PROMPT_TEMPLATES: dict[str, str] = {
         "{question}\nUsing each number exactly once with + - * / and parentheses, write an "
         "equation that equals the target. Put the final equation inside <answer> </answer>."
     ),
+    # A stdin -> stdout programming problem (rows in the ``code_io`` reward's format, ``tests``).
+    "code_io": (
+        "{question}\nWrite a Python 3 program that reads the input from standard input and "
+        "prints the answer to standard output. Put the whole program in one ```python code block."
+    ),
     # The question is the 16-character puzzle string (shared sudoku rows and the sudoku task).
     "sudoku": (
         "Solve this 4x4 Sudoku. The grid is given row by row as 16 digits, 0 marks an empty "

@@ -32,7 +32,7 @@ import torch
 
 from dirl.engine.kv_cache import KVCache
 from dirl.engine.scheduler import RowRequest
-from dirl.engine.unmask import sample_from_logprobs, select_commits
+from dirl.engine.unmask import sample_from_logprobs, select_commits, steps_into_block
 from dirl.model.forward import Readout
 from dirl.model.layout import readout_rows
 from dirl.model.policy import policy_logprobs
@@ -255,7 +255,8 @@ class BlockSession:
         proposal_logp = rows.logps.masked_scatter(masked, token_logp)
         proposal_entropy = rows.entropies.masked_scatter(masked, entropy)
         confidence = torch.zeros_like(rows.logps).masked_scatter(masked, token_logp.exp())
-        commit = select_commits(confidence, masked, params.unmasking, params.threshold, params.steps_per_block, size)
+        commit = select_commits(confidence, masked, params.unmasking, params.threshold, params.steps_per_block, size,
+                                steps_into_block(rows.step_ids, rows.masked, rows.num_forwards))
         rows.tokens = torch.where(commit, proposal, rows.tokens)
         rows.logps = torch.where(commit, proposal_logp, rows.logps)
         rows.entropies = torch.where(commit, proposal_entropy, rows.entropies)

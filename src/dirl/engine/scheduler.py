@@ -15,7 +15,7 @@ The loop knows nothing about attention: any decoder whose session offers
 :mod:`dirl.engine.engine`; a full-attention decoder would implement the same).
 
 ``policy="chunked"`` is the schedule before continuous batching, kept as the
-baseline of ``dirl bench engine``: rows join only when the batch is empty, whole
+baseline of ``python -m benchmarks.engine``: rows join only when the batch is empty, whole
 prompts at a time (``max_rows // n`` prompts), and the batch drains to its
 slowest row.
 

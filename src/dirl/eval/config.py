@@ -38,14 +38,22 @@ class EvalConfig(EvalSpec):
             raise ValueError(f"limit must be >= 0, got {self.limit}")
 
 
+# The prompt template a file source gets by default, per primary reward: HumanEval's question is
+# the code to continue (plain); a stdin -> stdout problem gets the code_io instruction.
+REWARD_TEMPLATES = {"code": "plain", "code_io": "code_io", "code_io_fraction": "code_io"}
+
+
 def resolve_defaults(cfg: EvalConfig) -> EvalConfig:
-    """Fill ``reward`` and ``prompt_template`` from the task (task sources) or the math defaults.
+    """Fill ``reward`` and ``prompt_template`` from the task (task sources), the primary reward
+    (``REWARD_TEMPLATES``) or the math defaults.
 
     Also validates the reward names, so a typo fails before any decoding.
     """
     task = task_of(cfg.data)
     reward = cfg.reward or (task.reward if task else DEFAULT_REWARD)
-    template = cfg.prompt_template or (task.prompt_template if task else DEFAULT_TEMPLATE)
+    primary = reward.split(",")[0].partition(":")[0].strip()
+    fallback = REWARD_TEMPLATES.get(primary, DEFAULT_TEMPLATE)
+    template = cfg.prompt_template or (task.prompt_template if task else fallback)
     resolved = replace(cfg, reward=reward, prompt_template=template)
     parse_reward_spec(resolved.reward)
     return resolved

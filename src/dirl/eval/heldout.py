@@ -74,11 +74,17 @@ def _reward_columns(rows: Sequence[Mapping[str, Any]], k: int) -> dict[str, list
     return {name: [row.get(name) for row in rows for _ in range(k)] for name in sorted(names)}
 
 
-def _score_batch(rows, texts: list[str], weights: dict[str, float], k: int, errors: dict[str, int]):
-    """Totals and per-reward scores for one batch; accumulates error counts into ``errors``."""
+def _score_batch(rows, texts: list[str], weights: dict[str, float], k: int, errors: dict[str, int],
+                 outcomes: dict[str, int]):
+    """Totals and per-reward scores for one batch; accumulates error counts into ``errors`` and a
+    reward's own counts (e.g. the code rewards' ``code/timeouts``) into ``outcomes``."""
     result = compute_rewards(weights, texts, _reward_columns(rows, k))
     for name in errors:
         errors[name] += int(result.metrics[f"rewards/{name}/errors"])
+        for key, value in result.metrics.items():
+            extra = key.removeprefix(f"rewards/{name}/")
+            if key.startswith(f"rewards/{name}/") and extra not in ("mean", "std", "errors"):
+                outcomes[f"{name}/{extra}"] = outcomes.get(f"{name}/{extra}", 0) + int(value)
     return result.total, result.per_reward
 
 
@@ -141,6 +147,7 @@ def evaluate_rows(model, tokenizer, rows: Sequence[Mapping[str, Any]], spec: Eva
         model.eval()
     samples: list[dict] = []
     errors: dict[str, int] = {name: 0 for name in names}
+    outcomes: dict[str, int] = {}
     generate_seconds, started = 0.0, time.perf_counter()
     bar = _progress_bar(len(rows), progress)
     try:
@@ -151,7 +158,7 @@ def evaluate_rows(model, tokenizer, rows: Sequence[Mapping[str, Any]], spec: Eva
                                         prompt_seeds(spec.seed, len(batch_rows), start))
             generate_seconds += time.perf_counter() - tick
             texts = [tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in rollouts]
-            scores = _score_batch(batch_rows, texts, weights, spec.k, errors)
+            scores = _score_batch(batch_rows, texts, weights, spec.k, errors, outcomes)
             samples += _sample_records(batch_rows, start, rollouts, texts, scores, primary)
             bar.update(len(batch_rows))
             bar.set_postfix(acc=f"{sum(s['correct'] for s in samples) / len(samples):.3f}")
@@ -161,6 +168,8 @@ def evaluate_rows(model, tokenizer, rows: Sequence[Mapping[str, Any]], spec: Eva
             model.train()
     summary = summarize(samples, spec.k, generate_seconds=generate_seconds, reward_errors=errors,
                         wall_seconds=time.perf_counter() - started)
+    if outcomes:
+        summary["reward_outcomes"] = outcomes
     return summary, samples
 
 

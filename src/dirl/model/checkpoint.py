@@ -196,22 +196,26 @@ def save_pretrained(model: torch.nn.Module, tokenizer: Tokenizer | None, directo
     ``dtype``: of the saved weights; None = the source's ``torch_dtype``. Pass the
     parameters' dtype (:func:`param_dtype`) where the weights must round-trip exactly.
     """
+    return atomic_directory(Path(directory), lambda tmp: write_checkpoint(model, tokenizer, tmp, max_shard_bytes,
+                                                                          dtype))
+
+
+def write_checkpoint(model: torch.nn.Module, tokenizer: Tokenizer | None, directory: Path,
+                     max_shard_bytes: int = 2 << 30, dtype: str | torch.dtype | None = None) -> None:
+    """Write the checkpoint files into the existing ``directory`` (:func:`save_pretrained` without
+    the atomic rename; the Hugging Face class's ``save_pretrained`` uses it as is)."""
     target = save_dtype(model, dtype)
     state = {name: tensor.to(target) if tensor.is_floating_point() else tensor
              for name, tensor in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-
-    def write(tmp: Path) -> None:
-        for name, content in model.config.companion_files.items():
-            (tmp / name).write_bytes(content)
-        cfg = dataclasses.replace(model.config, torch_dtype=str(target).removeprefix("torch.")).to_hf_dict()
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        save_weights(state, tmp, max_shard_bytes)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-
-    return atomic_directory(Path(directory), write)
+    for name, content in model.config.companion_files.items():
+        (directory / name).write_bytes(content)
+    cfg = dataclasses.replace(model.config, torch_dtype=str(target).removeprefix("torch.")).to_hf_dict()
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_weights(state, directory, max_shard_bytes)
+    if tokenizer is not None:
+        tokenizer.save(directory)
 
 
 GENERATION_CONFIG = "generation_config.json"

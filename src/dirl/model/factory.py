@@ -20,7 +20,7 @@ class InitConfig:
     tokenizer: str = "char"          # "char" (built-in) or a directory with tokenizer files
     seed: int = 0
     param_dtype: str = "float32"
-    block_size: int = 4
+    block_size: int | None = None    # None: the family's own (sdar 4, llada2 32)
     max_shard_mb: int = 2048         # shard model.safetensors above this size
     model: dict[str, Any] = field(default_factory=dict)  # any field of the family's config, e.g. num_hidden_layers
 

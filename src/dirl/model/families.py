@@ -25,6 +25,7 @@ from dirl.errors import FieldError
 
 FAMILIES: dict[str, str] = {
     "sdar": "dirl.model.sdar",
+    "llada2": "dirl.model.llada2",
 }
 DEFAULT_FAMILY = "sdar"
 

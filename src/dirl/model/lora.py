@@ -10,17 +10,23 @@ back without a copy: DiPO's frozen reference is the policy with its adapters off
 The target modules are the family's (``Family.lora_targets``, native names); a short name
 is a target without its ``_proj`` suffix (``q`` = ``q_proj``).
 
-Checkpoints hold the adapters in PEFT's format (``adapter_config.json`` naming
-the base in ``base_model_name_or_path``, ``adapter_model.safetensors`` with
+Checkpoints hold the adapters in PEFT's format (``adapter_config.json`` with
+``task_type: CAUSAL_LM`` and the base in ``base_model_name_or_path`` -- a path
+relative to the adapter directory, so a run directory moved with its base still
+resolves, or the ``init:`` spec --, ``adapter_model.safetensors`` with
 PeftModel's ``base_model.model.`` key prefix), so ``PeftModel.from_pretrained``
-reads them; :func:`merge_adapters` folds them into the base weights
-(``dirl merge``).
+reads them onto the base (``AutoModelForCausalLM.from_pretrained(base)`` after
+``import dirl``); :func:`merge_adapters` folds them into the base weights
+(``dirl merge``; :func:`resolve_base` finds the base).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +38,8 @@ from torch import nn
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel's prefix of the wrapped model's parameter names
+# A routed expert's modules (``...mlp.experts.7.gate_proj``): the MoE convention of LLaDA2, Qwen-MoE, DeepSeek.
+ROUTED_EXPERT = re.compile(r".*\.experts\.\d+\..*")
 
 
 def short_name(target: str) -> str:
@@ -68,6 +76,11 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=list)  # short or full names; empty = all the family's
+    # Mixture-of-experts models: adapters on the routed experts' projections too. Off by default:
+    # an adapter per expert multiplies the adapter size by the expert count (LLaDA2-mini at r 16:
+    # ~0.6B adapter weights in the routed experts vs ~6M elsewhere), and each token trains only its
+    # top-k experts' adapters. The shared expert and dense MLPs are targeted either way.
+    experts: bool = False
 
     def __post_init__(self) -> None:
         if self.r < 0:
@@ -97,9 +110,11 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, base: str) -> nn.Module:
     """Inject LoRA layers into ``model`` in place (the base frozen); ``base`` names the base
     checkpoint (a directory or an ``init:`` spec) for the adapter directory."""
     peft = _peft()
+    exclude = {} if cfg.experts or not any(ROUTED_EXPERT.fullmatch(n) for n, _ in model.named_modules()) \
+        else {"exclude_modules": ROUTED_EXPERT.pattern}
     peft_config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                   target_modules=family_targets(model, cfg.target_modules),
-                                  base_model_name_or_path=base)
+                                  base_model_name_or_path=base, task_type="CAUSAL_LM", **exclude)
     return inject(model, peft_config)
 
 
@@ -169,9 +184,23 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, directory: Path) -> None:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``directory``."""
-    model.peft_config["default"].save_pretrained(str(directory))
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``directory``; the base
+    path is written relative to ``directory`` (module docstring)."""
+    peft_config = copy.copy(model.peft_config["default"])
+    peft_config.task_type = "CAUSAL_LM"
+    base = peft_config.base_model_name_or_path
+    if base and Path(base).is_absolute():
+        peft_config.base_model_name_or_path = os.path.relpath(base, Path(directory).absolute())
+    peft_config.save_pretrained(str(directory))
     save_file(adapter_state(model), str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def resolve_base(adapter_dir: str | Path, base: str) -> str:
+    """The base checkpoint an adapter config names: a path relative to the adapter directory
+    (as :func:`save_adapter` writes it), else as given (an absolute path, a path relative to
+    the working directory, an ``init:`` spec)."""
+    beside = Path(adapter_dir) / base
+    return str(beside.resolve()) if not Path(base).is_absolute() and (beside / "config.json").exists() else base
 
 
 def read_adapter_config(directory: str | Path):

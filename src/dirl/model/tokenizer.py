@@ -7,10 +7,13 @@ is self-contained and loads through one code path. The char tokenizer is a
 ``tokenizers`` WordLevel model over single characters with the special tokens
 as added tokens.
 
-A tokenizer loaded from a directory keeps that directory's tokenizer files which
-``save_pretrained`` would not write again (Qwen's ``vocab.json`` / ``merges.txt``,
-``added_tokens.json``, ``special_tokens_map.json``), so a saved checkpoint has every
-file its source had; ``auto_map`` and the chat template are kept by transformers.
+Saving is faithful: a tokenizer loaded from a directory and left unchanged (same vocabulary,
+special tokens and chat template as loaded) is saved as that directory's tokenizer files,
+byte for byte -- so it loads wherever the source loaded, e.g. transformers 4.52.4, the
+version SDAR's code pins, which cannot read the ``tokenizer_config.json`` transformers 5
+writes. A changed or built tokenizer (``dirl convert``'s added mask token, the char
+tokenizer) is written by transformers' ``save_pretrained`` and its ``tokenizer_config.json``
+made readable by transformers 4 and 5 alike (:func:`portable_tokenizer_config`).
 
 The engine never sees text; this wrapper is used by train/eval/serve only.
 """
@@ -18,6 +21,7 @@ The engine never sees text; this wrapper is used by train/eval/serve only.
 from __future__ import annotations
 
 import functools
+import json
 import string
 from pathlib import Path
 
@@ -37,20 +41,23 @@ CHAR_CHAT_TEMPLATE = (
 )
 
 
-# Tokenizer files of a source directory that are copied to a save when it does not write them.
-SOURCE_TOKENIZER_FILES = ("vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json")
+# The tokenizer files of a directory: an unchanged tokenizer is saved as exactly these files of its source.
+SOURCE_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
+                          "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "tokenizer.model")
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 class Tokenizer:
     """A thin wrapper over a transformers fast tokenizer with the ids dirl needs.
 
     ``source_files``: name -> bytes of the source directory's :data:`SOURCE_TOKENIZER_FILES`;
-    valid only for the unchanged tokenizer (one that adds tokens must not carry them).
+    :meth:`save` writes them as they are while the tokenizer is unchanged since then.
     """
 
     def __init__(self, hf_tokenizer, mask_token: str = MASK_TOKEN, source_files: dict[str, bytes] | None = None):
         self.hf = hf_tokenizer
         self.source_files = dict(source_files or {})
+        self._loaded_state = _state(hf_tokenizer)
         mask_id = hf_tokenizer.convert_tokens_to_ids(mask_token)
         if mask_id is None or mask_id == hf_tokenizer.unk_token_id:
             raise ValueError(f"tokenizer has no mask token {mask_token!r} (an autoregressive checkpoint? "
@@ -85,12 +92,44 @@ class Tokenizer:
         """Ids that end a completion: EOS and, for chat models, the end-of-turn token."""
         return sorted({self.eos_token_id, self.end_of_turn_id})
 
+    def unchanged(self) -> bool:
+        """Whether this tokenizer still is its source directory's (module docstring)."""
+        return bool(self.source_files) and _state(self.hf) == self._loaded_state
+
     def save(self, directory: str | Path) -> None:
+        """The source's files byte for byte while :meth:`unchanged`, else transformers' save in
+        a format transformers 4 and 5 both read."""
         directory = Path(directory)
-        self.hf.save_pretrained(str(directory))
-        for name, content in self.source_files.items():
-            if not (directory / name).exists():
+        if self.unchanged():
+            for name, content in self.source_files.items():
                 (directory / name).write_bytes(content)
+            return
+        self.hf.save_pretrained(str(directory))
+        config = directory / TOKENIZER_CONFIG
+        if config.exists():
+            config.write_text(json.dumps(portable_tokenizer_config(json.loads(config.read_text())), indent=2) + "\n")
+
+
+def _state(hf_tokenizer) -> tuple:
+    """What a change to a tokenizer would change: its vocabulary (added tokens included), special
+    tokens and chat template."""
+    return (len(hf_tokenizer), tuple(sorted(hf_tokenizer.get_vocab().items())) if len(hf_tokenizer) < 1024 else
+            tuple(sorted(hf_tokenizer.get_added_vocab().items())), repr(hf_tokenizer.special_tokens_map),
+            getattr(hf_tokenizer, "chat_template", None))
+
+
+def portable_tokenizer_config(config: dict) -> dict:
+    """A ``tokenizer_config.json`` written by transformers 5 in the form transformers 4 reads too:
+    the generic class is ``PreTrainedTokenizerFast`` (5.x's ``TokenizersBackend`` does not exist
+    in 4.x) and a list of ``extra_special_tokens`` is 4.x's ``additional_special_tokens``."""
+    out = dict(config)
+    if out.get("tokenizer_class") == "TokenizersBackend":
+        out["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = out.get("extra_special_tokens")
+    if isinstance(extra, list):
+        out.pop("extra_special_tokens")
+        out.setdefault("additional_special_tokens", extra)
+    return out
 
 
 def char_tokenizer() -> Tokenizer:

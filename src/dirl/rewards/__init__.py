@@ -9,12 +9,14 @@ dataset columns by name, ``**kwargs``) or dirl's ``fn(completions, **columns)``
 * ``gsm8k``     -- boxed or ``#### N`` number vs ``answer``, exact numeric match
 * ``countdown`` -- expression over ``numbers`` reaching ``target`` (``dirl.rewards.countdown``)
 * ``sudoku``    -- cell accuracy vs ``solution`` on ``puzzle``'s blanks (``dirl.rewards.sudoku``)
+* ``code``, ``code_io``, ``code_io_fraction`` -- programs run against tests in a sandbox
+  (``dirl.rewards.code``, ``dirl.rewards.sandbox``)
 
 Use ``compute_rewards(specs, completions, columns)`` for weighted, fault-isolated scoring, and
 :mod:`dirl.eval.metrics` for the correctness rule, pass@k and the eval summary.
 """
 
-from dirl.rewards import countdown, math, sudoku  # noqa: F401 - imported to register the rewards
+from dirl.rewards import code, countdown, math, sudoku  # noqa: F401 - imported to register the rewards
 from dirl.rewards.registry import (
     RewardError,
     available_rewards,

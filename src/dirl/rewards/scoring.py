@@ -22,6 +22,10 @@ a completion whose own call still fails or times out scores 0.0 and is counted i
 ``RewardResult.failures``; ``RewardResult.raise_if_all_failed`` turns that into a ``RewardError``
 (the trainers call it on their first step, so a broken reward stops the run instead of training
 on zeros).
+
+Two optional attributes of a reward function: ``self_limited = True`` (it bounds its own time,
+as the sandboxed code rewards do per program, so no alarm interrupts its worker pool) and
+``pop_metrics()`` (extra counts, logged as ``rewards/<name>/<key>``).
 """
 
 from __future__ import annotations
@@ -163,7 +167,9 @@ def compute_rewards(
     total = [0.0] * count
     result = RewardResult(total=total, metrics={})
     for name, (fn, weight) in functions.items():
-        scores, errors, first_error = _score_isolated(name, fn, available, count, time_limit_s)
+        # A reward that bounds its own time (the sandboxed code rewards) runs without the alarm.
+        limit = None if getattr(fn, "self_limited", False) else time_limit_s
+        scores, errors, first_error = _score_isolated(name, fn, available, count, limit)
         result.per_reward[name] = scores
         for index, score in enumerate(scores):
             if score is not None:
@@ -172,6 +178,9 @@ def compute_rewards(
         result.metrics[f"rewards/{name}/mean"] = _mean(present)
         result.metrics[f"rewards/{name}/std"] = _std(present)
         result.metrics[f"rewards/{name}/errors"] = float(errors)
+        if callable(getattr(fn, "pop_metrics", None)):  # e.g. the code rewards' timeouts
+            result.metrics.update({f"rewards/{name}/{key}": float(value)
+                                   for key, value in fn.pop_metrics().items()})
         if count and errors == count:
             result.failures[name] = first_error
     result.metrics["rewards/total/mean"] = _mean(total)

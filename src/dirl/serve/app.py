@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import json
 import secrets
@@ -47,6 +48,7 @@ from dirl.rollout import Rollout, SamplingParams
 from dirl.runtime import MAX_SEED, prompt_seed, prompt_seeds
 from dirl.serve import ServeConfig
 from dirl.serve.batcher import Batcher, QueueFullError
+from dirl.serve.logprobs import LogprobRequest, choice_logprobs, kept_tokens, logprob_request, score_rollouts
 from dirl.serve.schemas import (DECODING_FIELDS, ChatCompletionRequest, CompletionRequest, SamplingFields, error_body,
                                usage)
 from dirl.serve.weights import WeightUpdateError, live_tensors, prepare_update, state_dict_nbytes
@@ -199,13 +201,13 @@ class ServerState:
             raise ApiError(400, str(err)) from err
         return params
 
-    async def run(self, prompts: list[list[int]], params: SamplingParams, request: Request):
+    async def run(self, prompts: list[list[int]], params: SamplingParams, request: Request, after=None):
         """Queue the prompts (prompt i gets seed ``params.seed + i``, as in the engine) and await
         them; if the client disconnects meanwhile, the job is cancelled (the engine drops its rows
-        before its next step)."""
+        before its next step). ``after``: run on the rollouts on the same weights (log-probs)."""
         seeds = prompt_seeds(params.seed, len(prompts))
         try:
-            job = self.batcher.submit_generate(prompts, seeds, params)
+            job = self.batcher.submit_generate(prompts, seeds, params, after)
         except QueueFullError as err:
             raise ApiError(503, str(err), "server_overloaded") from err
         result = asyncio.wrap_future(job.future)
@@ -218,8 +220,9 @@ class ServerState:
 
     # -- engine result -> response ----------------------------------------------------------------------
 
-    def choice(self, rollout: Rollout, req: SamplingFields, params: SamplingParams) -> dict:
-        """Text, finish reason and (on request) the RL fields of one rollout."""
+    def choice(self, rollout: Rollout, req: SamplingFields, params: SamplingParams,
+               lp: LogprobRequest | None = None, scored: dict | None = None) -> dict:
+        """Text, finish reason, log-probs and (on request) the RL fields of one rollout."""
         ids, finish = rollout.completion_ids, rollout.finish_reason
         if finish == "stop" and ids and ids[-1] in params.stop_ids:
             ids = ids[:-1]  # the stop token is not part of the text
@@ -227,7 +230,11 @@ class ServerState:
         cuts = [i for i in (text.find(s) for s in req.stop_strings() if s) if i >= 0]
         if cuts:
             text, finish = text[: min(cuts)], "stop"
-        out = {"text": text, "finish_reason": finish}
+            ids = kept_tokens(self.tokenizer, ids, len(text))
+        out = {"text": text, "finish_reason": finish, "logprobs": None}
+        if lp is not None:
+            out.update(choice_logprobs(self.tokenizer, rollout, ids, text, lp, scored,
+                                       isinstance(req, ChatCompletionRequest)))
         if req.return_token_ids:
             out.update(prompt_token_ids=rollout.prompt_ids, token_ids=rollout.token_ids,
                        num_tokens=rollout.num_tokens, steps=rollout.steps, logps=rollout.logps,
@@ -235,15 +242,25 @@ class ServerState:
                        seed=prompt_seed(params.seed, rollout.prompt_index))
         return out
 
+    def logprob_request(self, req: SamplingFields, chat: bool) -> LogprobRequest | None:
+        try:
+            return logprob_request(req, chat)
+        except FieldError as err:
+            raise ApiError(400, str(err), param=err.key) from err
+
     async def complete(self, req: SamplingFields, prompts: list[list[int]], params: SamplingParams, chat: bool,
                        request: Request):
-        result = await self.run(prompts, params, request)
+        lp = self.logprob_request(req, chat)  # a 400 before any decoding
+        after = None if lp is None or lp.top is None else functools.partial(
+            score_rollouts, self.model, lp=lp, dist=params)
+        result = await self.run(prompts, params, request, after)
+        scores = result.extra or [None] * len(result.rollouts)
         choices = []
         for k, rollout in enumerate(result.rollouts):
-            fields = self.choice(rollout, req, params)
+            fields = self.choice(rollout, req, params, lp, scores[k])
             text = fields.pop("text")
             body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-            choices.append({"index": k, **body, "logprobs": None, **fields})
+            choices.append({"index": k, **body, **fields})
         return {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "object": "chat.completion" if chat else "text_completion",

@@ -28,8 +28,10 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -59,6 +61,9 @@ class GenerateJob:
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     results: list = dataclasses.field(default_factory=list)  # the rollouts, filled as its rows finish
     remaining: int = 0                                         # rows not finished yet
+    # Run on the worker thread on the job's rollouts as it finishes, inside its loop, before any
+    # weight update (so on the same weights): e.g. re-scoring them for log-probs. -> BatchResult.extra
+    after: Callable[[list[Rollout]], Any] | None = None
 
     @property
     def rows(self) -> int:
@@ -81,6 +86,7 @@ class BatchResult:
 
     rollouts: list[Rollout]
     weight_version: int
+    extra: Any = None  # what the job's ``after`` returned
 
 
 def params_key(params: SamplingParams) -> tuple:
@@ -118,10 +124,11 @@ class Batcher:
     def queue_size(self) -> int:
         return self._queue.qsize()
 
-    def submit_generate(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams) -> GenerateJob:
+    def submit_generate(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams,
+                        after: Callable[[list[Rollout]], Any] | None = None) -> GenerateJob:
         """Queue a generation; ``job.future`` resolves to a :class:`BatchResult` (or raises
-        :class:`RequestCancelled` after ``job.cancel()``)."""
-        job = GenerateJob(prompts, seeds, params, Future())
+        :class:`RequestCancelled` after ``job.cancel()``). ``after(rollouts)``: see :class:`GenerateJob`."""
+        job = GenerateJob(prompts, seeds, params, Future(), after=after)
         self._put(job)
         return job
 
@@ -186,7 +193,12 @@ class Batcher:
         if self._drop_if_cancelled(job):  # its rollouts may be None (rows dropped mid-way)
             return
         self.stats["jobs"] += 1
-        job.future.set_result(BatchResult(job.results, self.weight_version))
+        try:
+            extra = job.after(job.results) if job.after is not None else None
+        except Exception as err:  # fails this request only
+            job.future.set_exception(err)
+            return
+        job.future.set_result(BatchResult(job.results, self.weight_version, extra))
 
     def _drop_if_cancelled(self, job: GenerateJob) -> bool:
         if not job.cancelled.is_set():

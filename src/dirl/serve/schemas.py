@@ -3,15 +3,18 @@
 Standard OpenAI fields: ``model``, ``prompt`` / ``messages``, ``n``,
 ``max_tokens`` (chat also ``max_completion_tokens``), ``temperature``, ``top_p``,
 ``stop`` (strings, matched in the decoded text; the text is cut before the
-match), ``seed``, ``stream`` (+ ``stream_options.include_usage``). Unknown
-fields (``user``, penalties, ``logprobs``, ...) are accepted and ignored, as the
-OpenAI client may send them (``logprobs`` comes back null: ask for
-``return_token_ids`` to get per-token log-probs).
+match), ``seed``, ``stream`` (+ ``stream_options.include_usage``), and the
+log-prob fields (:mod:`dirl.serve.logprobs`): completions ``logprobs: k`` and
+``echo``, chat ``logprobs: true`` and ``top_logprobs: k`` -- generated tokens'
+log-probs as the engine recorded them, echoed prompt tokens' as the exact
+left-to-right (one token per step) trace score. What cannot be provided is a
+400 (log-probs with ``stream``, more than 20 alternatives). Other unknown
+fields (``user``, ...) are accepted and ignored, as the OpenAI client may send them.
 
 Extensions:
 
 * dLLM decoding: every :class:`~dirl.rollout.SamplingSpec` field by its own name --
-  ``top_k`` (0 = off), ``unmasking`` (dynamic | static | sequential), ``threshold``
+  ``top_k`` (0 = off), ``unmasking`` (dynamic | static | sequential | threshold_schedule), ``threshold``
   (dynamic's confidence threshold), ``steps_per_block`` (static's forwards per block).
   A field left out (or null) takes the server's default, ``ServeConfig.sampling``
   (``steps_per_block``: the block size).
@@ -92,6 +95,8 @@ class SamplingFields(DecodingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: PromptType
+    logprobs: int | bool | None = None  # alternatives per token (a bool is refused: that is chat's spelling)
+    echo: bool = False                  # prepend the prompt (and its log-probs) to each choice
 
 
 class ChatMessage(BaseModel):
@@ -115,6 +120,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None  # the newer OpenAI name for max_tokens
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from dirl.errors import NON_NEGATIVE, POSITIVE, check_fields, one_of
 from dirl.model.lora import LoraConfig
 from dirl.train.dist import DistConfig
+from dirl.train.moe import MoEConfig
 from dirl.train.optim import OptimConfig
 from dirl.train.precision import ComputeConfig
 from dirl.train.tracking import REPORTERS, check_report_to
@@ -39,6 +40,7 @@ class TrainerConfig:
     compute: ComputeConfig = field(default_factory=ComputeConfig)  # precision, checkpointing, head chunks
     dist: DistConfig = field(default_factory=DistConfig)  # torchrun only
     lora: LoraConfig = field(default_factory=LoraConfig)  # r > 0: train adapters on a frozen base
+    moe: MoEConfig = field(default_factory=MoEConfig)  # mixture-of-experts models: router freezing, load metrics
     optim: OptimConfig = field(default_factory=OptimConfig)
     report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # + wandb; "none" = jsonl only
     max_steps: int = 300

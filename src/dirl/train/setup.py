@@ -23,6 +23,7 @@ from dirl.train import dist as dist_lib
 from dirl.train import precision
 from dirl.train.config import TrainerConfig
 from dirl.train.models import RunInputs, check_lora, resolve_model
+from dirl.train.moe import apply_moe_settings
 from dirl.train.state import prepare_run_dir, resolve_resume, set_seed
 
 
@@ -69,4 +70,5 @@ def setup(cfg: TrainerConfig, inputs: RunInputs, prepare: Callable[[torch.device
     attn_impl = resolve_attn_impl(cfg.attn_impl, device)
     model.attn_impl = attn_impl
     precision.configure(model, cfg.compute)
+    apply_moe_settings(model, cfg.moe)  # before the optimizer: a frozen router has no moments
     return Setup(device, attn_impl, model, tokenizer, prepared)

@@ -71,11 +71,13 @@ class SDARConfig:
 
     @classmethod
     def for_init(cls, preset: dict[str, Any], *, vocab_size: int, mask_token_id: int, eos_token_id: int,
-                 pad_token_id: int, block_size: int, torch_dtype: str, **overrides: Any) -> "SDARConfig":
-        """The config of a random model (``dirl init``): a preset, the tokenizer's ids, native overrides."""
+                 pad_token_id: int, block_size: int | None, torch_dtype: str, **overrides: Any) -> "SDARConfig":
+        """The config of a random model (``dirl init``): a preset, the tokenizer's ids, native overrides;
+        ``block_size`` None keeps SDAR's 4."""
+        sizes = {} if block_size is None else {"block_size": block_size}
         return cls(**{**preset, "vocab_size": vocab_size, "mask_token_id": mask_token_id,
                       "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "bos_token_id": eos_token_id,
-                      "block_size": block_size, "torch_dtype": torch_dtype, **overrides})
+                      **sizes, "torch_dtype": torch_dtype, **overrides})
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The ``config.json`` content (SDAR's schema); unchanged fields exactly as they were read."""

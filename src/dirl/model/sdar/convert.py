@@ -8,7 +8,14 @@ the AR model (``tests/test_convert.py`` checks logits against transformers'
 Qwen3ForCausalLM). What changes:
 
 * ``model_type`` / ``architectures`` become SDAR's; ``block_size`` and
-  ``mask_token_id`` are set. Every other config field is kept as read.
+  ``mask_token_id`` are set. The source is read in either transformers format --
+  4.x (``rope_theta``, ``torch_dtype``) or 5.x (``rope_parameters``, ``dtype``) --
+  with Qwen3's own defaults for absent fields (``head_dim`` 128, ``rope_theta``
+  10000: not SDAR's), and the output spells every SDAR field in SDAR's 4.x schema,
+  the one SDAR's remote code (transformers 4.52) reads. Other fields are kept as read.
+* ``remote_code=<SDAR dir>`` copies that directory's ``auto_map`` and code files, and
+  the fields of its ``config.json`` the output lacks (``fuse_cross_entropy``,
+  ``attn_implementation`` ...): the remote code reads them.
 * A tokenizer without ``<|MASK|>`` gets it as a new special token. For Qwen3's
   tokenizer that is id 151669 -- SDAR's mask id -- and falls in the padding rows
   of the 151936-row embedding; a smaller embedding grows by the missing rows.
@@ -38,6 +45,13 @@ from dirl.model.tokenizer import MASK_TOKEN, Tokenizer, load_hf_tokenizer
 
 SUPPORTED_MODEL_TYPES = ("qwen3",)
 SDAR_ARCHITECTURES = ["SDARForCausalLM"]  # a Qwen3 decoder is SDAR's: its config and weights read as SDAR's
+# transformers' Qwen3Config defaults of the fields SDARConfig reads (4.x and 5.x agree; tests/test_convert.py
+# checks them against the installed transformers): what an absent field means in a Qwen3 config.json.
+QWEN3_DEFAULTS = dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, head_dim=128, rope_theta=10000.0,
+                      rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=False,
+                      attention_bias=False)
+_V5_SPELLINGS = ("rope_parameters", "dtype")  # read into rope_theta / torch_dtype, not written back
 
 
 @dataclass
@@ -60,11 +74,32 @@ def _source_config(directory: Path):
     if data.get("use_sliding_window"):
         raise CheckpointError(f"{path}: use_sliding_window is not supported")
     try:
-        cfg = SDARConfig.from_hf_dict({**data, "mask_token_id": data.get("mask_token_id", 0)})
+        cfg = SDARConfig.from_hf_dict(qwen3_fields(data))
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: {err}") from err
+    cfg.loaded = {}  # a new schema: every SDAR field is written on save
     cfg.companion_files = companion_files(directory, data)
     return cfg
+
+
+def qwen3_fields(data: dict) -> dict:
+    """A Qwen3 ``config.json`` (transformers 4.x or 5.x) as SDAR's 4.x-style dict: RoPE theta from
+    ``rope_theta`` or ``rope_parameters``, the dtype from ``torch_dtype`` or ``dtype``, absent
+    fields at Qwen3's defaults; ``mask_token_id`` 0 until the tokenizer gives it."""
+    out = {k: v for k, v in data.items() if k not in _V5_SPELLINGS}
+    rope = data.get("rope_parameters")
+    if "rope_theta" not in data and isinstance(rope, dict):
+        if rope.get("rope_type", "default") != "default" or "rope_theta" not in rope:
+            raise ValueError(f"rope_parameters {rope!r} is not supported (plain RoPE with a rope_theta only)")
+        out["rope_theta"] = rope["rope_theta"]
+    if "torch_dtype" not in data and isinstance(data.get("dtype"), str):
+        out["torch_dtype"] = data["dtype"]
+    for name, value in QWEN3_DEFAULTS.items():
+        if out.get(name) is None:
+            out[name] = value
+    out["rope_theta"] = float(out["rope_theta"])
+    out.setdefault("mask_token_id", 0)
+    return out
 
 
 def mean_row_init(weight: torch.Tensor, num_existing: int, num_rows: int, new_ids: list[int]) -> torch.Tensor:
@@ -104,6 +139,10 @@ def _add_remote_code(model, remote_code: str) -> None:
         raise CheckpointError(f"{directory}: none of the remote-code files named by auto_map is there")
     model.config.extra["auto_map"] = data["auto_map"]
     model.config.companion_files.update(files)
+    ours = model.config.to_hf_dict()
+    for name, value in data.items():  # the fields the remote code reads that a Qwen3 config lacks
+        if name not in ours and name not in _V5_SPELLINGS:
+            model.config.extra[name] = value
 
 
 def _read_json(path: Path) -> dict:

@@ -43,6 +43,7 @@ from dirl.runtime import derived_seed, update_seed
 from dirl.train import dist as dist_lib
 from dirl.train import precision
 from dirl.train.models import RunInputs, reference_model, set_block_size
+from dirl.train.moe import reset_utilisation, utilisation_metrics
 from dirl.train.optim import build_optimizer, build_scheduler
 from dirl.train.rl.collect import Collector, PromptSampler, gather_batch, rollout_metrics
 from dirl.train.rl.config import RLConfig, held_out_spec, parse_block_schedule, task_defaults
@@ -155,8 +156,12 @@ def train_step(run: RLRun, step: int) -> dict:
         backend.sync_weights()  # the checkpoint backend reloads with it
     # 1-3. Prompts, rollouts, rewards (the backend already holds the latest weights).
     model.eval()
+    if cfg.moe.log_utilisation:
+        reset_utilisation(dist_lib.unwrap(model))  # count this step's rollouts only
     with dist_lib.full_params(model):
         batch, metrics = gather_batch(run.collector, step)
+    if cfg.moe.log_utilisation:
+        metrics.update(utilisation_metrics(dist_lib.unwrap(model)))
     all_rewards = batch.global_rewards()
     metrics.update(rollout_metrics(batch.rollouts, all_rewards))
     # 3-4. Advantages, the policy update (and the value model's).
