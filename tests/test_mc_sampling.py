@@ -93,7 +93,8 @@ def test_draws_cover_the_steps_evenly_across_the_batch():
 
 
 def test_options_reach_the_estimator_and_bad_values_are_named():
-    tiny_model = SimpleNamespace(arch=SimpleNamespace(block_size=4, mask_token_id=MASK, pad_token_id=PAD, logit_shift=0),
+    arch = SimpleNamespace(block_size=4, mask_token_id=MASK, pad_token_id=PAD, logit_shift=0, attention="block_causal")
+    tiny_model = SimpleNamespace(arch=arch,
                                  parameters=lambda: iter([torch.zeros(1)]))
     algo = AlgoConfig(estimator="trace_mc", mc_steps=3, mc_sampling="entropy", mc_floor=0.5)
     args = EstimatorArgs.for_model(tiny_model, [], torch.Generator(), algo)

@@ -25,6 +25,10 @@ from dirl.errors import (FINITE_NON_NEGATIVE, NON_NEGATIVE, OPEN_UNIT_INTERVAL, 
                          check_fields, one_of)
 
 UNMASKING = ("dynamic", "static", "sequential", "threshold_schedule")
+# The full-attention decoder's rules besides ``dynamic`` (dirl.engine.full_attention): LLaDA's
+# low_confidence / random remasking, Dream's origin / maskgit_plus / topk_margin / entropy.
+FULL_ATTENTION_UNMASKING = ("low_confidence", "random", "origin", "maskgit_plus", "topk_margin", "entropy")
+FULL_ATTENTION_RULES = FULL_ATTENTION_UNMASKING + ("dynamic",)  # what the full-attention decoder runs
 
 
 @dataclass
@@ -45,14 +49,21 @@ class SamplingSpec(PolicyDist):
 
     max_new_tokens: int = 64
     unmasking: str = "dynamic"        # dynamic | static | sequential | threshold_schedule (LLaDA2's rule)
+    #                                   (+ FULL_ATTENTION_UNMASKING on full-attention models)
     threshold: float = 0.9            # dynamic: commit every position with confidence >= threshold (> for threshold_schedule)
-    steps_per_block: int = 4          # static, threshold_schedule: forwards per block
+    steps_per_block: int = 4          # static, threshold_schedule, the full-attention schedules: forwards per block
+    block_length: int = 0             # full attention: the semi-AR block; 0 = the model's default
+    alg_temp: float = 0.0             # Dream's rules: > 0 draws positions from softmax(confidence / alg_temp)
+    eps: float = 1e-3                 # Dream's rules: the schedule linspace(1, eps, steps + 1)
+    cache: str = "none"               # full attention: none (exact) | prefix | dual (Fast-dLLM, approximate)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         # steps_per_block <= block size needs the model: validate() checks it (0: the server's "B").
-        check_fields(self, {"max_new_tokens": POSITIVE, "unmasking": one_of(*UNMASKING),
-                            "threshold": UNIT_INTERVAL, "steps_per_block": NON_NEGATIVE})
+        check_fields(self, {"max_new_tokens": POSITIVE, "unmasking": one_of(*UNMASKING, *FULL_ATTENTION_UNMASKING),
+                            "threshold": UNIT_INTERVAL, "steps_per_block": NON_NEGATIVE, "block_length": NON_NEGATIVE,
+                            "alg_temp": FINITE_NON_NEGATIVE, "eps": OPEN_UNIT_INTERVAL,
+                            "cache": one_of("none", "prefix", "dual")})
 
     def params(self, stop_ids=(), n: int = 1, seed: int = 0) -> SamplingParams:
         """This spec as the arguments of one engine call."""
@@ -71,13 +82,14 @@ class SamplingParams(SamplingSpec):
         super().__post_init__()
         check_fields(self, {"n": POSITIVE})
 
-    def validate(self, block_size: int) -> None:
+    def validate(self, block_size: int, rules: tuple[str, ...] = UNMASKING) -> None:
+        """``rules``: the unmasking rules of the decoder that will run (block-causal by default)."""
         checks = [
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.unmasking in UNMASKING, f"unmasking must be one of {UNMASKING}, got {self.unmasking!r}"),
+            (self.unmasking in rules, f"unmasking must be one of {rules}, got {self.unmasking!r}"),
             (0 <= self.threshold <= 1, f"threshold must be in [0, 1], got {self.threshold}"),
             (1 <= self.steps_per_block <= block_size,
              f"steps_per_block must be in [1, {block_size}] (1 to the block size), got {self.steps_per_block}"),
@@ -88,11 +100,20 @@ class SamplingParams(SamplingSpec):
                 raise ValueError(message)
 
 
-def check_sampling(spec: SamplingSpec, block_size: int, key: str) -> None:
-    """What only the model can tell (``steps_per_block`` <= its block size), as a user error
-    naming the config section ``key``: called once the model is known, before any decoding."""
+def check_for_model(params: SamplingParams, arch) -> None:
+    """``params.validate`` against the model that decodes them (``arch``: its
+    :class:`~dirl.model.arch.Arch`): its block size and its decoder's rules (ValueError)."""
+    if arch.attention == "bidirectional":  # the block is the sampler's block_length (0: the model's default)
+        params.validate(min(params.block_length or arch.block_size, params.max_new_tokens), FULL_ATTENTION_RULES)
+    else:
+        params.validate(arch.block_size)
+
+
+def check_sampling(spec: SamplingSpec, arch, key: str) -> None:
+    """What only the model can tell (``steps_per_block`` <= its block size, its decoder's rules), as
+    a user error naming the config section ``key``: called once the model is known, before decoding."""
     try:
-        spec.params().validate(block_size)
+        check_for_model(spec.params(), arch)
     except ValueError as err:
         raise UserError(f"{key}.{err}") from None
 

@@ -39,6 +39,12 @@ denoising steps (one copy per block and forward), its departure.
 log-probs are their ``logp_old``; the others recompute ``logp_old`` on their plan.
 Only tokens of the completion (up to the stop token) are scored; later tokens of
 the final block stay in the states as context.
+
+Full-attention models (LLaDA, Dream: ``arch.attention == "bidirectional"``) use the same
+estimators over their own layout (:mod:`dirl.model.layout.bidirectional`): a state is the whole
+prompt + response sequence, so a trace has one state per distinct denoising step (not per block),
+``random_mask`` / ``coupled`` draw one mask over the whole response, and ``mean_field`` also
+masks the prompt i.i.d. at p = 0.3 (d1). A sequence's states share a row as separate segments.
 """
 
 from __future__ import annotations
@@ -51,11 +57,11 @@ from typing import Callable
 import torch
 
 from dirl.model.forward import Readout
-from dirl.model.layout import readout_rows
+from dirl.model.layout import bidirectional, readout_rows
 from dirl.model.lm_head import head_logprobs
 from dirl.model.masks import TokenMeta
 from dirl.model.policy import policy_logprobs
-from dirl.model.trace import Copy, MaskCopy, TracePack, pack_traces, trace_copies
+from dirl.model.trace import Copy, MaskCopy, Trace, TracePack, pack_traces, trace_copies
 from dirl.rollout import PolicyDist, Rollout
 
 __all__ = ["ESTIMATORS", "MC_SAMPLING", "EstimatorArgs", "EstimatorOptions", "Plan", "plan_estimator", "score_plan"]
@@ -98,6 +104,7 @@ class EstimatorArgs(EstimatorOptions):
     gen: torch.Generator = field(default_factory=_default_generator)  # the random estimators' draws
     device: torch.device | str = "cpu"
     logit_shift: int = 0          # the model's (Arch.logit_shift): where a scored token's logits are
+    attention: str = "block_causal"   # the model's Arch.attention: which layout packs the states
 
     @classmethod
     def for_model(cls, model, rollouts: Sequence[Rollout], gen: torch.Generator,
@@ -106,11 +113,18 @@ class EstimatorArgs(EstimatorOptions):
         arch = model.arch
         chosen = {f.name: getattr(options, f.name) for f in fields(EstimatorOptions)} if options else {}
         return cls(rollouts, arch.block_size, arch.mask_token_id, arch.pad_token_id, gen,
-                   next(model.parameters()).device, arch.logit_shift, **chosen)
+                   next(model.parameters()).device, arch.logit_shift, arch.attention, **chosen)
+
+    @property
+    def bidirectional(self) -> bool:
+        return self.attention == "bidirectional"
 
 
 def _scored_tokens(rollout: Rollout, copy: Copy, block_size: int) -> list[int]:
-    """The completion tokens (indices into ``token_ids``) the copy scores."""
+    """The completion tokens (indices into ``token_ids``) the copy scores (``block_size`` 0: a
+    bidirectional state, which spans the whole response)."""
+    if block_size == 0:
+        return [i for i in range(rollout.num_tokens) if copy.scores(i, rollout.steps[i])]
     first = copy.block * block_size - len(rollout.prompt_ids)
     return [first + offset for offset in range(block_size)
             if 0 <= first + offset < rollout.num_tokens and copy.scores(offset, rollout.steps[first + offset])]
@@ -166,7 +180,7 @@ def _step_probs(args: EstimatorArgs, rollout: Rollout, copies: list[Copy]) -> to
     if len(rollout.entropies) < rollout.num_tokens:
         raise ValueError("mc_sampling='entropy' needs the rollouts' per-token entropies (Rollout.entropies): "
                          "decode with dirl's engine or a `dirl serve` that returns them")
-    entropy = torch.tensor([sum(rollout.entropies[i] for i in _scored_tokens(rollout, c, args.block_size))
+    entropy = torch.tensor([sum(rollout.entropies[i] for i in _scored_tokens(rollout, c, _span(args)))
                             for c in copies], dtype=torch.float64).clamp_min(0)  # (T,)
     if entropy.sum() <= 0:  # greedy-like rollouts: no entropy anywhere, sample uniformly
         return uniform
@@ -188,9 +202,13 @@ def _importance_draws(args: EstimatorArgs, full: list[list[Copy]]) -> tuple[list
 
 
 def _random_mask_copies(rollout: Rollout, block_size: int, gen: torch.Generator, coupled: bool) -> list[Copy]:
-    """One copy per response block with a Bernoulli(t) mask (and its complement if coupled)."""
+    """One copy per response block with a Bernoulli(t) mask (and its complement if coupled);
+    ``block_size`` 0 (bidirectional): one copy masking over the whole response."""
     prompt_len, total = len(rollout.prompt_ids), len(rollout.token_ids)
     t = float(torch.rand((), generator=gen)) * (1 - 1e-3) + 1e-3  # as the SFT objective: p in [eps, 1]
+    if block_size == 0:
+        masked = tuple(bool(m) for m in (torch.rand(total, generator=gen) < t).tolist())
+        return [MaskCopy(0, masked)] + ([MaskCopy(0, tuple(not m for m in masked))] if coupled else [])
     copies = []
     for block in range(prompt_len // block_size, (prompt_len + total + block_size - 1) // block_size):
         masked = tuple(bool(torch.rand((), generator=gen) < t) for _ in range(block_size))
@@ -202,7 +220,11 @@ def _random_mask_copies(rollout: Rollout, block_size: int, gen: torch.Generator,
 
 def _plan_copies(args: EstimatorArgs, copies: list[list[Copy]], weights, exact: bool) -> Plan:
     rollouts = args.rollouts
-    pack = pack_traces(rollouts, copies, args.block_size, args.mask_id, args.pad_id, args.device, args.logit_shift)
+    if args.bidirectional:
+        pack = bidirectional.pack_states(rollouts, copies, args.mask_id, args.pad_id, args.logit_shift, args.device)
+    else:
+        pack = pack_traces(rollouts, copies, args.block_size, args.mask_id, args.pad_id, args.device,
+                           args.logit_shift)
     pack = _drop_unscored(pack, rollouts)
     weight = None
     if weights is not None:
@@ -229,8 +251,15 @@ def plan_estimator(name: str, args: EstimatorArgs) -> Plan:
     return ESTIMATORS[name](args)
 
 
+def _span(args: EstimatorArgs) -> int:
+    """The tokens a state covers, as ``_scored_tokens`` reads it: a block, or 0 = the whole response."""
+    return 0 if args.bidirectional else args.block_size
+
+
 def _trace_copies(args: EstimatorArgs, merge: int) -> list[list[Copy]]:
-    size = args.block_size
+    size = _span(args)
+    if args.bidirectional:
+        return [[c for c in bidirectional.state_copies(r.steps, merge) if _scorable(r, c, 0)] for r in args.rollouts]
     return [[c for c in trace_copies(len(r.prompt_ids), r.steps, size, merge) if _scorable(r, c, size)]
             for r in args.rollouts]
 
@@ -260,7 +289,7 @@ def _trace_mc(args: EstimatorArgs) -> Plan:
 
 
 def _elbo(args: EstimatorArgs, coupled: bool = False) -> Plan:
-    size = args.block_size
+    size = _span(args)
     copies = [[c for c in _random_mask_copies(r, size, args.gen, coupled) if _scorable(r, c, size)]
               for r in args.rollouts]
     return _plan_copies(args, copies, None, exact=False)
@@ -272,6 +301,8 @@ def _coupled(args: EstimatorArgs) -> Plan:
 
 def _mean_field(args: EstimatorArgs) -> Plan:
     """prompt + all-[MASK] response as one block-causal stream; score every response position."""
+    if args.bidirectional:
+        return _mean_field_bidirectional(args)
     rollouts = args.rollouts
     width = max(len(r.prompt_ids) + len(r.token_ids) for r in rollouts)
     ids = torch.full((len(rollouts), width), args.pad_id, dtype=torch.long)
@@ -290,6 +321,22 @@ def _mean_field(args: EstimatorArgs) -> Plan:
     meta = TokenMeta.clean(pos, args.block_size, valid).to(device)
     pack = TracePack(ids.to(device), pos.to(device), meta, *(c.to(device) for c in cols))
     return Plan(pack, None, exact=False)
+
+
+MEAN_FIELD_PROMPT_MASK = 0.3  # d1's prompt masking probability (full attention)
+
+
+def _mean_field_bidirectional(args: EstimatorArgs) -> Plan:
+    """d1 (Zhao et al. 2025): the whole response masked, the prompt masked i.i.d. at p = 0.3 (drawn
+    once per plan, so the policy, old and reference scores share it); one state per sequence."""
+    copies, traces = [], []
+    for r in args.rollouts:
+        keep = (torch.rand(len(r.prompt_ids), generator=args.gen) >= MEAN_FIELD_PROMPT_MASK).tolist()
+        prompt = [t if k else args.mask_id for t, k in zip(r.prompt_ids, keep)]
+        traces.append(Trace(prompt, r.token_ids, r.steps))
+        copies.append([MaskCopy(0, (True,) * len(r.token_ids))])
+    pack = bidirectional.pack_states(traces, copies, args.mask_id, args.pad_id, args.logit_shift, args.device)
+    return Plan(_drop_unscored(pack, args.rollouts), None, exact=False)
 
 
 ESTIMATORS: dict[str, Callable[[EstimatorArgs], Plan]] = {

@@ -68,7 +68,7 @@ def run(args) -> int:
     cfg = resolve_defaults(cfg)  # unknown reward names fail here, before any loading
     rows = load_eval_rows(cfg)
     model, tokenizer = _load_model(cfg, resolve_device(cfg.device))
-    check_sampling(cfg.sampling, model.arch.block_size, "sampling")  # e.g. steps_per_block > block size
+    check_sampling(cfg.sampling, model.arch, "sampling")  # e.g. steps_per_block > block size
     try:
         build_prompt_ids(tokenizer, rows[:1], cfg.prompt_template, cfg.chat)
     except ValueError as err:  # chat=true without a chat template

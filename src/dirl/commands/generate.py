@@ -49,7 +49,7 @@ def _stop_ids_given(config_path: str | None, overrides: list[str]) -> bool:
 def run(args) -> int:
     from dirl.engine.engine import Engine
     from dirl.model.checkpoint import CheckpointError, load_pretrained
-    from dirl.rollout import SamplingParams
+    from dirl.rollout import SamplingParams, check_for_model
     from dirl.runtime import resolve_device
 
     params = config_lib.load(SamplingParams, args.config, args.overrides)
@@ -59,7 +59,7 @@ def run(args) -> int:
     if not _stop_ids_given(args.config, args.overrides):
         params.stop_ids = tokenizer.stop_ids()
     try:
-        params.validate(model.arch.block_size)
+        check_for_model(params, model.arch)
     except ValueError as err:
         raise config_lib.ConfigError(str(err)) from None
     text = args.prompt

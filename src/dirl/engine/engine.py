@@ -122,6 +122,9 @@ class Engine:
         is asked before every denoising step: once it is true, prompt i's rows leave
         the batch (no further forward for them) and their rollouts are ``None``.
         """
+        if self.model.arch.attention == "bidirectional":
+            from dirl.engine import full_attention  # full attention: its own exact decoder, no KV cache
+            return full_attention.generate(self.model, prompts, params, seeds, is_cancelled, self.max_batch_rows)
         params.validate(self.block_size)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -134,6 +137,9 @@ class Engine:
     def decode(self, feed: Feed, params: SamplingParams) -> None:
         """Decode the feed's rows until it is exhausted: ``params``' sampling rule for all of them,
         each row's own ``max_new_tokens`` and stop ids (:meth:`rows`)."""
+        if self.model.arch.attention == "bidirectional":
+            from dirl.engine import full_attention  # full attention: its own exact decoder, no KV cache
+            return full_attention.decode(self.model, feed, params, self.max_batch_rows)
         params.validate(self.block_size)
         scheduler.run(self.session(params), feed, self.max_batch_rows, self.max_batch_tokens, self.batching,
                       params.n)

@@ -25,6 +25,8 @@ from dirl.errors import FieldError
 
 FAMILIES: dict[str, str] = {
     "sdar": "dirl.model.sdar",
+    "llada": "dirl.model.llada",
+    "dream": "dirl.model.dream",
     "llada2": "dirl.model.llada2",
 }
 DEFAULT_FAMILY = "sdar"

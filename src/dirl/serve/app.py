@@ -44,7 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
 from dirl.errors import FieldError
-from dirl.rollout import Rollout, SamplingParams
+from dirl.rollout import Rollout, SamplingParams, check_for_model
 from dirl.runtime import MAX_SEED, prompt_seed, prompt_seeds
 from dirl.serve import ServeConfig
 from dirl.serve.batcher import Batcher, QueueFullError
@@ -87,7 +87,7 @@ class ServerState:
         self.live = live_tensors(model)
         self.max_update_bytes = int(cfg.max_update_mb * 2**20) or 2 * state_dict_nbytes(self.live) + 2**20
         self.batcher = Batcher(model, self.live, cfg)
-        mc = model.arch
+        mc = self.arch = model.arch
         self.block_size, self.vocab_size, self.context = mc.block_size, mc.vocab_size, mc.max_position_embeddings
         self.default_stops = set(tokenizer.stop_ids()) if tokenizer is not None else {mc.eos_token_id}
         self.max_body_bytes = int(cfg.max_body_mb * 2**20)
@@ -194,7 +194,7 @@ class ServerState:
             spec = dataclasses.replace(cfg.sampling, **given, max_new_tokens=max_tokens)
             spec.steps_per_block = spec.steps_per_block or self.block_size  # 0: one token per forward
             params = spec.params(sorted(stops), n=req.n, seed=seed)
-            params.validate(self.block_size)
+            check_for_model(params, self.arch)
         except FieldError as err:
             raise ApiError(400, str(err), param=err.key) from err
         except ValueError as err:

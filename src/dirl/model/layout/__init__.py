@@ -4,8 +4,8 @@ forward's (input_ids, position_ids, TokenMeta, readout rows), per attention sche
 * :mod:`~dirl.model.layout.block_causal` -- SDAR-style block diffusion (``[x_t ; x_0]`` for
   SFT, clean cache + one noisy block for decoding, clean sequence + noisy block copies for
   traces).
-* ``bidirectional`` (full attention, LLaDA / Dream) goes beside it: a state is one noisy copy
-  of the whole sequence, bidirectional inside (``masks.visible`` already expresses it).
+* :mod:`~dirl.model.layout.bidirectional` -- full attention (LLaDA, Dream): a state is one noisy
+  copy of the whole sequence, bidirectional inside; several states of a sequence are separate copies.
 
 :func:`readout_rows` is the one place that maps "score the token at flat row j" to the
 logits row to read, applying the family's ``logit_shift``.
@@ -17,7 +17,8 @@ import importlib
 
 import torch
 
-LAYOUTS: dict[str, str] = {"block_causal": "dirl.model.layout.block_causal"}
+LAYOUTS: dict[str, str] = {"block_causal": "dirl.model.layout.block_causal",
+                           "bidirectional": "dirl.model.layout.bidirectional"}
 
 
 def readout_rows(token_index: torch.Tensor, shift: int) -> torch.Tensor:

@@ -59,6 +59,12 @@ def _check_block_sizes(cfg: RLConfig, model) -> None:
     """Every block size the run will use, checked against the model and the sampling settings
     before anything is decoded; the model keeps its own."""
     config = dist_lib.unwrap(model).config
+    if config.arch.attention == "bidirectional":  # no block in the model: block_length is a sampling setting
+        if cfg.block_size or cfg.block_size_schedule:
+            raise UserError("block_size / block_size_schedule: a full-attention model has no block; "
+                            "set rollout.sampling.block_length")
+        check_sampling(cfg.rollout.sampling, config.arch, "rollout.sampling")
+        return
     base, schedule = config.arch.block_size, parse_block_schedule(cfg.block_size_schedule)
     keyed = [("block_size_schedule", size) for _, size in schedule]
     if not schedule or schedule[0][0] > 0:  # the steps before the schedule's first entry
@@ -66,7 +72,7 @@ def _check_block_sizes(cfg: RLConfig, model) -> None:
     for key, size in keyed:
         set_block_size(model, size, cfg.lora, key)
         try:
-            check_sampling(cfg.rollout.sampling, config.arch.block_size, "rollout.sampling")
+            check_sampling(cfg.rollout.sampling, config.arch, "rollout.sampling")
         except UserError as err:
             raise UserError(f"{err} (with {key}={size})" if size else str(err)) from None
         config.block_size = base

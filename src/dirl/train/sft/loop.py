@@ -181,7 +181,7 @@ def build_run(cfg: SFTConfig, resume: str | Path | None = None, inputs: RunInput
     device, attn_impl, model, tokenizer = made.device, made.attn_impl, made.model, made.tokenizer
     set_block_size(model, cfg.block_size, cfg.lora)
     if cfg.eval_every:
-        check_sampling(cfg.eval_sampling, model.arch.block_size, "eval_sampling")
+        check_sampling(cfg.eval_sampling, model.arch, "eval_sampling")
     examples = load_examples(cfg, tokenizer, model.arch.block_size, inputs.train_rows)  # validates every row
     # Flex compiles per shape: give unpacked batches a fixed length too.
     row_length = cfg.data.max_length if (cfg.pack or attn_impl == "flex") else None
