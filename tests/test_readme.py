@@ -22,7 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SKIP = "# readme: skip"
 PLACEHOLDER = re.compile(r"\b(DIR|RUN_DIR|QWEN3_DIR)\b|RUN/final|/path/to/|\[[^\]]*\||\[-|node0\.example|/shared/SDAR|"
-                         r"runs/x/final|\[key=value")
+                         r"runs/x/final|\[key=value|=\.\.\.")
 
 
 def readme_commands(text: str) -> list[tuple[str, str]]:
@@ -36,7 +36,7 @@ def readme_commands(text: str) -> list[tuple[str, str]]:
         if block is None or not line.strip() or line.lstrip().startswith("#"):
             continue
         if out and out[-1][0].endswith("\\"):
-            out[-1] = (out[-1][0][:-1] + " " + line.strip(), out[-1][1])
+            out[-1] = (out[-1][0][:-1] + " " + line.strip(), "skip" if SKIP in line else out[-1][1])
             continue
         status = "skip" if SKIP in line else "template" if PLACEHOLDER.search(line.split(" #")[0]) else "run"
         out.append((line.strip(), status))
