@@ -41,7 +41,7 @@ CASES = {
     "rl-num-prompts": ("rl rollout.num_prompts=-2", "rollout.num_prompts must be > 0"),
     "rl-max-steps": ("rl max_steps=-3", "max_steps must be > 0"),
     "rl-save-every": ("rl save_every=-5", "save_every must be >= 0"),
-    "rl-lr": ("rl optim.lr=-1e-3", "optim.lr must be a finite number > 0"),
+    "rl-lr": ("rl optim.lr=-1e-3", "optim.lr must be a finite number in (0, 1]"),
     "rl-lr-nan": ("rl optim.lr=nan", "optim.lr"),
     "rl-group-size": ("rl rollout.group_size=0", "rollout.group_size must be > 0"),
     "rl-max-new-tokens": ("rl rollout.sampling.max_new_tokens=-5", "rollout.sampling.max_new_tokens must be > 0"),
@@ -75,7 +75,7 @@ CASES = {
     # sft
     "sft-keep-last": ("sft keep_last=0", "keep_last must be > 0"),
     "sft-max-steps": ("sft max_steps=-3", "max_steps must be > 0"),
-    "sft-lr": ("sft optim.lr=-1e-3", "optim.lr must be a finite number > 0"),
+    "sft-lr": ("sft optim.lr=-1e-3", "optim.lr must be a finite number in (0, 1]"),
     "sft-betas": ("sft optim.betas=[0.9,1.5]", "optim.betas"),
     "sft-block-size": ("sft block_size=-1", "block_size must be > 0"),
     "sft-bad-line": ("sft data.source={root}/bad.jsonl", "bad.jsonl:2"),

@@ -221,10 +221,10 @@ def check_run(out: Path, stdout: str, num_samples: int, k: int) -> dict:
 def test_cli_on_gsm8k_file(tiny_ckpt, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     proc = run_cli(capsys, monkeypatch, "--model", str(tiny_ckpt), "--data", str(GSM8K), "--reward", "gsm8k", "--out", str(out),
-                   "limit=8", "sampling.max_new_tokens=8", cwd=tmp_path)
+                   "limit=4", "sampling.max_new_tokens=8", cwd=tmp_path)  # GSM8K's 5th prompt is past 512 positions
     assert proc.returncode == 0, proc.stderr
-    summary = check_run(out, proc.stdout, 8, 1)
-    assert summary["num_questions"] == 8 and summary["mean_length"] <= 8
+    summary = check_run(out, proc.stdout, 4, 1)
+    assert summary["num_questions"] == 4 and summary["mean_length"] <= 8
     assert "reward: gsm8k" in (out / "config.yaml").read_text()
 
 

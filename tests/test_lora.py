@@ -144,8 +144,10 @@ def test_adapter_directory_is_peft_format_and_merges_into_a_full_checkpoint(lora
 
 
 def test_merge_of_a_bad_directory_is_one_line_exit_2(tmp_path, capsys):
-    (tmp_path / ADAPTER_CONFIG).write_text("{not json")
-    assert cli_main(["merge", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    adapters = tmp_path / "adapters"  # the output may not lie inside an input
+    adapters.mkdir()
+    (adapters / ADAPTER_CONFIG).write_text("{not json")
+    assert cli_main(["merge", str(adapters), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert ADAPTER_CONFIG in err and len(err.splitlines()) == 1
 

@@ -15,6 +15,7 @@ import torch
 
 from dirl.cli import main
 from dirl.model.checkpoint import load_pretrained
+from dirl.ownership import MARKER
 
 RL = ["model=init:tiny", "rewards={rl_rewards:digit_fraction: 1.0}", "rollout.num_prompts=2",
       "rollout.group_size=2", "rollout.sampling.max_new_tokens=8", "optim.lr=1e-3", "log_every=0", "--no-progress"]
@@ -63,10 +64,14 @@ def test_sft_resume_continues_log_windows_over_a_torn_metrics_line(tmp_path):
     with (run / "metrics.jsonl").open("a") as fh:
         fh.write('{"step": 4, "loss": 1.2')  # killed mid-write after the checkpoint
     stale = [run / ".final.tmp-999999999", run / "checkpoints" / ".step-000004.tmp-999999999"]
-    for path in stale:
+    for path in stale:  # what a killed writer leaves: marked as dirl's own before anything else
         path.mkdir()
+        (path / MARKER).write_text("")
+    users = run / ".notes.tmp-999999999"  # a user's own directory of the same name pattern
+    users.mkdir()
     assert main(["sft", "--resume", str(run), "--no-progress"]) == 0
     assert not any(path.exists() for path in stale)
+    assert users.is_dir()  # not dirl's: left alone
     got, want = rows(run), rows(straight)
     assert [r["step"] for r in got] == [r["step"] for r in want] == [2, 4]
     for g, w in zip(got, want):

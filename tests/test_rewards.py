@@ -18,6 +18,7 @@ from sympy import Basic, MatrixBase
 
 import dirl.rewards
 import dirl.rewards.math as math_rewards
+from dirl.rewards.registry import RewardError
 from dirl.rewards import (
     RewardResult,
     available_rewards,
@@ -404,9 +405,8 @@ def test_weights_combine_and_none_counts_as_zero():
 
 
 def test_malformed_scores_are_errors_and_caller_bugs_raise():
-    result = compute_rewards(["_test_malformed"], ["nan", "b"], {})
-    assert result.total == [0.0, 1.0]
-    assert result.metrics["rewards/_test_malformed/errors"] == 1.0
+    with pytest.raises(RewardError, match="reward '_test_malformed' returned an invalid score nan for completion 0"):
+        compute_rewards(["_test_malformed"], ["nan", "b"], {})
     with pytest.raises(ValueError, match="column 'answer'"):
         compute_rewards(["math"], ["a", "b"], {"answer": ["1"]})
     with pytest.raises(ValueError, match="unknown reward"):

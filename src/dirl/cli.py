@@ -11,6 +11,8 @@ import importlib
 import os
 import sys
 
+MAX_MESSAGE_CHARS = 2000  # the one error line, whatever a message held
+
 # name -> (module, help). A module provides ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS: dict[str, tuple[str, str]] = {
     "init": ("dirl.commands.init", "write a randomly initialised checkpoint directory"),
@@ -89,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         message = " ".join(str(err).split())  # one line, whatever the message held
-        print(f"dirl {args.command}: {message}", file=sys.stderr)
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS - 3] + "..."
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: once, from rank 0
+            print(f"dirl {args.command}: {message}", file=sys.stderr)
         return 2
 
 

@@ -17,13 +17,63 @@ from typing import Any, TypeVar
 
 import yaml
 
-from dirl.errors import FieldError, UserError
+from dirl.errors import FieldError, UserError, echo
 
 T = TypeVar("T")
 
 
 class ConfigError(UserError):
     """A config file or override names an unknown key or gives a bad value."""
+
+
+# A YAML document may hold at most this many nodes once its aliases are expanded: a 323-byte
+# alias bomb expands to hundreds of millions, and every later walk (checks, echo) would pay that.
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 64
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` with bounded work: the alias-expanded node count and the nesting depth
+    are capped, and every parse failure (a 5000-digit int, a lone surrogate) is a ConfigError
+    naming ``where``."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_yaml_size(node, where)
+        return loader.construct_document(node)
+    except ConfigError:
+        raise
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as err:
+        raise ConfigError(f"{where}: invalid YAML: {' '.join(str(err).split())[:300]}") from None
+    finally:
+        loader.dispose()
+
+
+def _check_yaml_size(root, where: str) -> None:
+    """Count the nodes of the composed graph with its aliases expanded (memoised per node)."""
+    sizes: dict[int, int] = {}
+    stack = [(root, 0, False)]
+    while stack:
+        node, depth, done = stack.pop()
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{where}: YAML nested deeper than {MAX_YAML_DEPTH} levels")
+        children = ([c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        if done:
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_YAML_NODES:
+                raise ConfigError(f"{where}: YAML expands to more than {MAX_YAML_NODES:,} values "
+                                  "(aliases of aliases?); refusing it")
+        elif id(node) not in sizes:
+            stack.append((node, depth, True))
+            stack.extend((c, depth + 1, False) for c in children if id(c) not in sizes)
+
+
+def _yaml_value(raw: str, key: str) -> Any:
+    return parse_yaml(raw, f"{key}={echo(raw)}")
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -34,7 +84,7 @@ def _field_types(cls) -> dict[str, Any]:
 def _unknown(key: str, choices) -> ConfigError:
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(choices), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"unknown config key {key!r}{hint}; valid keys here: {', '.join(sorted(choices))}")
+    return ConfigError(f"unknown config key {echo(key)}{hint}; valid keys here: {', '.join(sorted(choices))}")
 
 
 def coerce(value: Any, typ: Any, key: str) -> Any:
@@ -52,38 +102,35 @@ def coerce(value: Any, typ: Any, key: str) -> Any:
                 return coerce(value, arg, key)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key}: {value!r} does not fit {typ}")
+        raise ConfigError(f"{key}: {echo(value)} does not fit {typ}")
     if origin is typing.Literal:
         choices = typing.get_args(typ)
         if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+            raise ConfigError(f"{key}: {echo(value)} is not one of {list(choices)}")
         return value
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            value = _yaml_value(value, key) if value.strip().startswith("[") else [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {echo(value)}")
         (inner,) = typing.get_args(typ)[:1] or (Any,)
         return [coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml_value(value, key)
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {echo(value)}")
         return dict(value)
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping for section {typ.__name__}, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping for section {typ.__name__}, got {echo(value)}")
         return from_dict(typ, value, prefix=f"{key}.")
     return _coerce_scalar(value, typ, key)
 
 
 def _coerce_scalar(value: Any, typ: type, key: str) -> Any:
     if isinstance(value, str) and typ is not str:
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{key}: cannot parse {value!r}: {err}") from err
+        value = _yaml_value(value, key)
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -94,7 +141,10 @@ def _coerce_scalar(value: Any, typ: type, key: str) -> Any:
             return int(value)
     elif typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise ConfigError(f"{key}: {echo(value)} is too large for a float") from None
         if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
             try:
                 return float(value)
@@ -105,7 +155,7 @@ def _coerce_scalar(value: Any, typ: type, key: str) -> Any:
             return str(value)
     else:
         return value
-    raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
+    raise ConfigError(f"{key}: expected {typ.__name__}, got {echo(value)}")
 
 
 def _section_default(cls: type, name: str) -> dict[str, Any] | None:
@@ -173,7 +223,7 @@ def apply_override(data: dict[str, Any], cls: type, key: str, raw: str) -> None:
             return
         if typing.get_origin(typ) is dict:  # free-form mapping: the rest of the key is a sub-key
             sub = node.setdefault(part, {})
-            sub[".".join(parts[i + 1:])] = yaml.safe_load(raw)
+            sub[".".join(parts[i + 1:])] = _yaml_value(raw, key)
             return
         if not dataclasses.is_dataclass(typ):
             raise ConfigError(f"{'.'.join(parts[: i + 1])} is a value, not a section: cannot set {key!r}")
@@ -186,10 +236,16 @@ def _read_yaml(cls: type, path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} not found")
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: not a file (a directory?); pass a YAML file")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"--config {path}: {path.stat().st_size:,} bytes, more than a config's "
+                          f"{MAX_CONFIG_BYTES:,}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: invalid YAML: {err}") from err
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the config ({' '.join(str(err).split())[:200]})") from None
+    data = parse_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     from_dict(cls, data, prefix="")  # validates the file, naming the bad key
@@ -199,7 +255,7 @@ def _read_yaml(cls: type, path: str | Path) -> dict[str, Any]:
 def _apply_overrides(data: dict[str, Any], cls: type, overrides) -> None:
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value")
+            raise ConfigError(f"override {echo(item)} must look like key=value")
         key, raw = item.split("=", 1)
         apply_override(data, cls, key.strip(), raw)
 

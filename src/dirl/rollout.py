@@ -109,13 +109,18 @@ def check_for_model(params: SamplingParams, arch) -> None:
         params.validate(arch.block_size)
 
 
-def check_sampling(spec: SamplingSpec, arch, key: str) -> None:
-    """What only the model can tell (``steps_per_block`` <= its block size, its decoder's rules), as
-    a user error naming the config section ``key``: called once the model is known, before decoding."""
+def check_sampling(spec: SamplingSpec, arch, key: str, context: int | None = None, longest_prompt: int = 0) -> None:
+    """What only the model can tell (``steps_per_block`` <= its block size, its decoder's rules; with
+    ``context``, the longest prompt + ``max_new_tokens`` <= the model's context, as the server checks),
+    as a user error naming the config section ``key``: called once the model is known, before decoding."""
     try:
         check_for_model(spec.params(), arch)
     except ValueError as err:
         raise UserError(f"{key}.{err}") from None
+    if context is not None and longest_prompt + spec.max_new_tokens > context:
+        prompt = f"the longest prompt ({longest_prompt} tokens) + " if longest_prompt else ""
+        raise UserError(f"{key}.max_new_tokens: {prompt}max_new_tokens ({spec.max_new_tokens}) exceeds the "
+                        f"model's context of {context} tokens")
 
 
 SPEC_FIELDS = tuple(f.name for f in fields(SamplingSpec))

@@ -11,12 +11,30 @@ MAX_SEED = 2**63 - 1
 
 
 def resolve_device(device: str):
-    """``"auto"`` -> cuda when available, else cpu; anything else as given (a ``torch.device``)."""
+    """``"auto"`` -> cuda when available, else cpu; anything else as given (a ``torch.device``),
+    checked to exist on this machine (a :class:`~dirl.errors.UserError` naming ``device`` if not:
+    ``device=cuda`` on a CPU machine fails here, not deep inside the first ``.to``)."""
     import torch
+
+    from dirl.errors import UserError, echo
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UserError(f"device={echo(device)}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"device={device}: no CUDA device on this machine; use device=cpu or auto")
+        if resolved.index is not None and resolved.index >= count:
+            raise UserError(f"device={device}: this machine has {count} CUDA device(s)")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device={device}: MPS is not available on this machine")
+    elif resolved.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device={device}: unsupported device type; use auto, cpu or cuda")
+    return resolved
 
 
 # ---------------------------------------------------------------- seeds

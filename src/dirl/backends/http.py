@@ -36,6 +36,31 @@ class HttpBackendError(RuntimeError):
     """The server answered an error (its JSON message is included) or an unexpected body."""
 
 
+def probe_server(opts: HttpOptions) -> None:
+    """One round trip before any work: the server answers, and it takes the key (an empty
+    ``/update_weights`` body: 400 with a good key, 401 with a bad one, 403 with updates off).
+    Anything else is a :class:`~dirl.errors.UserError` naming ``rollout.http``."""
+    from dirl.errors import UserError
+
+    if not opts.url:
+        raise UserError("rollout.http.url is empty: the http backend needs a running `dirl serve` "
+                        "(rollout.http.url=http://127.0.0.1:8000)")
+    key = opts.api_key if opts.api_key is not None else os.environ.get(opts.api_key_env, "")
+    try:
+        response = httpx.post(f"{opts.url.rstrip('/')}/update_weights", content=b"",
+                              headers={"Authorization": f"Bearer {key}"}, timeout=min(opts.timeout, 30.0))
+    except (httpx.HTTPError, ValueError) as err:
+        raise UserError(f"rollout.http.url={opts.url}: cannot reach the server ({type(err).__name__}: {err})") from None
+    if response.status_code == 401:
+        raise UserError(f"rollout.http: the server at {opts.url} refused the key (set ${opts.api_key_env} "
+                        "or rollout.http.api_key to the server's key)")
+    if response.status_code == 403:
+        raise UserError(f"rollout.http: the server at {opts.url} has weight updates off (--no-updates)")
+    if response.status_code != 400:
+        raise UserError(f"rollout.http.url={opts.url}: not a dirl server (HTTP {response.status_code} "
+                        "from /update_weights)")
+
+
 class HttpBackend:
     """A :class:`~dirl.backends.base.RolloutBackend` that is a client of ``dirl serve``.
 

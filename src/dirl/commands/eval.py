@@ -27,7 +27,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", help="checkpoint directory")
     parser.add_argument("--data", help="benchmark file (.jsonl/.json/.parquet) or task:<name>:test")
     parser.add_argument("--reward", help="reward name or comma list (default: task's reward, else math)")
-    parser.add_argument("--out", help="run directory (default runs/eval-<timestamp>)")
+    parser.add_argument("--out", help="run directory, new or empty (default runs/eval-<timestamp>); "
+                        "overwrite=true replaces its files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_arguments(parser)
 
@@ -56,26 +57,31 @@ def write_run(out: Path, cfg, summary: dict, samples: list[dict]) -> None:
 
 
 def run(args) -> int:
-    from dirl.data import build_prompt_ids
+    from dirl.data import build_prompt_ids, to_prompt_messages
     from dirl.eval.config import EvalConfig, default_out_dir, load_eval_rows, resolve_defaults
     from dirl.eval.heldout import evaluate_rows
     from dirl.rollout import check_sampling
+    from dirl.ownership import check_output, pop_overwrite
     from dirl.runtime import resolve_device
 
     flags = [f"{key}={getattr(args, flag)}" for flag, key in FLAG_KEYS.items()
              if getattr(args, flag) is not None]
-    cfg = config_lib.load(EvalConfig, args.config, [*flags, *args.overrides])
+    overrides, overwrite = pop_overwrite([*flags, *args.overrides])
+    cfg = config_lib.load(EvalConfig, args.config, overrides)
     cfg = resolve_defaults(cfg)  # unknown reward names fail here, before any loading
+    out = check_output(cfg.out or default_out_dir(), inputs=[cfg.model, cfg.data], overwrite=overwrite, key="out")
+    device = resolve_device(cfg.device)
     rows = load_eval_rows(cfg)
-    model, tokenizer = _load_model(cfg, resolve_device(cfg.device))
-    check_sampling(cfg.sampling, model.arch, "sampling")  # e.g. steps_per_block > block size
+    to_prompt_messages(rows[0], cfg.prompt_template)  # a bad template fails before the model loads
+    model, tokenizer = _load_model(cfg, device)
     try:
-        build_prompt_ids(tokenizer, rows[:1], cfg.prompt_template, cfg.chat)
+        longest = max(len(ids) for ids in build_prompt_ids(tokenizer, rows, cfg.prompt_template, cfg.chat))
     except ValueError as err:  # chat=true without a chat template
         if isinstance(err, UserError):
             raise
         raise config_lib.ConfigError(str(err)) from None
-    out = Path(cfg.out or default_out_dir())
+    # e.g. steps_per_block > block size, the longest prompt + max_new_tokens past the context
+    check_sampling(cfg.sampling, model.arch, "sampling", model.arch.max_position_embeddings, longest)
     summary, samples = evaluate_rows(model, tokenizer, rows, cfg, progress=not args.no_progress)
     write_run(out, dataclasses.replace(cfg, out=str(out)), summary, samples)
     print(f"dirl eval: wrote {out}/samples.jsonl and summary.json", file=sys.stderr)

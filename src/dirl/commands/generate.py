@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
 
 from dirl import config as config_lib
 from dirl.commands import add_config_arguments
@@ -41,7 +40,7 @@ def _stop_ids_given(config_path: str | None, overrides: list[str]) -> bool:
     if any(item.split("=", 1)[0].strip() == "stop_ids" for item in overrides):
         return True
     if config_path and Path(config_path).exists():
-        data = yaml.safe_load(Path(config_path).read_text()) or {}
+        data = config_lib.parse_yaml(Path(config_path).read_text(encoding="utf-8"), config_path) or {}
         return isinstance(data, dict) and "stop_ids" in data
     return False
 
@@ -68,6 +67,10 @@ def run(args) -> int:
     prompt_ids = tokenizer.encode(text)
     if not prompt_ids:
         raise config_lib.ConfigError("--prompt: the prompt is empty")
+    context = model.arch.max_position_embeddings
+    if len(prompt_ids) + params.max_new_tokens > context:
+        raise config_lib.ConfigError(f"the prompt ({len(prompt_ids)} tokens) + max_new_tokens "
+                                     f"({params.max_new_tokens}) exceeds the model's context of {context} tokens")
     rollout = Engine(model.eval(), use_cache=not args.no_cache, compile=args.compile).generate([prompt_ids], params)[0]
     completion = tokenizer.decode(rollout.completion_ids)
     if args.json:

@@ -8,13 +8,16 @@ from dirl.commands import add_config_arguments
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    parser.add_argument("--out", required=True, help="checkpoint directory to write (new or empty; "
+                        "overwrite=true replaces it)")
 
 
 def run(args) -> int:
     from dirl.model.factory import InitConfig, init_checkpoint
+    from dirl.ownership import check_output, pop_overwrite
 
-    cfg = config_lib.load(InitConfig, args.config, args.overrides)
-    out = init_checkpoint(cfg, args.out)
+    overrides, overwrite = pop_overwrite(args.overrides)
+    cfg = config_lib.load(InitConfig, args.config, overrides)
+    out = init_checkpoint(cfg, check_output(args.out, overwrite=overwrite))
     print(f"wrote {out}")
     return 0

@@ -51,6 +51,27 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse a port another process holds, before the model loads (uvicorn would log a
+    traceback-like error and exit 1 after the load)."""
+    import socket
+
+    from dirl.errors import UserError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as err:
+        raise UserError(f"--host {host!r}: cannot resolve it ({err})") from None
+    with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(infos[0][4])
+        except OSError as err:
+            raise UserError(f"cannot listen on {host}:{port}: {err.strerror or err}; is another server "
+                            "running there? pick another --port") from None
+
+
 def run(args) -> int:
     cfg = resolve_config(args)
     if not cfg.model:
@@ -61,23 +82,31 @@ def run(args) -> int:
         print(f"dirl serve: refusing to start: weight updates need a key; set ${cfg.api_key_env} "
               f"(or pass --no-updates to serve without /update_weights)", file=sys.stderr)
         return 2
+    from dirl.runtime import resolve_device
+
+    device = resolve_device(cfg.device)
+    check_port(cfg.host, cfg.port)  # errors first: a refused start prints one line
     if not is_loopback(cfg.host):
         print(f"dirl serve: warning: binding {cfg.host} exposes the server beyond this machine "
               f"(completions are {'authenticated' if cfg.auth_completions else 'NOT authenticated'})",
               file=sys.stderr)
-
     import torch
     import uvicorn
 
     from dirl.model.checkpoint import load_pretrained
     from dirl.serve.app import create_app
+    from dirl.serve.guard import guarded_protocol
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    model, tokenizer = load_pretrained(cfg.model, dtype=cfg.param_dtype or None, device=cfg.device)
+    model, tokenizer = load_pretrained(cfg.model, dtype=cfg.param_dtype or None, device=device)
     app = create_app(model.eval(), tokenizer, cfg, api_key or None)
     state = app.state.dirl
     print(f"dirl serve: {state.name} on http://{cfg.host}:{cfg.port} "
           f"(weight updates {'on' if cfg.allow_updates else 'off'})", flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    # The batcher thread's Python code hands the GIL back within 1 ms (not 5): /health and the
+    # event loop stay responsive while the heaviest request decodes.
+    sys.setswitchinterval(0.001)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                http=guarded_protocol(cfg.max_connections, cfg.header_timeout_s, cfg.body_timeout_s))
     return 0

@@ -22,6 +22,7 @@ Lines and ``row <i>`` (0-based row index) for JSON lists, parquet and saved data
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 
 from dirl.data.chat import as_messages, normalize_row, validate_messages
 from dirl.data.tasks import SPLITS, get_task
+from dirl.data.limits import check_row_bounds, max_line_bytes, parse_json, too_long
 from dirl.data.templates import DataError, render_prompt
 
 __all__ = [
@@ -176,17 +178,21 @@ def reward_prompt(row: Mapping[str, Any], template: str) -> str | list[dict[str,
 # ----------------------------------------------------------------------------- readers
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    """Yield (where, row) per non-blank line; invalid UTF-8 or JSON is a DataError naming the line."""
+    """Yield (where, row) per non-blank line; invalid UTF-8 or JSON, or a line over the size cap,
+    is a DataError naming the line (a long line is never read whole)."""
+    cap = max_line_bytes()
     with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
+        for lineno in itertools.count(1):
+            raw = fh.readline(cap + 1)
+            if not raw:
+                return
             where = f"{path}:{lineno}"
+            if len(raw) > cap and not (len(raw) == cap + 1 and raw.endswith(b"\n")):
+                raise too_long(where, cap)
             line = _decode(raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw, where)
             if not line.strip():
                 continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON ({exc})") from None
+            yield where, parse_json(line, where)
 
 
 def _decode(raw: bytes, where: str) -> str:
@@ -209,6 +215,8 @@ def _read_json(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc})") from None
+    except (RecursionError, ValueError):
+        data = parse_json(text, str(path))  # the same failure, as a DataError
     if isinstance(data, dict):
         lists = {k: v for k, v in data.items() if isinstance(v, list)}
         key = split if split in lists else (next(iter(lists)) if len(lists) == 1 else None)
@@ -353,7 +361,9 @@ def _load(source: Source, split: str | None, limit: int | None, seed: int, check
     rows: list[dict] = []
     in_memory = not isinstance(source, (str, Path))
     # Validate the whole file (not only the first ``limit`` rows) so a broken file fails early.
+    cap = max_line_bytes()
     for where, row in (_iter_memory(source) if in_memory else _iter_source(str(source), split, limit, seed)):
+        check_row_bounds(row, where, cap)
         row = normalize_row(row, where)
         check(row, where)
         rows.append(dict(row))

@@ -9,6 +9,7 @@ templates raise the same exception type without an import cycle.
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Mapping
 from typing import Any
@@ -61,6 +62,27 @@ def template_fields(template: str) -> list[str]:
     return fields
 
 
+# The widest field a template may pad to (``{question:>9999}``): a width of 2e9 renders 2 GB.
+MAX_FORMAT_WIDTH = 10_000
+
+
+def _check_specs(label: str, fmt: str) -> None:
+    """Refuse fields that reach past a column (``{question.__class__}``) and format specs that make
+    rendering unbounded: a width/precision above ``MAX_FORMAT_WIDTH``, or one taken from the row
+    (``{question:{w}}``)."""
+    for _literal, field, spec, _conv in string.Formatter().parse(fmt):
+        if field and ("." in field or "[" in field):  # {question.__class__...} reaches Python internals
+            raise DataError(f"{label}: field '{field[:40]}' uses attribute or index access; name a column only")
+        if field is None or not spec:
+            continue
+        if "{" in spec:
+            raise DataError(f"{label}: field '{field}' takes its format spec from the row; not allowed")
+        digits = [int(d) for d in re.findall(r"\d{1,12}", spec)]
+        if any(d > MAX_FORMAT_WIDTH for d in digits) or re.search(r"\d{13}", spec):
+            raise DataError(f"{label}: field '{field}' pads to more than {MAX_FORMAT_WIDTH:,} characters "
+                            f"(spec {spec[:40]!r})")
+
+
 def _resolve_template(template: str) -> tuple[str, str]:
     """Map a registry name or a literal template to ``(label, format string)``."""
     if template in PROMPT_TEMPLATES:
@@ -90,6 +112,7 @@ def render_prompt(template: str, row: Mapping[str, Any]) -> str:
     if any(not name or name.isdigit() for name in fields):
         # "{}" / "{0}" would be positional: almost surely a literal brace that was not doubled.
         raise DataError(f"{label} has a positional '{{}}' field; write literal braces as {{{{}}}}")
+    _check_specs(label, fmt)
     missing = [name for name in fields if name not in row]
     if missing:
         have = ", ".join(row) or "nothing"

@@ -79,6 +79,7 @@ def _score_batch(rows, texts: list[str], weights: dict[str, float], k: int, erro
     """Totals and per-reward scores for one batch; accumulates error counts into ``errors`` and a
     reward's own counts (e.g. the code rewards' ``code/timeouts``) into ``outcomes``."""
     result = compute_rewards(weights, texts, _reward_columns(rows, k))
+    result.raise_if_all_failed()  # a reward that fails on every completion is broken, not a score of 0
     for name in errors:
         errors[name] += int(result.metrics[f"rewards/{name}/errors"])
         for key, value in result.metrics.items():

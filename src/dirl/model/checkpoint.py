@@ -23,13 +23,13 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from dirl import ownership
 from dirl.errors import FieldError, UserError
 from dirl.model.families import family_for_config, get_family
 from dirl.model.tokenizer import Tokenizer, load_tokenizer
@@ -48,14 +48,16 @@ def atomic_directory(final: Path, write) -> Path:
 
     Every file and the directory are fsynced before the rename, and the parent after it, so a
     power loss leaves the old directory or the complete new one, never a renamed, empty one.
-    Half-written siblings of earlier, killed writers (``.NAME.tmp-PID``) are removed first.
+    Half-written siblings of earlier, killed writers (``.NAME.tmp-PID``) are removed first, and
+    only those dirl marked as its own (:mod:`dirl.ownership`); so is the directory written.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(final.parent, final.name)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    ownership.remove_owned(tmp)
     tmp.mkdir()
+    ownership.mark(tmp)  # first: a crash leaves a directory dirl knows as its own
     write(tmp)
     fsync_tree(tmp)
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -63,7 +65,7 @@ def atomic_directory(final: Path, write) -> Path:
         final.rename(old)  # keep the old one until the new one is in place
     tmp.rename(final)
     fsync_path(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    ownership.remove_owned(old)  # one dirl did not write stays, under its .old-PID name
     return final
 
 
@@ -124,11 +126,8 @@ def remove_stale_tmp(directory: Path, name: str | None = None) -> list[Path]:
         match = _TMP_NAME.match(child.name)
         if not match or (name is not None and match["name"] != name) or _other_writer_alive(int(match["pid"])):
             continue
-        if child.is_dir():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
-        removed.append(child)
+        if ownership.remove_owned(child):  # a user's own file of the same name is left alone
+            removed.append(child)
     return removed
 
 
@@ -308,6 +307,10 @@ def load_state_into(model: torch.nn.Module, directory: Path) -> None:
                               f"{' ...' if len(unexpected) > 5 else ''}")
     for fname in sorted(set(files.values())):
         path = directory / fname
+        try:
+            ownership.inside(path, directory, f"{directory / INDEX_FILE}")
+        except UserError as err:
+            raise CheckpointError(str(err)) from None
         if not path.exists():
             raise CheckpointError(f"{path}: shard listed in the index is missing")
         with _open_safetensors(path) as f:
@@ -355,4 +358,23 @@ def load_pretrained(directory: str | Path, dtype: str | torch.dtype | None = Non
             tokenizer = load_tokenizer(directory)
         except Exception as err:  # noqa: BLE001 -- tokenizers/transformers raise many types for a bad file
             raise CheckpointError(f"{directory}: cannot read the tokenizer files ({err!r})") from err
+        check_tokenizer(model.arch, tokenizer, directory)
     return model, tokenizer
+
+
+def check_tokenizer(cfg, tokenizer: Tokenizer, directory: Path) -> None:
+    """The tokenizer and ``config.json`` (``cfg``: the model's :class:`~dirl.model.arch.Arch`)
+    must agree: the same mask id (SFT would mask with one and the engine decode with the other),
+    and every id the tokenizer can emit (its special ids included) inside the model's vocabulary
+    (else an IndexError deep in the embedding)."""
+    if tokenizer.mask_token_id != cfg.mask_token_id:
+        raise CheckpointError(f"{directory}: the tokenizer's mask id {tokenizer.mask_token_id} differs from "
+                              f"config.json's mask_token_id {cfg.mask_token_id}")
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"{directory}: the tokenizer has {tokenizer.vocab_size} ids, more than the model's "
+                              f"vocabulary of {cfg.vocab_size} (config.json vocab_size)")
+    for name in ("eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None and not 0 <= value < cfg.vocab_size:
+            raise CheckpointError(f"{directory}: the tokenizer's {name} {value} is outside the model's vocabulary "
+                                  f"of {cfg.vocab_size}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dirl.errors import POSITIVE, FieldError, check_fields, one_of
+from dirl.errors import POSITIVE, SEED, FieldError, check_fields, one_of
 from dirl.model.checkpoint import DTYPES, build_model, save_pretrained
 from dirl.model.families import DEFAULT_FAMILY, FAMILIES, get_family
 from dirl.model.tokenizer import Tokenizer, char_tokenizer, load_tokenizer
@@ -26,7 +26,7 @@ class InitConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, {"family": one_of(*FAMILIES), "param_dtype": one_of(*DTYPES),
-                            "block_size": POSITIVE, "max_shard_mb": POSITIVE})
+                            "block_size": POSITIVE, "max_shard_mb": POSITIVE, "seed": SEED})
         family = get_family(self.family)
         check_fields(self, {"preset": one_of(*family.presets)})
         known = {f.name for f in dataclasses.fields(family.config_cls)}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -85,6 +86,8 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if self.r < 0:
             raise ValueError(f"lora.r must be >= 0, got {self.r}")
+        if isinstance(self.alpha, bool) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be a finite number > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         known = known_targets()

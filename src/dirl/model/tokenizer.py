@@ -141,12 +141,33 @@ def char_tokenizer() -> Tokenizer:
     for ch in CHAR_ALPHABET:
         vocab.setdefault(ch, len(vocab))
     raw = RawTokenizer(models.WordLevel(vocab=vocab, unk_token=EOS_TOKEN))
+    raw.normalizer = _char_normalizer()
     raw.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     raw.decoder = decoders.Fuse()
     hf = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
                                  mask_token=MASK_TOKEN, additional_special_tokens=CHAR_SPECIALS[1:3])
     hf.chat_template = CHAR_CHAT_TEMPLATE
     return Tokenizer(hf)
+
+
+# Characters outside the alphabet that have a plain ASCII stand-in (GSM8K holds ’; answers ×).
+CHAR_STAND_INS = {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "-",
+                  "\u2212": "-", "\u00d7": "*", "\u00f7": "/", "\u2026": "...", "\t": " ", "\r": ""}
+
+
+def _char_normalizer():
+    """Accents stripped (é -> e), common punctuation to its ASCII stand-in, and any other
+    character outside the alphabet to ``?``: the unknown token is end-of-text, and a character
+    the alphabet lacks must not end a prompt in the middle."""
+    import re
+
+    from tokenizers import Regex, normalizers
+
+    outside = "[^" + "".join(re.escape(ch) for ch in CHAR_ALPHABET) + "]"
+    return normalizers.Sequence([
+        normalizers.NFKD(), normalizers.StripAccents(),
+        *(normalizers.Replace(old, new) for old, new in CHAR_STAND_INS.items()),
+        normalizers.Replace(Regex(outside), "?")])
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:

@@ -19,6 +19,7 @@ Time limits (``call_with_time_limit``) work from any thread:
 from __future__ import annotations
 
 import ctypes
+import math
 import importlib
 import signal
 import threading
@@ -49,8 +50,9 @@ _T = TypeVar("_T")
 # Per-completion budget of one reward evaluation. Rule-based rewards take milliseconds; the limit
 # only matters for pathological inputs (e.g. sympy simplifying a huge expression).
 DEFAULT_TIME_LIMIT_S = 10.0
-# The batch call gets time_limit_s * batch size, capped here so that one hung row cannot hold a
-# large batch for hours before the row-by-row retry isolates it.
+# What one reward may cost per batch, the batch call and the row-by-row retries together
+# (2 x time_limit_s x batch size, capped here): a reward that hangs on every row costs this, not
+# the batch limit plus a time limit per row.
 MAX_BATCH_TIME_LIMIT_S = 120.0
 
 _REGISTRY: dict[str, RewardFn] = {}
@@ -97,9 +99,12 @@ def get_reward(name: str) -> RewardFn:
     if ":" in name and name not in _REGISTRY:
         module, _, attr = name.partition(":")
         try:
-            return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as err:
-            raise RewardError(f"cannot import reward {name!r}: {err}") from err
+            fn = getattr(importlib.import_module(module), attr)
+        except (Exception, SystemExit) as err:  # noqa: BLE001 -- any failure of the user's module
+            raise RewardError(f"cannot import reward {name!r}: {type(err).__name__}: {err}") from None
+        if not callable(fn):
+            raise RewardError(f"reward {name!r} is a {type(fn).__name__}, not a function")
+        return fn
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -140,15 +145,29 @@ def parse_reward_spec(spec: str) -> dict[str, float]:
     for item in (part.strip() for part in spec.split(",")):
         if not item:
             continue
-        name, _, weight = item.partition(":")
-        try:
-            weights[name.strip()] = float(weight) if weight else 1.0
-        except ValueError:
-            raise ValueError(f"reward {item!r}: weight {weight!r} is not a number") from None
-        get_reward(name.strip())
+        name, weight = _split_weight(item)
+        weights[name] = weight
+        get_reward(name)
     if not weights:
         raise ValueError(f"reward spec {spec!r} names no reward")
     return weights
+
+
+def _split_weight(item: str) -> tuple[str, float]:
+    """``"math"`` / ``"math:0.5"`` / ``"pkg.mod:fn"`` / ``"pkg.mod:fn:0.5"`` -> ``(name, weight)``: the
+    part after the last colon is a weight when it reads as a number, else part of the name."""
+    head, sep, tail = item.rpartition(":")
+    if not sep:
+        return item.strip(), 1.0
+    try:
+        weight = float(tail)
+    except ValueError:
+        if head.strip() and ":" not in head and tail.strip().isidentifier():
+            return item.strip(), 1.0  # package.module:function
+        raise ValueError(f"reward {item!r}: weight {tail!r} is not a number") from None
+    if not math.isfinite(weight):
+        raise ValueError(f"reward {item!r}: weight {tail!r} is not a finite number")
+    return head.strip(), weight
 
 
 def format_reward_spec(weights: Mapping[str, float]) -> str:

@@ -35,10 +35,12 @@ import logging
 import math
 import numbers
 import statistics
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dirl.errors import echo
 from dirl.rewards.registry import (
     DEFAULT_TIME_LIMIT_S,
     MAX_BATCH_TIME_LIMIT_S,
@@ -144,8 +146,9 @@ def compute_rewards(
     ``specs`` maps reward names or callables to weights, or lists them (weight 1.0 each).
     ``columns`` are the dataset columns, each a list aligned with ``completions``; ``prompts``
     (strings, or message lists for a conversational dataset) and ``completion_ids`` are passed to
-    the rewards that take them. ``time_limit_s`` is the limit per completion (the batch call gets
-    ``time_limit_s * len(completions)``, capped at ``MAX_BATCH_TIME_LIMIT_S``). Unknown names
+    the rewards that take them. ``time_limit_s`` is the limit per completion; one reward's whole
+    evaluation of the batch is bounded by ``2 * time_limit_s * len(completions)``, capped at
+    ``MAX_BATCH_TIME_LIMIT_S`` (see ``_score_isolated``). Unknown names
     and missing arguments are a ``RewardError``, misaligned columns a ``ValueError``; failures
     inside reward functions never propagate.
 
@@ -184,6 +187,10 @@ def compute_rewards(
         if count and errors == count:
             result.failures[name] = first_error
     result.metrics["rewards/total/mean"] = _mean(total)
+    if count and all(score is None for scores in result.per_reward.values() for score in scores):
+        names = ", ".join(repr(name) for name in result.per_reward)
+        raise RewardError(f"reward {names} returned None (not applicable) for all {count} completions: "
+                          "nothing scores them")
     return result
 
 
@@ -210,52 +217,79 @@ def _score_isolated(name: str, fn: RewardFn, available: dict[str, list], count: 
     """Scores from one reward function, the number of completions whose evaluation failed and
     the first error.
 
-    One batch call first (fast path); if it fails in any way, every completion is re-scored on
-    its own so that a single bad row costs only that row.
+    One batch call first (fast path); if it raises (``SystemExit`` included) or times out, every
+    completion is re-scored on its own so that a single bad row costs only that row. The whole
+    costs at most the per-batch limit (``2 * time_limit_s * count``, capped at
+    ``MAX_BATCH_TIME_LIMIT_S``): the batch call gets half of it, the row calls share the other
+    half (a row past that deadline fails as timed out). A result that breaks the contract -- the wrong
+    length, a non-finite or non-numeric score -- is a :class:`RewardError` naming the reward, not
+    a row failure: retrying row by row would hide it (one score for four completions would score
+    every row).
     """
     if count == 0:
         return [], 0, ""
     form = _CallForm.of(fn)
     args, kwargs = form.arguments(name, available)
-    batch_limit = None if time_limit_s is None else min(time_limit_s * count, MAX_BATCH_TIME_LIMIT_S)
+    half = (None if time_limit_s is None or time_limit_s <= 0
+            else min(time_limit_s * count, MAX_BATCH_TIME_LIMIT_S / 2))
     try:
-        return _checked_scores(call_with_time_limit(fn, batch_limit, *args, **kwargs), count), 0, ""
-    except (Exception, RewardTimeout) as error:
+        raw = call_with_time_limit(fn, half, *args, **kwargs)
+    except (Exception, RewardTimeout, SystemExit) as error:
         logger.warning("reward %r failed on a batch of %d (%s: %s); retrying row by row",
                        name, count, type(error).__name__, error)
+    else:
+        return _checked_scores(name, raw, count), 0, ""
 
+    deadline = None if half is None else time.monotonic() + half  # the retries share the other half
     scores: list[float | None] = []
     errors, first_error = 0, ""
     for index in range(count):
         row_args = tuple(values[index:index + 1] for values in args)
         row_kwargs = {key: values[index:index + 1] for key, values in kwargs.items()}
+        limit = time_limit_s if deadline is None else min(time_limit_s, deadline - time.monotonic())
         try:
-            raw = call_with_time_limit(fn, time_limit_s, *row_args, **row_kwargs)
-            scores.append(_checked_scores(raw, 1)[0])
-        except (Exception, RewardTimeout) as error:
+            if limit is not None and limit <= 0:
+                raise RewardTimeout(f"the batch's time limit of {2 * half:.3g} s is spent")
+            raw = call_with_time_limit(fn, limit, *row_args, **row_kwargs)
+        except (Exception, RewardTimeout, SystemExit) as error:
             logger.debug("reward %r failed on row %d: %s: %s", name, index, type(error).__name__, error)
             scores.append(0.0)
             errors += 1
             first_error = first_error or f"{type(error).__name__}: {error}"
+            continue
+        scores.append(_checked_scores(name, raw, 1)[0])
     return scores, errors, first_error
 
 
-def _checked_scores(raw: Any, expected_length: int) -> list[float | None]:
-    """Validate a reward function's return value: a list of finite reals or None, right length."""
+def _checked_scores(name: str, raw: Any, expected_length: int) -> list[float | None]:
+    """Validate a reward function's return value: a list (or a 1-D numpy array / tensor, as TRL
+    accepts) of finite reals or None, one per completion; else a RewardError naming the reward."""
+    if hasattr(raw, "tolist") and not isinstance(raw, (list, tuple)):  # numpy array, torch tensor
+        raw = raw.tolist()
     if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)):
-        raise TypeError(f"reward returned {type(raw).__name__}, expected a list")
+        raise RewardError(f"reward {name!r} returned {type(raw).__name__}, expected a list of scores")
     if len(raw) != expected_length:
-        raise ValueError(f"reward returned {len(raw)} scores for {expected_length} completions")
+        raise RewardError(f"reward {name!r} returned {len(raw)} scores for {expected_length} completions")
     scores: list[float | None] = []
-    for value in raw:
+    for index, value in enumerate(raw):
+        if hasattr(value, "item") and not isinstance(value, numbers.Real):  # a 0-d array or tensor
+            value = value.item()
         if value is None:
             scores.append(None)
-        elif isinstance(value, numbers.Real) and math.isfinite(float(value)):
+        elif isinstance(value, numbers.Real) and _finite(value):
             scores.append(float(value))
         else:
             # NaN/inf or non-numbers would silently poison the advantage computation downstream.
-            raise ValueError(f"reward returned an invalid score {value!r}")
+            raise RewardError(f"reward {name!r} returned an invalid score {echo(value)} for completion "
+                              f"{index}; scores must be finite numbers or None")
     return scores
+
+
+def _finite(value: numbers.Real) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _mean(values: Sequence[float]) -> float:

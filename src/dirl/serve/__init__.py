@@ -49,6 +49,12 @@ class ServeConfig(EngineOptions):
     sampling: SamplingSpec = field(default_factory=_serve_sampling)
     max_request_tokens: int = 65536    # compute budget per request: prompts x n x max_tokens
     max_body_mb: float = 4.0           # request body cap of the completion routes (413 above)
+    max_stop_strings: int = 16         # stop strings per request (matched off the event loop)
+    max_stop_chars: int = 256          # characters per stop string
+    max_connections: int = 512         # open connections; more are closed at once (slow-loris)
+    header_timeout_s: float = 10.0     # a request's head must arrive within this, else disconnect
+    body_timeout_s: float = 60.0       # and its body within this
+    max_update_scale: float = 100.0    # an update's largest |w| <= this x the live one's (0 = no check)
     max_update_mb: float = 0.0         # 0 = twice the model's state-dict size + 1 MiB
     batch_wait_ms: float = 2.0         # collection window before an engine loop starts
     max_queue: int = 4096
@@ -60,7 +66,10 @@ class ServeConfig(EngineOptions):
         check_fields(self, {
             "port": (lambda v: 0 <= v < 65536, "a port in [0, 65535]"), "max_batch": POSITIVE, "max_n": POSITIVE,
             "max_prompts": POSITIVE, "max_tokens_limit": POSITIVE,
-            "max_request_tokens": POSITIVE, "max_body_mb": FINITE_POSITIVE, "max_update_mb": FINITE_NON_NEGATIVE,
+            "max_request_tokens": POSITIVE, "max_body_mb": FINITE_POSITIVE, "max_stop_strings": NON_NEGATIVE,
+            "max_stop_chars": POSITIVE, "max_connections": POSITIVE, "header_timeout_s": FINITE_POSITIVE,
+            "body_timeout_s": FINITE_POSITIVE, "max_update_scale": FINITE_NON_NEGATIVE,
+            "max_update_mb": FINITE_NON_NEGATIVE,
             "batch_wait_ms": FINITE_NON_NEGATIVE, "max_queue": POSITIVE, "num_threads": NON_NEGATIVE,
             "param_dtype": one_of("", "float32", "bfloat16", "float16"),
             "log_level": one_of("critical", "error", "warning", "info", "debug", "trace")})

@@ -39,7 +39,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
@@ -48,12 +47,12 @@ from dirl.rollout import Rollout, SamplingParams, check_for_model
 from dirl.runtime import MAX_SEED, prompt_seed, prompt_seeds
 from dirl.serve import ServeConfig
 from dirl.serve.batcher import Batcher, QueueFullError
+from dirl.serve.guard import DeclaredSizeGuard, UpdateLog, check_stop_strings
 from dirl.serve.logprobs import LogprobRequest, choice_logprobs, kept_tokens, logprob_request, score_rollouts
 from dirl.serve.schemas import (DECODING_FIELDS, ChatCompletionRequest, CompletionRequest, SamplingFields, error_body,
                                usage)
 from dirl.serve.weights import WeightUpdateError, live_tensors, prepare_update, state_dict_nbytes
 
-SMALL_BODY_BYTES = 64 * 1024   # body cap of every route without its own (GET routes need none)
 DISCONNECT_POLL_S = 0.05       # how often a waiting request checks that its client is still there
 
 
@@ -87,12 +86,16 @@ class ServerState:
         self.live = live_tensors(model)
         self.max_update_bytes = int(cfg.max_update_mb * 2**20) or 2 * state_dict_nbytes(self.live) + 2**20
         self.batcher = Batcher(model, self.live, cfg)
+        self.last_update = UpdateLog()
         mc = self.arch = model.arch
         self.block_size, self.vocab_size, self.context = mc.block_size, mc.vocab_size, mc.max_position_embeddings
         self.default_stops = set(tokenizer.stop_ids()) if tokenizer is not None else {mc.eos_token_id}
         self.max_body_bytes = int(cfg.max_body_mb * 2**20)
         self.body_limits = {"/v1/completions": self.max_body_bytes, "/v1/chat/completions": self.max_body_bytes,
                             "/update_weights": self.max_update_bytes}
+        probe = dataclasses.replace(cfg.sampling, max_new_tokens=self.block_size, temperature=0.0,
+                                    steps_per_block=self.block_size, unmasking="sequential")
+        self.batcher.probe_params = probe.params([], n=1, seed=0)  # every update is probed with it
         # A text longer than this cannot fit the context, so it is refused without tokenizing it.
         self.max_prompt_chars = max_prompt_chars(tokenizer, self.context) if tokenizer is not None else 0
 
@@ -186,6 +189,11 @@ class ServerState:
         seed = secrets.randbelow(2**31) if req.seed is None else req.seed
         if not 0 <= seed <= MAX_SEED:
             raise ApiError(400, f"seed must be in [0, 2**63 - 1], got {seed}", param="seed")
+        problem = check_stop_strings(req.stop_strings(), cfg.max_stop_strings, cfg.max_stop_chars)
+        if problem:
+            raise ApiError(400, problem, param="stop")
+        if len(req.stop_token_ids) > cfg.max_tokens_limit:
+            raise ApiError(400, f"at most {cfg.max_tokens_limit} stop_token_ids", param="stop_token_ids")
         if any(not 0 <= t < self.vocab_size for t in req.stop_token_ids):
             raise ApiError(400, "stop_token_ids must be ids inside the vocabulary", param="stop_token_ids")
         stops = set(req.stop_token_ids) | (set() if req.ignore_eos else self.default_stops)
@@ -248,6 +256,15 @@ class ServerState:
         except FieldError as err:
             raise ApiError(400, str(err), param=err.key) from err
 
+    def choices(self, result, req: SamplingFields, params: SamplingParams, chat: bool, lp, scores) -> list[dict]:
+        choices = []
+        for k, rollout in enumerate(result.rollouts):
+            fields = self.choice(rollout, req, params, lp, scores[k])
+            text = fields.pop("text")
+            body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+            choices.append({"index": k, **body, **fields})
+        return choices
+
     async def complete(self, req: SamplingFields, prompts: list[list[int]], params: SamplingParams, chat: bool,
                        request: Request):
         lp = self.logprob_request(req, chat)  # a 400 before any decoding
@@ -255,12 +272,8 @@ class ServerState:
             score_rollouts, self.model, lp=lp, dist=params)
         result = await self.run(prompts, params, request, after)
         scores = result.extra or [None] * len(result.rollouts)
-        choices = []
-        for k, rollout in enumerate(result.rollouts):
-            fields = self.choice(rollout, req, params, lp, scores[k])
-            text = fields.pop("text")
-            body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-            choices.append({"index": k, **body, **fields})
+        # decoding and stop-string matching: off the event loop (/health stays responsive)
+        choices = await run_in_threadpool(self.choices, result, req, params, chat, lp, scores)
         return {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "object": "chat.completion" if chat else "text_completion",
@@ -291,25 +304,6 @@ def sse_chunks(body: dict, chat: bool, include_usage: bool):
     if include_usage:
         yield event([], usage=body["usage"])
     yield "data: [DONE]\n\n"
-
-
-class DeclaredSizeGuard:
-    """Refuse a body whose Content-Length is over its route's cap with the JSON 413, before a byte
-    of it is read (Starlette's limiter would answer in plain text). Bodies without a length are
-    counted by the routes' ``max_body_size`` while they stream in."""
-
-    def __init__(self, app, limits: dict[str, int]):
-        self.app, self.limits = app, limits
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            declared = Headers(scope=scope).get("content-length", "0")
-            limit = self.limits.get(scope["path"], SMALL_BODY_BYTES)
-            if not declared.isdigit() or int(declared) > limit:
-                body = error_body(f"request body of {declared} bytes exceeds this route's limit of {limit} bytes",
-                                  "request_too_large")
-                return await JSONResponse(body, status_code=413)(scope, receive, send)
-        await self.app(scope, receive, send)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -372,6 +366,7 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
         body = {"status": "ok" if alive else "error", "model": state.name,
                 "weight_version": state.batcher.weight_version, "queue": state.batcher.queue_size,
                 "running_jobs": state.batcher.running_jobs,
+                "model_state": "serving" if alive else "stopped", "last_update": state.last_update.as_dict(),
                 "updates_enabled": state.cfg.allow_updates, **state.batcher.stats}
         return JSONResponse(body, status_code=200 if alive else 503)
 
@@ -416,13 +411,21 @@ def _add_weight_routes(app: FastAPI, state: ServerState) -> None:
         state.check_key(request)
         body = await request.body()  # capped by the route's max_body_size
         start = time.perf_counter()
+        version = state.batcher.weight_version
+        if not body:  # a client's probe of the key (dirl.backends.http.probe_server): not an update
+            raise ApiError(400, "empty body: expected safetensors bytes of a state dict", "invalid_weights")
         try:
-            tensors = await run_in_threadpool(prepare_update, state.live, body)
+            tensors = await run_in_threadpool(prepare_update, state.live, body, state.cfg.max_update_scale)
         except WeightUpdateError as err:
+            state.last_update.record("rejected", str(err), version)
             raise ApiError(400, str(err), "invalid_weights", err.tensor) from err
         try:
             version = await asyncio.wrap_future(state.batcher.submit_update(tensors))
         except QueueFullError as err:
             raise ApiError(503, str(err), "server_overloaded") from err
+        except WeightUpdateError as err:  # the probe on the new weights failed: rolled back
+            state.last_update.record("rolled_back", str(err), state.batcher.weight_version)
+            raise ApiError(400, str(err), "invalid_weights") from err
+        state.last_update.record("applied", f"{len(tensors)} tensors", version)
         return JSONResponse({"weight_version": version, "updated_tensors": len(tensors),
                              "elapsed_ms": round(1000 * (time.perf_counter() - start), 3)})

@@ -24,6 +24,7 @@ before the next denoising step, and the jobs sharing the loop finish unchanged.
 from __future__ import annotations
 
 import dataclasses
+import math
 import queue
 import threading
 import time
@@ -39,7 +40,7 @@ from dirl.engine.engine import Engine
 from dirl.engine.scheduler import RowRequest
 from dirl.rollout import Rollout, SamplingParams
 from dirl.serve import ServeConfig
-from dirl.serve.weights import apply_update
+from dirl.serve.weights import WeightUpdateError, apply_update, restore
 
 _STOP = object()
 
@@ -107,6 +108,7 @@ class Batcher:
         self.weight_version = 0
         self.running_jobs = 0  # jobs in the engine call under way (read by /health)
         self.stats = {"engine_calls": 0, "jobs": 0, "updates": 0, "cancelled_jobs": 0}
+        self.probe_params: SamplingParams | None = None  # set by the server: checks every update
         self._queue: queue.Queue = queue.Queue(maxsize=cfg.max_queue)
         self._held: deque = deque()  # items taken from the queue, not processed yet (FIFO)
         self._thread = threading.Thread(target=self._run, name="dirl-batcher", daemon=True)
@@ -200,6 +202,20 @@ class Batcher:
             return
         job.future.set_result(BatchResult(job.results, self.weight_version, extra))
 
+    def _probe(self) -> str:
+        """One greedy block from a one-token prompt on the live weights: '' when its log-probs and
+        entropies are finite, else what went wrong."""
+        if self.probe_params is None:
+            return ""
+        try:
+            (rollout,) = self.engine.generate([[0]], self.probe_params, [0])
+        except Exception as err:  # noqa: BLE001 -- any failure of the new weights is a failed probe
+            return f"a probe forward on the new weights failed ({type(err).__name__}: {err})"
+        values = [*rollout.logps, *rollout.entropies]
+        if not all(math.isfinite(v) for v in values):
+            return "a probe forward on the new weights gave non-finite log-probabilities"
+        return ""
+
     def _drop_if_cancelled(self, job: GenerateJob) -> bool:
         if not job.cancelled.is_set():
             return False
@@ -211,7 +227,11 @@ class Batcher:
         if not job.future.set_running_or_notify_cancel():
             return
         try:
-            apply_update(self.live, job.tensors)
+            previous = apply_update(self.live, job.tensors)
+            problem = self._probe()
+            if problem:  # the new weights decode to NaN/inf: put the old ones back
+                restore(self.live, previous)
+                raise WeightUpdateError(f"rolled back: {problem}")
             if any(t.is_cuda for t in job.tensors.values()):
                 torch.cuda.synchronize()  # the version is reported only once the copy has landed
         except Exception as err:

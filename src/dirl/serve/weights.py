@@ -55,8 +55,11 @@ def parse_update(body: bytes) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def validate_update(live: dict[str, torch.Tensor], update: dict[str, torch.Tensor]) -> None:
-    """Raise :class:`WeightUpdateError` naming the first tensor that does not fit ``live``."""
+def validate_update(live: dict[str, torch.Tensor], update: dict[str, torch.Tensor], max_scale: float = 0.0) -> None:
+    """Raise :class:`WeightUpdateError` naming the first tensor that does not fit ``live``: an
+    unknown name, another shape or dtype, a NaN/inf, or (``max_scale`` > 0) a largest magnitude
+    above ``max_scale`` x that of the live tensor (at least ``max_scale``): finite but absurd
+    weights (3e38) turn every completion into garbage while /health says ok."""
     for name in sorted(update):
         tensor = update[name]
         if name not in live:
@@ -70,21 +73,36 @@ def validate_update(live: dict[str, torch.Tensor], update: dict[str, torch.Tenso
                                     f"the model expects {str(target.dtype).removeprefix('torch.')}", name)
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise WeightUpdateError(f"tensor {name!r} holds NaN or infinite values", name)
+        if max_scale > 0 and tensor.is_floating_point() and tensor.numel():
+            new, old = float(tensor.abs().max()), float(target.abs().max())
+            if new > max_scale * max(old, 1.0):
+                raise WeightUpdateError(f"tensor {name!r} has values up to {new:.3g}, over {max_scale:g}x the "
+                                        f"live weights' largest ({old:.3g}); refusing it (max_update_scale)", name)
 
 
-def prepare_update(live: dict[str, torch.Tensor], body: bytes) -> dict[str, torch.Tensor]:
+def prepare_update(live: dict[str, torch.Tensor], body: bytes, max_scale: float = 0.0) -> dict[str, torch.Tensor]:
     """Parse + validate + move to the model's device; the result is ready to :func:`apply_update`.
 
     Runs on a request thread: the slow parts (parsing, checks, host-to-device
     copies) happen here, so the batcher pauses only for device-side copies.
     """
     update = parse_update(body)
-    validate_update(live, update)
+    validate_update(live, update, max_scale)
     return {name: tensor.to(live[name].device) for name, tensor in update.items()}
 
 
 @torch.no_grad()
-def apply_update(live: dict[str, torch.Tensor], update: dict[str, torch.Tensor]) -> None:
-    """Copy a validated update into the live tensors (in place)."""
+def apply_update(live: dict[str, torch.Tensor], update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy a validated update into the live tensors (in place); returns the values it replaced
+    (for :func:`restore` when the probe on the new weights fails)."""
+    previous = {name: live[name].detach().clone() for name in update}
     for name, tensor in update.items():
+        live[name].copy_(tensor)
+    return previous
+
+
+@torch.no_grad()
+def restore(live: dict[str, torch.Tensor], previous: dict[str, torch.Tensor]) -> None:
+    """Put back the values :func:`apply_update` replaced."""
+    for name, tensor in previous.items():
         live[name].copy_(tensor)

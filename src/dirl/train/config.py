@@ -16,7 +16,7 @@ import copy
 import typing
 from dataclasses import dataclass, field
 
-from dirl.errors import NON_NEGATIVE, POSITIVE, check_fields, one_of
+from dirl.errors import NON_NEGATIVE, POSITIVE, SEED, check_fields, one_of
 from dirl.model.lora import LoraConfig
 from dirl.train.dist import DistConfig
 from dirl.train.moe import MoEConfig
@@ -56,7 +56,7 @@ class TrainerConfig:
         check_fields(self, {
             "block_size": POSITIVE, "max_steps": POSITIVE, "stop_at_step": NON_NEGATIVE,
             "log_every": NON_NEGATIVE, "save_every": NON_NEGATIVE, "keep_last": POSITIVE,
-            "eval_every": NON_NEGATIVE, "attn_impl": one_of(*ATTN_IMPLS)})
+            "eval_every": NON_NEGATIVE, "attn_impl": one_of(*ATTN_IMPLS), "seed": SEED})
         if isinstance(self.report_to, str):  # transformers' spelling: "none", "wandb", "all", "a,b"
             self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
         if "all" in self.report_to:

@@ -16,6 +16,9 @@ from dirl.errors import (FINITE_NON_NEGATIVE, FINITE_POSITIVE, NON_NEGATIVE, POS
                          check_fields, one_of)
 
 
+# AdamW steps are ~lr * sign(g): above 1 no run learns anything (2**64 trained to garbage, exit 0).
+LEARNING_RATE = (lambda v: 0 < v <= 1, "a finite number in (0, 1]")
+
 @dataclass
 class OptimConfig:
     """AdamW + learning-rate schedule + clipping + accumulation."""
@@ -31,7 +34,7 @@ class OptimConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
 
     def __post_init__(self) -> None:
-        check_fields(self, {"lr": FINITE_POSITIVE, "weight_decay": FINITE_NON_NEGATIVE, "eps": FINITE_POSITIVE,
+        check_fields(self, {"lr": LEARNING_RATE, "weight_decay": FINITE_NON_NEGATIVE, "eps": FINITE_POSITIVE,
                             "warmup_steps": NON_NEGATIVE, "schedule": one_of("cosine", "constant"),
                             "min_lr_ratio": UNIT_INTERVAL, "grad_clip": FINITE_NON_NEGATIVE,
                             "grad_accum": POSITIVE})

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from dirl import config as config_lib
 from dirl.runtime import resolve_device
 from dirl.train import dist as dist_lib
 from dirl.train import precision
@@ -48,11 +49,28 @@ def resolve_attn_impl(name: str, device: torch.device) -> str:
 @contextmanager
 def run_scope(cfg: TrainerConfig, resume: str | Path | None) -> Iterator[Path]:
     """The run directory (checked before anything is loaded: dirl never overwrites what it did
-    not write) and, under torchrun, the process group for the run's lifetime."""
+    not write, nor a run's inputs) and, under torchrun, the process group for the run's lifetime.
+
+    First of all the config is validated again (a Python caller may have changed a field after
+    construction: ``cfg.rewards = {"math": nan}``) and the device must exist here."""
+    revalidate(cfg)
+    device = resolve_device(cfg.device)
     run_dir = resolve_resume(resume).parent.parent if resume else Path(cfg.out)
-    prepare_run_dir(run_dir, resumed=bool(resume), overwrite=cfg.overwrite)
-    with dist_lib.process_group(cfg.dist, resolve_device(cfg.device)):
+    prepare_run_dir(run_dir, resumed=bool(resume), overwrite=cfg.overwrite, inputs=run_inputs(cfg))
+    with dist_lib.process_group(cfg.dist, device):
         yield run_dir
+
+
+def revalidate(cfg: TrainerConfig) -> None:
+    """Every field checked again, as at load (a :class:`~dirl.config.ConfigError` naming the key)."""
+    config_lib.from_dict(type(cfg), config_lib.to_dict(cfg))
+
+
+def run_inputs(cfg: TrainerConfig) -> list[str]:
+    """The paths a run reads (model, data, held-out data): its ``out`` must not overlap them."""
+    data = getattr(cfg, "data", None)
+    sources = [cfg.model, getattr(data, "source", data), getattr(cfg, "eval_data", None)]
+    return [str(s) for s in sources if isinstance(s, (str, Path)) and str(s) and Path(str(s)).exists()]
 
 
 def setup(cfg: TrainerConfig, inputs: RunInputs, prepare: Callable[[torch.device], Any] | None = None,

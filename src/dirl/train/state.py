@@ -33,11 +33,11 @@ Every rank reads the checkpoint when resuming (a filesystem shared by the nodes)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ import torch
 import yaml
 
 from dirl import config as config_lib
+from dirl import ownership
 from dirl.model import lora as lora_lib
 from dirl.model.checkpoint import (CheckpointError, atomic_directory, fsync_path, load_state_into, param_dtype,
                                    remove_stale_tmp, save_pretrained)
@@ -189,7 +190,7 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int, protect: Path | None 
     doomed = [path for _, path in checkpoints[: max(0, len(checkpoints) - max(1, keep_last))]]
     doomed = [p for p in doomed if protect is None or p.resolve() != Path(protect).resolve()]
     for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
+        ownership.remove_owned(path)  # a checkpoint dirl wrote (marked), never through a symlink
     remove_stale_tmp(Path(run_dir) / CHECKPOINTS)  # half-written dirs of earlier, killed saves
     return doomed
 
@@ -197,22 +198,44 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int, protect: Path | None 
 RUN_MARKERS = (CONFIG_FILE, "metrics.jsonl", CHECKPOINTS, "final")
 
 
-def prepare_run_dir(run_dir: str | Path, resumed: bool, overwrite: bool) -> Path:
-    """Before anything is loaded: refuse a fresh run in a directory holding a run (unless
-    ``overwrite``, which deletes its checkpoints and final model), and remove the temporary
-    directories of killed writers. Every rank checks (so all raise alike); rank 0 deletes."""
+def prepare_run_dir(run_dir: str | Path, resumed: bool, overwrite: bool, inputs=()) -> Path:
+    """Before anything is loaded: refuse a fresh run in a directory holding a run or anything
+    else (unless ``overwrite``, which deletes the checkpoints and final model dirl wrote there), in
+    a file, or overlapping an input (``inputs``: the model, the data); refuse ``checkpoints/`` or
+    ``final/`` as symlinks (writes would land outside the run); remove the temporary directories of
+    killed writers. Every rank checks (so all raise alike); rank 0 deletes."""
     run_dir = Path(run_dir)
-    held = [name for name in RUN_MARKERS if (run_dir / name).exists()]
+    held = [name for name in RUN_MARKERS if (run_dir / name).exists() or (run_dir / name).is_symlink()]
     if held and not resumed and not overwrite:
         raise CheckpointError(f"out={run_dir}: already holds a run ({', '.join(held)}); continue it with "
                               f"--resume {run_dir}, or pass overwrite=true to replace it")
+    if not resumed:
+        if str(run_dir) == ".":  # out="" would write the run into the working directory
+            raise CheckpointError("out is empty (or '.'); name the run directory")
+        ownership.check_output(run_dir, inputs=inputs, overwrite=overwrite, key="out")
+    for name in (CHECKPOINTS, "final"):
+        if (run_dir / name).is_symlink():
+            raise CheckpointError(f"out={run_dir}: {name} is a symlink; dirl does not write through it")
     if dist_lib.is_main():
         if held and not resumed:
-            for name in (CHECKPOINTS, "final"):
-                shutil.rmtree(run_dir / name, ignore_errors=True)
+            _clear_run(run_dir)
         for directory in (run_dir, run_dir / CHECKPOINTS):
             remove_stale_tmp(directory)
     return run_dir
+
+
+def _clear_run(run_dir: Path) -> None:
+    """``overwrite=true``: delete the checkpoints and final model dirl wrote (marked), nothing else."""
+    ownership.remove_owned(run_dir / "final")
+    checkpoints = run_dir / CHECKPOINTS
+    if checkpoints.is_dir() and not checkpoints.is_symlink():
+        for child in checkpoints.iterdir():
+            if child.name == LATEST and child.is_file() and not child.is_symlink():
+                child.unlink()
+            else:
+                ownership.remove_owned(child)
+        with contextlib.suppress(OSError):
+            checkpoints.rmdir()  # only when nothing else is left
 
 
 def resolve_resume(path: str | Path) -> Path:
@@ -229,8 +252,9 @@ def resolve_resume(path: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"cannot resume: {path} does not exist")
     latest = run_dir / CHECKPOINTS / LATEST
-    if latest.exists():
-        named = latest.parent / latest.read_text().strip()
+    if latest.is_file():
+        named = latest.parent / latest.read_text(errors="replace").strip()[:200]
+        ownership.inside(named, latest.parent, str(latest))  # a crafted latest must not lead out of the run
         if (named / TRAINER_STATE).exists():
             return named
     checkpoints = list_checkpoints(run_dir)

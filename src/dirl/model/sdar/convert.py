@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from dirl.errors import POSITIVE, check_fields, one_of
 from dirl.model.checkpoint import DTYPES, CheckpointError, build_model, companion_files, load_model, save_pretrained
 from dirl.model.sdar.config import SDARConfig
 from dirl.model.tokenizer import MASK_TOKEN, Tokenizer, load_hf_tokenizer
@@ -61,6 +62,10 @@ class ConvertConfig:
     dtype: str | None = None         # of the saved weights; None = the source's torch_dtype
     remote_code: str | None = None   # an SDAR checkpoint dir whose auto_map + remote-code files to copy
     max_shard_mb: int = 2048
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"block_size": POSITIVE, "max_shard_mb": POSITIVE,
+                            "dtype": one_of(*DTYPES)})
 
 
 def _source_config(directory: Path):
@@ -148,7 +153,13 @@ def _add_remote_code(model, remote_code: str) -> None:
 def _read_json(path: Path) -> dict:
     if not path.exists():
         raise CheckpointError(f"{path}: not found (is {path.parent} a Hugging Face checkpoint directory?)")
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:  # incl. UnicodeDecodeError, JSONDecodeError
+        raise CheckpointError(f"{path}: not valid JSON ({' '.join(str(err).split())[:160]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
 
 
 def convert_checkpoint(source: str | Path, out: str | Path, cfg: ConvertConfig) -> Path:

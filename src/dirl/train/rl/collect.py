@@ -18,6 +18,7 @@ import torch
 
 from dirl.algo.advantages import informative_groups
 from dirl.data import reward_prompt
+from dirl.errors import UserError
 from dirl.rewards import RewardError, compute_rewards
 from dirl.rollout import Rollout
 from dirl.runtime import epoch_seed, rollout_seed
@@ -56,6 +57,7 @@ class Collector:
     rewards: dict                     # {name or callable: weight} of the rollouts' reward
     sampler: PromptSampler
     first_step: int = 0               # this invocation's first step: a reward failing on all of it stops the run
+    context: int = 0                  # the model's context: prompt + max_new_tokens must fit (0: unchecked)
 
 
 @dataclass
@@ -82,8 +84,10 @@ def collect(run: Collector, indices: list[int], step: int) -> tuple[list[Rollout
     params = run.rollout.sampling.params(tokenizer.stop_ids(), n=group)
     seeds = [rollout_seed(run.seed, step, i) for i in indices]
     t0 = time.perf_counter()
+    prompts_ids = [run.prompt_ids[i] for i in indices]
+    _check_context(run, indices, prompts_ids)
     # A rank can get no prompt (a refill round smaller than the world): it only joins the collectives.
-    rollouts = run.backend.generate([run.prompt_ids[i] for i in indices], params, seeds) if indices else []
+    rollouts = run.backend.generate(prompts_ids, params, seeds) if indices else []
     t1 = time.perf_counter()
     texts = [tokenizer.decode(r.completion_ids) for r in rollouts]
     rows = run.rows
@@ -98,6 +102,17 @@ def collect(run: Collector, indices: list[int], step: int) -> tuple[list[Rollout
         _stop_on_a_broken_reward(result)
     metrics = {"timing/rollout": t1 - t0, "timing/reward": time.perf_counter() - t1, **result.metrics}
     return rollouts, torch.tensor(result.total, dtype=torch.float32), metrics
+
+
+def _check_context(run: Collector, indices: list[int], prompts_ids: list[list[int]]) -> None:
+    """A drawn prompt + ``max_new_tokens`` past the model's context is a user error naming the row
+    (raised on every rank, so none waits in a collective for the others)."""
+    new = run.rollout.sampling.max_new_tokens
+    long = [(i, len(p)) for i, p in zip(indices, prompts_ids) if run.context and len(p) + new > run.context]
+    if dist_lib.all_reduce_max([float(bool(long))])[0]:
+        where = f"data row {long[0][0]} has a prompt of {long[0][1]} tokens; with" if long else "on another rank, with"
+        raise UserError(f"{where} rollout.sampling.max_new_tokens={new} it exceeds the model's context of "
+                        f"{run.context} tokens")
 
 
 def _stop_on_a_broken_reward(result) -> None:

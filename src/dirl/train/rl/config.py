@@ -29,6 +29,10 @@ def _rollout_sampling() -> SamplingSpec:
     return SamplingSpec(max_new_tokens=32, temperature=1.0)
 
 
+# The KL weight: above 1000 the policy cannot move (2**64 trained nothing, exit 0).
+KL_WEIGHT = (lambda v: 0 <= v <= 1000, "a finite number in [0, 1000]")
+MAX_ROLLOUTS_PER_STEP = 1 << 20  # num_prompts x group_size: 10**9 would be one engine call of 10**9 rows
+
 @dataclass
 class RolloutConfig:
     """Where and how the rollouts of a step are drawn. Only the chosen backend's section may be
@@ -44,6 +48,9 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, {"backend": one_of(*BACKENDS), "num_prompts": POSITIVE, "group_size": POSITIVE})
+        if self.num_prompts * self.group_size > MAX_ROLLOUTS_PER_STEP:
+            raise FieldError("group_size", f"x num_prompts = {self.num_prompts * self.group_size:,} rollouts per step; "
+                             f"at most {MAX_ROLLOUTS_PER_STEP:,}")
         unused = unused_options(self.backend, {"native": self.native, "checkpoint": self.checkpoint,
                                                "http": self.http})
         if unused:
@@ -77,7 +84,7 @@ class AlgoConfig(LossConfig, EstimatorOptions):
             "critic": one_of(*CRITICS),
             "shrink": POSITIVE, "mc_steps": POSITIVE, "mc_sampling": one_of(*MC_SAMPLING),
             "mc_floor": OPEN_UNIT_INTERVAL, "max_refill_rounds": NON_NEGATIVE,
-            "clip_low": FINITE_NON_NEGATIVE, "clip_high": FINITE_NON_NEGATIVE, "beta": FINITE_NON_NEGATIVE,
+            "clip_low": FINITE_NON_NEGATIVE, "clip_high": FINITE_NON_NEGATIVE, "beta": KL_WEIGHT,
             "num_iterations": POSITIVE, "num_minibatches": POSITIVE})
 
 
@@ -99,7 +106,7 @@ class RLConfig(TrainerConfig):
         super().__post_init__()
         check_fields(self, {"eval_limit": POSITIVE})
         for name, weight in self.rewards.items():
-            if not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 raise FieldError(f"rewards.{name}", f"must be a finite number, got {weight!r}")
         if self.optim.grad_accum != 1:
             raise FieldError("optim.grad_accum", f"is {self.optim.grad_accum}, but RL accumulates gradients over "

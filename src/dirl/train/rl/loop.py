@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from dirl import config as config_lib
 from dirl.algo.advantages import group_advantages
 from dirl.backends import make_backend
+from dirl.backends.http import probe_server
 from dirl.data import PromptIds, load_prompt_rows
 from dirl.errors import UserError
 from dirl.eval.heldout import EvalSpec, evaluate_rows, held_out_metrics
@@ -63,7 +64,8 @@ def _check_block_sizes(cfg: RLConfig, model) -> None:
         if cfg.block_size or cfg.block_size_schedule:
             raise UserError("block_size / block_size_schedule: a full-attention model has no block; "
                             "set rollout.sampling.block_length")
-        check_sampling(cfg.rollout.sampling, config.arch, "rollout.sampling")
+        check_sampling(cfg.rollout.sampling, config.arch, "rollout.sampling", config.arch.max_position_embeddings,
+                       longest_prompt=1)
         return
     base, schedule = config.arch.block_size, parse_block_schedule(cfg.block_size_schedule)
     keyed = [("block_size_schedule", size) for _, size in schedule]
@@ -72,7 +74,8 @@ def _check_block_sizes(cfg: RLConfig, model) -> None:
     for key, size in keyed:
         set_block_size(model, size, cfg.lora, key)
         try:
-            check_sampling(cfg.rollout.sampling, config.arch, "rollout.sampling")
+            check_sampling(cfg.rollout.sampling, config.arch, "rollout.sampling",
+                           config.arch.max_position_embeddings, longest_prompt=1)
         except UserError as err:
             raise UserError(f"{err} (with {key}={size})" if size else str(err)) from None
         config.block_size = base
@@ -124,6 +127,8 @@ def build_run(cfg: RLConfig, resume: str | None = None, inputs: RunInputs | None
     def prepare(device):  # bad names and data fail before the model loads
         if dist_lib.world_size() > 1 and cfg.rollout.backend != "native":
             raise ValueError(f"rollout.backend={cfg.rollout.backend!r}: only native runs under torchrun")
+        if cfg.rollout.backend == "http":  # reachable, and it takes the key: before the model loads
+            probe_server(cfg.rollout.http)
         template, rewards, eval_data = task_defaults(cfg)
         rows = load_prompt_rows(cfg.data if inputs.train_rows is None else inputs.train_rows, seed=cfg.seed)
         eval_rows = load_prompt_rows(eval_data, limit=cfg.eval_limit, seed=derived_seed(cfg.seed, "held_out")) if (
@@ -149,7 +154,7 @@ def build_run(cfg: RLConfig, resume: str | None = None, inputs: RunInputs | None
     collector = Collector(cfg.rollout, cfg.algo, cfg.seed, tokenizer, backend, rows,
                           PromptIds(tokenizer, rows, template),  # tokenized as the sampler draws them
                           template, inputs.reward_funcs or rewards, PromptSampler(len(rows), cfg.seed, cursor),
-                          first_step=start_step)
+                          first_step=start_step, context=dist_lib.unwrap(learner.model).arch.max_position_embeddings)
     run_dir = resolve_resume(resume).parent.parent if resume else Path(cfg.out)
     return RLRun(cfg, run_dir, learner, collector, HeldOut(eval_rows, held_out_spec(cfg)), critic, start_step)
 

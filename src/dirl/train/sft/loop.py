@@ -180,9 +180,15 @@ def build_run(cfg: SFTConfig, resume: str | Path | None = None, inputs: RunInput
     made = setup(cfg, inputs, prepare)
     device, attn_impl, model, tokenizer = made.device, made.attn_impl, made.model, made.tokenizer
     set_block_size(model, cfg.block_size, cfg.lora)
+    context = model.arch.max_position_embeddings
     if cfg.eval_every:
-        check_sampling(cfg.eval_sampling, model.arch, "eval_sampling")
+        check_sampling(cfg.eval_sampling, model.arch, "eval_sampling", context, longest_prompt=1)
+    if cfg.data.max_length > context:  # packing would never fill a row; no example can be that long
+        raise config_lib.ConfigError(f"data.max_length={cfg.data.max_length} exceeds the model's context of "
+                                     f"{context} tokens")
     examples = load_examples(cfg, tokenizer, model.arch.block_size, inputs.train_rows)  # validates every row
+    if cfg.batch_size > len(examples):
+        raise config_lib.ConfigError(f"batch_size={cfg.batch_size} is more than the {len(examples)} training examples")
     # Flex compiles per shape: give unpacked batches a fixed length too.
     row_length = cfg.data.max_length if (cfg.pack or attn_impl == "flex") else None
     loader = SFTLoader(examples, cfg.batch_size, tokenizer.pad_token_id, cfg.seed, cfg.pack, row_length)
