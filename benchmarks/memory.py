@@ -89,15 +89,15 @@ def _child_head(n: int, chunk: int) -> None:
     _report(before)
 
 
-def _child_sft(length: int, chunk: int, checkpointing: bool) -> None:
+def _child_sft(length: int, chunk: int, checkpointing: bool, rows: int = 1) -> None:
     import torch
 
     from dirl.algo.nelbo import TokenBatch, draw_noise, sft_nelbo
     model = _narrow_model(chunk, checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     prompt = 16
-    ids = torch.randint(0, MASK_ID, (1, length))
-    pos = torch.arange(length)[None]
+    ids = torch.randint(0, MASK_ID, (rows, length))
+    pos = torch.arange(length)[None].expand(rows, -1)
     docs = torch.zeros_like(ids)
     response = pos >= prompt
     samples = torch.zeros_like(ids)

@@ -168,3 +168,31 @@ class _GradRecorder(torch.optim.SGD):
 
     def step(self, closure=None):
         self.grads += [p.grad.clone() for group in self.param_groups for p in group["params"]]
+
+
+def test_full_ft_reference_is_a_bf16_copy_under_bf16_mixed(tmp_path):
+    """bf16-mixed: the reference is a bf16 copy (2 B / param), sharing no tensor with the fp32 policy,
+    and it scores as the policy does under the same autocast (same bf16 matmul inputs)."""
+    from dirl.train import precision
+    from dirl.train.rl.loop import train_step
+    cfg = _cfg(tmp_path / "run", compute=precision.ComputeConfig(precision="bf16-mixed"), device="cpu")
+    run = build_run(cfg)
+    ref, policy = run.learner.ref_model, run.learner.model
+    assert {p.dtype for p in ref.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}
+    assert not {p.data_ptr() for p in ref.parameters()} & {p.data_ptr() for p in policy.parameters()}
+    ref_bytes = sum(p.numel() * p.element_size() for p in ref.parameters())
+    assert ref_bytes == 2 * sum(p.numel() for p in policy.parameters())
+    kl = train_step(run, 0)["kl"]  # scored before the first update: the reference is the policy
+    assert 0 <= kl < 1e-3
+
+
+def test_a_run_without_reward_variance_warns_once_and_plots(tmp_path, capsys):
+    """A constant reward: every advantage is 0; after NO_VARIANCE_STEPS steps the run says so, once."""
+    from dirl.train.models import RunInputs
+    from dirl.train.rl.loop import NO_VARIANCE_STEPS
+    cfg = _cfg(tmp_path / "run", max_steps=NO_VARIANCE_STEPS + 1, progress=False)
+    run_dir = train_rl(cfg, inputs=RunInputs(reward_funcs={lambda completions, **kw: [1.0] * len(completions): 1.0}))
+    err = capsys.readouterr().err
+    assert err.count("no group had reward variance for 3 consecutive steps") == 1
+    assert (run_dir / "curves.png").stat().st_size > 0

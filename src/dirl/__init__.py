@@ -6,7 +6,7 @@ The Python API (names are imported on first use, so ``import dirl`` and the CLI 
 * configs: ``SFTConfig``, ``SFTDataConfig``, ``RLConfig``, ``RolloutConfig``, ``AlgoConfig``,
   ``OptimConfig``, ``DistConfig``, and ``load_config`` (YAML + ``key=value`` overrides);
 * models and decoding: ``load_model`` (-> model, tokenizer), ``Engine``, ``SamplingSpec``,
-  ``SamplingParams``, ``generate``;
+  ``SamplingParams``, ``generate``, ``evaluate`` (held-out accuracy with any reward);
 * rewards: ``compute_rewards``, ``register_reward``, ``available_rewards``, ``RewardError``.
 
 Importing ``dirl`` registers every model family with transformers' ``AutoConfig`` and
@@ -40,6 +40,7 @@ _EXPORTS = {
     "SamplingSpec": ("dirl.rollout", "SamplingSpec"),
     "RewardError": ("dirl.rewards", "RewardError"),
     "generate": ("dirl.decode", "generate"),
+    "evaluate": ("dirl.eval.heldout", "evaluate"),
     "compute_rewards": ("dirl.rewards", "compute_rewards"),
     "register_reward": ("dirl.rewards", "register"),
     "available_rewards": ("dirl.rewards", "available_rewards"),

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rl": ("dirl.commands.rl", "DiPO reinforcement learning (and the other estimators)"),
     "eval": ("dirl.commands.eval", "evaluate a checkpoint on a benchmark file"),
     "serve": ("dirl.commands.serve", "OpenAI-compatible server with live weight updates"),
+    "plan": ("dirl.commands.plan", "the per-rank memory plan of an SFT / RL config: does it fit the GPUs?"),
     "demo": ("dirl.commands.demo", "the embedded demo: SFT then DiPO on CPU"),
 }
 

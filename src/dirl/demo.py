@@ -214,6 +214,7 @@ def plot_curves(rows: list[dict], png: Path, sft_acc: float, title: str) -> None
     evals = [(0, sft_acc)] + [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
     ax.plot(*zip(*evals), "o-", color="tab:orange", label="held-out accuracy (greedy)")
     ax.set_xlabel("RL step")
+    ax.set_ylabel("reward (sampled) / held-out accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")

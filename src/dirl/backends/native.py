@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from dirl.engine.engine import Engine
 from dirl.rollout import Rollout, SamplingParams
-from dirl.model.checkpoint import load_pretrained, param_dtype, save_pretrained
+from dirl.model.checkpoint import cast_copy, load_pretrained, param_dtype, save_pretrained
 
 
 class NativeBackend:
@@ -31,12 +29,7 @@ class NativeBackend:
         self.model, self.decode_model = model, model
         params = list(model.parameters())
         if decode_dtype is not None and any(p.dtype != decode_dtype for p in params) and not _sharded(model):
-            # deepcopy's memo: each weight cast straight into its copy (no transient full-precision
-            # copy), or kept as it is when already in decode_dtype.
-            memo = {id(p): p if p.dtype == decode_dtype else nn.Parameter(p.detach().to(decode_dtype), False)
-                    for p in params}
-            self.decode_model = copy.deepcopy(model, memo).to(decode_dtype).eval()  # .to: float buffers
-            self.decode_model.config = model.config  # one config: a block-size change reaches the copy
+            self.decode_model = cast_copy(model, decode_dtype)
         self.engine = Engine(self.decode_model, use_cache=use_cache, max_batch_rows=max_batch_rows, compile=compile,
                              max_batch_tokens=max_batch_tokens)
 

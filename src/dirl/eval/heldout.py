@@ -22,6 +22,7 @@ from typing import Any
 from dirl.data import build_prompt_ids
 from dirl.eval.metrics import is_correct, summarize
 from dirl.rewards import compute_rewards, parse_reward_spec
+from dirl.rewards.registry import resolve_reward
 from dirl.rollout import EngineOptions, SamplingSpec
 from dirl.runtime import prompt_seeds
 
@@ -79,8 +80,8 @@ def _score_batch(rows, texts: list[str], weights: dict[str, float], k: int, erro
     reward's own counts (e.g. the code rewards' ``code/timeouts``) into ``outcomes``."""
     result = compute_rewards(weights, texts, _reward_columns(rows, k))
     result.raise_if_all_failed()  # a reward that fails on every completion is broken, not a score of 0
-    for name in weights:
-        errors[name] = errors.get(name, 0) + int(result.metrics[f"rewards/{name}/errors"])
+    for name in errors:
+        errors[name] += int(result.metrics[f"rewards/{name}/errors"])
         for key, value in result.metrics.items():
             extra = key.removeprefix(f"rewards/{name}/")
             if key.startswith(f"rewards/{name}/") and extra not in ("mean", "std", "errors"):
@@ -122,17 +123,20 @@ def _progress_bar(total: int, enabled: bool):
 # ----------------------------------------------------------------------------- the eval
 
 def evaluate_rows(model, tokenizer, rows: Sequence[Mapping[str, Any]], spec: EvalSpec,
-                  backend=None, progress: bool = False) -> tuple[dict[str, Any], list[dict]]:
+                  backend=None, progress: bool = False,
+                  rewards: Mapping[Any, float] | None = None) -> tuple[dict[str, Any], list[dict]]:
     """Decode ``spec.k`` samples per row, score them, and return ``(summary, samples)``.
 
     ``model`` is used in place (its current weights, eval mode for the call, mode restored
     after). ``backend`` may replace the in-process engine with any object that has
     ``generate(prompt_ids, SamplingParams, seeds)`` (e.g. an HTTP backend). Nothing is written
     to disk. Question i always decodes with seed ``spec.seed + i``, so results do not depend on
-    ``batch_size``.
+    ``batch_size``. ``rewards``: ``{name or callable: weight}`` in place of ``spec.reward`` (the
+    first one decides correctness).
     """
-    weights = parse_reward_spec(spec.reward or DEFAULT_REWARD)
-    primary = next(iter(weights))
+    weights = dict(rewards) if rewards else parse_reward_spec(spec.reward or DEFAULT_REWARD)
+    names = [resolve_reward(key)[0] for key in weights]
+    primary = names[0]
     prompts = build_prompt_ids(tokenizer, rows, spec.prompt_template or DEFAULT_TEMPLATE, spec.chat)
     params = spec.sampling.params(tokenizer.stop_ids(), n=spec.k, seed=spec.seed)
     if backend is None:
@@ -143,7 +147,7 @@ def evaluate_rows(model, tokenizer, rows: Sequence[Mapping[str, Any]], spec: Eva
     if model is not None:
         model.eval()
     samples: list[dict] = []
-    errors: dict[str, int] = {name: 0 for name in weights}
+    errors: dict[str, int] = {name: 0 for name in names}
     outcomes: dict[str, int] = {}
     generate_seconds, started = 0.0, time.perf_counter()
     bar = _progress_bar(len(rows), progress)
@@ -173,3 +177,32 @@ def evaluate_rows(model, tokenizer, rows: Sequence[Mapping[str, Any]], spec: Eva
 def held_out_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     """The keys the trainers log for a held-out eval (SFT and RL log the same names)."""
     return {"eval/accuracy": summary["accuracy"], "eval/mean_reward": summary["mean_reward"]}
+
+
+def evaluate(model, rows: Sequence[Mapping[str, Any]], reward: Any = DEFAULT_REWARD, *, tokenizer=None,
+             prompt_template: str = "", sampling: SamplingSpec | None = None, k: int = 1,
+             batch_size: int = 32, seed: int = 0) -> dict[str, Any]:
+    """``dirl.evaluate``: held-out accuracy of ``model`` on ``rows`` -- the trainers' eval path.
+
+    ``model``: a dirl model object (with ``tokenizer=``), a checkpoint path or ``init:<preset>``;
+    ``rows``: dicts with ``question`` (+ the columns the reward reads, e.g. ``answer``);
+    ``reward``: a registered name, a callable with TRL's signature, a list of them or a
+    ``{reward: weight}`` mapping (the first decides ``correct``). Greedy by default (``sampling``:
+    any :class:`~dirl.rollout.SamplingSpec`). Returns the summary (``accuracy``, ``mean_reward``,
+    ``pass@k`` ...) with the per-sample records under ``"samples"``.
+    """
+    if isinstance(model, str) or hasattr(model, "__fspath__"):
+        from dirl.model.loading import load_model_spec
+        model, tokenizer = load_model_spec(str(model))
+    if tokenizer is None:
+        raise ValueError("a model object needs its tokenizer: dirl.evaluate(model, rows, tokenizer=...)")
+    if isinstance(reward, str):
+        weights = parse_reward_spec(reward)
+    elif isinstance(reward, Mapping):
+        weights = dict(reward)
+    else:
+        weights = dict.fromkeys(reward if isinstance(reward, (list, tuple)) else [reward], 1.0)
+    spec = EvalSpec(prompt_template=prompt_template, k=k, batch_size=batch_size, seed=seed,
+                    sampling=sampling or SamplingSpec(max_new_tokens=256, temperature=0.0))
+    summary, samples = evaluate_rows(model, tokenizer, [dict(r) for r in rows], spec, rewards=weights)
+    return {**summary, "samples": samples}

@@ -165,6 +165,22 @@ def param_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
+def cast_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A frozen copy of ``model`` in ``dtype`` (eval mode; cast weights need no grad), sharing its config.
+
+    Each weight is cast straight into the copy (deepcopy's memo), so no transient copy in the
+    source precision is made, and a weight already in ``dtype`` is shared, not copied: an fp32
+    model costs 2 B / param more in bf16, a bf16 model nothing. The bf16 decode copy of RL's
+    native backend and the full-FT reference are such copies."""
+    import copy
+
+    memo = {id(p): p if p.dtype == dtype else torch.nn.Parameter(p.detach().to(dtype), False)
+            for p in model.parameters()}
+    frozen = copy.deepcopy(model, memo).to(dtype).eval()  # .to: float buffers; shared weights keep their flags
+    frozen.config = model.config  # one config: a block-size change reaches the copy
+    return frozen
+
+
 def save_dtype(model, dtype: str | torch.dtype | None) -> torch.dtype:
     """``dtype`` if given, else the source's ``torch_dtype`` (else the parameters' dtype)."""
     if dtype is None:

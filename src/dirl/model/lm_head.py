@@ -45,6 +45,11 @@ def full_log_softmax(logits: torch.Tensor) -> torch.Tensor:
 
 def _chunk_values(hidden, weight, targets, logp_fn: LogpFn, with_entropy: bool):
     """(n, d), (V, d), (n,) -> target log-probs (n,) [, entropies (n,)] of one chunk."""
+    if logp_fn is full_log_softmax and not with_entropy and not torch.is_grad_enabled():
+        logits = F.linear(hidden, weight).float()  # (n, V): the one (n, V) tensor, reused in place
+        target = logits.gather(-1, targets[:, None]).squeeze(-1)
+        top = logits.amax(-1)
+        return target - top - logits.sub_(top[:, None]).exp_().sum(-1).log(), None
     logp_all = logp_fn(F.linear(hidden, weight))  # (n, V) fp32
     logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)  # (n,)
     if not with_entropy:
@@ -97,6 +102,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
         enabled, dtype = ctx.autocast
+        if ctx.logp_fn is full_log_softmax:
+            _softmax_backward(hidden, weight, targets, grad_logp, ctx.chunk_size, dtype if enabled else None,
+                              grad_hidden, grad_weight)
+            return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
             with torch.enable_grad(), torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):
@@ -112,6 +121,34 @@ class _ChunkedLogprobs(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None
+
+
+@torch.no_grad()
+def _softmax_backward(hidden, weight, targets, grad_logp, chunk_size: int, cast: torch.dtype | None,
+                      grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None) -> None:
+    """The NELBO's chunked backward by hand, into ``grad_hidden`` / ``grad_weight`` (in place).
+
+    d logp_t / d logits = onehot(t) - softmax(logits), so a chunk's logits gradient is
+    ``g * (onehot - p)``: computed in place over the chunk's fp32 logits, it holds one
+    (chunk, V) fp32 tensor (and its compute-dtype cast for the matmuls) where autograd
+    through log-softmax and gather holds ~3.5. ``cast``: the autocast dtype the forward's
+    matmul ran in (the weight cast once, as autocast's cache would), None without autocast."""
+    w = weight.to(cast) if cast is not None else weight
+    for start in range(0, hidden.shape[0], chunk_size):
+        end = start + chunk_size
+        h = hidden[start:end].to(cast) if cast is not None else hidden[start:end]
+        logits = F.linear(h, w).float()  # (n, V), then in place: p, then the gradient
+        probs = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+        probs /= probs.sum(-1, keepdim=True)
+        g = grad_logp[start:end, None].float()  # (n, 1)
+        grad = probs.mul_(-g).scatter_add_(1, targets[start:end, None], g)  # g * (onehot - p)
+        del logits, probs
+        grad = grad.to(w.dtype)
+        if grad_hidden is not None:
+            grad_hidden[start:end] = (grad @ w).to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight += (grad.T @ h).float()
+        del grad  # before the next chunk's logits
 
 
 def _unchunked(hidden, weight, targets, logp_fn: LogpFn, with_entropy: bool):

@@ -22,7 +22,7 @@ from dirl.train.dist import DistConfig
 from dirl.train.moe import MoEConfig
 from dirl.train.optim import OptimConfig
 from dirl.train.precision import ComputeConfig
-from dirl.train.tracking import check_report_to
+from dirl.train.tracking import REPORTERS, check_report_to
 
 ATTN_IMPLS = ("auto", "sdpa", "flex")
 
@@ -42,7 +42,7 @@ class TrainerConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)  # r > 0: train adapters on a frozen base
     moe: MoEConfig = field(default_factory=MoEConfig)  # mixture-of-experts models: router freezing, load metrics
     optim: OptimConfig = field(default_factory=OptimConfig)
-    report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # + wandb
+    report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # + wandb; "none" = jsonl only
     max_steps: int = 300
     stop_at_step: int = 0             # > 0: end this invocation after that step (resume later)
     log_every: int = 10               # steps per console / tracker line
@@ -57,6 +57,11 @@ class TrainerConfig:
             "block_size": POSITIVE, "max_steps": POSITIVE, "stop_at_step": NON_NEGATIVE,
             "log_every": NON_NEGATIVE, "save_every": NON_NEGATIVE, "keep_last": POSITIVE,
             "eval_every": NON_NEGATIVE, "attn_impl": one_of(*ATTN_IMPLS), "seed": SEED})
+        if isinstance(self.report_to, str):  # transformers' spelling: "none", "wandb", "all", "a,b"
+            self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
+        if "all" in self.report_to:
+            self.report_to = list(REPORTERS)
+        self.report_to = [name for name in self.report_to if name != "none"]
         check_report_to(self.report_to)
 
     def last_step(self) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from dirl.config import ConfigError
+from dirl.model.checkpoint import cast_copy
 from dirl.model.loading import load_model_spec
 from dirl.model.lora import BaseModelView, LoraConfig
 from dirl.train import dist as dist_lib
@@ -80,11 +81,16 @@ def check_lora(lora: LoraConfig, strategy: str, backend: str = "native") -> None
 
 
 def reference_model(model: torch.nn.Module, lora: LoraConfig, strategy: str, device: torch.device,
-                    mp_policy=None):
+                    mp_policy=None, dtype: torch.dtype | None = None):
     """DiPO's frozen reference, the starting policy: for LoRA the base with the adapters off
-    (no second copy of the weights), else a frozen copy of the model (FSDP2: with the policy's
-    ``mp_policy``, :mod:`dirl.train.precision`)."""
+    (no second copy of the weights), else a frozen copy of the model in ``dtype`` (the compute
+    dtype: under bf16-mixed a bf16 copy, 2 B / param, never a copy of the fp32 masters -- the
+    reference only runs forwards, under the same autocast as the policy's; FSDP2 shards it
+    with the policy's ``mp_policy``, :mod:`dirl.train.precision`)."""
     if lora.enabled:
         return BaseModelView(model)
-    frozen = copy.deepcopy(model).eval().requires_grad_(False)
-    return dist_lib.wrap(frozen, strategy, device, trainable=False, mp_policy=mp_policy)
+    if dtype is not None and all(p.dtype != dtype for p in model.parameters()):
+        frozen = cast_copy(model, dtype)  # shares no tensor with the policy
+    else:
+        frozen = copy.deepcopy(model).eval()
+    return dist_lib.wrap(frozen.requires_grad_(False), strategy, device, trainable=False, mp_policy=mp_policy)

@@ -14,17 +14,22 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dirl.data import load_prompt_rows, task_of
+from dirl.eval.heldout import evaluate
 from dirl.train.callbacks import CallbackList, TrainerCallback
 from dirl.train.models import RunInputs
-from dirl.train.rl.config import RLConfig
+from dirl.train.plots import read_metrics
+from dirl.train.rl.config import RLConfig, task_defaults
 from dirl.train.rl.loop import train_rl
 from dirl.train.sft.config import SFTConfig
 from dirl.train.sft.loop import train_sft
+from dirl.train.state import save_model_dir
 
 __all__ = ["IN_MEMORY", "DiPOTrainer", "SFTTrainer"]
 
@@ -57,10 +62,29 @@ def _dataset_inputs(dataset: DatasetArg) -> tuple[str | None, list[dict] | None]
     return IN_MEMORY, [dict(row) for row in dataset]
 
 
+def _tokenizer_arg(tokenizer: Any, processing_class: Any) -> Any:
+    """TRL's ``processing_class`` is dirl's ``tokenizer`` (the same object)."""
+    if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
+        raise ValueError("give the tokenizer once: tokenizer= or processing_class= (TRL's name), not both")
+    return tokenizer if tokenizer is not None else processing_class
+
+
+@dataclass
+class RunState:
+    """``trainer.state`` (transformers' ``TrainerState`` fields that dirl has): the last optimizer
+    step, the planned steps, and every logged record of ``metrics.jsonl``."""
+
+    global_step: int = 0
+    max_steps: int = 0
+    log_history: list[dict] = field(default_factory=list)
+
+
 class _Trainer:
     """What both trainers share: the in-memory inputs and access to them."""
 
     inputs: RunInputs
+    args: Any
+    run_dir: Path | None
 
     @property
     def model(self) -> torch.nn.Module | None:
@@ -72,7 +96,42 @@ class _Trainer:
         return self.inputs.tokenizer
 
     def add_callback(self, callback: TrainerCallback) -> None:
-        self.inputs.callbacks = CallbackList([*self.inputs.callbacks.callbacks, callback])
+        self.inputs.callbacks = CallbackList([*self.inputs.callbacks.callbacks, callback], self.args)
+
+    @property
+    def state(self) -> RunState:
+        """The run so far, read from its ``metrics.jsonl`` (empty before ``train``)."""
+        history = read_metrics(self.run_dir) if self.run_dir else []
+        return RunState(max((r["step"] for r in history), default=0), self.args.max_steps, history)
+
+    def save_model(self, output_dir: str | Path | None = None) -> Path:
+        """Write the trained model and its tokenizer as a checkpoint directory (default:
+        ``<out>/final``, where ``train`` already put it); returns the directory."""
+        if self.model is None:
+            raise ValueError("nothing to save yet: call train() first")
+        return save_model_dir(self.model, self.tokenizer, Path(output_dir or Path(self.args.out) / "final"))
+
+    def evaluate(self, eval_dataset: DatasetArg = None, reward: Any = None, **kwargs) -> dict:
+        """Held-out accuracy of the trained model (:func:`dirl.evaluate`, greedy): ``eval_dataset``
+        rows (default: the task's test split of the training data), ``reward`` (default: the
+        run's, else ``math``). Keys are prefixed ``eval_`` as in transformers."""
+        if self.model is None:
+            raise ValueError("nothing to evaluate yet: call train() first (or dirl.evaluate(model, rows))")
+        rows = self._eval_rows(eval_dataset)
+        summary = evaluate(self.model, rows, self._eval_reward() if reward is None else reward,
+                           tokenizer=self.tokenizer, **kwargs)
+        return {f"eval_{k}": v for k, v in summary.items()}
+
+    def _eval_rows(self, eval_dataset: DatasetArg) -> list[dict]:
+        source, rows = _dataset_inputs(eval_dataset)
+        if rows is not None:
+            return rows
+        if source is None:
+            task = task_of(self._data_source())
+            if task is None:
+                raise ValueError("evaluate() needs eval_dataset= (the training data is not a task:<name>)")
+            source = f"task:{task.name}:test"
+        return load_prompt_rows(source, limit=64, seed=self.args.seed)
 
 
 class SFTTrainer(_Trainer):
@@ -91,8 +150,10 @@ class SFTTrainer(_Trainer):
     """
 
     def __init__(self, model: ModelArg = None, *, tokenizer: Any = None, train_dataset: DatasetArg = None,
-                 args: SFTConfig | None = None, callbacks: Iterable[TrainerCallback] = ()):
+                 args: SFTConfig | None = None, callbacks: Iterable[TrainerCallback] = (),
+                 processing_class: Any = None):
         self.args = copy.deepcopy(args) if args is not None else SFTConfig()
+        tokenizer = _tokenizer_arg(tokenizer, processing_class)
         model_value, model_obj = _model_inputs(model, tokenizer)
         data_value, rows = _dataset_inputs(train_dataset)
         if model_value is not None:
@@ -100,8 +161,15 @@ class SFTTrainer(_Trainer):
         if data_value is not None:
             self.args.data.source = data_value
         self.inputs = RunInputs(model=model_obj, tokenizer=tokenizer, train_rows=rows,
-                                callbacks=CallbackList(callbacks))
+                                callbacks=CallbackList(callbacks, self.args))
         self.run_dir: Path | None = None
+
+    def _data_source(self) -> str:
+        return self.args.data.source
+
+    def _eval_reward(self) -> Any:
+        task = task_of(self.args.data.source)
+        return task.reward if task else "math"
 
     def train(self, resume_from_checkpoint: str | Path | None = None) -> Path:
         """Train for ``args.max_steps`` (or continue a run); returns the run directory."""
@@ -149,8 +217,9 @@ class DiPOTrainer(_Trainer):
 
     def __init__(self, model: ModelArg = None, reward_funcs: RewardArg = None, *, tokenizer: Any = None,
                  train_dataset: DatasetArg = None, args: RLConfig | None = None,
-                 callbacks: Iterable[TrainerCallback] = ()):
+                 callbacks: Iterable[TrainerCallback] = (), processing_class: Any = None):
         self.args = copy.deepcopy(args) if args is not None else RLConfig()
+        tokenizer = _tokenizer_arg(tokenizer, processing_class)
         model_value, model_obj = _model_inputs(model, tokenizer)
         data_value, rows = _dataset_inputs(train_dataset)
         if model_value is not None:
@@ -161,8 +230,14 @@ class DiPOTrainer(_Trainer):
         if specs is not None and all(isinstance(name, str) for name in specs):
             self.args.rewards, specs = dict(specs), None  # names only: a config like the CLI's
         self.inputs = RunInputs(model=model_obj, tokenizer=tokenizer, train_rows=rows, reward_funcs=specs,
-                                callbacks=CallbackList(callbacks))
+                                callbacks=CallbackList(callbacks, self.args))
         self.run_dir: Path | None = None
+
+    def _data_source(self) -> str:
+        return self.args.data
+
+    def _eval_reward(self) -> Any:
+        return self.inputs.reward_funcs or task_defaults(self.args)[1]
 
     def train(self, resume_from_checkpoint: str | Path | None = None, progress: bool | None = None) -> Path:
         """Run ``args.max_steps`` RL steps (or continue a run); returns the run directory.

@@ -19,7 +19,9 @@ from dirl.errors import (FINITE_NON_NEGATIVE, NON_NEGATIVE, OPEN_UNIT_INTERVAL, 
 from dirl.eval.heldout import EvalSpec, greedy
 from dirl.rewards import format_reward_spec, get_reward
 from dirl.rollout import SamplingSpec
+from dirl.train import hf_names
 from dirl.train.config import TrainerConfig, trainer_defaults
+from dirl.train.hf_names import accept_hf_names
 from dirl.train.optim import OptimConfig
 
 
@@ -86,6 +88,7 @@ class AlgoConfig(LossConfig, EstimatorOptions):
             "num_iterations": POSITIVE, "num_minibatches": POSITIVE})
 
 
+@accept_hf_names(hf_names.RL, hf_names.RL_REFUSED)
 @dataclass
 @trainer_defaults(out="runs/rl", max_steps=20, log_every=1, save_every=0,
                   optim=OptimConfig(lr=1e-5, schedule="constant", grad_clip=1.0))

@@ -24,6 +24,7 @@ once per phase (:func:`dirl.train.dist.full_params`).
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ from dirl.train.rl.critic import Critic, build_critic
 from dirl.train.rl.update import Learner, policy_update
 from dirl.train.setup import Setup, run_scope, setup
 from dirl.train.state import Trainable, load_checkpoint, resolve_resume, save_checkpoint, save_model_dir
+from dirl.train.plots import plot_run
 from dirl.train.tracking import MetricsLogger, format_metrics
 
 
@@ -106,7 +108,8 @@ def _build_learner(cfg: RLConfig, made: Setup) -> Learner:
     mp_policy = precision.fsdp_policy(cfg.compute, device)
     ref_model = None
     if cfg.algo.beta > 0:  # the frozen reference is the starting policy, never updated
-        ref_model = reference_model(model, cfg.lora, cfg.dist.strategy, device, mp_policy=mp_policy)
+        ref_model = reference_model(model, cfg.lora, cfg.dist.strategy, device, mp_policy=mp_policy,
+                                    dtype=precision.compute_dtype(cfg.compute, device))
     model = dist_lib.wrap(model, cfg.dist.strategy, device, mp_policy=mp_policy)
     optimizer = build_optimizer(dist_lib.unwrap(model), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps * cfg.algo.num_iterations
@@ -222,9 +225,14 @@ def _train_rl(cfg: RLConfig, resume: str | None, progress: bool, inputs: RunInpu
     last_step = cfg.last_step()
     bar = tqdm(range(run.start_step, last_step), desc="rl", disable=not (progress and main),
                initial=run.start_step, total=cfg.max_steps)
+    streak, warned = 0, False  # consecutive steps in which no group had reward variance
     for step in bar:
         metrics = train_step(run, step)
         done = step + 1
+        streak = streak + 1 if metrics.get("frac_reward_zero_std", 0.0) >= 1.0 else 0
+        if main and streak >= NO_VARIANCE_STEPS and not warned:  # once per run
+            tqdm.write(no_variance_warning(streak, metrics), file=sys.stderr)
+            warned = True
         if main:
             logger.log(done, metrics)
             bar.set_postfix(reward=f"{metrics['reward']:.3f}")
@@ -244,7 +252,21 @@ def _train_rl(cfg: RLConfig, resume: str | None, progress: bool, inputs: RunInpu
     bar.close()
     run.collector.backend.close()
     logger.close()
+    if main:
+        plot_run(run.run_dir, "rl")
     return run.run_dir
+
+
+NO_VARIANCE_STEPS = 3  # consecutive steps without reward variance before the (one) warning
+
+
+def no_variance_warning(steps: int, metrics: dict) -> str:
+    """Why the policy is not moving: every group's rewards were equal, so every advantage is 0."""
+    clipped = metrics.get("completions/clipped_ratio", 0.0)
+    hint = (f"{clipped:.0%} of the completions hit rollout.sampling.max_new_tokens: raise it"
+            if clipped > 0.5 else "raise rollout.sampling.temperature or rollout.group_size, or check the reward")
+    return (f"dirl rl: warning: no group had reward variance for {steps} consecutive steps (frac_reward_zero_std=1, "
+            f"reward={metrics.get('reward', 0.0):.3g}): every advantage is 0 and the policy does not move; {hint}")
 
 
 _CONSOLE_KEYS = ("reward", "reward_std", "kl", "loss", "entropy", "grad_norm", "completions/mean_length",

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from dirl.algo.nelbo import NOISE_EPS
 from dirl.errors import NON_NEGATIVE, POSITIVE, check_fields, one_of
 from dirl.rollout import SamplingSpec
+from dirl.train import hf_names
 from dirl.train.config import TrainerConfig, trainer_defaults
+from dirl.train.hf_names import accept_hf_names
 
 ASSISTANT_TURNS = ("last", "all")
 
@@ -27,6 +29,7 @@ class SFTDataConfig:
                             "limit": NON_NEGATIVE})
 
 
+@accept_hf_names(hf_names.SFT, hf_names.SFT_REFUSED)
 @dataclass
 @trainer_defaults(out="runs/sft")
 class SFTConfig(TrainerConfig):

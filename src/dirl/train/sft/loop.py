@@ -53,6 +53,7 @@ from dirl.train.optim import build_optimizer, build_scheduler, clip_and_step
 from dirl.train.setup import run_scope, setup
 from dirl.train.sft.config import SFTConfig
 from dirl.train.sft.data import SFTBatch, SFTLoader, tokenize_rows
+from dirl.train.plots import plot_run
 from dirl.train.tracking import MetricsLogger, format_metrics
 
 # ---------------------------------------------------------------- 1. setup
@@ -256,6 +257,9 @@ def _train(run: SFTRun, resumed: bool, callbacks) -> Path:
             _save(run, callbacks)
         if run.step >= cfg.max_steps:
             state_lib.save_model_dir(run.model, run.tokenizer, run.run_dir / "final")
+        if main:
+            logger.close()
+            plot_run(run.run_dir, "sft")
     finally:
         bar.close()
         logger.close()
