@@ -30,6 +30,7 @@ def test_run_all_reports_a_failing_benchmark(capsys, monkeypatch):
     assert "== bench engine: FAILED (2)" in captured.out and "failed: engine" in captured.err
 
 
+@pytest.mark.integration  # a whole benchmark run (~5 s): with the other quick benchmarks in test_bench_quick
 def test_engine_quick_runs(capsys):
     assert engine.main(["--quick", "--batch", "2", "--new-tokens", "8", "--threads", "1"]) == 0
     lines = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines() if "=" in line)

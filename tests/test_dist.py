@@ -135,7 +135,7 @@ def test_sft_two_fsdp_ranks_match_one_process(sft_runs):
 def test_only_rank_zero_writes(sft_runs):
     _, two, stdout = sft_runs
     assert [m["step"] for m in _metrics(two)] == [1, 2, 3]  # one line per step, not one per rank
-    assert sorted(p.name for p in two.iterdir()) == ["checkpoints", "config.yaml", "final", "metrics.jsonl",
+    assert sorted(p.name for p in two.iterdir()) == ["checkpoints", "config.yaml", "curves.png", "final", "metrics.jsonl",
                                                      "tensorboard"]
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["latest", "step-000002", "step-000003"]
     assert len(list((two / "tensorboard").iterdir())) == 1  # a writer per rank would leave one file each
