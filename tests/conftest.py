@@ -73,6 +73,15 @@ def tiny_model(make_tiny_model):
 
 
 @pytest.fixture
+def peaky_model(tiny_model):
+    """The tiny model with a sharper LM head: confidences spread over (0, 1), so
+    dynamic unmasking commits several tokens in some forwards and one in others."""
+    with torch.no_grad():
+        tiny_model.lm_head.weight.mul_(20.0)
+    return tiny_model
+
+
+@pytest.fixture
 def ckpt_dir(tmp_path) -> Path:
     """A checkpoint directory path inside the test's tmp dir (not created yet)."""
     return tmp_path / "ckpt"

@@ -3,7 +3,6 @@ and ``dirl serve``'s batcher feeding new requests into the running loop."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from dirl.engine.engine import Engine
@@ -14,13 +13,6 @@ from dirl.serve.batcher import Batcher
 from dirl.serve.weights import live_tensors
 
 B = 4
-
-
-@pytest.fixture
-def peaky_model(tiny_model):
-    with torch.no_grad():
-        tiny_model.lm_head.weight.mul_(20.0)
-    return tiny_model
 
 
 def _prompts(lengths, seed: int = 0) -> list[list[int]]:

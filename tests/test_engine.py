@@ -19,15 +19,6 @@ B = 4
 PROMPT_LENGTHS = (5, 8, 3, 12, 11)
 
 
-@pytest.fixture
-def peaky_model(tiny_model):
-    """The tiny model with a sharper LM head: confidences spread over (0, 1), so
-    dynamic unmasking commits several tokens in some forwards and one in others."""
-    with torch.no_grad():
-        tiny_model.lm_head.weight.mul_(20.0)
-    return tiny_model
-
-
 def _prompts(lengths=PROMPT_LENGTHS, seed: int = 0) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(4, 100, (n,), generator=gen).tolist() for n in lengths]

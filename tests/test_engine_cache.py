@@ -15,13 +15,6 @@ from dirl.model.forward import Readout
 B = 4
 
 
-@pytest.fixture
-def peaky_model(tiny_model):
-    with torch.no_grad():
-        tiny_model.lm_head.weight.mul_(20.0)
-    return tiny_model
-
-
 def _prompts(lengths, seed: int = 0) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(4, 100, (n,), generator=gen).tolist() for n in lengths]

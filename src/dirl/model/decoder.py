@@ -27,6 +27,7 @@ from dirl.model.attention import build_mask, pad_to_bucket
 from dirl.model.blocks import rope_cos_sin
 from dirl.model.forward import ForwardOutput, Readout
 from dirl.model.lm_head import DEFAULT_CHUNK_SIZE
+from dirl.model.masks import TokenMeta
 
 
 class Parts(NamedTuple):
@@ -120,6 +121,24 @@ def _layers(model, parts: Parts, hidden, position_ids, mask, impl, cache=None) -
     return hidden
 
 
+def _full_forward(model, input_ids, position_ids, attention, cache, readout: Readout) -> ForwardOutput:
+    """The layers, the final norm and the readout over every token of (B, T) ``input_ids``.
+
+    ``attention``: ``(mask, impl)`` -- a ready mask (the cache's, or None: no masking) for SDPA,
+    or ``(TokenMeta, impl)``, whose mask is built here (flex first pads to a few bucketed lengths,
+    so it compiles a few shapes)."""
+    parts = model.parts()
+    mask, impl = attention
+    num_tokens = input_ids.shape[1]
+    if isinstance(mask, TokenMeta):
+        if impl == "flex":
+            input_ids, position_ids, mask = pad_to_bucket(input_ids, position_ids, mask)
+        mask = build_mask(mask, mask, impl)
+    hidden = _layers(model, parts, parts.embed(input_ids), position_ids, mask, impl, cache)
+    hidden = parts.norm(hidden[:, :num_tokens])
+    return _readout(hidden.reshape(-1, hidden.shape[-1]), parts.head, readout, (input_ids.shape[0], num_tokens))
+
+
 def block_causal_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, meta, cache=None,
                          readout: Readout = Readout(), attn_impl: str | None = None) -> ForwardOutput:
     """input_ids, position_ids: (B, T); meta: these tokens' mask metadata (unused with a cache).
@@ -129,18 +148,10 @@ def block_causal_forward(model, input_ids: torch.Tensor, position_ids: torch.Ten
     of the LM head are computed (the vocabulary projection dominates at 150k).
     readout.hidden: skip the LM head and return the final-norm hidden states of those
     rows, for the chunked head (:mod:`dirl.model.lm_head`) that never holds their (N, V) logits."""
-    parts = model.parts()
     impl = attn_impl or model.attn_impl
-    num_tokens = input_ids.shape[1]
     if cache is not None:  # the cache knows which of its slots each query sees
-        mask, impl = cache.mask, "sdpa"
-    else:
-        if impl == "flex":  # a few padded lengths: a few compiled shapes
-            input_ids, position_ids, meta = pad_to_bucket(input_ids, position_ids, meta)
-        mask = build_mask(meta, meta, impl)
-    hidden = _layers(model, parts, parts.embed(input_ids), position_ids, mask, impl, cache)
-    hidden = parts.norm(hidden[:, :num_tokens])
-    return _readout(hidden.reshape(-1, hidden.shape[-1]), parts.head, readout, (input_ids.shape[0], num_tokens))
+        return _full_forward(model, input_ids, position_ids, (cache.mask, "sdpa"), cache, readout)
+    return _full_forward(model, input_ids, position_ids, (meta, impl), None, readout)
 
 
 def bidirectional_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, meta,
@@ -151,22 +162,15 @@ def bidirectional_forward(model, input_ids: torch.Tensor, position_ids: torch.Te
     segment mask -- states never see each other -- at sum L^2 attention cost instead of (sum L)^2)."""
     parts = model.parts()
     impl = attn_impl or model.attn_impl
-    num_tokens = input_ids.shape[1]
     spans = segments(meta) if meta is not None and cache is None and impl == "sdpa" else None
     if spans is not None:
         hidden = _unpacked_forward(model, input_ids, position_ids, spans)
         return _readout(hidden, parts.head, readout, input_ids.shape)
     if cache is not None and cache.mask is not None:
-        mask, impl = cache.mask, "sdpa"
-    elif meta is None:
-        mask, impl = None, "sdpa"
-    else:
-        if impl == "flex":  # a few padded lengths: a few compiled shapes
-            input_ids, position_ids, meta = pad_to_bucket(input_ids, position_ids, meta)
-        mask = build_mask(meta, meta, impl)
-    hidden = _layers(model, parts, parts.embed(input_ids), position_ids, mask, impl, cache)
-    hidden = parts.norm(hidden[:, :num_tokens])
-    return _readout(hidden.reshape(-1, hidden.shape[-1]), parts.head, readout, (input_ids.shape[0], num_tokens))
+        return _full_forward(model, input_ids, position_ids, (cache.mask, "sdpa"), cache, readout)
+    if meta is None:  # one state per row, nothing masked: every query sees every key
+        return _full_forward(model, input_ids, position_ids, (None, "sdpa"), cache, readout)
+    return _full_forward(model, input_ids, position_ids, (meta, impl), cache, readout)
 
 
 def _readout(hidden: torch.Tensor, head, readout: Readout, shape) -> ForwardOutput:
