@@ -29,7 +29,7 @@ def step_times(critic: str, steps: int, out: Path, overrides: list[str]) -> list
                           [f"out={out / critic}", f"rl.algo.critic={critic}", "progress=false", *overrides])
     data = write_data(cfg, Path(cfg.out) / "data")
     rl = rl_config(cfg, sft_stage(cfg, data, Path(cfg.out)), data, Path(cfg.out))
-    rl.eval_every = 0
+    rl.eval.every = 0
     run = build_run(rl)
     times = []
     for step in range(steps):

@@ -48,7 +48,7 @@ import time
 import torch
 
 from dirl.algo.advantages import group_advantages, informative_groups
-from dirl.algo.likelihood import ESTIMATORS, MC_SAMPLING, EstimatorArgs, plan_estimator, score_plan
+from dirl.algo.likelihood import ESTIMATORS, MC_SAMPLING, EstimatorArgs, EstimatorOptions, plan_estimator, score_plan
 from dirl.algo.losses import LossConfig, ScoredTokens, dipo_loss
 
 STATS = ("rel_bias", "cosine", "rel_var")
@@ -106,7 +106,8 @@ def fixed_batch(model, tokenizer, num_groups: int, group_size: int, seed: int) -
 def estimator_args(model, rollouts, options: dict, gen: torch.Generator) -> EstimatorArgs:
     cfg = model.config
     chosen = {k: v for k, v in options.items() if k != "name"}
-    return EstimatorArgs(rollouts, cfg.block_size, cfg.mask_token_id, cfg.pad_token_id, gen=gen, **chosen)
+    return EstimatorArgs(rollouts, cfg.block_size, cfg.mask_token_id, cfg.pad_token_id, gen=gen,
+                         options=EstimatorOptions(**chosen))
 
 
 def surrogate_grad(model, plan, batch: FixedBatch, agg: str) -> torch.Tensor:

@@ -4,7 +4,7 @@ Each (seed, variant) pair runs the demo pipeline (``configs/demo.yaml``: the shi
 SFT checkpoint, then RL with that estimator) as its own ``dirl demo`` process with
 ``rl_wall_s`` = ``--wall`` (counted on ``--clock``: the run's CPU seconds by default, so a
 busy machine slows a run down without shortening its budget): RL runs in chunks of
-``rl.eval_every`` steps until the budget is spent, so each variant gets the same seconds (plus at most one chunk) and the
+``rl.eval.every`` steps until the budget is spent, so each variant gets the same seconds (plus at most one chunk) and the
 steps it takes in them depend on its cost per step. ``--parallel`` processes share the
 cores (``OMP_NUM_THREADS`` = cores / parallel each), the same way for every variant.
 
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     variants = parse_variants(args.estimators, args.variant)
     pairs = [tuple(p.split(":", 1)) for p in args.pairs.split(",") if p]
     pairs = [(a, b) for a, b in pairs if a in variants and b in variants]
-    extra = ["eval_limit=32", "rl.eval_every=2", "rl.rollout.num_prompts=4"] if args.quick else []
+    extra = ["eval_limit=32", "rl.eval.every=2", "rl.rollout.num_prompts=4"] if args.quick else []
     extra.append(f"rl_clock={args.clock}")
     if args.eval_limit:
         extra.append(f"eval_limit={args.eval_limit}")

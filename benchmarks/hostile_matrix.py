@@ -206,7 +206,7 @@ def cases() -> list[tuple[str, str, list[str], str]]:
     add("ctx-gen-max-new", "context", "generate --model {good} --prompt hi max_new_tokens=100000", "context")
     add("ctx-eval-max-new", "context", [*EVAL, "sampling.max_new_tokens=100000"], "context")
     add("ctx-rl-max-new", "context", ["rl", *TINY_RL, "rollout.sampling.max_new_tokens=100000"], "context")
-    add("ctx-sft-eval-max-new", "context", ["sft", *TINY_SFT, "eval_sampling.max_new_tokens=100000", "eval_every=1"],
+    add("ctx-sft-eval-max-new", "context", ["sft", *TINY_SFT, "eval_sampling.max_new_tokens=100000", "eval.every=1"],
         "context")
     # ---- data
     for name in ("big", "deep", "deep_field", "bigint", "surrogate", "deep.json", "not_object", "null",
@@ -234,8 +234,8 @@ def cases() -> list[tuple[str, str, list[str], str]]:
     add("rew-rl-numpy", "valid", ["rl", *TINY_RL, "rewards={rewards_mod:as_numpy: 1.0}", "out={root}/v_rl_np"], "")
     add("rew-rl-tensor", "valid", ["rl", *TINY_RL, "rewards={rewards_mod:as_tensor: 1.0}", "out={root}/v_rl_t"], "")
     add("rew-eval-module", "valid", [*EVAL, "--reward", "rewards_mod:digits", "--out", "{root}/v_ev_mod"], "")
-    add("rew-rl-heldout-module", "valid", ["rl", *TINY_RL, "rewards={rewards_mod:digits: 1.0}", "eval_every=1",
-                                           "eval_limit=2", "out={root}/v_rl_heldout"], "")
+    add("rew-rl-heldout-module", "valid", ["rl", *TINY_RL, "rewards={rewards_mod:digits: 1.0}", "eval.every=1",
+                                           "eval.limit=2", "out={root}/v_rl_heldout"], "")
     add("rew-rl-unknown", "rewards", ["rl", *TINY_RL, "rewards.nope=1"], "nope")
     add("rew-eval-weight-text", "rewards", [*EVAL, "--reward", "math:abc"], "abc")
     # ---- serve (refused before the server starts)

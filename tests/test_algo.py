@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dirl.algo.advantages import group_advantages, informative_groups
-from dirl.algo.likelihood import EstimatorArgs, plan_estimator, score_plan
+from dirl.algo.likelihood import EstimatorArgs, EstimatorOptions, plan_estimator, score_plan
 from dirl.algo.losses import LossConfig, ScoredTokens, aggregate, dipo_loss
 from dirl.engine.engine import Engine
 from dirl.rollout import PolicyDist, SamplingParams
@@ -183,11 +183,11 @@ def test_trace_shrink_one_equals_trace(tiny_model):
     cfg = tiny_model.config
     args = (rollouts, cfg.block_size, cfg.mask_token_id, cfg.pad_token_id)
     exact = plan_estimator("trace", EstimatorArgs(*args))
-    shrink = plan_estimator("trace_shrink", EstimatorArgs(*args, shrink=1))
+    shrink = plan_estimator("trace_shrink", EstimatorArgs(*args, options=EstimatorOptions(shrink=1)))
     with torch.no_grad():
         assert torch.equal(score_plan(tiny_model, exact, PolicyDist()), score_plan(tiny_model, shrink, PolicyDist()))
     # merging steps really changes the states (fewer copies, a biased estimate)
-    merged = plan_estimator("trace_shrink", EstimatorArgs(*args, shrink=2))
+    merged = plan_estimator("trace_shrink", EstimatorArgs(*args, options=EstimatorOptions(shrink=2)))
     assert merged.pack.input_ids.shape[1] < exact.pack.input_ids.shape[1]
 
 
@@ -220,7 +220,7 @@ def test_trace_mc_is_unbiased_for_trace(tiny_model, mc_sampling):
         param.requires_grad_(name.startswith(("lm_head", "model.norm", "model.layers.1.mlp")))
     exact = _grad_of_sum(tiny_model, plan_estimator("trace", EstimatorArgs(*args)))
     gen = torch.Generator().manual_seed(0)
-    mc = EstimatorArgs(*args, gen=gen, mc_steps=2, mc_sampling=mc_sampling)
+    mc = EstimatorArgs(*args, gen=gen, options=EstimatorOptions(mc_steps=2, mc_sampling=mc_sampling))
     draws = torch.stack([_grad_of_sum(tiny_model, plan_estimator("trace_mc", mc)) for _ in range(100)])
     mean = draws.mean(0)
     std_error = ((draws - mean).pow(2).sum(1).mean() / len(draws)).sqrt()

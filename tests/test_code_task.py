@@ -60,7 +60,7 @@ def test_code_demo_runs_end_to_end_on_the_sandboxed_reward(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     cfg = config_lib.load(DemoConfig, repo / "configs/demo-code.yaml", [
         f"out={tmp_path}", "progress=false", "num_train=32", "eval_limit=8", "rl.max_steps=2",
-        "rl.eval_every=1", "rl.log_every=1", "rl.rollout.num_prompts=2", "rl.rollout.group_size=4",
+        "rl.eval.every=1", "rl.log_every=1", "rl.rollout.num_prompts=2", "rl.rollout.group_size=4",
         "sft_overrides=[data.max_length=64, max_steps=3, batch_size=4, log_every=1]"])
     summary = run_demo(cfg)
     assert summary["task"] == "code" and summary["rl_steps"] == 2 and summary["eval_prompts"] == 8

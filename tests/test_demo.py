@@ -17,7 +17,7 @@ from dirl.demo import SHIPPED_RECIPE, SHIPPED_SFT, DemoConfig, run_demo, write_d
 
 REPO = Path(__file__).resolve().parents[1]
 # A few seconds: 2 RL steps of 2 prompts x 4 samples, 8 held-out prompts.
-SHORT = ["rl.max_steps=2", "rl.eval_every=1", "rl.log_every=1", "rl.rollout.num_prompts=2",
+SHORT = ["rl.max_steps=2", "rl.eval.every=1", "rl.log_every=1", "rl.rollout.num_prompts=2",
          "rl.rollout.group_size=4", "eval_limit=8", "num_train=16",
          "progress=false"]
 
@@ -67,7 +67,7 @@ def test_held_out_prompts_are_disjoint_from_training(tmp_path):
 @pytest.mark.integration
 def test_demo_is_deterministic_and_wall_time_chunks_resume_exactly(tmp_path):
     """Two runs with the same seed print the same numbers; ``rl_wall_s`` (RL in chunks of
-    ``eval_every`` steps, each resumed from the last checkpoint) equals one uninterrupted run.
+    ``eval.every`` steps, each resumed from the last checkpoint) equals one uninterrupted run.
     (The second run is the chunked one: equal to the first, it shows both at once.)"""
     first = run_demo(_short(tmp_path / "a"))
     chunked = run_demo(_short(tmp_path / "c", "rl_wall_s=1000", "rl_clock=cpu"))

@@ -42,6 +42,9 @@ def test_lora_on_native_names_reference_is_adapters_off(family, tokenizer, tmp_p
     model = apply_lora(model, LoraConfig(r=4), base=str(tmp_path))
     adapted = [name for name, _ in model.named_modules() if name.endswith("lora_A")]
     assert adapted and not any(n.startswith(("model.transformer.ff_out", "lm_head")) for n in adapted)
+    if family == "llada":  # every block's down projection (named ff_out, like the head) is adapted
+        assert {n for n in adapted if ".ff_out." in n} == {f"model.transformer.blocks.{i}.ff_out.lora_A"
+                                                           for i in range(model.arch.num_layers)}
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:

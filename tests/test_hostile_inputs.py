@@ -290,7 +290,8 @@ def test_a_sleeping_reward_costs_one_batch_budget():
 
     started = time.monotonic()
     result = compute_rewards([sleeper], ["a"] * 16, time_limit_s=0.02)  # budget: 16 x 0.02 s
-    assert time.monotonic() - started < 0.64 + 1.0  # the batch budget (2 x 16 x 0.02 s), not 16 x limit more
+    # The batch budget (2 x 16 x 0.02 s) plus room for a loaded CPU; a per-row retry would add 16 x 0.32 s.
+    assert time.monotonic() - started < 0.64 + 2.0
     assert result.failures and result.metrics["rewards/sleeper/errors"] == 16.0
 
 

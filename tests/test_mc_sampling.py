@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dirl.algo.likelihood import EstimatorArgs, plan_estimator, systematic_draws, van_der_corput
+from dirl.algo.likelihood import EstimatorArgs, EstimatorOptions, plan_estimator, systematic_draws, van_der_corput
 from dirl.rollout import Rollout
 from dirl.train.rl.config import AlgoConfig
 
@@ -65,8 +65,8 @@ def test_entropy_weights_are_one_over_k_p():
     rollout = _rollout([0, 1, 1, 2], [3.0, 0.5, 0.5, 0.0])
     p = [0.75 * 3 / 4 + 0.25 / 3, 0.75 * 1 / 4 + 0.25 / 3, 0.25 / 3]
     step_of = [0, 1, 1, 2]
-    args = EstimatorArgs([rollout], 4, MASK, PAD, torch.Generator().manual_seed(0), mc_steps=1,
-                         mc_sampling="entropy", mc_floor=0.25)
+    args = EstimatorArgs([rollout], 4, MASK, PAD, torch.Generator().manual_seed(0),
+                         options=EstimatorOptions(mc_steps=1, mc_sampling="entropy", mc_floor=0.25))
     counts = [0, 0, 0]
     for _ in range(300):
         (drawn,) = _drawn(plan_estimator("trace_mc", args))
@@ -85,8 +85,8 @@ def test_draws_cover_the_steps_evenly_across_the_batch():
         rollouts = [_rollout([0, 1, 2, 3], [1.0] * 4)] * num
         gen = torch.Generator().manual_seed(0)
         for _ in range(5):
-            plan = plan_estimator("trace_mc", EstimatorArgs(rollouts, 4, MASK, PAD, gen, mc_steps=1,
-                                                            mc_sampling="uniform"))
+            plan = plan_estimator("trace_mc", EstimatorArgs(rollouts, 4, MASK, PAD, gen, options=EstimatorOptions(
+                mc_steps=1, mc_sampling="uniform")))
             drawn = _drawn(plan)
             assert sorted(t for (t, w), in drawn) == sorted(list(range(4)) * (num // 4))
             assert all(w == 4.0 for (t, w), in drawn)  # T / k
@@ -98,13 +98,14 @@ def test_options_reach_the_estimator_and_bad_values_are_named():
                                  parameters=lambda: iter([torch.zeros(1)]))
     algo = AlgoConfig(estimator="trace_mc", mc_steps=3, mc_sampling="entropy", mc_floor=0.5)
     args = EstimatorArgs.for_model(tiny_model, [], torch.Generator(), algo)
-    assert (args.mc_steps, args.mc_sampling, args.mc_floor, args.shrink) == (3, "entropy", 0.5, 2)
+    opts = args.options
+    assert (opts.mc_steps, opts.mc_sampling, opts.mc_floor, opts.shrink) == (3, "entropy", 0.5, 2)
     assert (args.block_size, args.mask_id, args.pad_id, args.logit_shift) == (4, MASK, PAD, 0)
-    assert EstimatorArgs.for_model(tiny_model, [], torch.Generator()).mc_sampling == "stratified"
+    assert EstimatorArgs.for_model(tiny_model, [], torch.Generator()).options.mc_sampling == "stratified"
     rollouts = [_rollout([0, 1, 2, 3])]
     with pytest.raises(ValueError, match="unknown mc_sampling 'sobol'"):
-        plan_estimator("trace_mc", EstimatorArgs(rollouts, 4, MASK, PAD, mc_sampling="sobol"))
+        plan_estimator("trace_mc", EstimatorArgs(rollouts, 4, MASK, PAD, options=EstimatorOptions(mc_sampling="sobol")))
     with pytest.raises(ValueError, match="Rollout.entropies"):  # a rollout that did not record them
-        plan_estimator("trace_mc", EstimatorArgs(rollouts, 4, MASK, PAD, mc_sampling="entropy"))
+        plan_estimator("trace_mc", EstimatorArgs(rollouts, 4, MASK, PAD, options=EstimatorOptions(mc_sampling="entropy")))
     with pytest.raises(ValueError, match="mc_sampling must be one of"):
         AlgoConfig(mc_sampling="sobol")

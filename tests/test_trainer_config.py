@@ -34,7 +34,7 @@ def test_each_shared_setting_is_declared_once():
     for name in SHARED:
         assert len(re.findall(rf"^    {name}: ", text, re.M)) == 1, name
     assert {"model", "out", "seed", "device", "attn_impl", "compute", "dist", "lora", "report_to", "log_every",
-            "save_every", "eval_every", "keep_last", "max_steps", "stop_at_step", "block_size", "overwrite",
+            "save_every", "eval", "keep_last", "max_steps", "stop_at_step", "block_size", "overwrite",
             "progress"} <= set(SHARED)
 
 
@@ -106,3 +106,34 @@ def test_make_backend_takes_only_the_chosen_backends_options():
         from dirl.backends.http import HttpBackend
         HttpBackend(None, None, url="http://127.0.0.1:9", compile=True)
     assert NativeOptions().max_batch_rows == 256
+
+
+def test_one_eval_section_for_both_trainers():
+    """``eval.every / data / limit`` mean the same in SFT and RL; only the default limit differs."""
+    sft = config_lib.load(SFTConfig, None, ["eval.every=5", "eval.data=task:arithmetic:test"])
+    rl = config_lib.load(RLConfig, None, ["eval.every=5", "eval.data=task:arithmetic:test"])
+    assert type(sft.eval) is type(rl.eval)
+    assert (sft.eval.every, sft.eval.data, sft.eval.limit) == (5, "task:arithmetic:test", 32)
+    assert (rl.eval.every, rl.eval.data, rl.eval.limit) == (5, "task:arithmetic:test", 64)
+    with pytest.raises(ConfigError, match="eval.limit"):
+        config_lib.load(RLConfig, None, ["eval.limit=0"])
+
+
+def test_renamed_keys_still_load_from_recipes_overrides_and_saved_runs(tmp_path, capsys):
+    """A recipe or a run saved before the renames (``eval_every``, ``rollout.url`` ...) loads with the
+    values at their new keys, and stderr names the new key; a key given under both names keeps the new."""
+    old = tmp_path / "old.yaml"
+    old.write_text("eval_every: 4\neval_limit: 9\nrollout:\n  max_batch_rows: 12\n  compile: false\n")
+    cfg = config_lib.load(RLConfig, old, ["eval_data=task:arithmetic:test"])
+    assert (cfg.eval.every, cfg.eval.limit, cfg.eval.data) == (4, 9, "task:arithmetic:test")
+    assert cfg.rollout.native.max_batch_rows == 12
+    assert "eval_every is now eval.every" in capsys.readouterr().err
+    http = config_lib.load(RLConfig, None, ["rollout.backend=http", "rollout.url=http://h:1"])
+    assert http.rollout.http.url == "http://h:1"
+    sft = config_lib.load(SFTConfig, None, ["eval_num=7"])
+    assert sft.eval.limit == 7
+    both = tmp_path / "both.yaml"
+    both.write_text("eval_every: 4\neval: {every: 6}\n")
+    assert config_lib.load(SFTConfig, both).eval.every == 6
+    resumed, _ = config_lib.load_on_top(RLConfig, config_lib.load(RLConfig, None, ["eval.every=2"]), old)
+    assert resumed.eval.every == 4  # the file's (old-named) key wins over the saved run's

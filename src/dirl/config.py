@@ -8,8 +8,10 @@ a :class:`ConfigError` that names the key (and suggests the closest one).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from pathlib import Path
@@ -174,10 +176,43 @@ def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _moved(cls: type, dotted: str, prefix: str) -> str | None:
+    """The new name of a key that a release renamed (``cls.moved_keys``: old dotted -> new), after
+    telling the user once on stderr; None if ``dotted`` was not renamed."""
+    new = getattr(cls, "moved_keys", {}).get(dotted)
+    if new is not None:
+        print(f"dirl: config key {prefix}{dotted} is now {prefix}{new}; read as such", file=sys.stderr)
+    return new
+
+
+def migrate(cls: type, data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``data`` with the renamed keys of ``cls.moved_keys`` at their new places, so a recipe or a
+    saved run (``--resume``) written before a rename still loads. A key set under both names keeps
+    the new one."""
+    if not getattr(cls, "moved_keys", None):
+        return data
+    out = copy.deepcopy(data)
+    for old in getattr(cls, "moved_keys", {}):
+        *parents, last = old.split(".")
+        node = out
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or last not in node:
+            continue
+        value = node.pop(last)
+        *new_parents, new_last = _moved(cls, old, prefix).split(".")
+        target = out
+        for name in new_parents:
+            target = target.setdefault(name, {})
+        target.setdefault(new_last, value)
+    return out
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from a (partial) nested dict; defaults fill the rest (a partial
     section keeps its field's default values for the keys it leaves out)."""
     types_ = _field_types(cls)
+    data = migrate(cls, data, prefix)
     kwargs = {}
     for key, value in data.items():
         if key not in types_:
@@ -212,6 +247,10 @@ def apply_override(data: dict[str, Any], cls: type, key: str, raw: str) -> None:
     parts = key.split(".")
     node, node_cls = data, cls
     for i, part in enumerate(parts):
+        renamed = _moved(node_cls, ".".join(parts[i:]), ".".join(parts[:i] + [""]))
+        if renamed is not None:
+            parts[i:] = renamed.split(".")
+            part = parts[i]
         types_ = _field_types(node_cls)
         if part not in types_:
             raise _unknown(".".join(parts[: i + 1]), types_)
@@ -276,7 +315,7 @@ def load_on_top(cls: type[T], base: T, path: str | Path | None = None,
     Returns the config and what changed, as ``key: old -> new`` lines."""
     data = to_dict(base)
     if path is not None:
-        data = _merged(data, _read_yaml(cls, path))
+        data = _merged(data, migrate(cls, _read_yaml(cls, path)))
     _apply_overrides(data, cls, overrides)
     cfg = from_dict(cls, data)
     before, after = _flatten(to_dict(base)), _flatten(to_dict(cfg))

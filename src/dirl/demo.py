@@ -12,7 +12,7 @@ Stages (each timed; the summary table and the last line report them):
    same recipe here instead, ``sft=<dir>`` starts from any checkpoint.
 3. held-out greedy accuracy of the SFT model;
 4. RL with the chosen estimator (DiPO's exact ``trace`` by default); ``rl_wall_s``
-   stops the stage after that many seconds (checked every ``rl.eval_every`` steps),
+   stops the stage after that many seconds (checked every ``rl.eval.every`` steps),
    which is how estimators are compared at equal wall time;
 5. held-out greedy accuracy of the RL model, ``metrics.jsonl``, ``curves.png``,
    ``summary.json``, the table and the line
@@ -36,6 +36,7 @@ from dirl.algo.critic import ValueConfig
 from dirl.data import get_task
 from dirl.rollout import SamplingSpec
 from dirl.runtime import derived_seed
+from dirl.train.config import HeldOutConfig
 from dirl.train.optim import OptimConfig
 from dirl.train.rl.config import AlgoConfig, RLConfig, RolloutConfig
 
@@ -48,7 +49,7 @@ STAGES = ("data", "sft", "all")
 def _demo_rl() -> RLConfig:
     """The RL recipe (configs/demo.yaml repeats it; a test holds the two equal)."""
     return RLConfig(
-        device="cpu", max_steps=200, eval_every=20, log_every=10,  # the demo is a CPU pipeline
+        device="cpu", max_steps=200, eval=HeldOutConfig(every=20), log_every=10,  # the demo is a CPU pipeline
         optim=OptimConfig(lr=3e-5, warmup_steps=5, schedule="constant", grad_clip=1.0),
         rollout=RolloutConfig(num_prompts=16, group_size=8, sampling=SamplingSpec(
             max_new_tokens=36, temperature=0.6, unmasking="dynamic", threshold=0.9)),
@@ -151,7 +152,7 @@ def held_out(model_dir: str, rl: RLConfig, progress: bool) -> dict:
     from dirl.train.rl.config import held_out_spec
 
     model, tokenizer = load_model_spec(model_dir, seed=rl.seed)
-    rows = load_prompt_rows(rl.eval_data, limit=rl.eval_limit)
+    rows = load_prompt_rows(rl.eval.data, limit=rl.eval.limit)
     summary, _ = evaluate_rows(model, tokenizer, rows, held_out_spec(rl, batch_size=64), progress=progress)
     return summary
 
@@ -165,20 +166,20 @@ def rl_config(cfg: DemoConfig, sft_dir: str, data: dict[str, Path], out: Path) -
     rl = copy.deepcopy(cfg.rl)
     rl.model, rl.out, rl.seed = sft_dir, str(out / "rl"), cfg.seed
     rl.overwrite = True  # the demo owns its directory: a rerun replaces its stages
-    rl.data, rl.eval_data, rl.eval_limit = str(data["sft"]), str(data["test"]), cfg.eval_limit
+    rl.data, rl.eval.data, rl.eval.limit = str(data["sft"]), str(data["test"]), cfg.eval_limit
     rl.prompt_template, rl.rewards = task.prompt_template, {task.reward: 1.0}
     return rl
 
 
 def rl_stage(cfg: DemoConfig, rl: RLConfig) -> tuple[Path, int]:
-    """Run RL; with ``rl_wall_s`` in chunks of ``eval_every`` steps, resuming exactly,
+    """Run RL; with ``rl_wall_s`` in chunks of ``eval.every`` steps, resuming exactly,
     until the budget (on ``rl_clock``) is spent. Returns (run dir, steps done)."""
     from dirl.train.rl.loop import train_rl
     from dirl.train.state import resolve_resume
 
     if cfg.rl_wall_s <= 0:  # one call: exactly the recipe, deterministic
         return train_rl(rl, progress=cfg.progress), rl.max_steps
-    total, chunk = rl.max_steps, rl.eval_every or rl.max_steps
+    total, chunk = rl.max_steps, rl.eval.every or rl.max_steps
     clock = CLOCKS[cfg.rl_clock]
     start, done, resume, run_dir = clock(), 0, None, Path(rl.out)
     while done < total and (done == 0 or clock() - start < cfg.rl_wall_s):

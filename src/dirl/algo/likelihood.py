@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -81,11 +81,10 @@ def _default_generator() -> torch.Generator:
 MC_SAMPLING = ("stratified", "uniform", "entropy")
 
 
-@dataclass(kw_only=True)
+@dataclass
 class EstimatorOptions:
     """The estimators' user settings, declared once: ``AlgoConfig`` extends this (YAML keys
-    ``algo.shrink`` ...) and so does :class:`EstimatorArgs`. Keyword-only, so the subclasses'
-    own fields keep their positions."""
+    ``algo.shrink`` ...) and :class:`EstimatorArgs` carries it as ``options``."""
 
     shrink: int = 2               # trace_shrink: denoising steps merged per copy
     mc_steps: int = 2             # trace_mc: copies drawn per response
@@ -94,7 +93,7 @@ class EstimatorOptions:
 
 
 @dataclass
-class EstimatorArgs(EstimatorOptions):
+class EstimatorArgs:
     """The one argument of every estimator: the rollouts, the model's special ids, the options."""
 
     rollouts: Sequence[Rollout]
@@ -105,15 +104,15 @@ class EstimatorArgs(EstimatorOptions):
     device: torch.device | str = "cpu"
     logit_shift: int = 0          # the model's (Arch.logit_shift): where a scored token's logits are
     attention: str = "block_causal"   # the model's Arch.attention: which layout packs the states
+    options: EstimatorOptions = field(default_factory=EstimatorOptions)
 
     @classmethod
     def for_model(cls, model, rollouts: Sequence[Rollout], gen: torch.Generator,
                   options: EstimatorOptions | None = None) -> EstimatorArgs:
-        """``options``: e.g. the RL ``AlgoConfig``; None = the defaults."""
+        """``options``: e.g. the RL ``AlgoConfig`` (an ``EstimatorOptions``); None = the defaults."""
         arch = model.arch
-        chosen = {f.name: getattr(options, f.name) for f in fields(EstimatorOptions)} if options else {}
         return cls(rollouts, arch.block_size, arch.mask_token_id, arch.pad_token_id, gen,
-                   next(model.parameters()).device, arch.logit_shift, arch.attention, **chosen)
+                   next(model.parameters()).device, arch.logit_shift, arch.attention, options or EstimatorOptions())
 
     @property
     def bidirectional(self) -> bool:
@@ -175,7 +174,7 @@ def systematic_draws(probs: torch.Tensor, k: int, offset: float) -> dict[int, fl
 def _step_probs(args: EstimatorArgs, rollout: Rollout, copies: list[Copy]) -> torch.Tensor:
     """p(step) (T,) of ``mc_sampling``: uniform, or entropy-proportional mixed with uniform."""
     uniform = torch.full((len(copies),), 1.0 / len(copies), dtype=torch.float64)
-    if args.mc_sampling == "uniform":
+    if args.options.mc_sampling == "uniform":
         return uniform
     if len(rollout.entropies) < rollout.num_tokens:
         raise ValueError("mc_sampling='entropy' needs the rollouts' per-token entropies (Rollout.entropies): "
@@ -184,7 +183,7 @@ def _step_probs(args: EstimatorArgs, rollout: Rollout, copies: list[Copy]) -> to
                             for c in copies], dtype=torch.float64).clamp_min(0)  # (T,)
     if entropy.sum() <= 0:  # greedy-like rollouts: no entropy anywhere, sample uniformly
         return uniform
-    return (1 - args.mc_floor) * entropy / entropy.sum() + args.mc_floor * uniform
+    return (1 - args.options.mc_floor) * entropy / entropy.sum() + args.options.mc_floor * uniform
 
 
 def _importance_draws(args: EstimatorArgs, full: list[list[Copy]]) -> tuple[list[list[Copy]], list[list[float]]]:
@@ -194,7 +193,7 @@ def _importance_draws(args: EstimatorArgs, full: list[list[Copy]]) -> tuple[list
     for s, (rollout, options) in enumerate(zip(args.rollouts, full)):
         drawn = {}
         if options:
-            k = min(args.mc_steps, len(options))
+            k = min(args.options.mc_steps, len(options))
             drawn = systematic_draws(_step_probs(args, rollout, options), k, (shared + van_der_corput(s)) % 1.0)
         copies.append([options[step] for step in sorted(drawn)])
         weights.append([drawn[step] for step in sorted(drawn)])
@@ -269,20 +268,20 @@ def _trace(args: EstimatorArgs) -> Plan:
 
 
 def _trace_shrink(args: EstimatorArgs) -> Plan:
-    return _plan_copies(args, _trace_copies(args, args.shrink), None, exact=args.shrink == 1)
+    return _plan_copies(args, _trace_copies(args, args.options.shrink), None, exact=args.options.shrink == 1)
 
 
 def _trace_mc(args: EstimatorArgs) -> Plan:
-    if args.mc_sampling not in MC_SAMPLING:
-        raise ValueError(f"unknown mc_sampling {args.mc_sampling!r}; choose from {list(MC_SAMPLING)}")
-    if not 0 < args.mc_floor <= 1:  # a zero floor leaves zero-entropy steps undrawable: biased
-        raise ValueError(f"mc_floor must be in (0, 1], got {args.mc_floor!r}")
+    if args.options.mc_sampling not in MC_SAMPLING:
+        raise ValueError(f"unknown mc_sampling {args.options.mc_sampling!r}; choose from {list(MC_SAMPLING)}")
+    if not 0 < args.options.mc_floor <= 1:  # a zero floor leaves zero-entropy steps undrawable: biased
+        raise ValueError(f"mc_floor must be in (0, 1], got {args.options.mc_floor!r}")
     full = _trace_copies(args, 1)
-    if args.mc_sampling != "stratified":
+    if args.options.mc_sampling != "stratified":
         return _plan_copies(args, *_importance_draws(args, full), exact=True)
     copies, weights = [], []
     for options in full:
-        picked, w = _stratified(options, args.mc_steps, args.gen) if options else ([], [])
+        picked, w = _stratified(options, args.options.mc_steps, args.gen) if options else ([], [])
         copies.append(picked)
         weights.append(w)
     return _plan_copies(args, copies, weights, exact=True)

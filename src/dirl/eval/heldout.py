@@ -1,6 +1,6 @@
 """Held-out evaluation: decode question rows with a backend, score them, summarise. The one eval path.
 
-``dirl eval`` (:mod:`dirl.commands.eval`), the SFT and RL trainers' ``eval_every`` and the demo
+``dirl eval`` (:mod:`dirl.commands.eval`), the SFT and RL trainers' ``eval.every`` and the demo
 all call :func:`evaluate_rows` -- "rollouts through any backend, then rewards" -- so every caller
 reports the same numbers. ``eval`` sits between ``backends`` (it decodes through one) and ``train``
 (the trainers import it).

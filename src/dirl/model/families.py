@@ -41,6 +41,8 @@ class Family:
     model_cls: type                   # nn.Module, __init__(config)
     presets: dict[str, dict[str, Any]]  # "tiny" at least, plus the real shape (e.g. "sdar-8b")
     lora_targets: tuple[str, ...]     # module-name suffixes for PEFT (native names)
+    lora_exclude: str = ""           # a regex of module names a target suffix must not reach (e.g. a head named
+    #                                   like a layer's projection); "" = none
 
 
 def get_family(name: str) -> Family:

@@ -113,8 +113,13 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, base: str) -> nn.Module:
     """Inject LoRA layers into ``model`` in place (the base frozen); ``base`` names the base
     checkpoint (a directory or an ``init:`` spec) for the adapter directory."""
     peft = _peft()
-    exclude = {} if cfg.experts or not any(ROUTED_EXPERT.fullmatch(n) for n, _ in model.named_modules()) \
-        else {"exclude_modules": ROUTED_EXPERT.pattern}
+    from dirl.model.families import get_family
+
+    patterns = [get_family(model.arch.family).lora_exclude]
+    if not cfg.experts and any(ROUTED_EXPERT.fullmatch(n) for n, _ in model.named_modules()):
+        patterns.append(ROUTED_EXPERT.pattern)
+    patterns = [p for p in patterns if p]
+    exclude = {"exclude_modules": "|".join(f"(?:{p})" for p in patterns)} if patterns else {}
     peft_config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                   target_modules=family_targets(model, cfg.target_modules),
                                   base_model_name_or_path=base, task_type="CAUSAL_LM", **exclude)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import typing
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from dirl.errors import NON_NEGATIVE, POSITIVE, SEED, check_fields, one_of
 from dirl.model.lora import LoraConfig
@@ -28,8 +29,25 @@ ATTN_IMPLS = ("auto", "sdpa", "flex")
 
 
 @dataclass
+class HeldOutConfig:
+    """The held-out eval during training: greedy accuracy through the one eval path
+    (:func:`dirl.eval.heldout.evaluate_rows`), logged as ``eval/accuracy`` and ``eval/mean_reward``."""
+
+    every: int = 0                    # steps between evals (the last step too); 0 = off
+    data: str = ""                    # .jsonl / .parquet / dataset dir / task:<name>:<split>; "" = the task's test split
+    limit: int = 64                   # problems evaluated (the first N)
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"every": NON_NEGATIVE, "limit": POSITIVE})
+
+
+@dataclass
 class TrainerConfig:
     """What a training run is, whichever objective trains it."""
+
+    # Keys that a release renamed (old dotted name -> new): old recipes and saved runs still load.
+    moved_keys: ClassVar[dict[str, str]] = {"eval_every": "eval.every", "eval_data": "eval.data",
+                                            "eval_limit": "eval.limit"}
 
     model: str = "init:tiny"          # checkpoint dir, or init:<preset> (random weights, char tokenizer)
     block_size: int | None = None     # train / decode / save with this block size; null = the model's
@@ -48,7 +66,7 @@ class TrainerConfig:
     log_every: int = 10               # steps per console / tracker line
     save_every: int = 100             # 0 = only at the end
     keep_last: int = 3                # checkpoints kept (older ones are deleted)
-    eval_every: int = 0               # 0 = off; else held-out accuracy every N steps
+    eval: HeldOutConfig = field(default_factory=HeldOutConfig)  # held-out accuracy every eval.every steps
     progress: bool = True             # a progress bar (rank 0)
     overwrite: bool = False           # a fresh run may replace a run already in `out`
 
@@ -56,7 +74,7 @@ class TrainerConfig:
         check_fields(self, {
             "block_size": POSITIVE, "max_steps": POSITIVE, "stop_at_step": NON_NEGATIVE,
             "log_every": NON_NEGATIVE, "save_every": NON_NEGATIVE, "keep_last": POSITIVE,
-            "eval_every": NON_NEGATIVE, "attn_impl": one_of(*ATTN_IMPLS), "seed": SEED})
+            "attn_impl": one_of(*ATTN_IMPLS), "seed": SEED})
         if isinstance(self.report_to, str):  # transformers' spelling: "none", "wandb", "all", "a,b"
             self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
         if "all" in self.report_to:

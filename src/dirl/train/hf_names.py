@@ -15,7 +15,7 @@ import functools
 COMMON = {"output_dir": "out", "learning_rate": "optim.lr", "weight_decay": "optim.weight_decay",
           "warmup_steps": "optim.warmup_steps", "max_grad_norm": "optim.grad_clip",
           "gradient_accumulation_steps": "optim.grad_accum", "logging_steps": "log_every",
-          "save_steps": "save_every", "save_total_limit": "keep_last", "eval_steps": "eval_every",
+          "save_steps": "save_every", "save_total_limit": "keep_last", "eval_steps": "eval.every",
           "gradient_checkpointing": "compute.activation_checkpointing", "adam_epsilon": "optim.eps",
           "overwrite_output_dir": "overwrite"}
 COMMON_REFUSED = {"num_train_epochs": "max_steps (dirl counts optimizer steps)",

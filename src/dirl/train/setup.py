@@ -69,7 +69,7 @@ def revalidate(cfg: TrainerConfig) -> None:
 def run_inputs(cfg: TrainerConfig) -> list[str]:
     """The paths a run reads (model, data, held-out data): its ``out`` must not overlap them."""
     data = getattr(cfg, "data", None)
-    sources = [cfg.model, getattr(data, "source", data), getattr(cfg, "eval_data", None)]
+    sources = [cfg.model, getattr(data, "source", data), cfg.eval.data]
     return [str(s) for s in sources if isinstance(s, (str, Path)) and str(s) and Path(str(s)).exists()]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from dirl.algo.advantages import ADVANTAGE_MODES
 from dirl.algo.critic import CRITICS, ValueConfig
@@ -93,18 +94,19 @@ class AlgoConfig(LossConfig, EstimatorOptions):
 @trainer_defaults(out="runs/rl", max_steps=20, log_every=1, save_every=0,
                   optim=OptimConfig(lr=1e-5, schedule="constant", grad_clip=1.0))
 class RLConfig(TrainerConfig):
+    moved_keys: ClassVar[dict[str, str]] = {
+        **TrainerConfig.moved_keys, "rollout.url": "rollout.http.url", "rollout.api_key_env": "rollout.http.api_key_env",
+        "rollout.max_batch_rows": "rollout.native.max_batch_rows", "rollout.compile": "rollout.native.compile"}
+
     block_size_schedule: str = ""     # "0:4,100:8": B 4 from step 0, B 8 from step 100 (before: block_size)
     data: str = "task:arithmetic"     # prompt source: task:<name>[:split], .jsonl, .parquet, datasets dir
     prompt_template: str = ""         # default: the task's template, else dirl_math
     rewards: dict[str, float] = field(default_factory=dict)  # default: the task's reward, else {"math": 1}
-    eval_data: str = ""               # held-out source (eval_every > 0); default: the task's test split
-    eval_limit: int = 64
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_fields(self, {"eval_limit": POSITIVE})
         for name, weight in self.rewards.items():
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 raise FieldError(f"rewards.{name}", f"must be a finite number, got {weight!r}")
@@ -146,7 +148,7 @@ def task_defaults(cfg: RLConfig) -> tuple[str, dict[str, float], str]:
     rewards = dict(cfg.rewards) or ({task.reward: 1.0} if task else {"math": 1.0})
     for name in rewards:
         get_reward(name)
-    eval_data = cfg.eval_data or (f"task:{task.name}:test" if task else "")
+    eval_data = cfg.eval.data or (f"task:{task.name}:test" if task else "")
     return template, rewards, eval_data
 
 

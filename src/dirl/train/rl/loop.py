@@ -131,8 +131,8 @@ def build_run(cfg: RLConfig, resume: str | None = None, inputs: RunInputs | None
             probe_server(cfg.rollout.http)
         template, rewards, eval_data = task_defaults(cfg)
         rows = load_prompt_rows(cfg.data if inputs.train_rows is None else inputs.train_rows, seed=cfg.seed)
-        eval_rows = load_prompt_rows(eval_data, limit=cfg.eval_limit, seed=derived_seed(cfg.seed, "held_out")) if (
-            cfg.eval_every and eval_data) else []
+        eval_rows = load_prompt_rows(eval_data, limit=cfg.eval.limit, seed=derived_seed(cfg.seed, "held_out")) if (
+            cfg.eval.every and eval_data) else []
         return template, rewards, rows, eval_rows
 
     made = setup(cfg, inputs, prepare, backend=cfg.rollout.backend)
@@ -196,7 +196,7 @@ def train_step(run: RLRun, step: int) -> dict:
     metrics["learning_rate"] = run.learner.scheduler.get_last_lr()[0]
     # 5. Held-out eval: rank 0, on the full weights.
     done = step + 1
-    if cfg.eval_every and run.held_out.rows and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+    if cfg.eval.every and run.held_out.rows and (done % cfg.eval.every == 0 or done == cfg.max_steps):
         with dist_lib.full_params(model):
             if dist_lib.is_main():
                 summary, _ = evaluate_rows(dist_lib.unwrap(model), run.collector.tokenizer, run.held_out.rows,

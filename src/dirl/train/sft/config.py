@@ -4,12 +4,14 @@ data, batching and masking settings of the blockwise NELBO (DESIGN §6)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from dirl.algo.nelbo import NOISE_EPS
+from dirl.data import task_of
 from dirl.errors import NON_NEGATIVE, POSITIVE, check_fields, one_of
 from dirl.rollout import SamplingSpec
 from dirl.train import hf_names
-from dirl.train.config import TrainerConfig, trainer_defaults
+from dirl.train.config import HeldOutConfig, TrainerConfig, trainer_defaults
 from dirl.train.hf_names import accept_hf_names
 
 ASSISTANT_TURNS = ("last", "all")
@@ -31,11 +33,13 @@ class SFTDataConfig:
 
 @accept_hf_names(hf_names.SFT, hf_names.SFT_REFUSED)
 @dataclass
-@trainer_defaults(out="runs/sft")
+@trainer_defaults(out="runs/sft", eval=HeldOutConfig(limit=32))
 class SFTConfig(TrainerConfig):
+    moved_keys: ClassVar[dict[str, str]] = {**TrainerConfig.moved_keys, "eval_num": "eval.limit"}
+
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     batch_size: int = 16              # examples per micro-batch, over all ranks (packed: rows of max_length)
-    eval_num: int = 32                # held-out problems of the task's test split (eval_every > 0)
+    # How the held-out eval decodes (RL's decodes as its rollouts do, greedily)
     eval_sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec(max_new_tokens=64, temperature=0.0))
     complementary_masks: bool = False
     pack: bool = False
@@ -43,5 +47,12 @@ class SFTConfig(TrainerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_fields(self, {"batch_size": POSITIVE, "log_every": POSITIVE, "eval_num": POSITIVE,
+        check_fields(self, {"batch_size": POSITIVE, "log_every": POSITIVE,
                             "noise_eps": (lambda v: 0 <= v < 1, "in [0, 1)")})
+
+
+def held_out_source(cfg: SFTConfig) -> str:
+    """Where the held-out eval's problems come from: ``eval.data``, else the task's test split
+    (a non-task training source and no ``eval.data``: "" -- no held-out eval)."""
+    task = task_of(cfg.data.source)
+    return cfg.eval.data or (f"task:{task.name}:test" if task else "")

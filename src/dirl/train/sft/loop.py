@@ -9,7 +9,7 @@ The loop (``train_sft``), in numbered sections:
 3. steps -- ``grad_accum`` micro-batches of :func:`dirl.algo.nelbo.sft_nelbo`,
    one :func:`clip_and_step` (NaN/inf guard: a non-finite gradient skips the
    step and keeps the weights; ``skipped_steps`` counts them);
-4. logging / held-out eval / checkpoints every ``log_every`` / ``eval_every`` /
+4. logging / held-out eval / checkpoints every ``log_every`` / ``eval.every`` /
    ``save_every`` steps;
 5. the end -- a last checkpoint and the HF model directory ``run_dir/final``.
 
@@ -42,7 +42,7 @@ from tqdm import tqdm
 from dirl import config as config_lib
 from dirl.algo.nelbo import NoiseDraw, draw_noise, response_counts, sft_nelbo
 from dirl.data import load_prompt_rows, load_sft_rows, task_of
-from dirl.eval.heldout import EvalSpec, evaluate_rows, held_out_metrics
+from dirl.eval.heldout import DEFAULT_REWARD, EvalSpec, evaluate_rows, held_out_metrics
 from dirl.rollout import check_sampling
 from dirl.runtime import derived_seed
 from dirl.train import dist as dist_lib
@@ -51,7 +51,7 @@ from dirl.train import state as state_lib
 from dirl.train.models import RunInputs, set_block_size
 from dirl.train.optim import build_optimizer, build_scheduler, clip_and_step
 from dirl.train.setup import run_scope, setup
-from dirl.train.sft.config import SFTConfig
+from dirl.train.sft.config import SFTConfig, held_out_source
 from dirl.train.sft.data import SFTBatch, SFTLoader, tokenize_rows
 from dirl.train.plots import plot_run
 from dirl.train.tracking import MetricsLogger, format_metrics
@@ -126,13 +126,14 @@ def train_step(ctx: "SFTRun") -> dict:
 
 
 def held_out_eval(model, tokenizer, cfg: SFTConfig) -> dict:
-    """Greedy accuracy on ``eval_num`` problems of the task's test split (task sources only),
+    """Greedy accuracy on ``eval.limit`` problems of ``eval.data`` (default: the task's test split)
     through the shared eval path; logged as ``eval/accuracy`` and ``eval/mean_reward`` (as in RL)."""
-    task = task_of(cfg.data.source)
-    rows = load_prompt_rows(f"task:{task.name}:test", limit=cfg.eval_num, seed=cfg.seed)
-    # One engine call over every question (batch_size = eval_num), each seeded by its index.
-    spec = EvalSpec(reward=task.reward, prompt_template=cfg.data.prompt_template, batch_size=cfg.eval_num,
-                    sampling=cfg.eval_sampling)
+    source = held_out_source(cfg)
+    task = task_of(source)
+    rows = load_prompt_rows(source, limit=cfg.eval.limit, seed=cfg.seed)
+    # One engine call over every question (batch_size = eval.limit), each seeded by its index.
+    spec = EvalSpec(reward=task.reward if task else DEFAULT_REWARD, prompt_template=cfg.data.prompt_template,
+                    batch_size=cfg.eval.limit, sampling=cfg.eval_sampling)
     summary, _ = evaluate_rows(model, tokenizer, rows, spec)
     return held_out_metrics(summary)
 
@@ -181,7 +182,7 @@ def build_run(cfg: SFTConfig, resume: str | Path | None = None, inputs: RunInput
     device, attn_impl, model, tokenizer = made.device, made.attn_impl, made.model, made.tokenizer
     set_block_size(model, cfg.block_size, cfg.lora)
     context = model.arch.max_position_embeddings
-    if cfg.eval_every:
+    if cfg.eval.every:
         check_sampling(cfg.eval_sampling, model.arch, "eval_sampling", context, longest_prompt=1)
     if cfg.data.max_length > context:  # packing would never fill a row; no example can be that long
         raise config_lib.ConfigError(f"data.max_length={cfg.data.max_length} exceeds the model's context of "
@@ -246,7 +247,7 @@ def _train(run: SFTRun, resumed: bool, callbacks) -> Path:
             # Not at stop_at_step: the open window is saved and continues in the resumed run.
             if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
                 _log(run, logger, bar, window.flush(run.skipped_steps))
-            if cfg.eval_every > 0 and run.step % cfg.eval_every == 0 and task_of(cfg.data.source):
+            if cfg.eval.every > 0 and run.step % cfg.eval.every == 0 and held_out_source(cfg):
                 _log(run, logger, bar, _evaluate(run))
                 run.model.train()
             if cfg.save_every > 0 and run.step % cfg.save_every == 0:
