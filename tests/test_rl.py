@@ -43,7 +43,8 @@ def _weights(run_dir: Path, name: str = "final") -> dict[str, torch.Tensor]:
 def test_cli_three_steps_change_the_policy(tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert cli_main(["rl", "--config", str(REPO / "configs/tiny-rl.yaml"), f"out={out}", "max_steps=3",
-                     "rewards.rl_rewards:digit_fraction=1.0", "--no-progress"]) == 0
+                     "rollout.sampling.max_new_tokens=16", "rewards.rl_rewards:digit_fraction=1.0",
+                     "--no-progress"]) == 0
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]
     for key in ("reward", "reward_std", "rewards/rl_rewards:digit_fraction/mean", "frac_reward_zero_std",
