@@ -2,10 +2,14 @@
 
 There is no exact KV cache under bidirectional attention (every K/V depends on the whole current
 state), so every step recomputes the whole sequence, as the reference samplers do. Rows of
-different prompt lengths share a forward left-padded, with a key-padding mask that stays
-bidirectional (:func:`dirl.model.layout.bidirectional.decode_inputs`): a row decodes the same
-alone or in any batch, up to float rounding (padding changes the kernels' summation order, which
-can flip a near-tie between confidences). The response (``max_new_tokens`` positions, all decoded: the trace states
+different prompt and response lengths share a forward left-padded, with a key-padding mask that
+stays bidirectional (:func:`dirl.model.layout.bidirectional.padded_frame`). The scheduler's loop
+(:mod:`dirl.engine.scheduler`) drives :class:`FullSession`: a row leaves once its whole response is
+committed and a waiting row joins the frame before the next forward (the frame re-pads). A row
+decodes the same alone or in any batch, up to float rounding (padding changes the kernels'
+summation order, which can flip a near-tie between confidences): its random draws come from its own
+generator over its own response, never over the frame. The opt-in approximate cache keeps whole
+chunks instead (:func:`generate_in_chunks`). The response (``max_new_tokens`` positions, all decoded: the trace states
 span the whole sequence) is cut into semi-AR blocks of ``block_length``; each step samples every
 masked position of the row's current block from the policy distribution (temperature, top-k,
 top-p; the log-prob and entropy recorded are under exactly it) and commits some by the rule:
