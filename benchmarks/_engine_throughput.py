@@ -15,10 +15,17 @@ Per engine and ``max_batch_rows`` R it reports:
 * ``calls_vs_ideal``: model calls / (row-forwards / R), where row-forwards is the
   rollouts' summed ``num_forwards`` (the denoising work, the same for every schedule);
 * ``tokens_per_s``: generated tokens per CPU second of this process;
+* ``calls_vs_ideal_floor``: the longest row's forwards / the ideal calls (at least 1): no
+  schedule of these rows does better;
 * ``*_longest_first``: occupancy and calls vs ideal with the rows fed longest first
   (an oracle that knows the lengths): the part of the gap the tail's order causes;
+  ``*_long_prompt_first``: longest prompt first, a rule that knows only the prompts;
 * ``kv_peak_vs_live``: the KV cache's peak bytes over the theoretical cache of the most
   rows live at once (:func:`kv_peak_vs_live`).
+
+A full-attention model (LLaDA, Dream) decodes its whole response whatever it says, so the same
+lengths become forward counts: :func:`eos_tail` makes a random model write left to right with the
+same stop hazard and fill its tail with the stop token, decoded by the ``dynamic`` rule.
 """
 
 from __future__ import annotations

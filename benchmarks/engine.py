@@ -26,7 +26,9 @@ prompts together vs each alone, dynamic decoding on the demo checkpoint).
 Issue 29's lines close the run (:mod:`benchmarks._engine_throughput`): continuous vs
 chunked batching on 64 prompts x 4 with heavy-tailed lengths at ``max_batch_rows`` 16
 and 64 (``batch_occupancy``, ``calls_vs_ideal``, ``tokens_per_s``, both schedules in one
-run), and the RL rollout phase (the demo checkpoint, 16 prompts x 8, 32 rows) under each.
+run), the same for the full-attention decoder (``fullattn_*``: a random tiny LLaDA, the lengths as
+forward counts), an RL-scale line with rows >> batch (``rlscale_*``: 16 prompts x 32 at 96 rows,
+sdar-8b-rl's shape), and the RL rollout phase (the demo checkpoint, 16 prompts x 8, 32 rows) under each.
 
 Prints ``key=value`` lines; the headline is ``engine_speedup_vs_nocache``.
 """

@@ -6,8 +6,10 @@ rows decode at once, and when one finishes (its block holds a stop token, or it
 reached ``max_new_tokens``) the next waiting row takes its place at the next
 forward, its prefill riding along in that forward. The block-causal step itself
 (the ragged forward, sampling, commits, the KV cache) is
-:mod:`dirl.engine.block_session`. :meth:`Engine.decode` runs the same loop on a
-feed that may grow while it runs (``dirl serve``'s batcher).
+:mod:`dirl.engine.block_session`; a full-attention model (LLaDA, Dream) runs the same
+loop over :class:`~dirl.engine.full_attention.FullSession` (its approximate cache keeps
+whole chunks). :meth:`Engine.decode` runs the same loop on a feed that may grow while it
+runs (``dirl serve``'s batcher).
 
 ``max_batch_tokens`` bounds the KV cache: live rows x slots per row (prompt +
 ``max_new_tokens`` + two blocks) stays within it. ``batching="chunked"`` is the
