@@ -76,8 +76,10 @@ def eos_tail(model, stop_id: int, alpha: float = ALPHA, offset: float = OFFSET, 
     ``dynamic`` rule. The patched model is sure of one token at each row's leftmost masked position
     (the frontier): the stop token with the hazard ``alpha / (p + offset)`` of :func:`heavy_tailed`,
     else a content token; past a committed stop token it is sure of the stop token (a trained LLaDA or
-    Dream fills its tail with EOS). At threshold 0.9 a row then commits its answer one token per
-    forward, then the rest of the block and each later block in one forward. Returns the call counter."""
+    Dream fills its tail with EOS); elsewhere it is uniform. At threshold 0.9 a row then commits its
+    answer one token per forward, then the rest of the block and each later block in one forward: the
+    block workload's lengths, if the vocabulary is large enough that 1 / V stays below the hazard at
+    the cap (V = 512 at cap 256). Returns the call counter."""
     inner, mask_id, shift, rows = model.forward, model.arch.mask_token_id, model.arch.logit_shift, []
 
     def forward(input_ids, position_ids, meta, *args, readout=None, **kwargs):
@@ -92,6 +94,7 @@ def eos_tail(model, stop_id: int, alpha: float = ALPHA, offset: float = OFFSET, 
         pos = position_ids.reshape(-1)[at]
         hazard = (alpha / (pos.to(logits.dtype) + offset)).clamp(max=0.5)
         content = 4 + pos % (logits.shape[-1] - 6)  # a token that is neither special, stop nor [MASK]
+        logits[~front & ~stop] = 0.0  # unsure elsewhere (1 / V): a sampled stop at the frontier is the most confident
         front = front.nonzero().squeeze(-1)
         logits[front, content[front]] = sure
         logits[front, stop_id] = sure + torch.log(hazard / (1 - hazard))[front]

@@ -186,7 +186,7 @@ def run_scale_benchmark(args) -> dict[str, float | int | str]:
     return out
 
 
-def fullattn_model(seed: int, vocab: int = 128):
+def fullattn_model(seed: int, vocab: int = 512):
     """A random ``tiny`` LLaDA (2 layers, d 64) over ``vocab`` ids: [MASK] last, EOS 1, padding 0."""
     from dirl.model.families import get_family
 
