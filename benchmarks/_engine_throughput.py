@@ -15,10 +15,17 @@ Per engine and ``max_batch_rows`` R it reports:
 * ``calls_vs_ideal``: model calls / (row-forwards / R), where row-forwards is the
   rollouts' summed ``num_forwards`` (the denoising work, the same for every schedule);
 * ``tokens_per_s``: generated tokens per CPU second of this process;
+* ``calls_vs_ideal_floor``: the longest row's forwards / the ideal calls (at least 1): no
+  schedule of these rows does better;
 * ``*_longest_first``: occupancy and calls vs ideal with the rows fed longest first
   (an oracle that knows the lengths): the part of the gap the tail's order causes;
+  ``*_long_prompt_first``: longest prompt first, a rule that knows only the prompts;
 * ``kv_peak_vs_live``: the KV cache's peak bytes over the theoretical cache of the most
   rows live at once (:func:`kv_peak_vs_live`).
+
+A full-attention model (LLaDA, Dream) decodes its whole response whatever it says, so the same
+lengths become forward counts: :func:`eos_tail` makes a random model write left to right with the
+same stop hazard and fill its tail with the stop token, decoded by the ``dynamic`` rule.
 """
 
 from __future__ import annotations
@@ -62,6 +69,42 @@ def heavy_tailed(model, stop_id: int, alpha: float = ALPHA, offset: float = OFFS
     return rows
 
 
+def eos_tail(model, stop_id: int, alpha: float = ALPHA, offset: float = OFFSET, sure: float = 30.0) -> list[int]:
+    """Patch a full-attention model's forward into the same heavy-tailed writer, left to right.
+
+    A full-attention row decodes its whole response, so what varies is its forward count under the
+    ``dynamic`` rule. The patched model is sure of one token at each row's leftmost masked position
+    (the frontier): the stop token with the hazard ``alpha / (p + offset)`` of :func:`heavy_tailed`,
+    else a content token; past a committed stop token it is sure of the stop token (a trained LLaDA or
+    Dream fills its tail with EOS); elsewhere it is uniform. At threshold 0.9 a row then commits its
+    answer one token per forward, then the rest of the block and each later block in one forward: the
+    block workload's lengths, if the vocabulary is large enough that 1 / V stays below the hazard at
+    the cap (V = 512 at cap 256). Returns the call counter."""
+    inner, mask_id, shift, rows = model.forward, model.arch.mask_token_id, model.arch.logit_shift, []
+
+    def forward(input_ids, position_ids, meta, *args, readout=None, **kwargs):
+        rows.append(input_ids.shape[0])
+        out = inner(input_ids, position_ids, meta, *args, readout=readout, **kwargs)
+        logits, width = out.logits.reshape(-1, out.logits.shape[-1]), input_ids.shape[1]  # (N, V)
+        at = readout.index + shift  # (N,) the scored tokens' flat columns
+        row, col = at // width, at % width
+        cols = torch.arange(width, device=input_ids.device)
+        first = lambda hit: torch.where(hit, cols, width).min(-1).values  # noqa: E731  (R,) first hit's column
+        front, stop = (col == first(input_ids == mask_id)[row]), col > first(input_ids == stop_id)[row]
+        pos = position_ids.reshape(-1)[at]
+        hazard = (alpha / (pos.to(logits.dtype) + offset)).clamp(max=0.5)
+        content = 4 + pos % (logits.shape[-1] - 6)  # a token that is neither special, stop nor [MASK]
+        logits[~front & ~stop] = 0.0  # unsure elsewhere (1 / V): a sampled stop at the frontier is the most confident
+        front = front.nonzero().squeeze(-1)
+        logits[front, content[front]] = sure
+        logits[front, stop_id] = sure + torch.log(hazard / (1 - hazard))[front]
+        logits[stop.nonzero().squeeze(-1), stop_id] = 2 * sure
+        return out
+
+    model.forward = forward
+    return rows
+
+
 def workload(vocab: int, prompts: int, seed: int) -> list[list[int]]:
     """Prompt lengths uniform in [8, 24], ids below ``vocab`` (skipping the first 4 special ids)."""
     gen = torch.Generator().manual_seed(seed)
@@ -89,8 +132,8 @@ def measure(model, calls: list[int], prompts, params: SamplingParams, rows: int,
             "calls_vs_ideal": round(len(calls) / (row_forwards / rows), 3),
             "model_calls": len(calls), "row_forwards": row_forwards,
             "tokens_per_s": round(sum(r.num_tokens for r in rollouts) / seconds, 1),
-            "tokens": sum(r.num_tokens for r in rollouts), "_rollouts": rollouts,
-            "kv_peak_vs_live": round(kv_peak_vs_live(model, caches, max(calls), prompts, params), 3)}
+            "tokens": sum(r.num_tokens for r in rollouts), "_rollouts": rollouts} | \
+        ({"kv_peak_vs_live": round(kv_peak_vs_live(model, caches, max(calls), prompts, params), 3)} if caches else {})
 
 
 @contextlib.contextmanager
@@ -116,16 +159,14 @@ def kv_peak_vs_live(model, caches, live_rows: int, prompts, params: SamplingPara
     return peak / (live_rows * slots * per_slot)
 
 
-def longest_first(model, calls: list[int], prompts, params: SamplingParams, rows: int,
-                  forwards: list[int], reference: list) -> dict[str, float | bool]:
-    """An oracle bound: the same rows fed longest first (their forward counts known from a
-    previous run). Rollouts do not depend on the order, so this is the schedule's best case
-    with lengths known in advance -- what the FIFO feed loses to the tail."""
+def reordered(model, calls: list[int], prompts, params: SamplingParams, rows: int, order, forwards: list[int],
+              reference: list) -> dict[str, float | bool]:
+    """The same rows fed in another order (``order(row) -> sort key``, a stable sort). Rollouts do
+    not depend on the order (checked), so only the schedule changes."""
     from dirl.engine.scheduler import ListFeed  # here: the harness also measures engines without it
 
     engine = Engine(model, max_batch_rows=rows)
-    ordered = sorted(engine.rows(prompts, prompt_seeds(params.seed, len(prompts)), params),
-                     key=lambda row: -forwards[row.owner])
+    ordered = sorted(engine.rows(prompts, prompt_seeds(params.seed, len(prompts)), params), key=order)
     calls.clear()
     feed = ListFeed(ordered)
     engine.decode(feed, params)
@@ -134,16 +175,36 @@ def longest_first(model, calls: list[int], prompts, params: SamplingParams, rows
             "calls_vs_ideal": round(len(calls) / (sum(forwards) / rows), 3)}
 
 
+def orders(forwards: list[int]) -> dict[str, object]:
+    """Feed orders beside FIFO: ``longest_first``, an oracle that knows each row's forward count (from
+    a previous run): what FIFO loses to the tail; ``long_prompt_first``, a rule that knows only the
+    prompts (longest prompt first, FIFO among equals)."""
+    return {"longest_first": lambda row: -forwards[row.owner], "long_prompt_first": lambda row: -len(row.prompt)}
+
+
+def _params(model, n: int, max_new_tokens: int, seed: int) -> tuple[list[int], SamplingParams]:
+    """The wrapped model's call counter and the workload's sampling: one token per forward until the
+    stop (block-causal: ``sequential``; full attention: ``dynamic`` at 0.9, blocks of 32, see :func:`eos_tail`)."""
+    arch = model.arch
+    stop = [arch.eos_token_id]
+    if arch.attention == "bidirectional":
+        return eos_tail(model, arch.eos_token_id), SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=1.0, unmasking="dynamic", threshold=0.9, block_length=32,
+            n=n, seed=seed, stop_ids=stop)
+    return heavy_tailed(model, arch.eos_token_id), SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=1.0, unmasking="sequential", n=n, seed=seed, stop_ids=stop)
+
+
 def run(model, modes: dict[str, dict], rows_list=(16, 64), prompts: int = 64, n: int = 4,
-        max_new_tokens: int = 256, seed: int = 0, clock=cpu_clock) -> dict[str, float | int | str]:
-    """Every mode (name -> Engine options) at every R, on one heavy-tailed workload."""
+        max_new_tokens: int = 256, seed: int = 0, clock=cpu_clock, prefix: str = "",
+        reorder: bool = True) -> dict[str, float | int | str]:
+    """Every mode (name -> Engine options) at every R, on one heavy-tailed workload; keys get ``prefix``.
+    ``reorder``: also the :func:`orders` lines at every R (with a ``continuous`` mode)."""
     arch = model.arch  # prompt ids: past the char tokenizer's specials, below SDAR's (mask 151669)
-    calls = heavy_tailed(model, arch.eos_token_id)
+    calls, params = _params(model, n, max_new_tokens, seed)
     prompt_ids = workload(arch.mask_token_id if arch.mask_token_id > 4 else arch.vocab_size, prompts, seed)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, unmasking="sequential", n=n, seed=seed,
-                            stop_ids=[arch.eos_token_id])
-    out: dict[str, float | int | str] = {"throughput_workload": f"{prompts}x{n} heavy-tailed (Pareto 1.2), "
-                                                                f"cap {max_new_tokens}"}
+    out: dict[str, float | int | str] = {f"{prefix}throughput_workload": f"{prompts}x{n} heavy-tailed (Pareto 1.2), "
+                                                                         f"cap {max_new_tokens}"}
     reference, forwards = None, None
     for rows in rows_list:
         for name, options in modes.items():
@@ -151,15 +212,16 @@ def run(model, modes: dict[str, dict], rows_list=(16, 64), prompts: int = 64, n:
             rollouts = line.pop("_rollouts")
             got = [(r.token_ids, r.steps) for r in rollouts]
             reference, forwards = reference or got, forwards or [r.num_forwards for r in rollouts]
-            out[f"throughput_identical_{name}_r{rows}"] = got == reference
+            out[f"{prefix}throughput_identical_{name}_r{rows}"] = got == reference
             for key, value in line.items():
-                out[f"{key}_{name}_r{rows}"] = value
-        if "continuous" in modes:
-            for key, value in longest_first(model, calls, prompt_ids, params, rows, forwards, reference).items():
-                out[("throughput_" if key == "identical" else "") + f"{key}_longest_first_r{rows}"] = value
-    lengths = sorted(len(r) for r, _ in reference)
-    out["throughput_gen_tokens_p50_p90_max"] = f"{lengths[len(lengths) // 2]}/{lengths[int(len(lengths) * .9)]}/" \
-                                               f"{lengths[-1]}"
+                out[f"{prefix}{key}_{name}_r{rows}"] = value
+        for order_name, order in (orders(forwards).items() if reorder and "continuous" in modes else ()):
+            for key, value in reordered(model, calls, prompt_ids, params, rows, order, forwards, reference).items():
+                out[f"{prefix}" + ("throughput_" if key == "identical" else "") + f"{key}_{order_name}_r{rows}"] = value
+    lengths = sorted(len(r) for r, _ in reference) if arch.attention != "bidirectional" else \
+        sorted(next((i + 1 for i, t in enumerate(r) if t in params.stop_ids), len(r)) for r, _ in reference)
+    out[f"{prefix}throughput_gen_tokens_p50_p90_max"] = f"{lengths[len(lengths) // 2]}/" \
+                                                        f"{lengths[int(len(lengths) * .9)]}/{lengths[-1]}"
     del model.forward
     return out
 

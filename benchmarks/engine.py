@@ -26,7 +26,9 @@ prompts together vs each alone, dynamic decoding on the demo checkpoint).
 Issue 29's lines close the run (:mod:`benchmarks._engine_throughput`): continuous vs
 chunked batching on 64 prompts x 4 with heavy-tailed lengths at ``max_batch_rows`` 16
 and 64 (``batch_occupancy``, ``calls_vs_ideal``, ``tokens_per_s``, both schedules in one
-run), and the RL rollout phase (the demo checkpoint, 16 prompts x 8, 32 rows) under each.
+run), the same for the full-attention decoder (``fullattn_*``: a random tiny LLaDA, the lengths as
+forward counts), an RL-scale line with rows >> batch (``rlscale_*``: 16 prompts x 32 at 96 rows,
+sdar-8b-rl's shape), and the RL rollout phase (the demo checkpoint, 16 prompts x 8, 32 rows) under each.
 
 Prints ``key=value`` lines; the headline is ``engine_speedup_vs_nocache``.
 """
@@ -184,6 +186,18 @@ def run_scale_benchmark(args) -> dict[str, float | int | str]:
     return out
 
 
+def fullattn_model(seed: int, vocab: int = 512):
+    """A random ``tiny`` LLaDA (2 layers, d 64) over ``vocab`` ids: [MASK] last, EOS 1, padding 0."""
+    from dirl.model.families import get_family
+
+    fam = get_family("llada")
+    cfg = fam.config_cls(**{**fam.presets["tiny"], "vocab_size": vocab, "embedding_size": vocab,
+                            "mask_token_id": vocab - 1, "eos_token_id": 1, "pad_token_id": 0})
+    model = fam.model_cls(cfg)
+    model.init_weights(seed)
+    return model.eval()
+
+
 def run_throughput_benchmark(args) -> dict[str, float | int | str]:
     """Issue 29's lines: continuous vs chunked batching on a heavy-tailed workload, and the RL
     rollout phase (the demo checkpoint, 16 prompts x 8, 32 rows) under each schedule."""
@@ -199,8 +213,15 @@ def run_throughput_benchmark(args) -> dict[str, float | int | str]:
     deep = init_model(InitConfig(preset="tiny", block_size=args.block_size, seed=args.seed,
                                  model={"num_hidden_layers": 8}), char_tokenizer()).eval()
     line = throughput.run(deep, {"continuous": {}}, rows[:1], args.throughput_prompts, args.throughput_n,
-                          args.throughput_cap, args.seed)
+                          args.throughput_cap, args.seed, reorder=False)
     out[f"kv_peak_vs_live_8_layers_r{rows[0]}"] = line[f"kv_peak_vs_live_continuous_r{rows[0]}"]
+    # The full-attention decoder (a tiny random LLaDA) on the same lengths: forwards over whole sequences.
+    out.update(throughput.run(fullattn_model(args.seed), modes, rows, args.throughput_prompts, args.throughput_n,
+                              args.throughput_cap, args.seed, prefix="fullattn_"))
+    # RL scale: rows >> batch (sdar-8b-rl: 16 prompts x 32 samples, 96 rows).
+    scale_rows = (args.scale_rows,)
+    out.update(throughput.run(model, modes, scale_rows, args.scale_prompts, args.scale_n, args.throughput_cap,
+                              args.seed, prefix="rlscale_"))
     demo, tokenizer = load_pretrained(str(DEMO_CHECKPOINT))
     rl = DemoConfig().rl.rollout
     prompts = demo_prompts(tokenizer, rl.num_prompts)
@@ -243,6 +264,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--throughput-n", type=int, default=4)
     parser.add_argument("--throughput-rows", default="16,64", help="max_batch_rows values, comma-separated")
     parser.add_argument("--throughput-cap", type=int, default=256, help="max_new_tokens of the throughput workload")
+    parser.add_argument("--scale-prompts", type=int, default=16, help="RL-scale line: prompts (sdar-8b-rl's 16)")
+    parser.add_argument("--scale-n", type=int, default=32, help="RL-scale line: samples per prompt")
+    parser.add_argument("--scale-rows", type=int, default=96, help="RL-scale line: max_batch_rows")
     parser.add_argument("--rl-rows", type=int, default=32, help="max_batch_rows of the RL rollout-phase line")
     parser.add_argument("--skip-throughput", action="store_true", help="without issue 29's lines")
     parser.add_argument("--only-throughput", action="store_true", help="only issue 29's lines")
@@ -253,6 +277,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.long_batch, args.long_tokens, args.long_window, args.ar_tokens = 2, 64, 16, 8
         args.ar_prompts, args.repeats, args.no_compile = 2, 1, True
         args.throughput_prompts, args.throughput_rows, args.throughput_cap = 8, "4,8", 32
+        args.scale_prompts, args.scale_n, args.scale_rows = 4, 8, 6
     return args
 
 
@@ -274,7 +299,7 @@ def main(argv=None) -> int:
         results.update(run_throughput_benchmark(args))
     for key, value in results.items():
         print(f"{key}={value}")
-    identical = all(v for k, v in results.items() if k == "outputs_identical" or k.startswith("throughput_identical"))
+    identical = all(v for k, v in results.items() if k == "outputs_identical" or "throughput_identical" in k)
     return 0 if identical else 1
 
 

@@ -43,8 +43,7 @@ def make_model(family: str, vocab: int = 128):
 
 def drift(model, prompts, params) -> tuple[float, float]:
     """Max and mean |cached - recomputed| candidate logits over a whole decode."""
-    rows = full_attention._Rows(model, [list(p) for p in prompts], list(range(len(prompts))), params,
-                                params.block_length)
+    rows = full_attention._Rows(model, [list(p) for p in prompts], list(range(len(prompts))), params)
     worst, total, count = 0.0, 0.0, 0
     with torch.no_grad():
         while rows.rows:

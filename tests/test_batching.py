@@ -3,11 +3,15 @@ and ``dirl serve``'s batcher feeding new requests into the running loop."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 
 from dirl.engine.engine import Engine
 from dirl.engine.kv_cache import KVCache
 from dirl.rollout import SamplingParams
+from dirl.runtime import row_seed
 from dirl.serve import ServeConfig
 from dirl.serve.batcher import Batcher
 from dirl.serve.weights import live_tensors
@@ -180,3 +184,85 @@ def test_an_update_is_a_barrier_for_the_running_loop(tiny_model):
         batcher.close()
     assert (before.weight_version, after.weight_version) == (0, 1)
     assert batcher.stats["engine_calls"] == 2
+
+
+# -- the full-attention decoder (LLaDA, Dream): the same loop over a left-padded frame -------------------
+
+
+def _full_attention_case(family: str, rule: str = "dynamic"):
+    from tests.fullattn_models import tiny_model as fullattn_model
+    model = fullattn_model(family, seed=5)
+    prompts = _prompts((5, 2, 9, 3, 12, 6, 4), seed=1)
+    prompts = [[t % 46 + 2 for t in p] for p in prompts]  # below the tiny vocabulary's [MASK] (47)
+    params = SamplingParams(max_new_tokens=12, block_length=4, temperature=0.9, top_k=20, unmasking=rule,
+                            steps_per_block=4, threshold=0.25, alg_temp=0.5 if rule == "maskgit_plus" else 0.0,
+                            seed=3, n=2)
+    return model, prompts, params
+
+
+def _assert_same(got, reference, options):
+    assert _key(got) == _key(reference), options
+    for x, y in zip(got, reference):
+        torch.testing.assert_close(torch.tensor(x.logps), torch.tensor(y.logps), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family,rule", [("llada", "dynamic"), ("dream", "dynamic"), ("dream", "maskgit_plus")])
+def test_full_attention_rollouts_do_not_depend_on_batch_rows(family, rule):
+    """Same prompts and seeds: identical tokens, step ids, log-probs at 1, 3 and 16 rows and chunked,
+    while rows of 2-12 prompt tokens and different forward counts join and leave the padded frame."""
+    model, prompts, params = _full_attention_case(family, rule)
+    rows = _row_counts(model)
+    reference = Engine(model, max_batch_rows=16).generate(prompts, params)
+    if rule == "dynamic":
+        assert len({r.num_forwards for r in reference}) > 2  # rows leave at different forwards
+    for options in ({"max_batch_rows": 3, "batching": "chunked"}, {"max_batch_rows": 1}, {"max_batch_rows": 3}):
+        rows.clear()
+        _assert_same(Engine(model, **options).generate(prompts, params), reference, options)
+    assert max(rows) == 3 and sum(rows) == sum(r.num_forwards for r in reference)  # no idle row in any call
+
+
+def test_full_attention_finished_rows_are_replaced_at_the_next_forward():
+    """3 rows for 14: every call runs 3 rows until nothing waits, then the batch only drains;
+    fewer calls than the chunked schedule; a frame that re-pads as longer rows join."""
+    model, prompts, params = _full_attention_case("llada")
+    rows, widths = _row_counts(model), []
+    model.register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[1]))
+    Engine(model, max_batch_rows=3).generate(prompts, params)
+    continuous = list(rows)
+    first_short = next(i for i, n in enumerate(continuous) if n < 3)
+    assert set(continuous[:first_short]) == {3} and continuous[first_short:] == sorted(continuous[first_short:],
+                                                                                        reverse=True)
+    assert len(set(widths)) > 2  # the frame widens and narrows as rows join and leave
+    rows.clear()
+    Engine(model, max_batch_rows=3, batching="chunked").generate(prompts, params)
+    assert len(continuous) < len(rows)
+
+
+def test_full_attention_rows_of_different_lengths_share_forwards():
+    """A feed whose rows want 4, 8 and 12 tokens: one loop, each row as decoded alone."""
+    from dirl.engine.scheduler import ListFeed, RowRequest
+    model, prompts, params = _full_attention_case("dream")
+    lengths = (4, 12, 8, 4, 12)
+    feed = ListFeed([RowRequest(p, row_seed(7 + i, 0), i, 0, owner=i, max_new_tokens=n) for i, (p, n) in
+                     enumerate(zip(prompts, lengths))])
+    rows = _row_counts(model)
+    Engine(model, max_batch_rows=3).decode(feed, params)
+    assert max(rows) == 3 and [len(r.token_ids) for r in feed.results] == list(lengths)
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        alone = Engine(model).generate([p], dataclasses.replace(params, max_new_tokens=n, n=1), seeds=[7 + i])[0]
+        alone.prompt_index = i
+        _assert_same([feed.results[i]], [alone], i)
+
+
+def test_full_attention_approximate_cache_keeps_whole_chunks():
+    """cache: prefix shares its recording forwards across the batch, so it does not batch
+    continuously: rows join only when the chunk is done (the row count never grows mid-chunk)."""
+    model, prompts, params = _full_attention_case("llada")
+    params = dataclasses.replace(params, cache="prefix")
+    rows = _row_counts(model)
+    got = Engine(model, max_batch_rows=4).generate(prompts, params)
+    assert all(r is not None and len(r.token_ids) == 12 for r in got)
+    forwards = [r.num_forwards for r in got]
+    chunks = [forwards[i: i + 4] for i in range(0, 14, 4)]  # 14 rows: 4 + 4 + 4 + 2
+    assert sum(rows) == sum(forwards) and len(rows) == sum(max(c) for c in chunks)  # each drains alone
+    assert any(min(c) < max(c) for c in chunks)  # (and some chunk does drain: rows could have joined)

@@ -41,6 +41,9 @@ def test_engine_quick_runs(capsys):
                 "batch_occupancy_continuous_r4", "calls_vs_ideal_chunked_r8", "rl_rollout_s_continuous"):
         assert float(lines[key]) > 0, key
     assert lines["throughput_identical_chunked_r8"] == lines["throughput_identical_longest_first_r4"] == "True"
+    assert lines["fullattn_throughput_identical_chunked_r8"] == lines["rlscale_throughput_identical_chunked_r6"] \
+        == "True"
+    assert float(lines["fullattn_batch_occupancy_continuous_r4"]) > float(lines["fullattn_batch_occupancy_chunked_r4"])
 
 
 def _estimator_accs(out: str) -> dict[str, float]:

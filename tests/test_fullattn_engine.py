@@ -148,7 +148,7 @@ def test_approximate_cache_is_exact_until_the_state_changes(family, mode):
     for e, a in zip(exact, approx):
         assert [t for t, s in zip(e.token_ids, e.steps) if s == 0] == [t for t, s in zip(a.token_ids, a.steps) if s == 0]
         assert MASK_ID not in a.token_ids and a.num_forwards == e.num_forwards
-    rows = full_attention._Rows(model, [list(p) for p in PROMPTS], [0, 1, 2], params, 4)
+    rows = full_attention._Rows(model, [list(p) for p in PROMPTS], [0, 1, 2], params)
     cand = rows.masked & rows.in_block()
     drift = []
     with torch.no_grad():

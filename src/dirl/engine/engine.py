@@ -6,8 +6,10 @@ rows decode at once, and when one finishes (its block holds a stop token, or it
 reached ``max_new_tokens``) the next waiting row takes its place at the next
 forward, its prefill riding along in that forward. The block-causal step itself
 (the ragged forward, sampling, commits, the KV cache) is
-:mod:`dirl.engine.block_session`. :meth:`Engine.decode` runs the same loop on a
-feed that may grow while it runs (``dirl serve``'s batcher).
+:mod:`dirl.engine.block_session`; a full-attention model (LLaDA, Dream) runs the same
+loop over :class:`~dirl.engine.full_attention.FullSession` (its approximate cache keeps
+whole chunks). :meth:`Engine.decode` runs the same loop on a feed that may grow while it
+runs (``dirl serve``'s batcher).
 
 ``max_batch_tokens`` bounds the KV cache: live rows x slots per row (prompt +
 ``max_new_tokens`` + two blocks) stays within it. ``batching="chunked"`` is the
@@ -21,12 +23,12 @@ from collections.abc import Callable
 
 import torch
 
-from dirl.engine import scheduler
+from dirl.engine import full_attention, scheduler
 from dirl.engine.block_session import BlockSession
 from dirl.engine.scheduler import Feed, ListFeed, RowRequest
 from dirl.model.forward import Readout
 from dirl.model.layout import get_layout
-from dirl.rollout import Rollout, SamplingParams
+from dirl.rollout import Rollout, SamplingParams, check_for_model
 from dirl.runtime import prompt_seeds, row_seed
 
 __all__ = ["Engine"]
@@ -122,14 +124,14 @@ class Engine:
         is asked before every denoising step: once it is true, prompt i's rows leave
         the batch (no further forward for them) and their rollouts are ``None``.
         """
-        if self.model.arch.attention == "bidirectional":
-            from dirl.engine import full_attention  # full attention: its own exact decoder, no KV cache
-            return full_attention.generate(self.model, prompts, params, seeds, is_cancelled, self.max_batch_rows)
-        params.validate(self.block_size)
+        check_for_model(params, self.model.arch)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         seeds = prompt_seeds(params.seed, len(prompts)) if seeds is None else list(seeds)
-        feed = ListFeed(self.rows(prompts, seeds, params), is_cancelled)
+        rows = self.rows(prompts, seeds, params)
+        if self._in_chunks(params):
+            return full_attention.generate_in_chunks(self.model, rows, params, is_cancelled, self.max_batch_rows)
+        feed = ListFeed(rows, is_cancelled)
         self.decode(feed, params)
         return feed.results  # type: ignore[return-value]
 
@@ -137,15 +139,21 @@ class Engine:
     def decode(self, feed: Feed, params: SamplingParams) -> None:
         """Decode the feed's rows until it is exhausted: ``params``' sampling rule for all of them,
         each row's own ``max_new_tokens`` and stop ids (:meth:`rows`)."""
-        if self.model.arch.attention == "bidirectional":
-            from dirl.engine import full_attention  # full attention: its own exact decoder, no KV cache
-            return full_attention.decode(self.model, feed, params, self.max_batch_rows)
-        params.validate(self.block_size)
+        check_for_model(params, self.model.arch)
+        if self._in_chunks(params):
+            return full_attention.decode_in_chunks(self.model, feed, params, self.max_batch_rows)
         scheduler.run(self.session(params), feed, self.max_batch_rows, self.max_batch_tokens, self.batching,
                       params.n)
 
+    def _in_chunks(self, params: SamplingParams) -> bool:
+        """Full attention with the approximate cache: it does not batch continuously (its recording
+        forwards are shared by the batch), so it keeps whole chunks (:func:`full_attention.generate_in_chunks`)."""
+        return self.model.arch.attention == "bidirectional" and params.cache != "none"
+
     def session(self, params: SamplingParams) -> scheduler.Session:
-        """The decoder state the scheduler drives (the seam for other decoders): the block-causal
-        step here; a full-attention decoder returns its own :class:`~dirl.engine.scheduler.Session`
-        and reuses the loop, the feeds and the serving batcher unchanged."""
+        """The decoder state the scheduler drives: the block-causal step, or the full-attention
+        decoder's (:class:`~dirl.engine.full_attention.FullSession`); both reuse the loop, the
+        feeds and the serving batcher unchanged."""
+        if self.model.arch.attention == "bidirectional":
+            return full_attention.FullSession(self.model, params)
         return BlockSession(self, params)

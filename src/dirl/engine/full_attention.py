@@ -2,10 +2,14 @@
 
 There is no exact KV cache under bidirectional attention (every K/V depends on the whole current
 state), so every step recomputes the whole sequence, as the reference samplers do. Rows of
-different prompt lengths share a forward left-padded, with a key-padding mask that stays
-bidirectional (:func:`dirl.model.layout.bidirectional.decode_inputs`): a row decodes the same
-alone or in any batch, up to float rounding (padding changes the kernels' summation order, which
-can flip a near-tie between confidences). The response (``max_new_tokens`` positions, all decoded: the trace states
+different prompt and response lengths share a forward left-padded, with a key-padding mask that
+stays bidirectional (:func:`dirl.model.layout.bidirectional.padded_frame`). The scheduler's loop
+(:mod:`dirl.engine.scheduler`) drives :class:`FullSession`: a row leaves once its whole response is
+committed and a waiting row joins the frame before the next forward (the frame re-pads). A row
+decodes the same alone or in any batch, up to float rounding (padding changes the kernels'
+summation order, which can flip a near-tie between confidences): its random draws come from its own
+generator over its own response, never over the frame. The opt-in approximate cache keeps whole
+chunks instead (:func:`generate_in_chunks`). The response (``max_new_tokens`` positions, all decoded: the trace states
 span the whole sequence) is cut into semi-AR blocks of ``block_length``; each step samples every
 masked position of the row's current block from the policy distribution (temperature, top-k,
 top-p; the log-prob and entropy recorded are under exactly it) and commits some by the rule:
@@ -39,11 +43,10 @@ from dirl.engine.full_attention_cache import WindowCache, window_slots
 from dirl.engine.scheduler import RowRequest
 from dirl.engine.unmask import sample_from_logprobs
 from dirl.model.layout import readout_rows
-from dirl.model.layout.bidirectional import decode_inputs
+from dirl.model.layout.bidirectional import left_padded, padded_frame
 from dirl.model.policy import policy_logprobs
 from dirl.model.forward import Readout
-from dirl.rollout import FULL_ATTENTION_RULES, Rollout, SamplingParams, check_for_model
-from dirl.runtime import prompt_seeds, row_seed
+from dirl.rollout import FULL_ATTENTION_RULES, Rollout, SamplingParams
 
 LINEAR_RULES = ("low_confidence", "random")
 DREAM_RULES = ("maskgit_plus", "topk_margin", "entropy")
@@ -51,45 +54,96 @@ RULES = FULL_ATTENTION_RULES  # LINEAR_RULES + DREAM_RULES + origin, and dirl's 
 
 
 class _Rows:
-    """Decoding state of the active rows: tensors (R, G) over the response, or (R,)."""
+    """Decoding state of the live rows in one left-padded frame: tensors (R, W) over the whole
+    sequence (padding, prompt, response; every row ends at column W), or per row (R,) / (R, S).
 
-    def __init__(self, model, prompts, seeds, params, block_length):
+    Row r's response is its last ``size[r]`` columns, cut into blocks of ``block_length[r]``;
+    ``rows`` holds each row's handle (its index in the constructor's order by default). Rows of
+    different lengths and response lengths share the frame; :meth:`extend` and :meth:`keep`
+    re-pad it as rows join and leave, which shifts a row's columns but not its state."""
+
+    WIDE = ("tokens", "masked", "step_ids", "logps", "entropies")  # (R, W)
+    PER_ROW = ("pads", "size", "block_length", "forwards", "block", "step_in_block", "counts")
+    FILL = {"tokens": None, "masked": False, "step_ids": 0, "logps": 0.0, "entropies": 0.0}
+
+    def __init__(self, model, prompts, seeds, params, sizes=None, handles=None):
         arch = model.arch
         device = next(model.parameters()).device
-        size = params.max_new_tokens
-        self.rows, self.prompts = list(range(len(prompts))), prompts
+        sizes = [params.max_new_tokens] * len(prompts) if sizes is None else list(sizes)
+        self.pad_id = arch.pad_token_id
+        self.rows = list(range(len(prompts))) if handles is None else list(handles)
+        self.prompts = [list(p) for p in prompts]
         self.gens = [torch.Generator().manual_seed(s) for s in seeds]
-        self.ids, self.pos, self.meta = decode_inputs([p + [arch.mask_token_id] * size for p in prompts],
-                                                      arch.pad_token_id, device)
-        self.tokens = self.ids[:, -size:].clone()  # (R, G)
-        self.masked = torch.ones_like(self.tokens, dtype=torch.bool)
+        self.tokens, _, _ = left_padded([p + [arch.mask_token_id] * g for p, g in zip(self.prompts, sizes)],
+                                        arch.pad_token_id, device)  # (R, W)
+        width = self.tokens.shape[1]
+        make = {"dtype": torch.long, "device": device}
+        self.size = torch.tensor(sizes, **make)  # (R,)
+        self.pads = width - self.size - torch.tensor([len(p) for p in self.prompts], **make)
+        self.block_length = torch.tensor([min(params.block_length or arch.block_size, g) for g in sizes], **make)
+        self.masked = self.response_cols() >= 0  # (R, W)
         self.step_ids = torch.zeros_like(self.tokens)
         self.logps = torch.zeros(self.tokens.shape, device=device)
         self.entropies = torch.zeros(self.tokens.shape, device=device)
-        self.forwards = torch.zeros(len(prompts), dtype=torch.long, device=device)
-        self.block = torch.zeros(len(prompts), dtype=torch.long, device=device)
+        self.forwards = torch.zeros(len(prompts), **make)
+        self.block = torch.zeros(len(prompts), **make)
         self.step_in_block = torch.zeros_like(self.block)
-        self.block_length = block_length
         self.counts = _linear_counts(self.in_block() & self.masked, params.steps_per_block)  # (R, S)
         self.cache = None if params.cache == "none" else WindowCache(arch.num_layers)
         self.fresh = True  # the next step starts a block for some row (an approximate cache records)
 
+    @property
+    def width(self) -> int:
+        return self.tokens.shape[1]
+
+    def frame(self):
+        """Positions (R, W) and meta (None when no row is padded) of the current frame."""
+        return padded_frame(self.pads, self.width)
+
+    def response_cols(self) -> torch.Tensor:
+        """(R, W) each column's index in its row's response (negative: prompt or padding)."""
+        cols = torch.arange(self.width, device=self.tokens.device)[None]
+        return cols - (self.width - self.size)[:, None]
+
     def in_block(self) -> torch.Tensor:
-        """(R, G) bool: the positions of each row's current block."""
-        cols = torch.arange(self.tokens.shape[1], device=self.tokens.device)[None]
-        return cols // self.block_length == self.block[:, None]
+        """(R, W) bool: the positions of each row's current block."""
+        rel = self.response_cols()
+        return (rel >= 0) & (rel.div(self.block_length[:, None], rounding_mode="floor") == self.block[:, None])
+
+    def block_start(self) -> torch.Tensor:
+        """(R,) the column of each row's current block's first position."""
+        return self.width - self.size + self.block * self.block_length
 
     def keep(self, keep: torch.Tensor) -> None:
+        """Keep the rows flagged in ``keep`` (R,); without a cache, drop the columns now padding in all."""
         idx = keep.nonzero().squeeze(-1)
-        for name in ("ids", "pos", "tokens", "masked", "step_ids", "logps", "entropies", "forwards", "block",
-                     "step_in_block", "counts"):
+        for name in self.WIDE + self.PER_ROW:
             setattr(self, name, getattr(self, name).index_select(0, idx))
-        if self.meta is not None:
-            self.meta = type(self.meta)(*(f.index_select(0, idx) for f in self.meta.fields()))
         if self.cache is not None:
             self.cache.select(idx)
         pick = idx.tolist()
         self.rows, self.prompts, self.gens = ([v[i] for i in pick] for v in (self.rows, self.prompts, self.gens))
+        cut = int(self.pads.min()) if len(pick) and self.cache is None else 0
+        if cut:
+            for name in self.WIDE:
+                setattr(self, name, getattr(self, name)[:, cut:])
+            self.pads = self.pads - cut
+
+    def extend(self, other: "_Rows") -> None:
+        """Append ``other``'s rows (no cache), both left-padded to the wider frame."""
+        width = max(self.width, other.width)
+        for rows in (self, other):
+            grow = width - rows.width
+            for name in self.WIDE:
+                value = getattr(rows, name)
+                fill = rows.pad_id if name == "tokens" else self.FILL[name]
+                setattr(rows, name, torch.cat([torch.full((len(value), grow), fill, dtype=value.dtype,
+                                                          device=value.device), value], 1))
+            rows.pads = rows.pads + grow
+        for name in self.WIDE + self.PER_ROW:
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        self.rows, self.prompts, self.gens = self.rows + other.rows, self.prompts + other.prompts, \
+            self.gens + other.gens
 
 
 def _linear_counts(block_masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -153,10 +207,10 @@ def _select(rule: str, conf: torch.Tensor, cand: torch.Tensor, rows: _Rows, para
     counts = _commit_counts(rule, rows, cand, params)
     if rule in DREAM_RULES and params.alg_temp > 0:
         commit = torch.zeros_like(cand)
-        for r, k in enumerate(counts.tolist()):
-            if k > 0:
-                weights = torch.softmax(conf[r].double() / params.alg_temp, -1).cpu()
-                commit[r, torch.multinomial(weights, k, generator=rows.gens[r])] = True
+        for r, (k, size) in enumerate(zip(counts.tolist(), rows.size.tolist())):
+            if k > 0:  # over the row's own response: the draw does not depend on the frame
+                weights = torch.softmax(conf[r, -size:].double() / params.alg_temp, -1).cpu()
+                commit[r, rows.width - size + torch.multinomial(weights, k, generator=rows.gens[r])] = True
         return commit & cand
     rank = conf.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0 = most confident
     return (rank < counts[:, None]) & cand
@@ -164,31 +218,38 @@ def _select(rule: str, conf: torch.Tensor, cand: torch.Tensor, rows: _Rows, para
 
 def _candidate_logits(model, rows: _Rows, cand: torch.Tensor, mode: str) -> torch.Tensor:
     """(N, V) logits of the candidates (row-major): a full forward, or a window over the cache."""
-    shift, size = model.arch.logit_shift, rows.tokens.shape[1]
-    ids = torch.cat([rows.ids[:, :-size], rows.tokens], dim=1)  # (R, W)
-    width = ids.shape[1]
-    r_idx, g_idx = cand.nonzero(as_tuple=True)
-    col = (width - size) + g_idx  # (N,) the candidates' columns
+    shift, ids, width = model.arch.logit_shift, rows.tokens, rows.width
+    pos, meta = rows.frame()
+    r_idx, col = cand.nonzero(as_tuple=True)  # (N,) the candidates' rows and columns
     if rows.cache is None or rows.fresh:
         cache = None if rows.cache is None else rows.cache.record()
         read = readout_rows(r_idx * width + col, shift)
-        return model(ids, rows.pos, rows.meta, cache=cache, readout=Readout(read)).logits
-    slots = window_slots(mode, (width - size) + rows.block * rows.block_length, rows.block_length, width, shift)
-    valid = torch.ones_like(ids, dtype=torch.bool) if rows.meta is None else rows.meta.doc >= 0
+        return model(ids, pos, meta, cache=cache, readout=Readout(read)).logits
+    # an approximate cache decodes rows of one response length (one block length) together
+    slots = window_slots(mode, rows.block_start(), int(rows.block_length.max()), width, shift)
+    valid = torch.ones_like(ids, dtype=torch.bool) if meta is None else meta.doc >= 0
     read = readout_rows(r_idx * slots.shape[1] + col - slots[r_idx, 0], shift)
-    return model(ids.gather(1, slots), rows.pos.gather(1, slots), None, cache=rows.cache.window(slots, valid),
+    return model(ids.gather(1, slots), pos.gather(1, slots), None, cache=rows.cache.window(slots, valid),
                  readout=Readout(read)).logits
+
+
+def _draws(rows: _Rows) -> torch.Tensor:
+    """(R, 2, W) each row's two uniforms per response position (zeros elsewhere), drawn from its
+    generator over its own response length: the stream does not depend on the frame."""
+    draws = torch.zeros(len(rows.gens), 2, rows.width)
+    for r, (gen, size) in enumerate(zip(rows.gens, rows.size.tolist())):
+        draws[r, :, rows.width - size:] = torch.rand(2, size, generator=gen)
+    return draws.to(rows.tokens.device)
 
 
 def _step(model, rows: _Rows, params: SamplingParams, rule: str) -> None:
     """One forward over every active row and one commit per row."""
     arch = model.arch
-    size = rows.tokens.shape[1]
-    cand = rows.masked & rows.in_block()  # (R, G)
+    cand = rows.masked & rows.in_block()  # (R, W)
     logits = _candidate_logits(model, rows, cand, params.cache)
     device = rows.tokens.device
     logp = policy_logprobs(logits, params.temperature, params.top_k, params.top_p, arch.mask_token_id)  # (N, V)
-    draws = torch.stack([torch.rand(2, size, generator=g) for g in rows.gens]).to(device)  # (R, 2, G)
+    draws = _draws(rows)  # (R, 2, W)
     greedy = params.temperature == 0
     sampled = sample_from_logprobs(logp, draws[:, 0][cand], greedy)  # (N,)
     token_logp = logp.gather(-1, sampled[:, None]).squeeze(-1)
@@ -220,19 +281,69 @@ def _advance_blocks(rows: _Rows, params) -> None:
 
 
 def _rollout(rows: _Rows, r: int, request: RowRequest) -> Rollout:
-    tokens = rows.tokens[r].tolist()
+    """Row r's rollout: its response columns (the last ``size[r]``)."""
+    cut = rows.width - int(rows.size[r])
+    tokens = rows.tokens[r, cut:].tolist()
     stop = next((i for i, t in enumerate(tokens) if t in request.stop_ids), None)
     num, reason = (stop + 1, "stop") if stop is not None else (len(tokens), "length")
-    return Rollout(list(rows.prompts[r]), tokens, rows.step_ids[r].tolist(), rows.logps[r].tolist(), num, reason,
-                   int(rows.forwards[r]), request.prompt_index, request.sample_index, rows.entropies[r].tolist())
+    return Rollout(list(rows.prompts[r]), tokens, rows.step_ids[r, cut:].tolist(), rows.logps[r, cut:].tolist(), num,
+                   reason, int(rows.forwards[r]), request.prompt_index, request.sample_index,
+                   rows.entropies[r, cut:].tolist())
+
+
+class FullSession:
+    """The live rows of one exact decode (``cache: none``), a :class:`~dirl.engine.scheduler.Session`:
+    the scheduler's loop joins waiting rows into the frame before any forward and a row leaves once
+    its whole response is committed, so rows of any prompt and response length share forwards."""
+
+    def __init__(self, model, params: SamplingParams):
+        self.model, self.params = model, params
+        self.rows: _Rows | None = None
+
+    @property
+    def num_live(self) -> int:
+        return 0 if self.rows is None else len(self.rows.rows)
+
+    @property
+    def max_slots(self) -> int:
+        """The frame's width: every live row's forward covers that many tokens."""
+        return 0 if self.rows is None else self.rows.width
+
+    def drop(self, cancelled: Callable[[RowRequest], bool]) -> list[RowRequest]:
+        if not self.num_live:
+            return []
+        alive = [not cancelled(q) for q in self.rows.rows]
+        if all(alive):
+            return []
+        out = [q for q, ok in zip(self.rows.rows, alive) if not ok]
+        self.rows.keep(torch.tensor(alive, device=self.rows.tokens.device))
+        return out
+
+    def join(self, reqs: list[RowRequest]) -> None:
+        if not reqs:
+            return
+        sizes = [q.max_new_tokens or self.params.max_new_tokens for q in reqs]
+        new = _Rows(self.model, [q.prompt for q in reqs], [q.seed for q in reqs], self.params, sizes, reqs)
+        if self.num_live:
+            self.rows.extend(new)
+        else:
+            self.rows = new
+
+    def step(self) -> list[tuple[RowRequest, Rollout]]:
+        rows = self.rows
+        _step(self.model, rows, self.params, self.params.unmasking)
+        finished = ~rows.masked.any(-1)
+        out = [(rows.rows[r], _rollout(rows, r, rows.rows[r])) for r in finished.nonzero().squeeze(-1).tolist()]
+        if out:
+            rows.keep(~finished)
+        return out
 
 
 def _decode_rows(model, requests: list[RowRequest], params: SamplingParams,
                  cancelled: Callable[[RowRequest], bool] | None = None) -> list[Rollout | None]:
-    """Decode rows of one length (``params.max_new_tokens``) together; a row whose request is
-    cancelled (asked before every step) leaves the batch and gets None."""
-    block_length = min(params.block_length or model.arch.block_size, params.max_new_tokens)
-    rows = _Rows(model, [list(q.prompt) for q in requests], [q.seed for q in requests], params, block_length)
+    """Decode rows of one length (``params.max_new_tokens``) together to their end, with the
+    approximate cache; a row whose request is cancelled (asked before every step) leaves and gets None."""
+    rows = _Rows(model, [list(q.prompt) for q in requests], [q.seed for q in requests], params)
     results: list[Rollout | None] = [None] * len(requests)
     while rows.rows:
         if cancelled is not None:
@@ -250,17 +361,12 @@ def _decode_rows(model, requests: list[RowRequest], params: SamplingParams,
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None,
-             is_cancelled: Callable[[int], bool] | None = None, max_batch_rows: int = 256) -> list[Rollout]:
-    """Decode ``params.n`` samples per prompt (grouped by prompt); ``seeds[i]`` seeds prompt i.
-    ``is_cancelled(i)``: asked before every step; a cancelled prompt's rollouts are None."""
-    check_for_model(params, model.arch)
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    seeds = prompt_seeds(params.seed, len(prompts)) if seeds is None else list(seeds)
-    stop = frozenset(params.stop_ids)
-    requests = [RowRequest(list(p), row_seed(s, j), i, j, max_new_tokens=params.max_new_tokens, stop_ids=stop)
-                for i, (p, s) in enumerate(zip(prompts, seeds)) for j in range(params.n)]
+def generate_in_chunks(model, requests: list[RowRequest], params: SamplingParams,
+                       is_cancelled: Callable[[int], bool] | None = None, max_batch_rows: int = 256) -> list[Rollout]:
+    """The approximate cache's schedule (``cache: prefix | dual``): chunks of ``max_batch_rows // n``
+    prompts, each decoded to its end. A recording forward is shared by the whole chunk (it runs when
+    any row starts a block), so a row joining mid-chunk would change its neighbours' states: this cache
+    does not batch continuously. ``is_cancelled(i)``: asked before every step (None rollouts)."""
     cancelled = None if is_cancelled is None else (lambda q: is_cancelled(q.prompt_index))
     per_chunk = max(1, max_batch_rows // params.n) * params.n
     out: list[Rollout | None] = []
@@ -270,12 +376,10 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, seeds: lis
 
 
 @torch.no_grad()
-def decode(model, feed, params: SamplingParams, max_batch_rows: int = 256) -> None:
-    """Decode a :class:`~dirl.engine.scheduler.Feed`'s rows (``dirl serve``'s batcher) until it has
-    none waiting: up to ``max_batch_rows`` at a time, rows of one ``max_new_tokens`` together (the
-    response length is part of the sequence a full-attention row decodes). Rows join between
-    batches, not at the next forward: this decoder does not use the block scheduler yet."""
-    check_for_model(params, model.arch)
+def decode_in_chunks(model, feed, params: SamplingParams, max_batch_rows: int = 256) -> None:
+    """A :class:`~dirl.engine.scheduler.Feed`'s rows with the approximate cache (``dirl serve``):
+    up to ``max_batch_rows`` taken at a time, rows of one ``max_new_tokens`` decoded together to their
+    end; new rows join between batches (see :func:`generate_in_chunks`)."""
     while not feed.exhausted():
         taken = feed.take(max_batch_rows)
         for length in sorted({q.max_new_tokens or params.max_new_tokens for q in taken}):

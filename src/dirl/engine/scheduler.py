@@ -12,7 +12,7 @@ front of its current block).
 
 The loop knows nothing about attention: any decoder whose session offers
 :class:`Session`'s four members reuses it (the block-causal decoder of
-:mod:`dirl.engine.engine`; a full-attention decoder would implement the same).
+:mod:`dirl.engine.block_session`, the full-attention decoder of :mod:`dirl.engine.full_attention`).
 
 ``policy="chunked"`` is the schedule before continuous batching, kept as the
 baseline of ``python -m benchmarks.engine``: rows join only when the batch is empty, whole

@@ -39,13 +39,18 @@ def left_padded(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
     width = max(len(r) for r in rows)
     pads = torch.tensor([width - len(r) for r in rows], device=device)  # (R,)
     ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], dtype=torch.long, device=device)
-    cols = torch.arange(width, device=device)[None]
+    return (ids, *padded_frame(pads, width))
+
+
+def padded_frame(pads: torch.Tensor, width: int) -> tuple[torch.Tensor, TokenMeta | None]:
+    """(R,) left padding of rows of ``width`` columns -> positions (R, W) and meta (as :func:`left_padded`)."""
+    cols = torch.arange(width, device=pads.device)[None]
     pos = (cols - pads[:, None]).clamp_min(0)  # (R, W)
-    if int(pads.max()) == 0:
-        return ids, pos, None
+    if not len(pads) or int(pads.max()) == 0:
+        return pos, None
     valid = cols >= pads[:, None]
     doc = torch.where(valid, 0, -1)
-    return ids, pos, state_meta(doc, torch.zeros_like(doc))
+    return pos, state_meta(doc, torch.zeros_like(doc))
 
 
 def decode_inputs(rows: Sequence[Sequence[int]], pad_id: int, device):
