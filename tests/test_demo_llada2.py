@@ -16,7 +16,7 @@ from dirl.train.sft.config import SFTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO, SFT = REPO / "configs/demo-llada2.yaml", REPO / "configs/demo-llada2-sft.yaml"
-SHORT = ["rl.max_steps=2", "rl.eval_every=0", "rl.log_every=1", "rl.rollout.num_prompts=2",
+SHORT = ["rl.max_steps=2", "rl.eval.every=0", "rl.log_every=1", "rl.rollout.num_prompts=2",
          "rl.rollout.group_size=4", "eval_limit=8", "num_train=16", "progress=false"]
 
 
