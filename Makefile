@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-integration test-all bench install clean
+.PHONY: demo demo-llada test test-integration test-all bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test-all: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/dirl demo --config configs/demo.yaml
+
+# The same pipeline on a full-attention (LLaDA-family) model: configs/demo-llada.yaml.
+demo-llada: $(STAMP)
+	$(BIN)/dirl demo --config configs/demo-llada.yaml
 
 # Every benchmark in turn (`make bench ARGS=--quick` for the seconds-long settings);
 # one alone: `.venv/bin/python -m benchmarks.NAME [--quick]`.

@@ -8,8 +8,11 @@ Stages (each timed; the summary table and the last line report them):
    question text, so the held-out prompts are disjoint from every training prompt.
 2. sft -- by default the checkpoint shipped in the package (``dirl/assets/demo-sft``,
    made by ``dirl sft --config configs/demo-sft.yaml``; see the README), because SFT
-   plus RL does not fit 10 minutes on a loaded 2-core CPU; ``sft=train`` runs that
-   same recipe here instead, ``sft=<dir>`` starts from any checkpoint.
+   plus RL does not fit 10 minutes on a loaded 2-core CPU; ``sft=shipped-<name>`` picks
+   another shipped one (``dirl/assets/demo-sft-<name>``, e.g. ``shipped-llada``: the
+   full-attention demo, configs/demo-llada.yaml); ``sft=train`` runs the recipe
+   (``sft_recipe``, default the shipped demo-sft's) here instead, ``sft=<dir>`` starts
+   from any checkpoint.
 3. held-out greedy accuracy of the SFT model;
 4. RL with the chosen estimator (DiPO's exact ``trace`` by default); ``rl_wall_s``
    stops the stage after that many seconds (checked every ``rl.eval.every`` steps),
@@ -44,6 +47,15 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_SFT = ASSETS / "demo-sft"
 SHIPPED_RECIPE = SHIPPED_SFT / "recipe.yaml"   # a copy of configs/demo-sft.yaml
 STAGES = ("data", "sft", "all")
+SHIPPED = "shipped"  # sft=shipped: SHIPPED_SFT; sft=shipped-<name>: ASSETS / demo-sft-<name>
+
+
+def shipped_sft(sft: str) -> Path | None:
+    """The shipped checkpoint ``sft`` names (``shipped`` or ``shipped-<name>``), else None."""
+    if sft == SHIPPED:
+        return SHIPPED_SFT
+    name = sft.removeprefix(SHIPPED + "-")
+    return ASSETS / f"demo-sft-{name}" if name != sft and name.replace("-", "").replace("_", "").isalnum() else None
 
 
 def _demo_rl() -> RLConfig:
@@ -72,7 +84,7 @@ class DemoConfig:
     num_train: int = 5000             # train-split problems (SFT targets and RL prompts)
     eval_limit: int = 256             # held-out prompts (test split)
     stop_after: str = "all"           # data | sft | all
-    sft: str = "shipped"              # shipped | train | <checkpoint dir>
+    sft: str = "shipped"              # shipped | shipped-<name> | train | <checkpoint dir>
     sft_recipe: str = ""              # sft=train: an SFTConfig YAML ("" = the shipped recipe)
     sft_overrides: list[str] = field(default_factory=list)  # key=value applied to the recipe
     estimator: str = ""               # shortcut: sets rl.algo.estimator ("" = keep it)
@@ -127,16 +139,17 @@ def sft_recipe(cfg: DemoConfig, data: dict[str, Path], out: Path):
 
 def sft_stage(cfg: DemoConfig, data: dict[str, Path], out: Path) -> str:
     """Return the SFT checkpoint directory (shipped, trained here, or given)."""
-    if cfg.sft == "shipped":
-        if not (SHIPPED_SFT / "config.json").exists():
-            raise config_lib.ConfigError(f"{SHIPPED_SFT}: the shipped SFT checkpoint is missing; run with sft=train")
-        return str(SHIPPED_SFT)
+    shipped = shipped_sft(cfg.sft)
+    if shipped is not None:
+        if not (shipped / "config.json").exists():
+            raise config_lib.ConfigError(f"sft={cfg.sft}: no shipped SFT checkpoint at {shipped}; run with sft=train")
+        return str(shipped)
     if cfg.sft == "train":
         from dirl.train.sft.loop import train_sft
 
         return str(train_sft(sft_recipe(cfg, data, out)) / "final")
     if not Path(cfg.sft, "config.json").exists():
-        raise config_lib.ConfigError(f"sft={cfg.sft!r}: not 'shipped', 'train' or a checkpoint directory")
+        raise config_lib.ConfigError(f"sft={cfg.sft!r}: not 'shipped', 'shipped-<name>', 'train' or a checkpoint directory")
     return cfg.sft
 
 
@@ -286,7 +299,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                "stages_s": stages, "rl_steps": steps, "eval_prompts": sft_sum["num_questions"],
                "tokens_per_forward": {"sft": sft_sum["tokens_per_forward"], "rl": rl_sum["tokens_per_forward"]},
                "task": cfg.task, "estimator": cfg.estimator, "critic": cfg.rl.algo.critic,
-               "sft_source": cfg.sft if cfg.sft in ("shipped", "train") else "dir",
+               "sft_source": cfg.sft if shipped_sft(cfg.sft) or cfg.sft == "train" else "dir",
                "sft_checkpoint": sft_dir, "run_dir": str(run_dir)}
     _write_metrics(out / "metrics.jsonl", sft_sum, rows, rl_sum, summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

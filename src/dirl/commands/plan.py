@@ -33,11 +33,11 @@ def model_config(spec: str, lora=None):
 
     from dirl.model.checkpoint import build_model, load_config
     from dirl.model.factory import InitConfig, build_tokenizer
-    from dirl.model.families import DEFAULT_FAMILY, get_family
-    from dirl.model.loading import INIT_PREFIX
+    from dirl.model.families import get_family
+    from dirl.model.loading import INIT_PREFIX, init_spec
     if spec.startswith(INIT_PREFIX):
-        family, tokenizer = get_family(DEFAULT_FAMILY), build_tokenizer("char")
-        preset = spec[len(INIT_PREFIX):]
+        name, preset = init_spec(spec)
+        family, tokenizer = get_family(name), build_tokenizer("char")
         if preset not in family.presets:
             raise UserError(f"model={spec}: unknown preset; choose from {sorted(family.presets)}")
         cfg = family.config_cls.for_init(family.presets[preset], vocab_size=tokenizer.vocab_size,

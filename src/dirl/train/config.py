@@ -49,7 +49,7 @@ class TrainerConfig:
     moved_keys: ClassVar[dict[str, str]] = {"eval_every": "eval.every", "eval_data": "eval.data",
                                             "eval_limit": "eval.limit"}
 
-    model: str = "init:tiny"          # checkpoint dir, or init:<preset> (random weights, char tokenizer)
+    model: str = "init:tiny"          # checkpoint dir, or init:[<family>/]<preset> (random weights, char tokenizer)
     block_size: int | None = None     # train / decode / save with this block size; null = the model's
     out: str = "runs/train"           # the run directory
     seed: int = 0
