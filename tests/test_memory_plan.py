@@ -65,6 +65,37 @@ def test_lora_holds_a_frozen_base_and_the_adapters_states():
     assert out["cast_cache"] == out["decode_weights"] == pytest.approx(adapters * 2 / GB)
 
 
+@pytest.mark.parametrize("family,native", [("sdar", {}), ("sdar", {"tie_word_embeddings": True}), ("llada", {}),
+                                           ("llada", {"include_qkv_bias": True}), ("dream", {}), ("llada2", {}),
+                                           ("llada2", {"num_shared_experts": 0, "first_k_dense_replace": 0})])
+def test_the_plan_counts_each_familys_own_parameters(family, native):
+    """The plan reads a family's sizes through its hook (``cfg.sizes``), never its field names (LLaDA's
+    OLMo ``d_model`` / ``mlp_hidden_size``, LLaDA2's experts): its total, embedding and largest layer equal
+    the built model's tensors."""
+    import re
+    from collections import Counter
+
+    import torch
+
+    from dirl.model.families import get_family
+    fam = get_family(family)
+    cfg = fam.config_cls.for_init(fam.presets["tiny"], vocab_size=300, mask_token_id=299, eos_token_id=1,
+                                  pad_token_id=0, block_size=4, torch_dtype="float32", **native)
+    with torch.device("meta"):
+        model = fam.model_cls(cfg)
+    layers = Counter()
+    for name, p in model.named_parameters():
+        if (index := re.search(r"\.(\d+)\.", name)) is not None:
+            layers[int(index.group(1))] += p.numel()
+    out = plan(cfg, Workload(world=8, tokens=64, scored=32, decode_rows=2, decode_len=16))
+    assert out["params_total_b"] * 1e9 == pytest.approx(sum(p.numel() for p in model.parameters()), abs=0.5)
+    assert cfg.sizes.max_layer == max(layers.values()) and len(layers) == cfg.arch.num_layers
+    assert cfg.sizes.embedding == 300 * cfg.arch.hidden_size
+    active = cfg.sizes.active_parameters
+    assert active < cfg.sizes.parameters if family == "llada2" else active == cfg.sizes.parameters
+    assert out["gathered"] == pytest.approx((2 * cfg.sizes.embedding + 2 * cfg.sizes.max_layer) * 2 / GB)
+
+
 def test_rl_workload_decodes_the_rows_it_has_and_trains_on_the_responses():
     cfg = RLConfig()  # 8 prompts x 8, max_batch_rows 256, 32 new tokens, micro-batches of 8192 tokens
     work = rl_workload(cfg, world=1, prompt_tokens=100)

@@ -80,33 +80,22 @@ def decode_rows(work: Workload) -> int:
     return min(work.decode_rows, max(1, work.decode_tokens // work.decode_len))
 
 
-def _layer_params(cfg) -> int:
-    """The largest decoder layer (an MoE config says: ``max_layer_parameters``, all its experts)."""
-    if hasattr(cfg, "max_layer_parameters"):
-        return cfg.max_layer_parameters()
-    h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    return h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size
-
-
 def layer_bytes_per_token(cfg, compute_bytes: int) -> int:
     """Intermediates of one decoder layer per token (forward + their gradients in backward).
 
-    The MLP's are ``3 x intermediate_size`` (gate / up / product); an MoE config gives its own
-    count (``mlp_activations_per_token``: the top-k experts' and the shared expert's, the routed
-    copies of the token and the router's scores), the largest over its layers."""
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    mlp = cfg.mlp_activations_per_token() if hasattr(cfg, "mlp_activations_per_token") else 3 * cfg.intermediate_size
-    forward = 4 * cfg.hidden_size + 2 * q + 2 * kv + mlp  # norms, q/k/v/out, the MLP
+    The MLP's come from the family (``cfg.sizes.mlp_activations``: gate / up / product of a
+    dense SwiGLU; an MoE's top-k and shared experts, the routed copies of the token and the
+    router's scores), the largest over its layers."""
+    arch = cfg.arch
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    forward = 4 * arch.hidden_size + 2 * q + 2 * kv + cfg.sizes.mlp_activations  # norms, q/k/v/out, the MLP
     return 2 * forward * compute_bytes
-
-
-def _embedding_params(cfg) -> int:
-    return cfg.vocab_size * cfg.hidden_size
 
 
 def _weights(cfg, work: Workload) -> dict[str, float]:
     """Bytes of the weight-sized terms: states, step_temp, cast_cache, reference, decode_weights."""
-    params = cfg.num_parameters()
+    sizes = cfg.sizes
+    params = sizes.parameters
     mixed, lora = work.precision == "bf16-mixed", work.lora_params > 0
     compute = 4 if work.precision == "fp32" else 2
     world = max(1, work.world)
@@ -114,12 +103,12 @@ def _weights(cfg, work: Workload) -> dict[str, float]:
     master = 2 if work.precision == "bf16" else 4
     trained = work.lora_params if lora else params
     frozen = params * compute if lora else 0   # the LoRA base, held in the compute dtype
-    matmul = trained if lora else params - _embedding_params(cfg)  # the embedding lookup is not cast
+    matmul = trained if lora else params - sizes.embedding  # the embedding lookup is not cast
     return {
         "masters": trained * master / shard + frozen,
         "grads": trained * master / shard,
         "adam": 2 * trained * master / shard,
-        "step_temp": (trained / shard if work.foreach else (0 if lora else _embedding_params(cfg))) * master,
+        "step_temp": (trained / shard if work.foreach else (0 if lora else sizes.embedding)) * master,
         "cast_cache": matmul * 2 if mixed and shard == 1 else 0,
         "reference": params * compute / shard if work.reference and not lora else 0,
         "decode_weights": (params * 2 if shard > 1 else (trained * 2 if mixed else 0)) if work.decode_rows else 0,
@@ -129,19 +118,19 @@ def _weights(cfg, work: Workload) -> dict[str, float]:
 def plan(cfg, work: Workload) -> dict[str, float]:
     """Per-rank peak memory (GB) by component, with ``train_peak`` and ``rollout_peak``."""
     weights = _weights(cfg, work)
+    arch, sizes = cfg.arch, cfg.sizes
     compute = 4 if work.precision == "fp32" else 2
     sharded = work.world > 1 and work.strategy == "fsdp" and not work.lora_params
     residual = 2 if work.precision == "bf16" or sharded else 4  # autocast keeps the residual stream fp32
-    root = 2 * _embedding_params(cfg) * compute
-    gathered = (root + 2 * _layer_params(cfg) * compute) if sharded else 0
+    root = 2 * sizes.embedding * compute
+    gathered = (root + 2 * sizes.max_layer * compute) if sharded else 0
     per_layer = layer_bytes_per_token(cfg, compute) * work.tokens
-    layer_inputs = cfg.num_hidden_layers * work.tokens * cfg.hidden_size * residual
-    activations = layer_inputs + per_layer if work.checkpointing else cfg.num_hidden_layers * per_layer
-    head = work.head_tensors * min(work.head_chunk or work.scored, work.scored) * cfg.vocab_size * 4 \
-        + 2 * work.scored * cfg.hidden_size * 4
-    kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
-    block = getattr(cfg, "block_size", 4) or 4
-    kv_cache = decode_rows(work) * (work.decode_len * kv_per_token + block * cfg.vocab_size * 4)
+    layer_inputs = arch.num_layers * work.tokens * arch.hidden_size * residual
+    activations = layer_inputs + per_layer if work.checkpointing else arch.num_layers * per_layer
+    head = work.head_tensors * min(work.head_chunk or work.scored, work.scored) * arch.vocab_size * 4 \
+        + 2 * work.scored * arch.hidden_size * 4
+    kv_per_token = arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim * 2
+    kv_cache = decode_rows(work) * (work.decode_len * kv_per_token + arch.block_size * arch.vocab_size * 4)
     states = weights["masters"] + weights["grads"] + weights["adam"]
     held = weights["reference"] + (weights["decode_weights"] if not sharded else 0)
     out = {**weights, "states": states, "gathered": gathered, "activations": activations, "head": head,
@@ -153,9 +142,8 @@ def plan(cfg, work: Workload) -> dict[str, float]:
     result = {k: v / GB for k, v in out.items()}
     # Parameter counts (billions, not GB): a mixture of experts holds and trains all of them
     # (``states``, ``decode_weights``) but runs ``params_active`` per token (``activations``).
-    result["params_total_b"] = cfg.num_parameters() / 1e9
-    result["params_active_b"] = (cfg.num_active_parameters() if hasattr(cfg, "num_active_parameters")
-                                 else cfg.num_parameters()) / 1e9
+    result["params_total_b"] = sizes.parameters / 1e9
+    result["params_active_b"] = sizes.active_parameters / 1e9
     return result
 
 

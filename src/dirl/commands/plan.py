@@ -79,7 +79,7 @@ def run(args) -> int:
     result = plan(model_cfg, work)
     budget = args.gpu_gb * MARGIN
     print(f"# dirl plan: {kind} config {args.config or '(defaults)'}, model {cfg.model} "
-          f"({model_cfg.num_parameters() / 1e9:.2f}B params{f', LoRA {adapters / 1e6:.1f}M' if adapters else ''}), "
+          f"({model_cfg.sizes.parameters / 1e9:.2f}B params{f', LoRA {adapters / 1e6:.1f}M' if adapters else ''}), "
           f"{args.gpus} x {args.gpu_gb:g} GB, {work.precision}, per rank:")
     for term in TERMS:
         print(f"  {term:<15}{result[term]:9.2f} GB")

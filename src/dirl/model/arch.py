@@ -36,3 +36,30 @@ class Arch:
             raise ValueError(f"attention {self.attention!r} is not one of {list(ATTENTION_KINDS)}")
         if self.logit_shift not in (0, 1):
             raise ValueError(f"logit_shift must be 0 or 1, got {self.logit_shift}")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Parameter and activation counts of a family's network: what the memory plan reads.
+
+    A family's config computes it from its own field names (``cfg.sizes``), so the plan never
+    reads a family's schema. A mixture of experts holds and trains every expert
+    (``parameters``) but runs ``active_parameters`` per token."""
+
+    parameters: int         # every parameter (all experts): what states and a checkpoint hold
+    active_parameters: int  # what one token runs through (MoE: top-k routed + shared experts)
+    embedding: int          # the input embedding's (vocabulary x hidden)
+    tied: bool              # the LM head is the embedding
+    max_layer: int          # the largest decoder layer (MoE: with all its experts): what FSDP2 gathers at once
+    mlp_activations: int    # elements one token's MLP keeps for backward, the largest layer's
+
+
+def dense_sizes(arch: Arch, *, parameters: int, intermediate: int, tied: bool,
+                attention_extra: int = 0) -> Sizes:
+    """The :class:`Sizes` of a dense SwiGLU decoder (``intermediate``: the MLP's hidden width; gate /
+    up / their product kept per token). ``attention_extra``: a layer's q/k/v biases, q/k norms and
+    the two layer norms, beyond the four projections."""
+    h, q, kv = arch.hidden_size, arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    layer = h * (q + 2 * kv) + q * h + 3 * h * intermediate + attention_extra
+    return Sizes(parameters=parameters, active_parameters=parameters, embedding=arch.vocab_size * h, tied=tied,
+                 max_layer=layer, mlp_activations=3 * intermediate)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dirl.model.arch import Arch
+from dirl.model.arch import Arch, Sizes, dense_sizes
 from dirl.model.hf_config import FaithfulConfig, read_ids_and_dtype, require
 
 DEFAULT_BLOCK_LENGTH = 32  # the semi-AR block of TraceRL's Dream sampler; diffusion_generate has none
@@ -84,6 +84,13 @@ class DreamConfig(FaithfulConfig):
         per_layer = d * (d + 2 * kv) + (d + 2 * kv) + d * d + 3 * d * i + 2 * d
         head = 0 if self.tie_word_embeddings else v * d
         return v * d + self.num_hidden_layers * per_layer + d + head
+
+    @property
+    def sizes(self) -> Sizes:
+        """What the memory plan reads (:class:`~dirl.model.arch.Sizes`)."""
+        kv = self.num_key_value_heads * self.head_dim
+        return dense_sizes(self.arch, parameters=self.num_parameters(), intermediate=self.intermediate_size,
+                           tied=self.tie_word_embeddings, attention_extra=(self.hidden_size + 2 * kv) + 2 * self.hidden_size)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

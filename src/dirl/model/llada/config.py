@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dirl.model.arch import Arch
+from dirl.model.arch import Arch, Sizes, dense_sizes
 from dirl.model.hf_config import FaithfulConfig, read_ids_and_dtype, require
 
 DEFAULT_BLOCK_LENGTH = 32  # the reference sampler's default block_length (LLaDA generate.py)
@@ -96,6 +96,14 @@ class LLaDAConfig(FaithfulConfig):
         qkv_bias = (d + 2 * kv) if self.include_qkv_bias else 0
         per_layer = d * (d + 2 * kv) + qkv_bias + d * d + 3 * d * h + 2 * d
         return 2 * v * d + self.n_layers * per_layer + d
+
+    @property
+    def sizes(self) -> Sizes:
+        """What the memory plan reads (:class:`~dirl.model.arch.Sizes`)."""
+        kv = self.n_kv_heads * self.head_dim
+        bias = (self.d_model + 2 * kv) if self.include_qkv_bias else 0
+        return dense_sizes(self.arch, parameters=self.num_parameters(), intermediate=self.mlp_hidden_size,
+                           tied=False, attention_extra=bias + 2 * self.d_model)
 
 
 # The OLMo settings this implementation assumes, written into a fresh config so LLaDA's own code

@@ -25,7 +25,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from dirl.model.arch import Arch
+from dirl.model.arch import Arch, Sizes
 from dirl.model.hf_config import record_loaded, write_fields
 
 MODEL_TYPE = "llada2_moe"
@@ -201,6 +201,13 @@ class LLaDA2Config:
         experts = self.num_experts_per_tok + self.num_shared_experts
         moe = 3 * self.moe_intermediate_size * experts + 2 * self.num_experts_per_tok * h + 4 * self.num_experts
         return max(dense, moe if self.num_hidden_layers > self.first_k_dense_replace else 0)
+
+    @property
+    def sizes(self) -> Sizes:
+        """What the memory plan reads (:class:`~dirl.model.arch.Sizes`): all experts held, top-k run."""
+        return Sizes(parameters=self.num_parameters(), active_parameters=self.num_active_parameters(),
+                     embedding=self.vocab_size * self.hidden_size, tied=self.tie_word_embeddings,
+                     max_layer=self.max_layer_parameters(), mlp_activations=self.mlp_activations_per_token())
 
 
 _ABSENT = object()

@@ -18,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from dirl.model.arch import Arch
+from dirl.model.arch import Arch, Sizes, dense_sizes
 from dirl.model.hf_config import read_ids_and_dtype, record_loaded, write_fields
 
 
@@ -117,6 +117,12 @@ class SDARConfig:
         per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h + 2 * self.head_dim
         head = 0 if self.tie_word_embeddings else v * h
         return v * h + self.num_hidden_layers * per_layer + h + head
+
+    @property
+    def sizes(self) -> Sizes:
+        """What the memory plan reads (:class:`~dirl.model.arch.Sizes`)."""
+        return dense_sizes(self.arch, parameters=self.num_parameters(), intermediate=self.intermediate_size,
+                           tied=self.tie_word_embeddings, attention_extra=2 * self.hidden_size + 2 * self.head_dim)
 
 
 def config_field_names() -> list[str]:
