@@ -65,6 +65,8 @@ def _narrow_model(chunk: int, checkpointing: bool = False):
     import torch
 
     from dirl.model.families import get_family
+    from dirl.runtime import return_freed_memory
+    return_freed_memory()  # as CPU training does (dirl.train.setup)
     sdar = get_family("sdar")
     cfg = sdar.config_cls.for_init(sdar.presets["tiny"], vocab_size=VOCAB, mask_token_id=MASK_ID, eos_token_id=EOS_ID,
                                    pad_token_id=PAD_ID, block_size=BLOCK, torch_dtype="float32",

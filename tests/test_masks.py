@@ -332,3 +332,33 @@ def test_bucket_lengths_are_few_and_cover():
     buckets = {bucket_length(n) for n in range(1, 16_385)}
     assert sorted(buckets)[:6] == [128, 256, 384, 512, 768, 1024] and len(buckets) <= 16
     assert all(n <= bucket_length(n) <= max(256, 1.5 * n) for n in range(1, 5000))  # <= 50% padding past 256
+
+
+# -- SDPA's mask in query chunks (long inputs) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_chunked_sdpa_mask_equals_the_dense_mask_forward_and_backward(make_tiny_model, checkpointing, monkeypatch):
+    """Above MASK_PAIRS the SDPA path builds its mask per query chunk (checkpointed: rebuilt in backward);
+    logits and every gradient equal the dense mask's, on packed rows with padding, inside checkpointed layers."""
+    from dirl.model import attention
+
+    meta = _random_meta(2, 96, seed=3)  # (2, 96): two documents, trailing padding
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 40, meta.shape, generator=gen)
+    pos = torch.cat([torch.arange(48)] * 2).repeat(2, 1)
+    runs = []
+    for pairs in (1 << 30, 700):  # dense; chunks of 3 query rows (700 // (2 x 96))
+        monkeypatch.setattr(attention, "MASK_PAIRS", pairs)
+        model = make_tiny_model()
+        model.train()
+        model.activation_checkpointing = checkpointing
+        assert isinstance(attention.build_mask(meta, meta, "sdpa"), attention.ChunkedMask) == (pairs == 700)
+        logits = model(ids, pos, meta, attn_impl="sdpa").logits
+        (logits[meta.doc >= 0] ** 2).mean().backward()
+        runs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (dense, dense_grads), (chunked, chunked_grads) = runs
+    real = meta.doc >= 0
+    torch.testing.assert_close(chunked[real], dense[real], atol=1e-6, rtol=1e-5)
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -1,4 +1,4 @@
-"""Process-level choices every layer shares: the device, and every seed formula.
+"""Process-level choices every layer shares: the device, the CPU allocator, and every seed formula.
 
 A leaf module. Each seed the project derives from a user's ``seed`` is computed here, so
 that "which generator drew this" has one answer and two places can never disagree (the
@@ -8,6 +8,8 @@ HTTP backend and the server must seed a prompt exactly as the native engine does
 from __future__ import annotations
 
 MAX_SEED = 2**63 - 1
+CPU_MMAP_THRESHOLD = 1 << 20  # bytes: glibc serves allocations from this size up by mmap
+_M_MMAP_THRESHOLD = -3        # glibc's mallopt parameter number
 
 
 def resolve_device(device: str):
@@ -35,6 +37,27 @@ def resolve_device(device: str):
     elif resolved.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"device={device}: unsupported device type; use auto, cpu or cuda")
     return resolved
+
+
+def return_freed_memory() -> bool:
+    """Fix glibc's mmap threshold at ``CPU_MMAP_THRESHOLD`` for this process (CPU training).
+
+    glibc raises its threshold to the size of each freed mmap'd block (up to 32 MB), after
+    which tensors below it come from the heap, whose freed pages stay resident around live
+    ones: a step that frees and allocates many 1-32 MB tensors (the attention mask chunks,
+    activations recomputed by checkpointing) grew the process by hundreds of MB of freed
+    memory (BENCHMARKS.md "Memory"). A fixed threshold keeps every tensor from 1 MiB up in
+    its own mapping, returned to the OS when freed. -> whether it was set (False off glibc)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, CPU_MMAP_THRESHOLD))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
 
 
 # ---------------------------------------------------------------- seeds

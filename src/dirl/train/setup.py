@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dirl import config as config_lib
-from dirl.runtime import resolve_device
+from dirl.runtime import resolve_device, return_freed_memory
 from dirl.train import dist as dist_lib
 from dirl.train import precision
 from dirl.train.config import TrainerConfig
@@ -80,6 +80,8 @@ def setup(cfg: TrainerConfig, inputs: RunInputs, prepare: Callable[[torch.device
     set_seed(cfg.seed)
     device = dist_lib.local_device(resolve_device(cfg.device))
     dist_lib.init_from_env(cfg.dist, device)
+    if device.type == "cpu":
+        return_freed_memory()  # freed tensors leave the process (peak RSS of a step)
     prepared = prepare(device) if prepare is not None else None
     check_lora(cfg.lora, cfg.dist.strategy, backend)
     model, tokenizer = resolve_model(cfg.model, inputs, device, precision.load_dtype(cfg.compute, device, cfg.lora),
