@@ -56,6 +56,18 @@ def test_what_one_process_holds_beyond_the_states():
     assert fp32["cast_cache"] == fp32["decode_weights"] == 0 and fp32["reference"] == pytest.approx(params * 4 / GB)
 
 
+def test_a_tied_embedding_is_cast_and_gets_a_second_gradient():
+    """Tied (Qwen3-0.6B): the head's matmul casts the shared table, and the lookup's dense gradient is a
+    temporary added into the head's at the end of backward, with the cast cache still held."""
+    tied = dataclasses.replace(SDAR_8B, tie_word_embeddings=True)
+    params, embed = tied.num_parameters(), tied.vocab_size * tied.hidden_size
+    out = plan(tied, Workload(world=1, tokens=16, scored=8, foreach=False))
+    assert out["cast_cache"] == pytest.approx(params * 2 / GB) and out["tied_grad"] == pytest.approx(embed * 4 / GB)
+    assert out["train_peak"] == pytest.approx(out["states"] + out["cast_cache"] + out["tied_grad"])
+    assert plan(SDAR_8B, Workload(world=1, foreach=False))["tied_grad"] == 0
+    assert plan(tied, Workload(world=1, lora_params=1000))["tied_grad"] == 0  # a frozen table has no gradient
+
+
 def test_lora_holds_a_frozen_base_and_the_adapters_states():
     params, adapters = SDAR_8B.num_parameters(), 40_000_000
     out = plan(SDAR_8B, Workload(world=1, lora_params=adapters, reference=True, decode_rows=1, decode_len=8))

@@ -12,7 +12,11 @@ lower bound) -- at the peak of each phase. What the code holds, term by term:
   shard (``sqrt(v)``); the per-tensor CPU path keeps one tensor's (the embedding's).
 * cast_cache -- bf16-mixed on unsharded weights runs under ``torch.autocast``, which caches
   the bf16 cast of every weight a matmul used until the step's autocast context exits
-  (the backward runs inside it): 2 B per trained matmul weight (LoRA: the adapters only).
+  (the backward runs inside it): 2 B per trained matmul weight (LoRA: the adapters only;
+  a tied embedding is one, through the head's matmul).
+* tied_grad  -- a tied embedding gets two gradients: the head's is accumulated first, so the
+  lookup's dense (V, d) gradient, made last in backward, is a temporary added into it while
+  every other gradient and the cast cache are held (full FT, unsharded).
 * reference  -- RL with ``beta > 0``: the full-FT reference is a frozen copy in the compute
   dtype (:func:`dirl.train.models.reference_model`; 2 B / param in bf16-mixed, sharded
   under FSDP2); a LoRA run's reference is the base with the adapters off (no copy).
@@ -34,12 +38,13 @@ lower bound) -- at the peak of each phase. What the code holds, term by term:
   each ``prompt + max_new_tokens`` long (layers x 2 x kv_heads x head_dim x 2 B per token:
   144 KiB at SDAR-8B), plus one block of fp32 logits per row.
 
-``train_peak`` = states + step_temp-or-activations (whichever is larger: the optimizer step
-runs after the backward freed them) + cast_cache + reference + decode_weights (world 1) +
-gathered + head; ``rollout_peak`` = states less the gradients (freed after each step) +
-reference + decode_weights + kv_cache. The constants were checked against CPU measurements
-(``python -m benchmarks.memory``; BENCHMARKS.md "Memory", "Memory plan vs measured"). It is an estimate for
-planning, not a guarantee: allocator fragmentation and the CUDA context (~1 GB) come on top
+``train_peak`` = states + reference + decode_weights (world 1) + gathered + the largest of
+step_temp (the optimizer step runs after the backward freed the rest), activations + head +
+cast_cache (the backward's peak), and cast_cache + tied_grad (the backward's end);
+``rollout_peak`` = states less the gradients (freed after each step) + reference +
+decode_weights + kv_cache. The constants were checked against CPU measurements
+(``python -m benchmarks.memory`` and ``benchmarks.memory_plan``; BENCHMARKS.md "Memory").
+It is an estimate for planning, not a guarantee: allocator fragmentation and the CUDA context (~1 GB) come on top
 (``MARGIN``).
 """
 
@@ -103,13 +108,15 @@ def _weights(cfg, work: Workload) -> dict[str, float]:
     master = 2 if work.precision == "bf16" else 4
     trained = work.lora_params if lora else params
     frozen = params * compute if lora else 0   # the LoRA base, held in the compute dtype
-    matmul = trained if lora else params - sizes.embedding  # the embedding lookup is not cast
+    # the embedding lookup is not cast; a tied embedding is, by the head's matmul
+    matmul = trained if lora else params - (0 if sizes.tied else sizes.embedding)
     return {
         "masters": trained * master / shard + frozen,
         "grads": trained * master / shard,
         "adam": 2 * trained * master / shard,
         "step_temp": (trained / shard if work.foreach else (0 if lora else sizes.embedding)) * master,
         "cast_cache": matmul * 2 if mixed and shard == 1 else 0,
+        "tied_grad": sizes.embedding * master if sizes.tied and not lora and shard == 1 else 0,
         "reference": params * compute / shard if work.reference and not lora else 0,
         "decode_weights": (params * 2 if shard > 1 else (trained * 2 if mixed else 0)) if work.decode_rows else 0,
     }
@@ -135,8 +142,9 @@ def plan(cfg, work: Workload) -> dict[str, float]:
     held = weights["reference"] + (weights["decode_weights"] if not sharded else 0)
     out = {**weights, "states": states, "gathered": gathered, "activations": activations, "head": head,
            "kv_cache": kv_cache}
-    out["train_peak"] = (states + held + gathered + max(weights["step_temp"],
-                                                        activations + head + weights["cast_cache"]))
+    out["train_peak"] = states + held + gathered + max(weights["step_temp"],
+                                                       activations + head + weights["cast_cache"],
+                                                       weights["cast_cache"] + weights["tied_grad"])
     out["rollout_peak"] = (states - weights["grads"] + weights["reference"] + weights["decode_weights"]
                            + kv_cache) if work.decode_rows else 0.0
     result = {k: v / GB for k, v in out.items()}

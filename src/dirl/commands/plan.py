@@ -15,7 +15,7 @@ from dirl.commands import add_config_arguments
 from dirl.errors import UserError
 from dirl.memory_plan import MARGIN, plan, rl_workload, sft_workload
 
-TERMS = ("masters", "grads", "adam", "step_temp", "cast_cache", "reference", "decode_weights", "gathered",
+TERMS = ("masters", "grads", "adam", "step_temp", "cast_cache", "tied_grad", "reference", "decode_weights", "gathered",
          "activations", "head", "kv_cache")
 
 
