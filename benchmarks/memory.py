@@ -24,6 +24,7 @@ linear in N) and marked ``extrapolated``.
 
 Prints ``sft_head_mem_ratio=`` (N = 4,096), ``rl_step_mem_ratio=`` (8 x 512),
 ``rl_rollouts_mem_spread=`` (new path, 8 / 16 / 32 rollouts at a fixed budget),
+``sft_rows_peak_mb=`` (the process's peak RSS of an SFT step on 4 packed rows of 2,048),
 ``sft_mem_exponent=`` / ``rl_mem_exponent=`` (log-log slope of step memory from
 L = 1k to 4k, resp. 256 to 1024 response tokens), and the 8B memory plan.
 
@@ -235,6 +236,8 @@ def main() -> int:
           f"{', '.join(f'{v:.0f}' for v in spread.values())})")
     print(f"sft_mem_exponent={exponent({n: r['new']['step_mb'] for n, r in sft.items()}):.2f}")
     print(f"rl_mem_exponent={exponent({n: r['new']['step_mb'] for n, r in rl.items()}):.2f}")
+    rows = run_child("sft", lengths[1], chunk, True, 4)  # the issue-31 goal: 4 x 2,048 at <= 1.0 GB peak
+    print(f"sft_rows_peak_mb={rows['peak_mb']:.0f} (4 rows x {lengths[1]}, peak RSS of the process)")
     return 0
 
 
