@@ -108,7 +108,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
             return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
-            with torch.enable_grad(), torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):
+            # cache_enabled=False: each chunk's ``w`` is a new leaf, whose cast autocast would
+            # otherwise keep until the step's outer autocast exits -- one (V, d) copy per chunk.
+            with torch.enable_grad(), torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled,
+                                                     cache_enabled=False):
                 h = hidden[start:end].detach().requires_grad_(want_hidden)
                 w = weight.detach().requires_grad_(want_weight)
                 logp, _ = _chunk_values(h, w, targets[start:end], ctx.logp_fn, False)
