@@ -108,6 +108,23 @@ def test_the_plan_counts_each_familys_own_parameters(family, native):
     assert out["gathered"] == pytest.approx((2 * cfg.sizes.embedding + 2 * cfg.sizes.max_layer) * 2 / GB)
 
 
+@pytest.mark.parametrize("family", ["sdar", "llada", "llada2"])
+def test_the_plans_adapter_count_is_what_lora_trains(family, tmp_path):
+    """`dirl plan`'s LoRA count skips what apply_lora excludes (LLaDA's head named ff_out, routed experts)."""
+    import json
+
+    from dirl.model.families import get_family
+    from dirl.model.lora import LoraConfig, apply_lora, num_parameters
+    fam = get_family(family)
+    cfg = fam.config_cls.for_init(fam.presets["tiny"], vocab_size=300, mask_token_id=299, eos_token_id=1,
+                                  pad_token_id=0, block_size=4, torch_dtype="float32")
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    lora = LoraConfig(r=4)
+    _, adapters = model_config(str(tmp_path), lora)
+    trainable, _ = num_parameters(apply_lora(fam.model_cls(cfg), lora, str(tmp_path)))
+    assert adapters == trainable > 0
+
+
 def test_rl_workload_decodes_the_rows_it_has_and_trains_on_the_responses():
     cfg = RLConfig()  # 8 prompts x 8, max_batch_rows 256, 32 new tokens, micro-batches of 8192 tokens
     work = rl_workload(cfg, world=1, prompt_tokens=100)

@@ -54,9 +54,18 @@ def model_config(spec: str, lora=None):
     from dirl.model.lora import family_targets
     with torch.device("meta"):
         model = build_model(cfg)
+    import re
+
+    from dirl.model.lora import ROUTED_EXPERT
     targets = family_targets(model, lora.target_modules)
+    excluded = [p for p in (get_family(cfg.arch.family).lora_exclude,
+                            "" if lora.experts else ROUTED_EXPERT.pattern) if p]  # as apply_lora excludes
+
+    def adapted(name: str) -> bool:
+        return any(name.endswith(t) for t in targets) and not any(re.fullmatch(p, name) for p in excluded)
+
     adapters = sum(lora.r * (m.in_features + m.out_features) for name, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and any(name.endswith(t) for t in targets))
+                   if isinstance(m, torch.nn.Linear) and adapted(name))
     return cfg, adapters
 
 
