@@ -134,3 +134,18 @@ def test_rl_rejects_grad_accum_naming_the_key():
     from dirl.train.rl.config import RLConfig
     with pytest.raises(ConfigError, match="optim.grad_accum.*micro_batch_tokens"):
         config_lib.load(RLConfig, None, ["optim.grad_accum=2"])
+
+
+def test_release_memory_is_auto_by_model_size_and_cpu_only():
+    """``compute.release_memory``: auto fixes glibc's mmap threshold only for models of >= 50M
+    parameters (it slowed the tiny demo 1.6x), on / off force it, and never off the CPU."""
+    from dirl.train.precision import RELEASE_MEMORY_PARAMS, ComputeConfig, releases_memory
+
+    tiny, big = torch.nn.Linear(4, 4), torch.nn.Embedding(RELEASE_MEMORY_PARAMS // 8, 8, device="meta")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not releases_memory(ComputeConfig(), tiny, cpu) and releases_memory(ComputeConfig(), big, cpu)
+    assert releases_memory(ComputeConfig(release_memory="on"), tiny, cpu)
+    assert not releases_memory(ComputeConfig(release_memory="off"), big, cpu)
+    assert not releases_memory(ComputeConfig(release_memory="on"), tiny, cuda)
+    with pytest.raises(ValueError, match="release_memory"):
+        ComputeConfig(release_memory="yes")

@@ -40,12 +40,28 @@ class ComputeConfig:
     precision: str = "auto"               # auto (bf16-mixed on CUDA, fp32 on CPU) | fp32 | bf16-mixed | bf16
     activation_checkpointing: bool = False  # recompute each decoder layer in backward
     head_chunk_size: int = DEFAULT_CHUNK_SIZE  # rows of the LM head per chunk (0 = unchunked (N, V) logits)
+    # CPU: give freed tensors back to the OS (glibc's mmap threshold fixed at 1 MiB): a lower peak
+    # RSS at real shapes, but a syscall and fresh pages per tensor >= 1 MiB, which slowed the tiny
+    # demo's RL by 60 %. auto = on for models of >= RELEASE_MEMORY_PARAMS parameters.
+    release_memory: str = "auto"          # auto | on | off
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.release_memory not in ("auto", "on", "off"):
+            raise ValueError(f"release_memory must be auto, on or off, got {self.release_memory!r}")
         if self.head_chunk_size < 0:
             raise ValueError(f"head_chunk_size must be >= 0, got {self.head_chunk_size}")
+
+
+RELEASE_MEMORY_PARAMS = 50_000_000  # real shapes: each step's compute dwarfs the allocator's syscalls
+
+
+def releases_memory(cfg: ComputeConfig, model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether a CPU run fixes glibc's mmap threshold (:func:`dirl.runtime.return_freed_memory`)."""
+    if torch.device(device).type != "cpu" or cfg.release_memory == "off":
+        return False
+    return cfg.release_memory == "on" or sum(p.numel() for p in model.parameters()) >= RELEASE_MEMORY_PARAMS
 
 
 def resolve(cfg: ComputeConfig, device: torch.device) -> str:

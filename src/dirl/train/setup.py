@@ -80,13 +80,13 @@ def setup(cfg: TrainerConfig, inputs: RunInputs, prepare: Callable[[torch.device
     set_seed(cfg.seed)
     device = dist_lib.local_device(resolve_device(cfg.device))
     dist_lib.init_from_env(cfg.dist, device)
-    if device.type == "cpu":
-        return_freed_memory()  # freed tensors leave the process (peak RSS of a step)
     prepared = prepare(device) if prepare is not None else None
     check_lora(cfg.lora, cfg.dist.strategy, backend)
     model, tokenizer = resolve_model(cfg.model, inputs, device, precision.load_dtype(cfg.compute, device, cfg.lora),
                                      cfg.seed, lora=cfg.lora)
     inputs.model, inputs.tokenizer = model, tokenizer  # the caller's handle on what is trained
+    if precision.releases_memory(cfg.compute, model, device):
+        return_freed_memory()  # freed tensors leave the process (peak RSS of a step)
     attn_impl = resolve_attn_impl(cfg.attn_impl, device)
     model.attn_impl = attn_impl
     precision.configure(model, cfg.compute)
