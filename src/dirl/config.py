@@ -185,26 +185,37 @@ def _moved(cls: type, dotted: str, prefix: str) -> str | None:
     return new
 
 
+def _parent(data: dict[str, Any], dotted: str) -> tuple[dict | None, str]:
+    """The mapping that holds dotted ``key`` in nested ``data`` (None: not there), and its last part."""
+    *parents, last = dotted.split(".")
+    node = data
+    for name in parents:
+        node = node.get(name) if isinstance(node, dict) else None
+    return (node if isinstance(node, dict) and last in node else None), last
+
+
 def migrate(cls: type, data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``data`` with the renamed keys of ``cls.moved_keys`` at their new places, so a recipe or a
-    saved run (``--resume``) written before a rename still loads. A key set under both names keeps
-    the new one."""
-    if not getattr(cls, "moved_keys", None):
-        return data
-    out = copy.deepcopy(data)
+    """``data`` with the renamed keys of ``cls.moved_keys`` (and of its sections' classes) at their
+    new places, so a recipe or a saved run (``--resume``) written before a rename still loads. A
+    key set under both names keeps the new one. ``data`` itself is left as it was."""
+    out = data
     for old in getattr(cls, "moved_keys", {}):
-        *parents, last = old.split(".")
-        node = out
-        for name in parents:
-            node = node.get(name) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or last not in node:
+        if _parent(out, old)[0] is None:
             continue
+        if out is data:
+            out = copy.deepcopy(data)
+        node, last = _parent(out, old)
         value = node.pop(last)
-        *new_parents, new_last = _moved(cls, old, prefix).split(".")
+        *parents, new_last = _moved(cls, old, prefix).split(".")
         target = out
-        for name in new_parents:
+        for name in parents:
             target = target.setdefault(name, {})
         target.setdefault(new_last, value)
+    for key, typ in _field_types(cls).items():
+        if dataclasses.is_dataclass(typ) and isinstance(out.get(key), dict):
+            section = migrate(typ, out[key], f"{prefix}{key}.")
+            if section is not out[key]:
+                out = {**out, key: section}
     return out
 
 
@@ -212,7 +223,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from a (partial) nested dict; defaults fill the rest (a partial
     section keeps its field's default values for the keys it leaves out)."""
     types_ = _field_types(cls)
-    data = migrate(cls, data, prefix)
+    if not prefix:  # the whole tree at once (a section's renames are its class's moved_keys)
+        data = migrate(cls, data)
     kwargs = {}
     for key, value in data.items():
         if key not in types_:
@@ -287,6 +299,7 @@ def _read_yaml(cls: type, path: str | Path) -> dict[str, Any]:
     data = parse_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
+    data = migrate(cls, data)
     from_dict(cls, data, prefix="")  # validates the file, naming the bad key
     return data
 
@@ -315,7 +328,7 @@ def load_on_top(cls: type[T], base: T, path: str | Path | None = None,
     Returns the config and what changed, as ``key: old -> new`` lines."""
     data = to_dict(base)
     if path is not None:
-        data = _merged(data, migrate(cls, _read_yaml(cls, path)))
+        data = _merged(data, _read_yaml(cls, path))
     _apply_overrides(data, cls, overrides)
     cfg = from_dict(cls, data)
     before, after = _flatten(to_dict(base)), _flatten(to_dict(cfg))
