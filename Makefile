@@ -20,9 +20,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# One pytest process per core (at most 4: each imports torch); every test is independent of order.
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --maxprocesses 4
 
 # End-to-end runs, other tools and tests that start processes: CI runs them after `make test`.
 test-integration: $(STAMP)

@@ -215,10 +215,29 @@ def test_full_attention_rollouts_do_not_depend_on_batch_rows(family, rule):
     reference = Engine(model, max_batch_rows=16).generate(prompts, params)
     if rule == "dynamic":
         assert len({r.num_forwards for r in reference}) > 2  # rows leave at different forwards
-    for options in ({"max_batch_rows": 3, "batching": "chunked"}, {"max_batch_rows": 1}, {"max_batch_rows": 3}):
+    for options in ({"max_batch_rows": 3, "batching": "chunked"}, {"max_batch_rows": 1}, {"max_batch_rows": 3},
+                    {"max_batch_rows": 3, "batching": "shared"}):
         rows.clear()
         _assert_same(Engine(model, **options).generate(prompts, params), reference, options)
     assert max(rows) == 3 and sum(rows) == sum(r.num_forwards for r in reference)  # no idle row in any call
+
+
+def test_time_sharing_runs_the_least_served_rows_and_keeps_the_batch_full(tiny_model):
+    """``shared``: every row is admitted at once and each forward runs the 3 rows with the fewest
+    forwards, so the batch stays full until fewer than 3 rows are left, and those are the longest:
+    the calls with fewer rows are (longest - third longest) forwards, up to the rounding of turns.
+    Rollouts are those of FIFO; a block-causal model refuses it (a paused row would hold its cache)."""
+    model, prompts, params = _full_attention_case("llada")
+    rows = _row_counts(model)
+    reference = Engine(model, max_batch_rows=3).generate(prompts, params)
+    fifo = list(rows)
+    rows.clear()
+    _assert_same(Engine(model, max_batch_rows=3, batching="shared").generate(prompts, params), reference, "shared")
+    longest = sorted((r.num_forwards for r in reference), reverse=True)
+    assert rows == sorted(rows, reverse=True) and sum(rows) == sum(longest)  # full, then the tail only shrinks
+    assert sum(n < 3 for n in rows) <= longest[0] - longest[2] + 2 < sum(n < 3 for n in fifo)
+    with pytest.raises(ValueError, match="full-attention"):
+        Engine(tiny_model, batching="shared")
 
 
 def test_full_attention_finished_rows_are_replaced_at_the_next_forward():

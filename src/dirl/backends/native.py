@@ -25,13 +25,14 @@ class NativeBackend:
     """
 
     def __init__(self, model, tokenizer=None, use_cache: bool = True, max_batch_rows: int = 256,
-                 decode_dtype: torch.dtype | None = None, compile: bool = False, max_batch_tokens: int = 0):
+                 decode_dtype: torch.dtype | None = None, compile: bool = False, max_batch_tokens: int = 0,
+                 batching: str = "continuous"):
         self.model, self.decode_model = model, model
         params = list(model.parameters())
         if decode_dtype is not None and any(p.dtype != decode_dtype for p in params) and not _sharded(model):
             self.decode_model = cast_copy(model, decode_dtype)
         self.engine = Engine(self.decode_model, use_cache=use_cache, max_batch_rows=max_batch_rows, compile=compile,
-                             max_batch_tokens=max_batch_tokens)
+                             max_batch_tokens=max_batch_tokens, batching=batching)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  seeds: list[int] | None = None) -> list[Rollout]:
@@ -62,11 +63,12 @@ class CheckpointBackend:
     """
 
     def __init__(self, model, tokenizer=None, use_cache: bool = True, max_batch_rows: int = 256,
-                 workdir: str | None = None, compile: bool = False, max_batch_tokens: int = 0):
+                 workdir: str | None = None, compile: bool = False, max_batch_tokens: int = 0,
+                 batching: str = "continuous"):
         self.model, self.tokenizer = model, tokenizer
         # compile: each reload is a new model object, which may compile again
         self.options = dict(use_cache=use_cache, max_batch_rows=max_batch_rows, compile=compile,
-                            max_batch_tokens=max_batch_tokens)
+                            max_batch_tokens=max_batch_tokens, batching=batching)
         self._tmp = Path(workdir or tempfile.mkdtemp(prefix="dirl-reload-"))
         self.engine: Engine | None = None
         self.sync_weights()

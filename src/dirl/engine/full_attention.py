@@ -34,6 +34,7 @@ over the whole vocabulary; with top-k and top-p both set, top-k truncates first 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 
@@ -128,6 +129,13 @@ class _Rows:
             for name in self.WIDE:
                 setattr(self, name, getattr(self, name)[:, cut:])
             self.pads = self.pads - cut
+
+    def split(self, chosen: torch.Tensor) -> tuple["_Rows", "_Rows"]:
+        """(the rows flagged in ``chosen`` (R,), the others), each in its own narrowest frame (no cache)."""
+        picked, rest = copy.copy(self), copy.copy(self)
+        picked.keep(chosen)
+        rest.keep(~chosen)
+        return picked, rest
 
     def extend(self, other: "_Rows") -> None:
         """Append ``other``'s rows (no cache), both left-padded to the wider frame."""
@@ -294,10 +302,15 @@ def _rollout(rows: _Rows, r: int, request: RowRequest) -> Rollout:
 class FullSession:
     """The live rows of one exact decode (``cache: none``), a :class:`~dirl.engine.scheduler.Session`:
     the scheduler's loop joins waiting rows into the frame before any forward and a row leaves once
-    its whole response is committed, so rows of any prompt and response length share forwards."""
+    its whole response is committed, so rows of any prompt and response length share forwards.
 
-    def __init__(self, model, params: SamplingParams):
-        self.model, self.params = model, params
+    ``active_rows`` > 0 time-shares (the scheduler's ``shared`` policy): the session may hold more
+    rows than that, and each forward runs the ``active_rows`` with the fewest forwards so far (frame
+    order among equals; a row that ran moves to the back, so equals take turns). A paused row's
+    state is its frame row; its draws come from its own generator, so pausing changes nothing."""
+
+    def __init__(self, model, params: SamplingParams, active_rows: int = 0):
+        self.model, self.params, self.active_rows = model, params, active_rows
         self.rows: _Rows | None = None
 
     @property
@@ -330,7 +343,18 @@ class FullSession:
             self.rows = new
 
     def step(self) -> list[tuple[RowRequest, Rollout]]:
-        rows = self.rows
+        if not self.active_rows or self.num_live <= self.active_rows:
+            return self._step(self.rows)
+        chosen = torch.zeros(self.num_live, dtype=torch.bool, device=self.rows.tokens.device)
+        chosen[self.rows.forwards.argsort(stable=True)[: self.active_rows]] = True  # least served first
+        active, paused = self.rows.split(chosen)
+        out = self._step(active)
+        paused.extend(active)
+        self.rows = paused
+        return out
+
+    def _step(self, rows: _Rows) -> list[tuple[RowRequest, Rollout]]:
+        """One forward for every row of ``rows``; the finished ones leave it and are returned."""
         _step(self.model, rows, self.params, self.params.unmasking)
         finished = ~rows.masked.any(-1)
         out = [(rows.rows[r], _rollout(rows, r, rows.rows[r])) for r in finished.nonzero().squeeze(-1).tolist()]

@@ -19,6 +19,15 @@ baseline of ``python -m benchmarks.engine``: rows join only when the batch is em
 prompts at a time (``max_rows // n`` prompts), and the batch drains to its
 slowest row.
 
+``policy="shared"`` (time sharing, full attention only) admits every waiting row that fits the
+budget and lets the session run ``max_rows`` of them per forward, those with the fewest forwards
+first. FIFO admission drains: once nothing waits, a long row admitted late runs nearly alone,
+and response lengths are not known in advance. Under time sharing every row starts early and
+advances at the same pace, so the batch stays full until fewer than ``max_rows`` rows remain,
+and those are the longest (the least-attained-service rule of processor scheduling). A paused
+row must keep its state: for a full-attention row that is its token ids, but a block-causal
+row would hold its KV cache, so only the full-attention session supports it.
+
 A row's rollout depends only on its prompt, seed and the weights: each row owns
 its random generator and its forward counter, so neither the rows beside it nor
 the moment it joined change its tokens (tested at several ``max_rows``).
@@ -33,7 +42,8 @@ from typing import Any, Protocol
 
 from dirl.rollout import Rollout
 
-POLICIES = ("continuous", "chunked")
+POLICIES = ("continuous", "shared", "chunked")
+SHARED_POOL = 1 << 20  # rows a time-shared session may hold: in practice every waiting row
 
 
 @dataclass
@@ -126,7 +136,9 @@ def run(session: Session, feed: Feed, max_rows: int, max_tokens: int = 0, policy
         for row in session.drop(feed.cancelled):
             feed.done(row, None)
         free = max_rows - session.num_live
-        if policy == "chunked":
+        if policy == "shared":  # every waiting row (the budget permitting); the session picks who runs
+            free = SHARED_POOL - session.num_live
+        elif policy == "chunked":
             free = 0 if session.num_live else max(1, max_rows // group) * group
         if free > 0:
             session.join(_admit(feed, feed.take(free), session, max_tokens))
