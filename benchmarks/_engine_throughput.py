@@ -235,7 +235,7 @@ def rl_rollout_phase(model, tokenizer, prompts: list[list[int]], spec, group_siz
     handle = model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
     out: dict[str, float] = {}
     try:
-        for name in ("chunked", "continuous"):
+        for name in ("chunked", "continuous", "shared"):
             engine = Engine(model, max_batch_rows=max_batch_rows, batching=name)
             best = float("inf")
             for _ in range(repeats):
@@ -249,6 +249,7 @@ def rl_rollout_phase(model, tokenizer, prompts: list[list[int]], spec, group_siz
     finally:
         handle.remove()
     out["rl_rollout_speedup"] = round(out["rl_rollout_s_chunked"] / out["rl_rollout_s_continuous"], 2)
+    out["rl_rollout_speedup_shared"] = round(out["rl_rollout_s_chunked"] / out["rl_rollout_s_shared"], 2)
     lengths = sorted(r.num_tokens for r in rollouts)
     out["rl_rollout_tokens_p50_max"] = f"{lengths[len(lengths) // 2]}/{lengths[-1]}"
     return out

@@ -206,7 +206,7 @@ def run_throughput_benchmark(args) -> dict[str, float | int | str]:
 
     model = init_model(InitConfig(preset="tiny", block_size=args.block_size, seed=args.seed), char_tokenizer()).eval()
     rows = [int(r) for r in args.throughput_rows.split(",")]
-    modes = {"continuous": {}, "chunked": {"batching": "chunked"}}
+    modes = {"continuous": {}, "shared": {"batching": "shared"}, "chunked": {"batching": "chunked"}}
     out = throughput.run(model, modes, rows, args.throughput_prompts, args.throughput_n, args.throughput_cap,
                          args.seed)
     # The cache's peak against the live rows' on a deeper model (a reshape's transient is one layer of L).
@@ -216,9 +216,7 @@ def run_throughput_benchmark(args) -> dict[str, float | int | str]:
                           args.throughput_cap, args.seed, reorder=False)
     out[f"kv_peak_vs_live_8_layers_r{rows[0]}"] = line[f"kv_peak_vs_live_continuous_r{rows[0]}"]
     # The full-attention decoder (a tiny random LLaDA) on the same lengths: forwards over whole sequences.
-    # (plus time sharing, which only a full-attention session supports: a paused row holds no cache)
-    out.update(throughput.run(fullattn_model(args.seed), {**modes, "shared": {"batching": "shared"}}, rows,
-                              args.throughput_prompts, args.throughput_n,
+    out.update(throughput.run(fullattn_model(args.seed), modes, rows, args.throughput_prompts, args.throughput_n,
                               args.throughput_cap, args.seed, prefix="fullattn_"))
     # RL scale: rows >> batch (sdar-8b-rl: 16 prompts x 32 samples, 96 rows).
     scale_rows = (args.scale_rows,)

@@ -65,6 +65,7 @@ def test_rollouts_do_not_depend_on_batch_rows_cache_or_schedule(peaky_model):
     runs = [{"use_cache": cache, "max_batch_rows": rows} for cache in (True, False) for rows in (1, 3, 16)
             if cache or rows != 16]  # (uncached at 16 rows is the reference)
     runs += [{"max_batch_rows": 3, "batching": "chunked"}, {"max_batch_rows": 3, "prefill_chunk": B}]
+    runs += [{"use_cache": cache, "max_batch_rows": 3, "batching": "shared"} for cache in (True, False)]
     for options in runs:
         got = Engine(peaky_model, **options).generate(prompts, params)
         assert _key(got) == _key(reference), options
@@ -125,6 +126,16 @@ def test_kv_budget_caps_live_rows_and_peak_memory_follows_them(make_tiny_model):
     cfg = model.config
     per_row = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4 * slots  # fp32
     assert 0.8 * 3 * per_row <= caches[0].peak_bytes <= 1.2 * 3 * per_row  # ~3 rows, never more
+    # Time sharing holds as many rows as the budget allows (5 here), and runs 2 at a time.
+    rows.clear(), caches.clear()
+    KVCache.for_model = classmethod(lambda cls, *a: caches.append(original(*a)) or caches[-1])
+    try:
+        shared = Engine(model, max_batch_rows=2, max_batch_tokens=5 * slots, batching="shared").generate(prompts,
+                                                                                                        params)
+    finally:
+        KVCache.for_model = original
+    assert _key(shared) == _key(got) and max(rows) == 2
+    assert 0.8 * 5 * per_row <= caches[0].peak_bytes <= 1.2 * 5 * per_row
 
 
 # -- serving: new requests join the running loop ----------------------------------------------------------
@@ -222,22 +233,26 @@ def test_full_attention_rollouts_do_not_depend_on_batch_rows(family, rule):
     assert max(rows) == 3 and sum(rows) == sum(r.num_forwards for r in reference)  # no idle row in any call
 
 
-def test_time_sharing_runs_the_least_served_rows_and_keeps_the_batch_full(tiny_model):
+@pytest.mark.parametrize("family", ["sdar", "llada"])
+def test_time_sharing_runs_the_least_served_rows_and_keeps_the_batch_full(family, peaky_model):
     """``shared``: every row is admitted at once and each forward runs the 3 rows with the fewest
     forwards, so the batch stays full until fewer than 3 rows are left, and those are the longest:
-    the calls with fewer rows are (longest - third longest) forwards, up to the rounding of turns.
-    Rollouts are those of FIFO; a block-causal model refuses it (a paused row would hold its cache)."""
-    model, prompts, params = _full_attention_case("llada")
+    the calls with fewer rows are (longest - third longest) forwards, up to the rounding of turns,
+    fewer than FIFO's drain. Rollouts are FIFO's (block-causal: with paused rows' cache rows kept)."""
+    if family == "sdar":
+        model, prompts = peaky_model, _prompts((5, 8, 3, 12, 11, 6, 17))
+        params, options = _stop_params(model, prompts), {"prefill_chunk": 64}  # whole prefills ride along
+    else:
+        (model, prompts, params), options = _full_attention_case("llada"), {}
     rows = _row_counts(model)
-    reference = Engine(model, max_batch_rows=3).generate(prompts, params)
+    reference = Engine(model, max_batch_rows=3, **options).generate(prompts, params)
     fifo = list(rows)
     rows.clear()
-    _assert_same(Engine(model, max_batch_rows=3, batching="shared").generate(prompts, params), reference, "shared")
+    got = Engine(model, max_batch_rows=3, batching="shared", **options).generate(prompts, params)
+    _assert_same(got, reference, "shared")
     longest = sorted((r.num_forwards for r in reference), reverse=True)
     assert rows == sorted(rows, reverse=True) and sum(rows) == sum(longest)  # full, then the tail only shrinks
     assert sum(n < 3 for n in rows) <= longest[0] - longest[2] + 2 < sum(n < 3 for n in fifo)
-    with pytest.raises(ValueError, match="full-attention"):
-        Engine(tiny_model, batching="shared")
 
 
 def test_full_attention_finished_rows_are_replaced_at_the_next_forward():

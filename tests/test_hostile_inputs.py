@@ -127,8 +127,6 @@ CASES = {
                                 "more than the 4 training examples"),
     "rl-max-new-tokens-past-context": ("rl model={good} rollout.sampling.max_new_tokens=100000",
                                        "exceeds the model's context"),
-    "rl-shared-batching-block-model": ("rl model={good} rollout.native.batching=shared",
-                                       "batching=shared needs a full-attention model"),
 }
 
 

@@ -169,6 +169,20 @@ def test_the_8b_rl_config_fits_8x80gb(max_new_tokens, live_rows):
     assert cfg.compute.precision == "bf16-mixed" and cfg.compute.activation_checkpointing
 
 
+def test_time_sharing_holds_every_row_in_the_kv_cache_within_the_budget():
+    """batching=shared admits all of a rank's 64 rows with their KV (capped by max_batch_tokens),
+    while only max_batch_rows of them run: the cache term grows by exactly the paused rows' KV."""
+    arch = SDAR_8B.arch
+    kv_per_token = arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim * 2
+    base = ["rollout.native.max_batch_rows=16"]
+    fifo, shared = (rl_workload(config_lib.load(RLConfig, CONFIGS / "sdar-8b-rl.yaml", base + extra), world=8,
+                                max_new_tokens=2048) for extra in ([], ["rollout.native.batching=shared"]))
+    assert (decode_rows(fifo), decode_rows(shared)) == (16, 64)  # 245,760 // (512 + 2048) = 96 >= 64
+    extra = (plan(SDAR_8B, shared)["kv_cache"] - plan(SDAR_8B, fifo)["kv_cache"]) * GB
+    assert extra == pytest.approx(48 * (512 + 2048) * kv_per_token)
+    assert decode_rows(dataclasses.replace(shared, decode_tokens=32 * (512 + 2048))) == 32  # the budget caps it
+
+
 @pytest.mark.parametrize("max_length", [2048, 3072, 8192])
 def test_the_8b_fsdp_sft_config_fits_8x80gb(max_length):
     cfg = config_lib.load(SFTConfig, CONFIGS / "sdar-8b-sft-fsdp.yaml", [])

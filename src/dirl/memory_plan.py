@@ -76,13 +76,16 @@ class Workload:
     foreach: bool = True               # AdamW's multi-tensor step (CUDA's default; CPU steps per tensor)
     head_tensors: float = HEAD_TENSORS  # (chunk, V) fp32 tensors of the head's backward
     decode_tokens: int = 0             # rollout.<backend>.max_batch_tokens (0: no KV budget beyond the rows)
+    decode_pool: int = 0               # batching=shared: rows held with their KV cache (0: decode_rows)
 
 
 def decode_rows(work: Workload) -> int:
-    """Rows the engine keeps live: ``decode_rows``, capped by the KV budget (at least one)."""
+    """Rows the engine keeps in its KV cache: ``decode_rows`` (or, time-shared, ``decode_pool``),
+    capped by the KV budget (at least one)."""
+    rows = work.decode_pool or work.decode_rows
     if not work.decode_tokens or not work.decode_len:
-        return work.decode_rows
-    return min(work.decode_rows, max(1, work.decode_tokens // work.decode_len))
+        return rows
+    return min(rows, max(1, work.decode_tokens // work.decode_len))
 
 
 def layer_bytes_per_token(cfg, compute_bytes: int) -> int:
@@ -137,7 +140,9 @@ def plan(cfg, work: Workload) -> dict[str, float]:
     head = work.head_tensors * min(work.head_chunk or work.scored, work.scored) * arch.vocab_size * 4 \
         + 2 * work.scored * arch.hidden_size * 4
     kv_per_token = arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim * 2
-    kv_cache = decode_rows(work) * (work.decode_len * kv_per_token + arch.block_size * arch.vocab_size * 4)
+    cached = decode_rows(work)  # the logits are the forward's rows' only
+    kv_cache = cached * work.decode_len * kv_per_token + min(cached, work.decode_rows) * arch.block_size * \
+        arch.vocab_size * 4
     states = weights["masters"] + weights["grads"] + weights["adam"]
     held = weights["reference"] + (weights["decode_weights"] if not sharded else 0)
     out = {**weights, "states": states, "gathered": gathered, "activations": activations, "head": head,
@@ -193,11 +198,13 @@ def rl_workload(cfg, world: int, max_new_tokens: int | None = None, block_size: 
     native = cfg.rollout.backend == "native"
     options = cfg.rollout.backend_options()
     decode_rows = min(rows, getattr(options, "max_batch_rows", rows)) if native else 0
+    pool = rows if native and getattr(options, "batching", "continuous") == "shared" else 0  # every row admitted
     return Workload(world=world, precision=_precision(cfg), tokens=tokens,
                     scored=max(1, int(tokens * response / row)), checkpointing=cfg.compute.activation_checkpointing,
                     head_chunk=cfg.compute.head_chunk_size, reference=cfg.algo.beta > 0, decode_rows=decode_rows,
                     decode_len=prompt_tokens + length, strategy=cfg.dist.strategy, lora_params=lora_params,
-                    foreach=foreach, decode_tokens=getattr(options, "max_batch_tokens", 0) if native else 0)
+                    foreach=foreach, decode_tokens=getattr(options, "max_batch_tokens", 0) if native else 0,
+                    decode_pool=pool)
 
 
 def sft_workload(cfg, world: int, max_length: int | None = None, *, lora_params: int = 0,

@@ -21,9 +21,9 @@ class NativeOptions(EngineOptions):  # + compile
 
     max_batch_rows: int = 256         # rows decoding at once (continuous batching refills finished ones)
     max_batch_tokens: int = 0         # KV budget: live rows x (prompt + max_new_tokens + 2 blocks); 0 = rows only
-    # continuous: a finished row's place goes to the next waiting row. shared (full-attention models
-    # only): every row is admitted and each forward runs the max_batch_rows least advanced ones, so
-    # long rows start early and the batch stays full longer (dirl.engine.scheduler).
+    # continuous: a finished row's place goes to the next waiting row. shared: every row that fits
+    # max_batch_tokens is admitted (with its KV cache row) and each forward runs the max_batch_rows
+    # least advanced ones, so long rows start early and the batch stays full (dirl.engine.scheduler).
     batching: str = "continuous"
 
     def __post_init__(self) -> None:

@@ -79,6 +79,17 @@ class _Rows:
             values = getattr(self, name)
             setattr(self, name, [values[i] for i in idx])
 
+    def take(self, idx: list[int]) -> _Rows:
+        """A copy of rows ``idx`` (a time-shared forward's rows; :meth:`put` writes them back)."""
+        out = object.__new__(_Rows)
+        out.offsets, index = self.offsets, torch.tensor(idx, dtype=torch.long, device=self.offsets.device)
+        for name in self.TENSORS:
+            setattr(out, name, getattr(self, name).index_select(0, index))
+        for name in self.LISTS:
+            values = getattr(self, name)
+            setattr(out, name, [values[i] for i in idx])
+        return out
+
     def put(self, slots: list[int], new: _Rows) -> None:
         """Overwrite rows ``slots`` with ``new``'s rows (a joining row takes a finished row's place)."""
         index = torch.tensor(slots, dtype=torch.long, device=self.offsets.device)
@@ -109,10 +120,17 @@ class _Rows:
 
 
 class BlockSession:
-    """The live rows of one decode (a :class:`~dirl.engine.scheduler.Session`) on ``engine``'s model."""
+    """The live rows of one decode (a :class:`~dirl.engine.scheduler.Session`) on ``engine``'s model.
 
-    def __init__(self, engine, params: SamplingParams):
-        self.engine, self.params = engine, params
+    ``active_rows`` > 0 time-shares (the scheduler's ``shared`` policy): the session may hold more
+    rows than that, each with its cache row, and each forward runs the ``active_rows`` rows with
+    the fewest denoising forwards (lowest batch row among equals); their cache rows are written in
+    place and gathered for reading. A paused row's state and cache row wait untouched, and its
+    generator draws only when it denoises, so pausing changes nothing."""
+
+    def __init__(self, engine, params: SamplingParams, active_rows: int = 0):
+        self.engine, self.params, self.active_rows = engine, params, active_rows
+        self.cache_rows: torch.Tensor | None = None  # the cache rows of a time-shared forward's rows
         self.size, self.mask_id, self.device = engine.block_size, engine.mask_id, engine.device
         self.rows = _Rows([], self.size, self.mask_id, self.device)
         self.dead: list[int] = []      # batch rows whose sequence finished or was cancelled (to reuse)
@@ -157,6 +175,21 @@ class BlockSession:
             if self.cache is not None:
                 self.cache.select(torch.tensor(keep, dtype=torch.long, device=self.device))
             self.dead = []
+        if not self.active_rows or len(self.rows) <= self.active_rows:
+            return self._step()
+        pick = self.rows.num_forwards.argsort(stable=True)[: self.active_rows].sort().values  # least served
+        everyone, chosen = self.rows, pick.tolist()
+        self.rows, self.cache_rows = everyone.take(chosen), pick
+        try:
+            out = self._step()
+            everyone.put(chosen, self.rows)
+        finally:
+            self.rows, self.cache_rows = everyone, None
+        self.dead = [chosen[r] for r in self.dead]  # the finished rows, as batch rows of everyone
+        return out
+
+    def _step(self) -> list[tuple[RowRequest, Rollout]]:
+        """One forward for every row of ``self.rows``; the finished ones' batch rows become free."""
         if self.cache is not None:
             ready, logits = self._forward_cached()
         else:
@@ -211,7 +244,7 @@ class BlockSession:
             block_valid = torch.ones_like(rows.masked) if all_ready else ready[:, None].expand(-1, self.size)
             ids, pos = torch.cat([clean_ids, ids], 1), torch.cat([clean_pos, pos], 1)
             valid = torch.cat([clean_valid, block_valid], 1)
-        step = self.cache.step(pos, valid, self._limit(pos), always_mask=engine.compiled)
+        step = self.cache.step(pos, valid, self._limit(pos), always_mask=engine.compiled, rows=self.cache_rows)
         masked = rows.masked if all_ready else rows.masked & ready[:, None]
         logits_index = self._masked_index(masked, ids.shape[1])
         if engine.step_forward is None:

@@ -15,7 +15,7 @@ runs (``dirl serve``'s batcher).
 ``max_new_tokens`` + two blocks) stays within it. ``batching="chunked"`` is the
 schedule before continuous batching (whole chunks of ``max_batch_rows // n``
 prompts, each decoded to its slowest row), the benchmark's baseline; ``batching="shared"``
-time-shares a full-attention model's forwards among every waiting row
+time-shares the forwards among every waiting row that fits ``max_batch_tokens``
 (:mod:`dirl.engine.scheduler`).
 """
 
@@ -71,9 +71,6 @@ class Engine:
                  prefill_chunk: int = 0):
         if batching not in scheduler.POLICIES:
             raise ValueError(f"unknown batching {batching!r}; choose from {scheduler.POLICIES}")
-        if batching == "shared" and model.arch.attention != "bidirectional":
-            raise ValueError("batching='shared' needs a full-attention model: a paused block-causal row "
-                             "would hold its KV cache (use 'continuous')")
         self.model = model
         # ``compile``: the cached denoising step runs the model under torch.compile (the
         # reference decoder stays eager). On a small model a step is mostly per-op overhead,
@@ -160,6 +157,5 @@ class Engine:
         decoder's (:class:`~dirl.engine.full_attention.FullSession`); both reuse the loop, the
         feeds and the serving batcher unchanged."""
         if self.model.arch.attention == "bidirectional":
-            return full_attention.FullSession(self.model, params,
-                                              self.max_batch_rows if self.batching == "shared" else 0)
-        return BlockSession(self, params)
+            return full_attention.FullSession(self.model, params, self.max_batch_rows if self.batching == "shared" else 0)
+        return BlockSession(self, params, self.max_batch_rows if self.batching == "shared" else 0)

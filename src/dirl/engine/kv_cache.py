@@ -128,7 +128,7 @@ class KVCache:
                 del old
 
     def step(self, positions: torch.Tensor, valid: torch.Tensor | None, limit: torch.Tensor,
-             always_mask: bool = False) -> "CacheStep":
+             always_mask: bool = False, rows: torch.Tensor | None = None) -> "CacheStep":
         """The cache as one forward sees it.
 
         positions: (R, T) of the input tokens (their slots); valid: (R, T) bool or None (all
@@ -136,6 +136,8 @@ class KVCache:
         attends to slots ``[0, limit)`` (its row's clean prefix, plus its own block).
         always_mask: build the mask even when every query sees every slot (a compiled forward
         then sees one kind of step, and reads the number of slots in use from the mask's shape).
+        rows: (R,) the cache rows of the forward's rows, when it runs a subset of them (time
+        sharing: each layer's read then gathers those rows, a copy); None: all rows, in order.
         """
         end = int(limit.max())
         self.reserve(max(end, int(positions.max()) + 1))
@@ -143,7 +145,7 @@ class KVCache:
         # Every query sees every slot in use (one row, no commit riding along): SDPA needs no mask.
         mask = None if int(limit.min()) == end and not always_mask else \
             (torch.arange(end, device=limit.device) < limit[..., None])[:, None]  # (R, 1, T, S)
-        return CacheStep(self, slots, mask, end)
+        return CacheStep(self, slots, mask, end, rows)
 
 
 class CacheStep:
@@ -154,14 +156,15 @@ class CacheStep:
     to attend over. ``mask`` None means every query sees every slot in use.
     """
 
-    def __init__(self, cache: KVCache, slots: torch.Tensor, mask: torch.Tensor | None, end: int):
-        self.cache, self.mask, self._end = cache, mask, end
-        rows, heads, _ = cache._shape
+    def __init__(self, cache: KVCache, slots: torch.Tensor, mask: torch.Tensor | None, end: int,
+                 rows: torch.Tensor | None = None):
+        self.cache, self.mask, self._end, self.rows = cache, mask, end, rows
+        heads = cache._shape[1]
         slots_per_row = cache.capacity + 1
+        row_ids = torch.arange(cache._shape[0], device=slots.device) if rows is None else rows  # (R,)
         # Flat row index of every (row, kv head, token) in a (R * Hkv * (C + 1), D) view of a layer,
         # computed once for all layers: one index_copy_ per layer writes the whole step.
-        base = (torch.arange(rows, device=slots.device)[:, None] * heads
-                + torch.arange(heads, device=slots.device)) * slots_per_row  # (R, Hkv)
+        base = (row_ids[:, None] * heads + torch.arange(heads, device=slots.device)) * slots_per_row  # (R, Hkv)
         self.flat_index = (base[:, :, None] + slots[:, None, :]).reshape(-1)  # (R * Hkv * T,)
 
     @property
@@ -195,4 +198,6 @@ class _LayerSlots:
         dim = keys.shape[-1]
         keys.view(-1, dim).index_copy_(0, step.flat_index, k.reshape(-1, dim))
         values.view(-1, dim).index_copy_(0, step.flat_index, v.reshape(-1, dim))
+        if step.rows is not None:
+            return keys[step.rows, :, : step.end], values[step.rows, :, : step.end]
         return keys[:, :, : step.end], values[:, :, : step.end]

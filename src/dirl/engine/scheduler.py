@@ -19,14 +19,14 @@ baseline of ``python -m benchmarks.engine``: rows join only when the batch is em
 prompts at a time (``max_rows // n`` prompts), and the batch drains to its
 slowest row.
 
-``policy="shared"`` (time sharing, full attention only) admits every waiting row that fits the
-budget and lets the session run ``max_rows`` of them per forward, those with the fewest forwards
-first. FIFO admission drains: once nothing waits, a long row admitted late runs nearly alone,
-and response lengths are not known in advance. Under time sharing every row starts early and
-advances at the same pace, so the batch stays full until fewer than ``max_rows`` rows remain,
-and those are the longest (the least-attained-service rule of processor scheduling). A paused
-row must keep its state: for a full-attention row that is its token ids, but a block-causal
-row would hold its KV cache, so only the full-attention session supports it.
+``policy="shared"`` (time sharing) admits every waiting row that fits the KV budget and lets
+the session run ``max_rows`` of them per forward, those with the fewest forwards first. FIFO
+admission drains: once nothing waits, a long row admitted late runs nearly alone, and response
+lengths are not known in advance. Under time sharing every row starts early and advances at
+the same pace, so the batch stays full until fewer than ``max_rows`` rows remain, and those are
+the longest (the least-attained-service rule of processor scheduling). The price is memory: a
+paused row keeps its state -- a full-attention row its token ids, a block-causal row also its
+KV cache row -- so ``max_tokens``, not ``max_rows``, bounds the cache.
 
 A row's rollout depends only on its prompt, seed and the weights: each row owns
 its random generator and its forward counter, so neither the rows beside it nor

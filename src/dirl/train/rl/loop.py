@@ -60,10 +60,6 @@ def _check_block_sizes(cfg: RLConfig, model) -> None:
     """Every block size the run will use, checked against the model and the sampling settings
     before anything is decoded; the model keeps its own."""
     config = dist_lib.unwrap(model).config
-    options = cfg.rollout.backend_options()
-    if getattr(options, "batching", "continuous") == "shared" and config.arch.attention != "bidirectional":
-        raise UserError(f"rollout.{cfg.rollout.backend}.batching=shared needs a full-attention model: a paused "
-                        "block-causal row would hold its KV cache (use continuous)")
     if config.arch.attention == "bidirectional":  # no block in the model: block_length is a sampling setting
         if cfg.block_size or cfg.block_size_schedule:
             raise UserError("block_size / block_size_schedule: a full-attention model has no block; "
