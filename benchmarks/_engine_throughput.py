@@ -21,7 +21,7 @@ Per engine and ``max_batch_rows`` R it reports:
   (an oracle that knows the lengths): the part of the gap the tail's order causes;
   ``*_long_prompt_first``: longest prompt first, a rule that knows only the prompts;
 * ``kv_peak_vs_live``: the KV cache's peak bytes over the theoretical cache of the most
-  rows live at once (:func:`kv_peak_vs_live`).
+  rows live at once (:func:`kv_peak_vs_live`; time-shared: every row, each holds a cache row).
 
 A full-attention model (LLaDA, Dream) decodes its whole response whatever it says, so the same
 lengths become forward counts: :func:`eos_tail` makes a random model write left to right with the
@@ -127,13 +127,15 @@ def measure(model, calls: list[int], prompts, params: SamplingParams, rows: int,
         rollouts = engine.generate(prompts, params)
         seconds = clock() - start
     row_forwards = sum(r.num_forwards for r in rollouts)
+    # rows holding a cache row at once: the batch, or every row when time-shared (no budget here)
+    live_rows = len(rollouts) if engine_options.get("batching") == "shared" else max(calls)
     floor = max(1.0, max(r.num_forwards for r in rollouts) / (row_forwards / rows))  # the longest row alone
     return {"calls_vs_ideal_floor": round(floor, 3),"batch_occupancy": round(sum(calls) / len(calls) / rows, 3),
             "calls_vs_ideal": round(len(calls) / (row_forwards / rows), 3),
             "model_calls": len(calls), "row_forwards": row_forwards,
             "tokens_per_s": round(sum(r.num_tokens for r in rollouts) / seconds, 1),
             "tokens": sum(r.num_tokens for r in rollouts), "_rollouts": rollouts} | \
-        ({"kv_peak_vs_live": round(kv_peak_vs_live(model, caches, max(calls), prompts, params), 3)} if caches else {})
+        ({"kv_peak_vs_live": round(kv_peak_vs_live(model, caches, live_rows, prompts, params), 3)} if caches else {})
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ Prints ``name=value`` lines, side by side in one run:
 * ``engine_bf16_tokens_per_s`` -- KV-cached decoding in bf16 (a bf16 copy of the weights, as
   the native backend decodes bf16-mixed runs) and ``engine_bf16_copy_s``, that copy's cost;
 * issue 29's throughput workload (``python -m benchmarks.engine``'s: 64 prompts x 4, heavy-tailed
-  lengths) on that bf16 copy at ``max_batch_rows`` 128, continuous vs chunked batching:
+  lengths) on that bf16 copy at ``max_batch_rows`` 128, continuous vs time-shared vs chunked batching:
   ``batch_occupancy_*``, ``calls_vs_ideal_*``, ``tokens_per_s_*`` (wall clock), and
   ``kv_peak_vs_live_*``, the cache's peak bytes over the theoretical cache of the most
   rows live at once. ``--throughput-only`` runs just these (about a minute).
@@ -115,7 +115,7 @@ def engine_numbers(model, device) -> dict[str, float]:
 
 
 def throughput_numbers(model, device, rows: int = 128) -> dict[str, float]:
-    """The heavy-tailed workload of ``python -m benchmarks.engine`` at ``rows``, continuous vs chunked, bf16."""
+    """The heavy-tailed workload of ``python -m benchmarks.engine`` at ``rows``, each batching policy, bf16."""
     from benchmarks import _engine_throughput as throughput
 
     decode = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
@@ -125,7 +125,8 @@ def throughput_numbers(model, device, rows: int = 128) -> dict[str, float]:
         return time.perf_counter()
 
     throughput.run(decode, {"warm": {}}, (8,), prompts=2, n=2, max_new_tokens=16, clock=clock)
-    out = throughput.run(decode, {"continuous": {}, "chunked": {"batching": "chunked"}}, (rows,), clock=clock)
+    modes = {"continuous": {}, "shared": {"batching": "shared"}, "chunked": {"batching": "chunked"}}
+    out = throughput.run(decode, modes, (rows,), clock=clock)
     return {k: v for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
