@@ -167,25 +167,31 @@ class BlockSession:
             self.cache.add_rows(len(tail))
 
     def step(self) -> list[tuple[RowRequest, Rollout]]:
-        """One forward for every live row; the finished rows' batch rows become free."""
-        if self.dead:  # rows nobody took: compact them away (batch and cache)
+        """One forward for every live row (time-shared: for the ``active_rows`` least served);
+        the finished rows' batch rows become free."""
+        shared = self.active_rows and self.num_live > self.active_rows
+        # Rows nobody took are compacted away (batch and cache). A time-shared pool admits no one
+        # after its start, so it compacts only once half its rows are dead: O(pool) copies in all.
+        if self.dead and (not shared or 2 * len(self.dead) >= len(self.rows)):
             dead = set(self.dead)
             keep = [r for r in range(len(self.rows)) if r not in dead]
             self.rows.keep(keep)
             if self.cache is not None:
                 self.cache.select(torch.tensor(keep, dtype=torch.long, device=self.device))
             self.dead = []
-        if not self.active_rows or len(self.rows) <= self.active_rows:
+        if not shared:
             return self._step()
-        pick = self.rows.num_forwards.argsort(stable=True)[: self.active_rows].sort().values  # least served
-        everyone, chosen = self.rows, pick.tolist()
-        self.rows, self.cache_rows = everyone.take(chosen), pick
+        served = self.rows.num_forwards.clone()
+        served[self.dead] = torch.iinfo(served.dtype).max  # finished rows never run again
+        pick = served.argsort(stable=True)[: self.active_rows].sort().values  # the least served live rows
+        everyone, chosen, dead_before = self.rows, pick.tolist(), self.dead
+        self.rows, self.cache_rows, self.dead = everyone.take(chosen), pick, []
         try:
             out = self._step()
             everyone.put(chosen, self.rows)
         finally:
             self.rows, self.cache_rows = everyone, None
-        self.dead = [chosen[r] for r in self.dead]  # the finished rows, as batch rows of everyone
+        self.dead = dead_before + [chosen[r] for r in self.dead]  # the finished rows, as batch rows of everyone
         return out
 
     def _step(self) -> list[tuple[RowRequest, Rollout]]:
