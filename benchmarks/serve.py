@@ -8,6 +8,8 @@
 * ``mixed_c32_*`` -- 32 clients whose requests mix lengths (every 8th asks for 4x
   ``--max-tokens``, the rest for half of it): tokens/s and p50 / p99 latency, where
   a short request joining the running engine loop need not wait for a long one.
+* ``mixed_c32_cap8_{continuous,shared}_*`` -- the same mixed load on servers of ``max_batch=8``
+  rows, FIFO (``batching=continuous``) against time sharing (``batching=shared``).
 * ``update_ms_median`` -- a full state dict pushed to ``/update_weights``
   (serialisation + HTTP + validation + swap, idle server), next to what changing
   weights costs without it, in the same run: ``restart_ms`` (save a checkpoint,
@@ -177,7 +179,26 @@ def run_benchmark(args) -> dict[str, float | int | str]:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+        for batching in ("continuous", "shared"):
+            out.update(mixed_at_capacity(ckpt, args, batching))
     return out
+
+
+def mixed_at_capacity(ckpt: Path, args, batching: str, max_batch: int = 8) -> dict[str, float]:
+    """The mixed-length load with more requests than ``max_batch`` rows, on a server with ``batching``:
+    FIFO makes a short request wait for a row to end, time sharing runs it beside the long ones."""
+    proc, url = start_server(ckpt, f"max_batch={max_batch}", f"batching={batching}",
+                             *([f"num_threads={args.threads}"] if args.threads else []), env={"DIRL_API_KEY": KEY})
+    try:
+        load_test(url, 4, 1, args.max_tokens)  # warm-up
+        _, tps, lat = load_test(url, 32, args.requests, args.max_tokens,
+                                lambda w, k: mixed_lengths(w, k, 4 * args.max_tokens))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    name = f"mixed_c32_cap{max_batch}_{batching}"
+    return {f"{name}_tokens_per_s": round(tps, 1), f"{name}_p50_ms": percentile_ms(lat, .5),
+            f"{name}_p99_ms": percentile_ms(lat, .99)}
 
 
 def markdown(results: dict, command: str) -> str:

@@ -172,6 +172,37 @@ def test_a_request_joins_the_running_loop_and_finishes_first(tiny_model):
     assert len(long_result.rollouts) == 2
 
 
+@pytest.mark.parametrize("batching,first", [("continuous", "long"), ("shared", "short")])
+def test_time_shared_serving_runs_a_short_request_beside_a_full_batch(tiny_model, batching, first):
+    """Two rows of a long job fill max_batch=2; a short request arrives mid-run. FIFO makes it
+    wait for a long row to end; time sharing runs it at once (fewest forwards first), so it
+    finishes first, with the tokens it has alone."""
+    long_params = SamplingParams(max_new_tokens=64, n=2, seed=1, stop_ids=[])
+    short, short_params = [[7, 8, 9]], SamplingParams(max_new_tokens=8, seed=1, stop_ids=[])
+    expected = Engine(tiny_model).generate(short, short_params, seeds=[11])
+    batcher = Batcher(tiny_model, live_tensors(tiny_model), ServeConfig(batch_wait_ms=0, max_batch=2,
+                                                                        batching=batching))
+    jobs, order, calls = [], [], []
+
+    def hook(*_):
+        calls.append(1)
+        if len(calls) == 5:  # on the worker thread, mid-loop
+            jobs.append(batcher.submit_generate(short, [11], short_params))
+            jobs[-1].future.add_done_callback(lambda f: order.append("short"))
+
+    tiny_model.register_forward_hook(hook)
+    batcher.start()
+    try:
+        jobs.append(batcher.submit_generate([[1, 2, 3, 4, 5]], [0], long_params))
+        jobs[0].future.add_done_callback(lambda f: order.append("long"))
+        jobs[0].future.result(timeout=120)
+        short_result = jobs[1].future.result(timeout=120)
+    finally:
+        batcher.close()
+    assert order[0] == first
+    assert [r.token_ids for r in short_result.rollouts] == [r.token_ids for r in expected]
+
+
 def test_an_update_is_a_barrier_for_the_running_loop(tiny_model):
     """Jobs queued after an update never join the loop that runs on the old weights."""
     params = SamplingParams(max_new_tokens=32, seed=1, stop_ids=[])

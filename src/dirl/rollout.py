@@ -132,6 +132,9 @@ def spec_fields(spec: SamplingSpec) -> dict:
     return {name: values[name] for name in SPEC_FIELDS}
 
 
+BATCHING = ("continuous", "shared")  # the engine's batching policies a config may name
+
+
 @dataclass
 class EngineOptions:
     """How the engine runs, not what it samples: inherited by every config that builds an Engine."""
@@ -139,6 +142,14 @@ class EngineOptions:
     # The cached denoising step under torch.compile (README "Compiled step"): ~3x faster forwards
     # on CPU, but ~50 s of compiling per process, so it only pays over long or many generations.
     compile: bool = False
+    # continuous: a finished row's place goes to the next waiting row. shared: every row that fits
+    # max_batch_tokens is admitted (with its KV cache row) and each forward runs the least advanced
+    # ones, so long rows start early and the batch stays full (dirl.engine.scheduler).
+    batching: str = "continuous"
+    max_batch_tokens: int = 0         # KV budget: live rows x (prompt + max_new_tokens + 2 blocks); 0 = rows only
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"batching": one_of(*BATCHING), "max_batch_tokens": NON_NEGATIVE})
 
 
 @dataclass

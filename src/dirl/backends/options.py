@@ -11,24 +11,19 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from dirl.errors import NON_NEGATIVE, POSITIVE, check_fields, one_of
+from dirl.errors import POSITIVE, check_fields
 from dirl.rollout import EngineOptions
 
 
 @dataclass
-class NativeOptions(EngineOptions):  # + compile
+class NativeOptions(EngineOptions):  # + compile, batching, max_batch_tokens
     """The in-process engine on the trainer's own weights (:class:`~dirl.backends.native.NativeBackend`)."""
 
     max_batch_rows: int = 256         # rows decoding at once (continuous batching refills finished ones)
-    max_batch_tokens: int = 0         # KV budget: live rows x (prompt + max_new_tokens + 2 blocks); 0 = rows only
-    # continuous: a finished row's place goes to the next waiting row. shared: every row that fits
-    # max_batch_tokens is admitted (with its KV cache row) and each forward runs the max_batch_rows
-    # least advanced ones, so long rows start early and the batch stays full (dirl.engine.scheduler).
-    batching: str = "continuous"
 
     def __post_init__(self) -> None:
-        check_fields(self, {"max_batch_rows": POSITIVE, "max_batch_tokens": NON_NEGATIVE,
-                            "batching": one_of("continuous", "shared")})
+        super().__post_init__()
+        check_fields(self, {"max_batch_rows": POSITIVE})
 
 
 @dataclass

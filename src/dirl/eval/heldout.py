@@ -35,7 +35,7 @@ def _greedy_eval_sampling() -> SamplingSpec:
 
 
 @dataclass
-class EvalSpec(EngineOptions):  # + compile
+class EvalSpec(EngineOptions):  # + compile, batching, max_batch_tokens
     """How held-out rows are prompted, decoded and scored. Empty strings: the defaults (math)."""
 
     reward: str = ""               # "math" | "math,format" | "math:1.0,format:0.1"
@@ -48,6 +48,7 @@ class EvalSpec(EngineOptions):  # + compile
     sampling: SamplingSpec = field(default_factory=_greedy_eval_sampling)  # 0 = greedy
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.k > 1 and self.sampling.temperature == 0:
@@ -142,7 +143,8 @@ def evaluate_rows(model, tokenizer, rows: Sequence[Mapping[str, Any]], spec: Eva
     if backend is None:
         from dirl.backends.native import NativeBackend
 
-        backend = NativeBackend(model, use_cache=spec.use_cache, compile=spec.compile)
+        backend = NativeBackend(model, use_cache=spec.use_cache, compile=spec.compile, batching=spec.batching,
+                                max_batch_tokens=spec.max_batch_tokens)
     was_training = bool(getattr(model, "training", False))
     if model is not None:
         model.eval()

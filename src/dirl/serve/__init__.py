@@ -28,7 +28,9 @@ class ServeConfig(EngineOptions):
 
     ``compile`` (from :class:`~dirl.rollout.EngineOptions`): the engine's step compiles lazily,
     so the first requests wait for it (~50 s of CPU in all); weight updates copy in place and
-    keep the compiled graphs."""
+    keep the compiled graphs. ``batching=shared`` admits every queued row that fits
+    ``max_batch_tokens`` (set it: each admitted row holds its KV cache) and runs the ``max_batch``
+    least advanced ones per forward, so a short request finishes without waiting for long ones."""
 
     model: str = ""                    # checkpoint directory
     host: str = "127.0.0.1"            # loopback by default: nothing else can reach the server
@@ -63,6 +65,7 @@ class ServeConfig(EngineOptions):
     log_level: str = "warning"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_fields(self, {
             "port": (lambda v: 0 <= v < 65536, "a port in [0, 65535]"), "max_batch": POSITIVE, "max_n": POSITIVE,
             "max_prompts": POSITIVE, "max_tokens_limit": POSITIVE,
