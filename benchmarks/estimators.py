@@ -1,10 +1,12 @@
 """Held-out accuracy of every RL estimator after the same wall time (``python -m benchmarks.estimators``).
 
-Each (seed, variant) pair runs the demo pipeline (``configs/demo.yaml``: the shipped
-SFT checkpoint, then RL with that estimator) as its own ``dirl demo`` process with
+Each (seed, variant) pair runs a demo pipeline (``--config``, default ``configs/demo.yaml``: the
+shipped SFT checkpoint, then RL with that estimator; ``configs/demo-llada.yaml`` is the
+full-attention one) as its own ``dirl demo`` process with
 ``rl_wall_s`` = ``--wall`` (counted on ``--clock``: the run's CPU seconds by default, so a
 busy machine slows a run down without shortening its budget): RL runs in chunks of
-``rl.eval.every`` steps until the budget is spent, so each variant gets the same seconds (plus at most one chunk) and the
+``--chunk`` steps (default the config's ``rl_chunk``, else its ``rl.eval.every``) until the
+budget is spent, so each variant gets the same seconds (plus at most one chunk) and the
 steps it takes in them depend on its cost per step. ``--parallel`` processes share the
 cores (``OMP_NUM_THREADS`` = cores / parallel each), the same way for every variant.
 
@@ -81,9 +83,10 @@ def parse_variants(estimators: str, extra: list[str]) -> dict[str, list[str]]:
     return variants
 
 
-def run_one(out: Path, overrides: list[str], seed: int, wall: float, threads: int, extra: list[str]) -> dict:
+def run_one(out: Path, overrides: list[str], seed: int, wall: float, threads: int, extra: list[str],
+            config: str = "configs/demo.yaml") -> dict:
     """One ``dirl demo`` process; returns its summary.json (raises with its stderr on failure)."""
-    cmd = [sys.executable, "-m", "dirl.cli", "demo", "--config", str(REPO / "configs/demo.yaml"),
+    cmd = [sys.executable, "-m", "dirl.cli", "demo", "--config", str(REPO / config),
            f"out={out}", f"seed={seed}", f"rl_wall_s={wall}", "rl.max_steps=100000", "progress=false",
            *extra, *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -105,7 +108,7 @@ def run_all(args, variants: dict[str, list[str]], seeds: list[int], extra: list[
                 if args.reuse and (out / "summary.json").exists():
                     results[(name, seed)] = json.loads((out / "summary.json").read_text())
                 else:
-                    futures[(name, seed)] = pool.submit(run_one, out, overrides, seed, wall, threads, extra)
+                    futures[(name, seed)] = pool.submit(run_one, out, overrides, seed, wall, threads, extra, args.config)
         results.update({job: future.result() for job, future in futures.items()})
     print(f"# {len(results)} runs ({len(futures)} new), --wall {wall:g} s each, {args.parallel} at a time "
           f"with {threads} thread(s)")
@@ -144,6 +147,8 @@ def report(results: dict, names: list[str], seeds: list[int], pairs: list[tuple[
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/demo.yaml", help="the demo recipe (relative to the repo)")
+    parser.add_argument("--chunk", type=int, default=0, help="RL steps between budget checks (0 = the config's)")
     parser.add_argument("--wall", type=float, default=300.0, help="RL seconds per run")
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (>= 5 for the intervals)")
     parser.add_argument("--parallel", type=int, default=2, help="demo processes at once")
@@ -164,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     pairs = [(a, b) for a, b in pairs if a in variants and b in variants]
     extra = ["eval_limit=32", "rl.eval.every=2", "rl.rollout.num_prompts=4"] if args.quick else []
     extra.append(f"rl_clock={args.clock}")
+    if args.chunk:
+        extra.append(f"rl_chunk={args.chunk}")
     if args.eval_limit:
         extra.append(f"eval_limit={args.eval_limit}")
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -62,6 +62,7 @@ def test_estimators_table_from_the_demo_summaries(capsys, monkeypatch, tmp_path)
 
     def fake_demo(cmd, **_):
         args = dict(a.split("=", 1) for a in cmd if "=" in a and not a.startswith("-"))
+        args["--config"] = cmd[cmd.index("--config") + 1]
         commands.append(args)
         acc = fake[args["estimator"]][int(args["seed"])]
         Path(args["out"]).mkdir(parents=True)
@@ -78,6 +79,8 @@ def test_estimators_table_from_the_demo_summaries(capsys, monkeypatch, tmp_path)
     assert sorted((c["estimator"], c["seed"]) for c in commands) == sorted(
         (e, str(s)) for e in ("trace", "mean_field", "trace", "trace") for s in range(3))
     assert all(c["rl_wall_s"] == "5.0" and c["eval_limit"] == "64" and c["rl_clock"] == "cpu" for c in commands)
+    assert {Path(c["--config"]).relative_to(estimators.REPO).as_posix() for c in commands} == {"configs/demo.yaml"}
+    assert not any("rl_chunk" in c for c in commands)
     assert sum(c.get("rl.algo.beta") == "0.5" for c in commands) == 3  # the variant's own overrides
     assert sum(c.get("rl.algo.critic") == "value" for c in commands) == 3  # trace+value: trace with the critic
     # trace: mean 0.375, sd 0.125 -> 4.303 * 0.125 / sqrt(3) = 0.311 (t_0.975 with 2 dof)
@@ -95,6 +98,11 @@ def test_estimators_table_from_the_demo_summaries(capsys, monkeypatch, tmp_path)
     commands.clear()
     estimators.main([*bench, "--reuse"])
     assert commands == [] and "| trace | 7/7/7 |" in capsys.readouterr().out
+    # --config / --chunk: another demo recipe, its RL budget checked every 2 steps
+    estimators.main(["--quick", "--estimators", "trace", "--seeds", "0", "--config", "configs/demo-llada.yaml",
+                     "--chunk", "2", "--out", str(tmp_path / "fa")])
+    assert [(Path(c["--config"]).relative_to(estimators.REPO).as_posix(), c["rl_chunk"]) for c in commands] == [
+        ("configs/demo-llada.yaml", "2")]
 
 
 @pytest.mark.slow

@@ -55,3 +55,20 @@ def test_unknown_shipped_name_is_named(tmp_path):
 
     with pytest.raises(config_lib.ConfigError, match="sft=shipped-nothing: no shipped SFT checkpoint"):
         run_demo(cfg)
+
+
+@pytest.mark.parametrize("chunk, every, calls", [(3, 0, [3, 6, 7]), (0, 0, [7]), (0, 2, [2, 4, 6, 7]), (5, 2, [5, 7])])
+def test_rl_chunk_sets_the_budget_checks(monkeypatch, tmp_path, chunk, every, calls):
+    """``rl_wall_s`` > 0: RL runs ``rl_chunk`` steps per call (else ``rl.eval.every``, else all),
+    each call resuming the last; a budget never spent runs every chunk to ``max_steps``."""
+    from dirl.demo import rl_stage
+    from dirl.train import state
+    from dirl.train.rl import loop
+
+    seen = []
+    monkeypatch.setattr(loop, "train_rl", lambda rl, resume=None, progress=True: seen.append(rl.max_steps) or tmp_path)
+    monkeypatch.setattr(state, "resolve_resume", lambda run_dir: "ckpt")
+    cfg = DemoConfig(rl_wall_s=1e9, rl_chunk=chunk, progress=False)
+    cfg.rl.max_steps, cfg.rl.eval.every = 7, every
+    assert rl_stage(cfg, cfg.rl) == (tmp_path, 7)
+    assert seen == calls

@@ -15,7 +15,8 @@ Stages (each timed; the summary table and the last line report them):
    from any checkpoint.
 3. held-out greedy accuracy of the SFT model;
 4. RL with the chosen estimator (DiPO's exact ``trace`` by default); ``rl_wall_s``
-   stops the stage after that many seconds (checked every ``rl.eval.every`` steps),
+   stops the stage after that many seconds (checked every ``rl_chunk`` steps, default
+   ``rl.eval.every``),
    which is how estimators are compared at equal wall time;
 5. held-out greedy accuracy of the RL model, ``metrics.jsonl``, ``curves.png``,
    ``summary.json``, the table and the line
@@ -91,6 +92,8 @@ class DemoConfig:
     rl_wall_s: float = 0.0            # > 0: end RL after this many seconds (equal-time comparisons)
     rl_clock: str = "wall"            # what rl_wall_s counts: wall | cpu (this process's CPU seconds:
     #                                   equal compute for every run even on a machine shared with other jobs)
+    rl_chunk: int = 0                 # rl_wall_s > 0: RL steps between budget checks (0 = rl.eval.every,
+    #                                   else the whole run)
     progress: bool = True
     rl: RLConfig = field(default_factory=_demo_rl)
 
@@ -101,6 +104,8 @@ class DemoConfig:
             raise ValueError(f"rl_clock must be one of {tuple(CLOCKS)}, got {self.rl_clock!r}")
         if self.eval_limit < 1 or self.num_train < 1:
             raise ValueError("eval_limit and num_train must be >= 1")
+        if self.rl_chunk < 0:
+            raise ValueError(f"rl_chunk must be >= 0, got {self.rl_chunk}")
         from dirl.algo.likelihood import ESTIMATORS
 
         # One source of truth: the shortcut lands in rl.algo, and both then name the same estimator.
@@ -185,14 +190,14 @@ def rl_config(cfg: DemoConfig, sft_dir: str, data: dict[str, Path], out: Path) -
 
 
 def rl_stage(cfg: DemoConfig, rl: RLConfig) -> tuple[Path, int]:
-    """Run RL; with ``rl_wall_s`` in chunks of ``eval.every`` steps, resuming exactly,
+    """Run RL; with ``rl_wall_s`` in chunks of ``rl_chunk`` (else ``eval.every``) steps, resuming exactly,
     until the budget (on ``rl_clock``) is spent. Returns (run dir, steps done)."""
     from dirl.train.rl.loop import train_rl
     from dirl.train.state import resolve_resume
 
     if cfg.rl_wall_s <= 0:  # one call: exactly the recipe, deterministic
         return train_rl(rl, progress=cfg.progress), rl.max_steps
-    total, chunk = rl.max_steps, rl.eval.every or rl.max_steps
+    total, chunk = rl.max_steps, cfg.rl_chunk or rl.eval.every or rl.max_steps
     clock = CLOCKS[cfg.rl_clock]
     start, done, resume, run_dir = clock(), 0, None, Path(rl.out)
     while done < total and (done == 0 or clock() - start < cfg.rl_wall_s):
