@@ -16,6 +16,7 @@ from dirl.train.sft.config import SFTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG, RECIPE = REPO / "configs/demo-llada.yaml", REPO / "configs/demo-sft-llada.yaml"
+ANNEAL = REPO / "configs/demo-sft-llada-anneal.yaml"  # stage 2: the shipped checkpoint's recipe
 
 
 def test_shipped_names():
@@ -35,11 +36,13 @@ def test_llada_demo_config_recipe_and_checkpoint_agree():
     cfg = config_lib.load(DemoConfig, CONFIG)
     shipped = shipped_sft(cfg.sft)
     assert shipped == ASSETS / "demo-sft-llada"
-    # sft=train reruns the recipe the shipped checkpoint carries, on the same task as the SDAR demo.
+    # The shipped checkpoint carries its recipe, stage 2 (annealing), which starts from stage 1's
+    # output; sft=train reruns stage 1 (from init) on the same task as the SDAR demo.
     assert (REPO / cfg.sft_recipe).resolve() == RECIPE
-    assert (shipped / "recipe.yaml").read_text() == RECIPE.read_text()
-    recipe = config_lib.load(SFTConfig, RECIPE)
+    assert (shipped / "recipe.yaml").read_text() == ANNEAL.read_text()
+    recipe, anneal = config_lib.load(SFTConfig, RECIPE), config_lib.load(SFTConfig, ANNEAL)
     assert init_spec(recipe.model) == ("llada", "demo")
+    assert Path(anneal.model) == Path(recipe.out) / "final" and anneal.data == recipe.data
     assert (cfg.task, cfg.task_params) == (DemoConfig().task, DemoConfig().task_params)
     arch = load_config(shipped).arch
     assert (arch.family, arch.attention) == ("llada", "bidirectional")
