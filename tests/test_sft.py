@@ -159,3 +159,24 @@ def test_cli_resume_continues_from_the_saved_config(tmp_path):
     assert cli_main(["sft", "--resume", str(out)]) == 0
     assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4]
     assert (out / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("train,reward,expected", [
+    ("task:arithmetic", "", "gsm8k"),      # rows from a file: the training task's reward
+    ("FILE", "", "math"),                  # no task anywhere: math
+    ("FILE", "gsm8k", "gsm8k"),            # said in the config
+])
+def test_held_out_eval_reward_of_a_file(tmp_path, monkeypatch, train, reward, expected):
+    """A JSONL of task rows names no task, so the held-out eval's reward comes from ``eval_reward``,
+    else the training data's task, else math; an unknown name is an error naming the key."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"question": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(4)))
+    seen = []
+    monkeypatch.setattr(sft_lib, "evaluate_rows", lambda m, t, r, spec: seen.append(spec.reward) or ({}, None))
+    monkeypatch.setattr(sft_lib, "held_out_metrics", lambda summary: {})
+    cfg = _cfg(tmp_path, f"data.source={rows if train == 'FILE' else train}", f"eval.data={rows}",
+               *([f"eval_reward={reward}"] if reward else []))
+    sft_lib.held_out_eval(None, None, cfg)
+    assert seen == [expected]
+    with pytest.raises(config_lib.ConfigError, match="eval_reward unknown reward 'nope'"):
+        _cfg(tmp_path, "eval_reward=nope")

@@ -8,7 +8,8 @@ from typing import ClassVar
 
 from dirl.algo.nelbo import NOISE_EPS
 from dirl.data import task_of
-from dirl.errors import NON_NEGATIVE, POSITIVE, check_fields, one_of
+from dirl.errors import NON_NEGATIVE, POSITIVE, FieldError, check_fields, one_of
+from dirl.rewards.registry import parse_reward_spec
 from dirl.rollout import SamplingSpec
 from dirl.train import hf_names
 from dirl.train.config import HeldOutConfig, TrainerConfig, trainer_defaults
@@ -41,6 +42,9 @@ class SFTConfig(TrainerConfig):
     batch_size: int = 16              # examples per micro-batch, over all ranks (packed: rows of max_length)
     # How the held-out eval decodes (RL's decodes as its rollouts do, greedily)
     eval_sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec(max_new_tokens=64, temperature=0.0))
+    # and how it scores: a reward spec ("gsm8k", "math:1,format:0.1"); "" = the task's (eval.data's,
+    # else the training data's), else math -- a JSONL file of task rows names no task, so say it here
+    eval_reward: str = ""
     complementary_masks: bool = False
     pack: bool = False
     noise_eps: float = NOISE_EPS
@@ -49,6 +53,11 @@ class SFTConfig(TrainerConfig):
         super().__post_init__()
         check_fields(self, {"batch_size": POSITIVE, "log_every": POSITIVE,
                             "noise_eps": (lambda v: 0 <= v < 1, "in [0, 1)")})
+        if self.eval_reward:
+            try:
+                parse_reward_spec(self.eval_reward)
+            except ValueError as exc:
+                raise FieldError("eval_reward", str(exc)) from None
 
 
 def held_out_source(cfg: SFTConfig) -> str:

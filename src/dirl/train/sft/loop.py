@@ -129,10 +129,11 @@ def held_out_eval(model, tokenizer, cfg: SFTConfig) -> dict:
     """Greedy accuracy on ``eval.limit`` problems of ``eval.data`` (default: the task's test split)
     through the shared eval path; logged as ``eval/accuracy`` and ``eval/mean_reward`` (as in RL)."""
     source = held_out_source(cfg)
-    task = task_of(source)
+    task = task_of(source) or task_of(cfg.data.source)
     rows = load_prompt_rows(source, limit=cfg.eval.limit, seed=cfg.seed)
+    reward = cfg.eval_reward or (task.reward if task else DEFAULT_REWARD)
     # One engine call over every question (batch_size = eval.limit), each seeded by its index.
-    spec = EvalSpec(reward=task.reward if task else DEFAULT_REWARD, prompt_template=cfg.data.prompt_template,
+    spec = EvalSpec(reward=reward, prompt_template=cfg.data.prompt_template,
                     batch_size=cfg.eval.limit, sampling=cfg.eval_sampling)
     summary, _ = evaluate_rows(model, tokenizer, rows, spec)
     return held_out_metrics(summary)
