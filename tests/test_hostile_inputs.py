@@ -127,6 +127,8 @@ CASES = {
                                 "more than the 4 training examples"),
     "rl-max-new-tokens-past-context": ("rl model={good} rollout.sampling.max_new_tokens=100000",
                                        "exceeds the model's context"),
+    "sft-block-size-full-attention": ("sft model=init:llada/tiny block_size=8", "a full-attention model has no "
+                                                                               "block size"),
 }
 
 

@@ -59,6 +59,9 @@ def set_block_size(model: torch.nn.Module, block_size: int | None, lora: LoraCon
     arch = cfg.arch
     if block_size is None or block_size == arch.block_size:
         return
+    if arch.attention == "bidirectional":  # its block_size is a constant of the family, read by nothing
+        raise ConfigError(f"{key}={block_size}: a full-attention model has no block size to change "
+                          "(decoding blocks are rollout.sampling.block_length / sampling.block_length)")
     if block_size > arch.max_position_embeddings:
         raise ConfigError(f"{key}={block_size} is more than the model's context, max_position_embeddings="
                           f"{arch.max_position_embeddings}")
