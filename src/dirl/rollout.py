@@ -151,6 +151,10 @@ class EngineOptions:
     def __post_init__(self) -> None:
         check_fields(self, {"batching": one_of(*BATCHING), "max_batch_tokens": NON_NEGATIVE})
 
+    def engine_options(self) -> dict:
+        """These fields as :class:`~dirl.engine.engine.Engine` keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in fields(EngineOptions)}
+
 
 @dataclass
 class Rollout:

@@ -24,15 +24,14 @@ class NativeBackend:
     Not under FSDP2, whose mixed-precision policy already gathers the weights in bf16.
     """
 
-    def __init__(self, model, tokenizer=None, use_cache: bool = True, max_batch_rows: int = 256,
-                 decode_dtype: torch.dtype | None = None, compile: bool = False, max_batch_tokens: int = 0,
-                 batching: str = "continuous"):
+    def __init__(self, model, tokenizer=None, decode_dtype: torch.dtype | None = None, **engine_options):
+        """``engine_options``: :class:`Engine`'s (``use_cache``, ``max_batch_rows``, ``compile``,
+        ``max_batch_tokens``, ``batching``: :class:`~dirl.backends.options.NativeOptions`' fields)."""
         self.model, self.decode_model = model, model
         params = list(model.parameters())
         if decode_dtype is not None and any(p.dtype != decode_dtype for p in params) and not _sharded(model):
             self.decode_model = cast_copy(model, decode_dtype)
-        self.engine = Engine(self.decode_model, use_cache=use_cache, max_batch_rows=max_batch_rows, compile=compile,
-                             max_batch_tokens=max_batch_tokens, batching=batching)
+        self.engine = Engine(self.decode_model, **engine_options)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  seeds: list[int] | None = None) -> list[Rollout]:
@@ -62,13 +61,10 @@ class CheckpointBackend:
     new model, nothing slowed down artificially.
     """
 
-    def __init__(self, model, tokenizer=None, use_cache: bool = True, max_batch_rows: int = 256,
-                 workdir: str | None = None, compile: bool = False, max_batch_tokens: int = 0,
-                 batching: str = "continuous"):
+    def __init__(self, model, tokenizer=None, workdir: str | None = None, **engine_options):
         self.model, self.tokenizer = model, tokenizer
         # compile: each reload is a new model object, which may compile again
-        self.options = dict(use_cache=use_cache, max_batch_rows=max_batch_rows, compile=compile,
-                            max_batch_tokens=max_batch_tokens, batching=batching)
+        self.options = engine_options  # Engine's, as NativeBackend's
         self._tmp = Path(workdir or tempfile.mkdtemp(prefix="dirl-reload-"))
         self.engine: Engine | None = None
         self.sync_weights()

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from dirl.engine.kv_cache import KVCache
-from dirl.engine.scheduler import RowRequest
+from dirl.engine.scheduler import RowRequest, least_served
 from dirl.engine.unmask import sample_from_logprobs, select_commits, steps_into_block
 from dirl.model.forward import Readout
 from dirl.model.layout import readout_rows
@@ -183,7 +183,7 @@ class BlockSession:
             return self._step()
         served = self.rows.num_forwards.clone()
         served[self.dead] = torch.iinfo(served.dtype).max  # finished rows never run again
-        pick = served.argsort(stable=True)[: self.active_rows].sort().values  # the least served live rows
+        pick = least_served(served, self.active_rows)
         everyone, chosen, dead_before = self.rows, pick.tolist(), self.dead
         self.rows, self.cache_rows, self.dead = everyone.take(chosen), pick, []
         try:

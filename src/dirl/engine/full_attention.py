@@ -41,7 +41,7 @@ from collections.abc import Callable
 import torch
 
 from dirl.engine.full_attention_cache import WindowCache, window_slots
-from dirl.engine.scheduler import RowRequest
+from dirl.engine.scheduler import RowRequest, least_served
 from dirl.engine.unmask import sample_from_logprobs
 from dirl.model.layout import readout_rows
 from dirl.model.layout.bidirectional import left_padded, padded_frame
@@ -346,7 +346,7 @@ class FullSession:
         if not self.active_rows or self.num_live <= self.active_rows:
             return self._step(self.rows)
         chosen = torch.zeros(self.num_live, dtype=torch.bool, device=self.rows.tokens.device)
-        chosen[self.rows.forwards.argsort(stable=True)[: self.active_rows]] = True  # least served first
+        chosen[least_served(self.rows.forwards, self.active_rows)] = True
         active, paused = self.rows.split(chosen)
         out = self._step(active)
         paused.extend(active)

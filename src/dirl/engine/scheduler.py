@@ -40,10 +40,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
+
 from dirl.rollout import Rollout
 
 POLICIES = ("continuous", "shared", "chunked")
 SHARED_POOL = 1 << 20  # rows a time-shared session may hold: in practice every waiting row
+
+
+def least_served(forwards: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``shared`` policy's rule: the ``count`` rows with the fewest forwards (lowest row among
+    equals), in row order. forwards: (R,) -> (count,) row indices."""
+    return forwards.argsort(stable=True)[:count].sort().values
 
 
 @dataclass

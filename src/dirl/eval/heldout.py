@@ -143,8 +143,7 @@ def evaluate_rows(model, tokenizer, rows: Sequence[Mapping[str, Any]], spec: Eva
     if backend is None:
         from dirl.backends.native import NativeBackend
 
-        backend = NativeBackend(model, use_cache=spec.use_cache, compile=spec.compile, batching=spec.batching,
-                                max_batch_tokens=spec.max_batch_tokens)
+        backend = NativeBackend(model, use_cache=spec.use_cache, **spec.engine_options())
     was_training = bool(getattr(model, "training", False))
     if model is not None:
         model.eval()

@@ -101,8 +101,7 @@ class Batcher:
     """Owns an :class:`Engine` on ``model`` and serialises every use of it on one thread."""
 
     def __init__(self, model, live: dict[str, torch.Tensor], cfg: ServeConfig):
-        self.engine = Engine(model, use_cache=cfg.use_cache, max_batch_rows=cfg.max_batch, compile=cfg.compile,
-                             max_batch_tokens=cfg.max_batch_tokens, batching=cfg.batching)
+        self.engine = Engine(model, use_cache=cfg.use_cache, max_batch_rows=cfg.max_batch, **cfg.engine_options())
         self.live = live
         self.max_batch_rows = cfg.max_batch
         self.batch_wait_s = cfg.batch_wait_ms / 1000
