@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-llada test test-integration test-all bench install clean
+.PHONY: demo demo-dream demo-llada test test-integration test-all bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,7 +35,11 @@ test-all: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/dirl demo --config configs/demo.yaml
 
-# The same pipeline on a full-attention (LLaDA-family) model: configs/demo-llada.yaml.
+# The same pipeline on full-attention models: Dream-family (AR-initialised, configs/demo-dream.yaml)
+# and LLaDA-family (masked diffusion from scratch, configs/demo-llada.yaml).
+demo-dream: $(STAMP)
+	$(BIN)/dirl demo --config configs/demo-dream.yaml
+
 demo-llada: $(STAMP)
 	$(BIN)/dirl demo --config configs/demo-llada.yaml
 

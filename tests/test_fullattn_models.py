@@ -179,3 +179,35 @@ def test_packed_states_run_as_rows_equal_the_segment_mask(family, monkeypatch):
         masked = model(ids, pos, meta).logits
     real = doc >= 0
     torch.testing.assert_close(as_rows[real], masked[real], atol=1e-5, rtol=0)
+
+
+def _two_rows():
+    """Row 0: prompt [5, 9], response [12, 3, 1]; row 1: prompt [20], response [4, 7], two padding."""
+    from dirl.algo.nelbo import TokenBatch
+
+    return TokenBatch(torch.tensor([[5, 9, 12, 3, 1], [20, 4, 7, 1, 1]]), torch.tensor([[0, 1, 2, 3, 4], [0, 1, 2, 0, 0]]),
+                      torch.tensor([[0, 0, 0, 0, 0], [0, 0, 0, -1, -1]]),
+                      torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]], dtype=torch.bool),
+                      torch.tensor([[0, 0, 0, 0, 0], [1, 1, 1, -1, -1]]))
+
+
+def test_autoregressive_loss_equals_transformers_causal_lm():
+    """Dream's AR stage (``objective=autoregressive``) = Qwen2ForCausalLM's own causal forward on the
+    same weights: per sample the mean CE of its response tokens (each read at the row before it),
+    then the mean over samples; the padded row scores only its own tokens."""
+    from dirl.algo.autoregressive import sft_autoregressive
+
+    model = tiny_model("dream", seed=5)
+    hf = _oracle(model)
+
+    def mean_ce(seq, scored):
+        logits = hf(input_ids=torch.tensor([seq])).logits[0]  # transformers' default: causal
+        return sum(-float(torch.log_softmax(logits[i - 1], -1)[seq[i]]) for i in scored) / len(scored)
+
+    with torch.no_grad():
+        loss, stats = sft_autoregressive(model, _two_rows())
+        expected = (mean_ce([5, 9, 12, 3, 1], (2, 3, 4)) + mean_ce([20, 4, 7], (1, 2))) / 2
+    assert stats == {"num_scored": 5, "num_response": 5}
+    assert float(loss) == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match="shifted-logit"):  # LLaDA reads token i at row i: no AR readout
+        sft_autoregressive(tiny_model("llada", seed=5), _two_rows())

@@ -129,6 +129,11 @@ CASES = {
                                        "exceeds the model's context"),
     "sft-block-size-full-attention": ("sft model=init:llada/tiny block_size=8", "a full-attention model has no "
                                                                                "block size"),
+    "sft-autoregressive-unshifted": ("sft model=init:llada/tiny objective=autoregressive",
+                                     "objective=autoregressive needs a shifted-logit model"),
+    "sft-autoregressive-packed": ("sft model=init:dream/tiny objective=autoregressive pack=true",
+                                  "pack must be false with objective=autoregressive"),
+    "sft-objective-bogus": ("sft objective=ar", "objective must be one of"),
 }
 
 

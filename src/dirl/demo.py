@@ -9,10 +9,10 @@ Stages (each timed; the summary table and the last line report them):
 2. sft -- by default the checkpoint shipped in the package (``dirl/assets/demo-sft``,
    made by ``dirl sft --config configs/demo-sft.yaml``; see the README), because SFT
    plus RL does not fit 10 minutes on a loaded 2-core CPU; ``sft=shipped-<name>`` picks
-   another shipped one (``dirl/assets/demo-sft-<name>``, e.g. ``shipped-llada``: the
-   full-attention demo, configs/demo-llada.yaml); ``sft=train`` runs the recipe
-   (``sft_recipe``, default the shipped demo-sft's) here instead, ``sft=<dir>`` starts
-   from any checkpoint.
+   another shipped one (``dirl/assets/demo-sft-<name>``, e.g. ``shipped-dream``: the
+   full-attention demo, configs/demo-dream.yaml); ``sft=train`` runs the recipe
+   (``sft_recipe``: one or more stages, default the shipped demo-sft's) here instead,
+   ``sft=<dir>`` starts from any checkpoint.
 3. held-out greedy accuracy of the SFT model;
 4. RL with the chosen estimator (DiPO's exact ``trace`` by default); ``rl_wall_s``
    stops the stage after that many seconds (checked every ``rl_chunk`` steps, default
@@ -86,8 +86,10 @@ class DemoConfig:
     eval_limit: int = 256             # held-out prompts (test split)
     stop_after: str = "all"           # data | sft | all
     sft: str = "shipped"              # shipped | shipped-<name> | train | <checkpoint dir>
-    sft_recipe: str = ""              # sft=train: an SFTConfig YAML ("" = the shipped recipe)
-    sft_overrides: list[str] = field(default_factory=list)  # key=value applied to the recipe
+    # sft=train: SFTConfig YAMLs run in order, each stage from the one before's final model
+    # ([] = the shipped recipe)
+    sft_recipe: list[str] = field(default_factory=list)
+    sft_overrides: list[str] = field(default_factory=list)  # key=value applied to every stage
     estimator: str = ""               # shortcut: sets rl.algo.estimator ("" = keep it)
     rl_wall_s: float = 0.0            # > 0: end RL after this many seconds (equal-time comparisons)
     rl_clock: str = "wall"            # what rl_wall_s counts: wall | cpu (this process's CPU seconds:
@@ -132,14 +134,20 @@ def write_data(cfg: DemoConfig, data_dir: Path) -> dict[str, Path]:
 # ---------------------------------------------------------------- 2. SFT
 
 
-def sft_recipe(cfg: DemoConfig, data: dict[str, Path], out: Path):
-    """The SFT recipe (shipped copy of configs/demo-sft.yaml) pointed at this run's data."""
+def sft_recipes(cfg: DemoConfig, data: dict[str, Path], out: Path) -> list:
+    """The SFT stages (default: the shipped copy of configs/demo-sft.yaml) pointed at this run's data;
+    a later stage starts from the one before's final model (``out/sft``, or ``out/sft-1`` ...)."""
     from dirl.train.sft.config import SFTConfig
 
-    path = cfg.sft_recipe or SHIPPED_RECIPE
-    overrides = [f"data.source={data['sft']}", f"out={out / 'sft'}", f"seed={cfg.seed}",
-                 f"progress={str(cfg.progress).lower()}", "overwrite=true", *cfg.sft_overrides]
-    return config_lib.load(SFTConfig, path, overrides)
+    paths = cfg.sft_recipe or [SHIPPED_RECIPE]
+    stage_dirs = [out / "sft"] if len(paths) == 1 else [out / f"sft-{i + 1}" for i in range(len(paths))]
+    recipes = []
+    for i, path in enumerate(paths):
+        start = [f"model={stage_dirs[i - 1] / 'final'}"] if i else []
+        overrides = [f"data.source={data['sft']}", f"out={stage_dirs[i]}", f"seed={cfg.seed}", *start,
+                     f"progress={str(cfg.progress).lower()}", "overwrite=true", *cfg.sft_overrides]
+        recipes.append(config_lib.load(SFTConfig, path, overrides))
+    return recipes
 
 
 def sft_stage(cfg: DemoConfig, data: dict[str, Path], out: Path) -> str:
@@ -152,7 +160,10 @@ def sft_stage(cfg: DemoConfig, data: dict[str, Path], out: Path) -> str:
     if cfg.sft == "train":
         from dirl.train.sft.loop import train_sft
 
-        return str(train_sft(sft_recipe(cfg, data, out)) / "final")
+        run_dir = None
+        for recipe in sft_recipes(cfg, data, out):
+            run_dir = train_sft(recipe)
+        return str(run_dir / "final")
     if not Path(cfg.sft, "config.json").exists():
         raise config_lib.ConfigError(f"sft={cfg.sft!r}: not 'shipped', 'shipped-<name>', 'train' or a checkpoint directory")
     return cfg.sft

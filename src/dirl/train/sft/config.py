@@ -16,6 +16,7 @@ from dirl.train.config import HeldOutConfig, TrainerConfig, trainer_defaults
 from dirl.train.hf_names import accept_hf_names
 
 ASSISTANT_TURNS = ("last", "all")
+OBJECTIVES = ("nelbo", "autoregressive")
 
 
 @dataclass
@@ -45,14 +46,19 @@ class SFTConfig(TrainerConfig):
     # and how it scores: a reward spec ("gsm8k", "math:1,format:0.1"); "" = the task's (eval.data's,
     # else the training data's), else math -- a JSONL file of task rows names no task, so say it here
     eval_reward: str = ""
+    # nelbo: the masked-diffusion NELBO; autoregressive: next-token CE under causal attention, the
+    # AR stage of Dream's recipe before the NELBO (shifted-logit families only; dirl.algo.autoregressive)
+    objective: str = "nelbo"
     complementary_masks: bool = False
     pack: bool = False
     noise_eps: float = NOISE_EPS
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_fields(self, {"batch_size": POSITIVE, "log_every": POSITIVE,
+        check_fields(self, {"batch_size": POSITIVE, "log_every": POSITIVE, "objective": one_of(*OBJECTIVES),
                             "noise_eps": (lambda v: 0 <= v < 1, "in [0, 1)")})
+        if self.objective == "autoregressive" and self.pack:
+            raise FieldError("pack", "must be false with objective=autoregressive (one causal sample a row)")
         if self.eval_reward:
             try:
                 parse_reward_spec(self.eval_reward)

@@ -6,7 +6,8 @@ The loop (``train_sft``), in numbered sections:
    tokenise and validate *every* row (a bad row stops the run before any training);
 2. optimizer, schedule, loader, noise generator -- then restore all of them
    (and the RNGs) from a checkpoint when resuming;
-3. steps -- ``grad_accum`` micro-batches of :func:`dirl.algo.nelbo.sft_nelbo`,
+3. steps -- ``grad_accum`` micro-batches of :func:`dirl.algo.nelbo.sft_nelbo` (or, with
+   ``objective=autoregressive``, :func:`dirl.algo.autoregressive.sft_autoregressive`),
    one :func:`clip_and_step` (NaN/inf guard: a non-finite gradient skips the
    step and keeps the weights; ``skipped_steps`` counts them);
 4. logging / held-out eval / checkpoints every ``log_every`` / ``eval.every`` /
@@ -40,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from dirl import config as config_lib
+from dirl.algo.autoregressive import sft_autoregressive
 from dirl.algo.nelbo import NoiseDraw, draw_noise, response_counts, sft_nelbo
 from dirl.data import load_prompt_rows, load_sft_rows, task_of
 from dirl.eval.heldout import DEFAULT_REWARD, EvalSpec, evaluate_rows, held_out_metrics
@@ -71,8 +73,10 @@ def load_examples(cfg: SFTConfig, tokenizer, block_size: int, rows: list[dict] |
 
 
 def compute_loss(run: "SFTRun", batch: SFTBatch, noise: NoiseDraw) -> tuple[torch.Tensor, dict]:
-    """The NELBO of one micro-batch (a seam the NaN-guard test patches)."""
+    """The objective of one micro-batch (a seam the NaN-guard test patches)."""
     with precision.autocast(run.cfg.compute, run.device, sharded=dist_lib.is_sharded(run.model)):
+        if run.cfg.objective == "autoregressive":
+            return sft_autoregressive(run.model, batch, attn_impl=run.attn_impl)
         return sft_nelbo(run.model, batch, noise, run.tokenizer.mask_token_id, attn_impl=run.attn_impl)
 
 
@@ -103,7 +107,7 @@ def train_step(ctx: "SFTRun") -> dict:
     cfg = ctx.cfg
     lr = ctx.scheduler.get_last_lr()[0]
     total_loss, num_tokens, num_positions = 0.0, 0, 0
-    num_streams = 3 if cfg.complementary_masks else 2  # [x_t^1 ; (x_t^2 ;) x_0]
+    num_streams = 1 if cfg.objective == "autoregressive" else 3 if cfg.complementary_masks else 2  # [x_t^1 ; (x_t^2 ;) x_0]
     for micro in range(cfg.optim.grad_accum):
         batch = ctx.loader.next_batch()  # the global batch: same cursor, same masks on every rank
         noise = draw_noise(batch.response_mask, batch.sample_ids, ctx.noise_gen, cfg.noise_eps,
@@ -182,6 +186,9 @@ def build_run(cfg: SFTConfig, resume: str | Path | None = None, inputs: RunInput
     made = setup(cfg, inputs, prepare)
     device, attn_impl, model, tokenizer = made.device, made.attn_impl, made.model, made.tokenizer
     set_block_size(model, cfg.block_size, cfg.lora)
+    if cfg.objective == "autoregressive" and model.arch.logit_shift != 1:
+        raise config_lib.ConfigError(f"objective=autoregressive needs a shifted-logit model (the dream family); "
+                                     f"{cfg.model} is a {model.arch.family} model, which reads token i at row i")
     context = model.arch.max_position_embeddings
     if cfg.eval.every:
         check_sampling(cfg.eval_sampling, model.arch, "eval_sampling", context, longest_prompt=1)
