@@ -96,3 +96,18 @@ def test_rl_chunk_sets_the_budget_checks(monkeypatch, tmp_path, chunk, every, ca
     cfg.rl.max_steps, cfg.rl.eval.every = 7, every
     assert rl_stage(cfg, cfg.rl) == (tmp_path, 7)
     assert seen == calls
+
+
+@pytest.mark.integration
+def test_dream_demo_sft_train_runs_both_stages(tmp_path):
+    """``sft=train`` end to end, shortened: the causal-LM stage, the NELBO stage from its output, RL."""
+    from dirl.demo import run_demo
+
+    cfg = config_lib.load(DemoConfig, REPO / "configs/demo-dream.yaml", [
+        f"out={tmp_path}", "sft=train", "sft_overrides=[max_steps=2]", "num_train=64", "eval_limit=8",
+        "rl.max_steps=2", "progress=false"])
+    summary = run_demo(cfg)
+    stage1, stage2 = (load_config(tmp_path / name / "final").arch for name in ("sft-1", "sft-2"))
+    assert stage1.family == stage2.family == "dream"
+    assert summary["sft_source"] == "train" and summary["rl_steps"] == 2
+    assert 0.0 <= summary["sft_acc"] <= 1.0 and 0.0 <= summary["rl_acc"] <= 1.0
