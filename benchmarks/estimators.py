@@ -1,7 +1,7 @@
 """Held-out accuracy of every RL estimator after the same wall time (``python -m benchmarks.estimators``).
 
 Each (seed, variant) pair runs a demo pipeline (``--config``, default ``configs/demo.yaml``: the
-shipped SFT checkpoint, then RL with that estimator; ``configs/demo-llada.yaml`` is the
+shipped SFT checkpoint, then RL with that estimator; ``configs/demo-dream.yaml`` is the
 full-attention one) as its own ``dirl demo`` process with
 ``rl_wall_s`` = ``--wall`` (counted on ``--clock``: the run's CPU seconds by default, so a
 busy machine slows a run down without shortening its budget): RL runs in chunks of
