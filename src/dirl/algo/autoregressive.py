@@ -13,25 +13,18 @@ of -log p(x_i | x_<i) under causal attention, then the plain mean over samples -
 normalisation, so the two objectives' losses read on the same scale.
 
 Causal attention comes from the mask rule itself (:mod:`dirl.model.masks`): a clean stream
-with blocks of one token is causal, so no family code changes.
+with blocks of one token (``TokenMeta.clean(positions, 1)``) is causal, so no family code changes.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dirl.algo.nelbo import TokenBatch, response_counts
+from dirl.algo.nelbo import TokenBatch, nelbo_loss, response_counts
 from dirl.model.forward import Readout
 from dirl.model.layout import readout_rows
 from dirl.model.lm_head import head_logprobs
 from dirl.model.masks import TokenMeta
-
-
-def causal_meta(position_ids: torch.Tensor, doc_ids: torch.Tensor) -> TokenMeta:
-    """(B, L) -> a clean stream with one block per position: every token sees itself and the
-    tokens before it in its own sample (doc -1 = padding, seen by nothing)."""
-    return TokenMeta(doc_ids, position_ids, torch.zeros_like(position_ids, dtype=torch.bool),
-                     torch.full_like(position_ids, -1))
 
 
 def sft_autoregressive(model, batch: TokenBatch, attn_impl: str | None = None) -> tuple[torch.Tensor, dict]:
@@ -47,13 +40,11 @@ def sft_autoregressive(model, batch: TokenBatch, attn_impl: str | None = None) -
     row_idx, col_idx = scored.nonzero(as_tuple=True)  # (N,) each
     target_index = row_idx * input_ids.shape[1] + col_idx
     readout = Readout(readout_rows(target_index, model.arch.logit_shift), hidden=True)
-    hidden = model(input_ids, position_ids, causal_meta(position_ids, batch.doc_ids), readout=readout,
-                   attn_impl=attn_impl).hidden  # (N, d)
-    target_logp = head_logprobs(model, hidden, input_ids[row_idx, col_idx]).float()  # (N,)
+    causal = TokenMeta.clean(position_ids, 1, batch.doc_ids >= 0)  # one sample a row
+    hidden = model(input_ids, position_ids, causal, readout=readout, attn_impl=attn_impl).hidden  # (N, d)
+    target_logp = head_logprobs(model, hidden, input_ids[row_idx, col_idx])  # (N,)
     num_samples = int(batch.sample_ids.max()) + 1 if batch.sample_ids.numel() else 0
     num_response = response_counts(batch.response_mask, batch.sample_ids, num_samples)  # (S,)
-    sample_index = batch.sample_ids[row_idx, col_idx]
-    weight = 1.0 / num_response.to(target_logp.device).clamp(min=1).float()[sample_index]  # (N,)
-    per_sample = torch.zeros(num_samples, device=target_logp.device).index_add(0, sample_index, -target_logp * weight)
-    loss = per_sample.sum() / max(1, int((num_response > 0).sum()))
+    # The NELBO's normalisation with every token scored at weight 1 (no masking probability).
+    loss = nelbo_loss(target_logp, torch.ones_like(target_logp), batch.sample_ids[row_idx, col_idx], num_response)
     return loss, {"num_scored": int(row_idx.numel()), "num_response": int(num_response.sum())}

@@ -28,6 +28,8 @@ forward.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from dirl.engine.kv_cache import KVCache
@@ -81,13 +83,8 @@ class _Rows:
 
     def take(self, idx: list[int]) -> _Rows:
         """A copy of rows ``idx`` (a time-shared forward's rows; :meth:`put` writes them back)."""
-        out = object.__new__(_Rows)
-        out.offsets, index = self.offsets, torch.tensor(idx, dtype=torch.long, device=self.offsets.device)
-        for name in self.TENSORS:
-            setattr(out, name, getattr(self, name).index_select(0, index))
-        for name in self.LISTS:
-            values = getattr(self, name)
-            setattr(out, name, [values[i] for i in idx])
+        out = copy.copy(self)  # keep() rebinds the fields, so self's stay as they are
+        out.keep(idx)
         return out
 
     def put(self, slots: list[int], new: _Rows) -> None:

@@ -156,6 +156,7 @@ class Engine:
         """The decoder state the scheduler drives: the block-causal step, or the full-attention
         decoder's (:class:`~dirl.engine.full_attention.FullSession`); both reuse the loop, the
         feeds and the serving batcher unchanged."""
+        active_rows = self.max_batch_rows if self.batching == "shared" else 0  # 0: every live row runs
         if self.model.arch.attention == "bidirectional":
-            return full_attention.FullSession(self.model, params, self.max_batch_rows if self.batching == "shared" else 0)
-        return BlockSession(self, params, self.max_batch_rows if self.batching == "shared" else 0)
+            return full_attention.FullSession(self.model, params, active_rows)
+        return BlockSession(self, params, active_rows)
